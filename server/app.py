@@ -1,0 +1,192 @@
+"""`avatar serve`: one port for the web client (HTTP GET) and signaling (/ws WebSocket).
+
+    add_arguments(parser)  the serve flags, for server/cli.py
+    run(args)              blocks until Ctrl-C; returns an exit code
+    start_server(config)   async context manager for tests: `async with start_server(c) as srv`
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import signal
+import ssl
+import sys
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import serve
+from websockets.datastructures import Headers
+from websockets.http11 import Response
+
+from engines.identity import DEFAULT_IDENTITY
+from .config import ServerConfig, ServerState, load_config
+from .security import ConfigError, is_loopback, origin_allowed
+from .signaling import Connection
+
+log = logging.getLogger("avatar.server")
+
+STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
+          "/index.html": ("index.html", "text/html; charset=utf-8"),
+          "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+          "/style.css": ("style.css", "text/css; charset=utf-8")}
+# The page loads nothing from elsewhere; camera needs a secure context (https or localhost).
+SECURITY_HEADERS = [
+    ("Content-Security-Policy", "default-src 'self'; connect-src 'self' ws: wss:; media-src 'self' blob:; "
+                                "img-src 'self' data:; frame-ancestors 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-store"),
+]
+
+
+def _response(status: int, body: bytes, content_type: str) -> Response:
+    import http
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
+                       ("Connection", "close"), *SECURITY_HEADERS])
+    return Response(status, http.HTTPStatus(status).phrase, headers, body)
+
+
+def _text(status: int, text: str) -> Response:
+    return _response(status, text.encode(), "text/plain; charset=utf-8")
+
+
+def make_process_request(state: ServerState):
+    """HTTP routing before the WebSocket handshake: static files, health, metrics."""
+
+    def process_request(connection, request):
+        url = urlsplit(request.path)
+        path = url.path
+        if path == "/ws":
+            origin = request.headers.get("Origin")
+            if not origin_allowed(origin, request.headers.get("Host"), state.config.origins):
+                state.metrics.reject("bad_origin")
+                return _text(403, f"origin {origin!r} is not allowed\n")
+            return None  # go on with the WebSocket handshake
+        if "upgrade" in request.headers.get("Connection", "").lower():
+            return _text(404, "WebSockets live at /ws\n")
+        if path in STATIC:
+            name, ctype = STATIC[path]
+            try:
+                body = (state.config.web_dir / name).read_bytes()
+            except OSError:
+                return _text(404, "web client not found\n")
+            return _response(200, body, ctype)
+        if path == "/healthz":
+            return _text(200, "ok\n")
+        if path == "/metrics":
+            return _response(200, state.metrics.prometheus().encode(), "text/plain; version=0.0.4")
+        if path == "/identities":
+            token = (parse_qs(url.query).get("token") or [None])[0]
+            allow = state.auth.allowed(token)
+            if allow is None:
+                return _text(401, "missing or invalid token\n")
+            body = json.dumps({"identities": state.visible_identities(allow)}).encode()
+            return _response(200, body, "application/json")
+        return _text(404, "not found\n")
+
+    return process_request
+
+
+@dataclasses.dataclass
+class RunningServer:
+    state: ServerState
+    server: object
+    url: str  # http(s)://host:port/
+    ws_url: str  # ws(s)://host:port/ws
+
+
+@contextlib.asynccontextmanager
+async def start_server(config: ServerConfig | None = None):
+    """Start in this event loop (port 0 picks a free port); close on exit."""
+    config = (config or ServerConfig()).validate()
+    if not config.tokens and not is_loopback(config.host):
+        raise ConfigError(f"refusing to serve {config.host} without tokens: set AVATAR_TOKENS or "
+                          "--config tokens, or bind 127.0.0.1 for the localhost-only demo mode")
+    state = ServerState(config)
+    # Make the demo identity now, so the first visitor does not wait for it.
+    await asyncio.get_running_loop().run_in_executor(None, state.store.ensure_default)
+    tls = None
+    if config.cert:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(config.cert, config.key)
+
+    async def handler(ws):
+        await Connection(ws, state).run()
+
+    server = await serve(
+        handler, config.host, config.port, ssl=tls,
+        process_request=make_process_request(state),
+        # Hard cap at the protocol level; the app checks the smaller max_message itself so
+        # it can answer with a "too_large" error instead of just dropping the connection.
+        max_size=4 * config.max_message, max_queue=16,
+        server_header="avatar-server", ping_interval=20, ping_timeout=20,
+    )
+    port = server.sockets[0].getsockname()[1]
+    host = config.host if ":" not in config.host else f"[{config.host}]"
+    scheme = "https" if tls else "http"
+    running = RunningServer(state, server, f"{scheme}://{host}:{port}/",
+                            f"{'wss' if tls else 'ws'}://{host}:{port}/ws")
+    try:
+        yield running
+    finally:
+        server.close()
+        # Closing the sockets ends each handler, whose `finally` closes its session.
+        await server.wait_closed()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (default 8080; 0 = any free)")
+    parser.add_argument("--cert", help="TLS certificate (PEM); serves https/wss with --key")
+    parser.add_argument("--key", help="TLS private key (PEM)")
+    parser.add_argument("--config", help="JSON config file: tokens, origins, limits (docs/PROTOCOL.md)")
+    parser.add_argument("--max-sessions", type=int, default=None,
+                        help="concurrent sessions before new ones get 'busy' (default: CPU count)")
+    parser.add_argument("--idle-timeout", type=float, default=None,
+                        help="seconds without messages or camera frames before a session ends (30)")
+    parser.add_argument("--origin", action="append", dest="origins", default=None,
+                        help="extra allowed WebSocket Origin, e.g. https://example.org (repeatable)")
+    parser.add_argument("--ice-server", action="append", dest="ice_servers", default=None,
+                        help="STUN/TURN URL for the server side (default: none, host candidates only)")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return load_config(getattr(args, "config", None), host=args.host, port=args.port,
+                       cert=args.cert, key=args.key, max_sessions=args.max_sessions,
+                       idle_timeout=args.idle_timeout, origins=args.origins,
+                       ice_servers=args.ice_servers)
+
+
+async def _serve_until_stopped(config: ServerConfig) -> None:
+    async with start_server(config) as srv:
+        if srv.state.auth.demo_mode:
+            log.warning("no tokens configured: localhost-only demo mode (any local client may "
+                        "connect; set AVATAR_TOKENS or --config to serve other hosts)")
+        print(f"avatar server: open {srv.url}  (identity '{DEFAULT_IDENTITY}' ready; Ctrl-C stops)",
+              flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("avatar server: stopping", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+        asyncio.run(_serve_until_stopped(config))
+    except ConfigError as e:
+        print(f"avatar serve: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"avatar serve: cannot listen: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0

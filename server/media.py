@@ -1,0 +1,147 @@
+"""Media path: newest-frame holder, the outgoing avatar track, and the per-frame compute.
+
+Why a 1-slot holder: aiortc queues every decoded frame. If compute is slower than the
+camera, a FIFO grows and latency drifts upward without bound (aiortc issue #1192). We keep
+only the newest frame and count the ones we skip, so latency stays ~one compute step.
+"""
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+
+import av
+import numpy as np
+from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
+
+from engines.pipeline import AvatarPipeline
+from .telemetry import FrameRecord
+
+MAX_INPUT = (1920, 1080)  # larger camera frames are scaled down first
+LANDMARK_WIDTH = 640  # landmarks do not need more; smaller is faster
+MIN_SIDE = 16  # smaller frames are rejected (nothing to track)
+VIDEO_TIME_BASE = fractions.Fraction(1, 90000)
+
+
+class LatestFrame:
+    """A 1-slot mailbox: put() replaces an unread item (counted in `dropped`)."""
+
+    def __init__(self):
+        self._item = None
+        self._ready = asyncio.Event()
+        self.dropped = 0
+
+    def put(self, item) -> None:
+        if self._item is not None:
+            self.dropped += 1
+        self._item = item
+        self._ready.set()
+
+    async def get(self):
+        await self._ready.wait()
+        item, self._item = self._item, None
+        self._ready.clear()
+        return item
+
+
+_STOP = object()
+
+
+class AvatarTrack(MediaStreamTrack):
+    """The outgoing video: whatever avatar frame the session computed last.
+
+    recv() waits for a new frame rather than repeating old ones, so each sent frame is
+    one computed output whose pts equals its input frame's pts.
+    """
+
+    kind = "video"
+
+    def __init__(self):
+        super().__init__()
+        self._latest = LatestFrame()
+
+    def push(self, frame: av.VideoFrame) -> None:
+        self._latest.put(frame)
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        frame = await self._latest.get()
+        if frame is _STOP:
+            raise MediaStreamError
+        return frame
+
+    def stop(self) -> None:
+        if self.readyState == "live":
+            self._latest.put(_STOP)  # wake a pending recv()
+        super().stop()
+
+
+def input_size(width: int, height: int) -> tuple[int, int] | None:
+    """The size to convert a camera frame to, or None if it is unusable.
+
+    Caps the frame to MAX_INPUT and then to LANDMARK_WIDTH wide, keeping the aspect
+    and even dimensions (yuv420 needs them)."""
+    if width < MIN_SIDE or height < MIN_SIDE or width > 16 * height or height > 16 * width:
+        return None
+    scale = min(1.0, MAX_INPUT[0] / width, MAX_INPUT[1] / height, LANDMARK_WIDTH / width)
+    w = max(MIN_SIDE, int(width * scale) // 2 * 2)
+    h = max(MIN_SIDE, int(height * scale) // 2 * 2)
+    return w, h
+
+
+class FrameProcessor:
+    """Runs in the session's single compute thread: the pipeline is not thread-safe,
+    and every call on it (frames, controls, identity) goes through this one thread."""
+
+    def __init__(self, pipeline: AvatarPipeline):
+        self.pipeline = pipeline
+        self.source_size: tuple[int, int] | None = None
+        self.t0 = time.monotonic()
+
+    def process(self, frame: av.VideoFrame, recv_time: float) -> tuple[av.VideoFrame, FrameRecord] | None:
+        start = time.time()
+        size = input_size(frame.width, frame.height)
+        if size is None:
+            return None
+        if (frame.width, frame.height) != self.source_size:
+            # New camera resolution: the neutral pose was measured in other pixels.
+            if self.source_size is not None:
+                self.pipeline.recalibrate()
+            self.source_size = (frame.width, frame.height)
+        t0 = time.perf_counter()
+        rgb = frame.reformat(width=size[0], height=size[1], format="rgb24").to_ndarray()
+        t1 = time.perf_counter()
+        points = self.pipeline.detect(rgb)
+        t2 = time.perf_counter()
+        target = self.pipeline.retarget(points, time.monotonic() - self.t0)
+        t3 = time.perf_counter()
+        out = self.pipeline.render(target)
+        t4 = time.perf_counter()
+        video = av.VideoFrame.from_ndarray(np.ascontiguousarray(out), format="rgb24")
+        # Keep the input's timestamp so each output frame names the camera frame it shows.
+        video.pts = frame.pts if frame.pts is not None else int(recv_time * 90000)
+        video.time_base = frame.time_base or VIDEO_TIME_BASE
+        t5 = time.perf_counter()
+        done = time.time()
+        rec = FrameRecord(
+            in_pts=int(video.pts), recv_time=recv_time, done_time=done, face=points is not None,
+            stages={
+                "queue": (start - recv_time) * 1e3,
+                "convert": ((t1 - t0) + (t5 - t4)) * 1e3,
+                "landmarks": (t2 - t1) * 1e3,
+                "retarget": (t3 - t2) * 1e3,
+                "render": (t4 - t3) * 1e3,
+                "total": (done - recv_time) * 1e3,
+            })
+        return video, rec
+
+
+async def drain(track: MediaStreamTrack) -> None:
+    """Consume a track we do not use (audio, extra video) so aiortc's queue stays empty."""
+    try:
+        while True:
+            await track.recv()
+    except MediaStreamError:
+        pass

@@ -1,0 +1,143 @@
+"""Who may connect and what they may send: tokens, Origin check, rate limit, field checks.
+
+Tokens map to an identity allow list. Two sources, merged (the config file wins on clashes):
+
+    AVATAR_TOKENS="tokenA:demo,alice;tokenB:*"      token ':' comma-separated names or '*'
+    --config server.json  {"tokens": {"tokenA": ["demo", "alice"], "tokenB": "*"}}
+
+With no token at all the server runs in localhost-only demo mode: any client is accepted
+and sees every identity, and app.py refuses to bind a non-loopback address.
+"""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import math
+import time
+from urllib.parse import urlsplit
+
+from engines.identity import IdentityError, check_name
+
+ALL = "*"  # allow list meaning "every identity in the store"
+
+
+class ConfigError(ValueError):
+    """The server configuration is invalid; the message says why."""
+
+
+def _allow_list(value: object, where: str) -> frozenset[str] | str:
+    if value == ALL:
+        return ALL
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: expected '*' or a non-empty list of identity names")
+    names = []
+    for name in value:
+        name = name.strip() if isinstance(name, str) else name
+        try:
+            names.append(check_name(name))
+        except IdentityError as e:
+            raise ConfigError(f"{where}: {e}")
+    return frozenset(names)
+
+
+def _check_token(token: object, where: str) -> str:
+    if not isinstance(token, str) or not token or any(c in token for c in " \t\r\n:;,"):
+        raise ConfigError(f"{where}: a token must be a non-empty string without spaces, ':', ';' or ','")
+    return token
+
+
+def parse_tokens_env(text: str) -> dict[str, frozenset[str] | str]:
+    """'tokenA:demo,alice;tokenB:*' -> {'tokenA': {'demo', 'alice'}, 'tokenB': '*'}."""
+    tokens: dict[str, frozenset[str] | str] = {}
+    for i, entry in enumerate(e.strip() for e in text.split(";")):
+        if not entry:
+            continue
+        token, sep, names = entry.partition(":")
+        where = f"AVATAR_TOKENS entry {i + 1}"
+        if not sep:
+            raise ConfigError(f"{where}: expected 'token:names' (names: 'a,b' or '*')")
+        tokens[_check_token(token.strip(), where)] = _allow_list(names.strip(), where)
+    return tokens
+
+
+def parse_tokens_json(value: object) -> dict[str, frozenset[str] | str]:
+    if not isinstance(value, dict):
+        raise ConfigError("config 'tokens' must be an object {token: '*' | [names]}")
+    return {_check_token(t, "config tokens"): _allow_list(v, f"config tokens[{t[:4]}...]")
+            for t, v in value.items()}
+
+
+class TokenAuth:
+    """Token -> allowed identities, compared in constant time."""
+
+    def __init__(self, tokens: dict[str, frozenset[str] | str]):
+        self._tokens = [(t.encode(), allow) for t, allow in tokens.items()]
+
+    @property
+    def demo_mode(self) -> bool:
+        return not self._tokens
+
+    def allowed(self, token: object) -> frozenset[str] | str | None:
+        """The allow list for a token, or None if it is not valid."""
+        if self.demo_mode:
+            return ALL
+        if not isinstance(token, str) or len(token) > 512:
+            return None
+        given = token.encode("utf-8", "replace")
+        found = None
+        # Compare against every token, without an early exit, so timing says nothing.
+        for known, allow in self._tokens:
+            if hmac.compare_digest(given, known):
+                found = allow
+        return found
+
+
+def identity_allowed(allow: frozenset[str] | str, name: str) -> bool:
+    return allow == ALL or name in allow
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def origin_allowed(origin: str | None, host_header: str | None, extra: list[str]) -> bool:
+    """Browsers always send Origin on a WebSocket handshake; other clients may not.
+    Accept no Origin, the page's own host, or an explicitly configured origin."""
+    if origin is None:
+        return True
+    if origin in extra:
+        return True
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:
+        return False
+    return bool(host_header) and netloc.lower() == host_header.lower()
+
+
+class RateLimiter:
+    """Token bucket: `rate` messages a second on average, bursts up to `burst`."""
+
+    def __init__(self, rate: float, burst: int, clock=time.monotonic):
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.level = float(burst)
+        self.last = clock()
+
+    def allow(self) -> bool:
+        now = self.clock()
+        self.level = min(self.burst, self.level + (now - self.last) * self.rate)
+        self.last = now
+        if self.level >= 1:
+            self.level -= 1
+            return True
+        return False
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

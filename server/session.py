@@ -1,0 +1,208 @@
+"""One client's avatar session: peer connection, pipeline, compute thread, stats.
+
+Lifecycle: start() loads the identity and builds the pipeline; offer() answers the
+client's SDP and starts the media tasks; close() (idempotent) tears everything down.
+`ended` is set when the session should end on its own (peer connection failed, idle).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+from engines.pipeline import AvatarPipeline
+from engines.retarget import RetargetControls
+from .media import AvatarTrack, FrameProcessor, LatestFrame, drain
+from .telemetry import SessionStats
+
+log = logging.getLogger("avatar.session")
+
+
+class Session:
+    def __init__(self, state, identity_name: str):
+        self.state = state
+        self.id = secrets.token_hex(8)
+        self.identity_name = identity_name
+        # One compute thread: the pipeline is not thread-safe, so all calls are serialized.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"avatar-{self.id}")
+        self.pipeline: AvatarPipeline | None = None
+        self.processor: FrameProcessor | None = None
+        self.pc: RTCPeerConnection | None = None
+        self.out_track = AvatarTrack()
+        self.stats = SessionStats()
+        self.stats_channel = None
+        self.latest = LatestFrame()
+        self.paused = False
+        self.tasks: set[asyncio.Task] = set()
+        self.ended = asyncio.Event()
+        self.end_reason = ""
+        self.last_activity = time.monotonic()
+        self._closed = False
+
+    # ---- setup -------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        identity = await loop.run_in_executor(self.executor, self.state.store.load, self.identity_name)
+        self.pipeline = await loop.run_in_executor(self.executor, AvatarPipeline, identity)
+        self.processor = FrameProcessor(self.pipeline)
+        self._spawn(self._watchdog())
+
+    async def offer(self, sdp: str) -> str:
+        """Answer an offer. Raises ValueError if the SDP is unusable."""
+        if self.pc is not None:
+            raise RuntimeError("already negotiated")
+        servers = [RTCIceServer(u) for u in self.state.config.ice_servers]
+        self.pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
+        pc.on("track", self._on_track)
+        pc.on("datachannel", self._on_datachannel)
+        pc.on("connectionstatechange", self._on_state)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            if not any(t.kind == "video" for t in pc.getTransceivers()):
+                raise ValueError("the offer has no video")
+            pc.addTrack(self.out_track)
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as e:
+            # aiortc raises many kinds of errors on hostile SDP; all mean "bad offer".
+            self.pc = None
+            await pc.close()
+            raise ValueError(str(e) or type(e).__name__) from None
+        return pc.localDescription.sdp
+
+    def _on_track(self, track) -> None:
+        if track.kind == "video" and not getattr(self, "_have_video", False):
+            self._have_video = True
+            self._spawn(self._receive(track))
+            self._spawn(self._process())
+        else:
+            self._spawn(drain(track))
+
+    def _on_datachannel(self, channel) -> None:
+        if channel.label == "stats" and self.stats_channel is None:
+            self.stats_channel = channel
+            self._spawn(self._send_stats())
+
+    async def _on_state(self) -> None:
+        if self.pc is not None and self.pc.connectionState in ("failed", "closed"):
+            self._end(f"peer connection {self.pc.connectionState}")
+
+    # ---- controls ----------------------------------------------------------------------
+    async def set_controls(self, **changes) -> None:
+        """Apply expression_gain / head_gain / freeze_head. Raises ValueError if out of range."""
+        current = self.pipeline.controls
+        controls = RetargetControls(
+            expression_gain=changes.get("expression_gain", current.expression_gain),
+            head_gain=changes.get("head_gain", current.head_gain),
+            freeze_head=changes.get("freeze_head", current.freeze_head),
+        ).validated()
+        await self._run(self.pipeline.set_controls, controls)
+
+    async def set_identity(self, name: str) -> None:
+        identity = await self._run(self.state.store.load, name)
+        await self._run(self.pipeline.set_identity, identity)
+        self.identity_name = name
+
+    async def recalibrate(self) -> None:
+        await self._run(self.pipeline.recalibrate)
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # ---- media tasks -------------------------------------------------------------------
+    async def _receive(self, track) -> None:
+        """Pull decoded camera frames as fast as they come; keep only the newest."""
+        try:
+            while True:
+                frame = await track.recv()
+                self.last_activity = time.monotonic()
+                before = self.latest.dropped
+                self.latest.put((frame, time.time()))
+                if self.latest.dropped != before:
+                    self.stats.dropped += 1
+                    self.state.metrics.dropped()
+        except MediaStreamError:
+            self._end("camera track ended")
+
+    async def _process(self) -> None:
+        while True:
+            frame, recv_time = await self.latest.get()
+            if self.paused:
+                continue
+            try:
+                result = await self._run(self.processor.process, frame, recv_time)
+            except Exception:
+                # A frame the engines cannot handle must not end the session.
+                log.exception("session %s: frame failed", self.id)
+                result = None
+            if result is None:
+                self.stats.rejected += 1
+                continue
+            video, rec = result
+            self.out_track.push(video)
+            self.stats.add(rec)
+            self.state.metrics.frame(rec)
+
+    async def _send_stats(self) -> None:
+        while True:
+            await asyncio.sleep(self.state.config.stats_interval)
+            channel = self.stats_channel
+            if channel is None or channel.readyState == "closed":
+                return
+            if channel.readyState == "open":
+                summary = self.stats.summary()
+                summary.update(type="stats", v=1, session=self.id, identity=self.identity_name,
+                               paused=self.paused, time=time.time())
+                channel.send(json.dumps(summary))
+
+    async def _watchdog(self) -> None:
+        timeout = self.state.config.idle_timeout
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            if time.monotonic() - self.last_activity > timeout:
+                self._end("idle timeout")
+                return
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    # ---- teardown ----------------------------------------------------------------------
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _end(self, reason: str) -> None:
+        if not self.ended.is_set():
+            self.end_reason = reason
+            self.ended.set()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._end("closed")
+        current = asyncio.current_task()
+        tasks = [t for t in self.tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.out_track.stop()
+        if self.pc is not None:
+            try:
+                await self.pc.close()  # also stops the remote tracks
+            except Exception:
+                log.exception("session %s: closing the peer connection failed", self.id)
+        if self.pipeline is not None:
+            # After any in-flight frame, on the thread that owns the pipeline.
+            try:
+                await self._run(self.pipeline.close)
+            except Exception:
+                log.exception("session %s: closing the pipeline failed", self.id)
+        self.executor.shutdown(wait=False)
+        self.pipeline = self.processor = self.pc = self.stats_channel = None

@@ -1,0 +1,221 @@
+"""The signaling WebSocket (/ws): protocol v1, see docs/PROTOCOL.md.
+
+Every message is a JSON object {"v": 1, "type": ...}. Errors are replies
+{"v": 1, "type": "error", "code", "message"}; fatal ones are followed by a close.
+Nothing a client sends may raise out of here: each message is checked before use.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from websockets.exceptions import ConnectionClosed
+
+from engines.identity import DEFAULT_IDENTITY, IdentityError, check_name
+from .security import RateLimiter, identity_allowed, is_number
+from .session import Session
+
+log = logging.getLogger("avatar.signaling")
+VERSION = 1
+CONTROL_KEYS = {"expression_gain", "head_gain", "freeze_head", "identity", "recalibrate", "pause"}
+MAX_RATE_VIOLATIONS = 20  # then the client is closed: it is not listening to errors
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: str, message: str, fatal: bool = False):
+        super().__init__(message)
+        self.code, self.message, self.fatal = code, message, fatal
+
+
+class Connection:
+    """One WebSocket: hello -> session, then offer / control / ping until it closes."""
+
+    def __init__(self, ws, state):
+        self.ws = ws
+        self.state = state
+        self.config = state.config
+        self.session: Session | None = None
+        self.allow = None  # identity allow list once authenticated
+        self.limiter = RateLimiter(self.config.rate, self.config.burst)
+        self.violations = 0
+
+    async def run(self) -> None:
+        try:
+            await self._serve()
+        except ConnectionClosed:
+            pass
+        finally:
+            await self._release()
+
+    async def _serve(self) -> None:
+        first = True
+        while True:
+            timeout = self.config.hello_timeout if first else None
+            recv = asyncio.ensure_future(self.ws.recv())
+            waiters = {recv}
+            if self.session is not None:
+                waiters.add(asyncio.ensure_future(self.session.ended.wait()))
+            done, pending = await asyncio.wait(waiters, timeout=timeout,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            for p in pending:
+                p.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            if recv not in done:
+                reason = self.session.end_reason if self.session else "no hello in time"
+                await self._send_error("session_ended" if self.session else "timeout", reason)
+                await self.ws.close(1000, reason[:100])
+                return
+            first = False
+            try:
+                await self._handle(recv.result())
+            except ProtocolError as e:
+                await self._send_error(e.code, e.message)
+                if e.fatal:
+                    await self.ws.close(1008, e.code)
+                    return
+
+    async def _handle(self, raw) -> None:
+        if not self.limiter.allow():
+            self.violations += 1
+            fatal = self.violations > MAX_RATE_VIOLATIONS
+            raise ProtocolError("rate_limited", "too many messages; slow down", fatal)
+        if isinstance(raw, bytes):
+            raise ProtocolError("bad_message", "binary messages are not supported")
+        if len(raw.encode()) > self.config.max_message:
+            raise ProtocolError("too_large", f"messages are limited to {self.config.max_message} bytes")
+        try:
+            msg = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise ProtocolError("bad_json", "the message is not valid JSON")
+        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+            raise ProtocolError("bad_message", "expected a JSON object with a string 'type'")
+        if msg.get("v", VERSION) != VERSION:
+            raise ProtocolError("bad_version", f"this server speaks protocol v{VERSION}", fatal=True)
+        if self.session is not None:
+            self.session.touch()
+        kind = msg["type"]
+        if kind == "ping":
+            await self._send({"type": "pong", "id": msg.get("id") if is_number(msg.get("id")) else None})
+        elif kind == "hello":
+            await self._hello(msg)
+        elif self.session is None:
+            raise ProtocolError("bad_message", f"send 'hello' before '{kind}'")
+        elif kind == "offer":
+            await self._offer(msg)
+        elif kind == "control":
+            await self._control(msg)
+        elif kind == "bye":
+            raise ProtocolError("bye", "closing as asked", fatal=True)
+        else:
+            raise ProtocolError("bad_message", f"unknown message type {kind[:40]!r}")
+
+    # ---- messages ----------------------------------------------------------------------
+    async def _hello(self, msg: dict) -> None:
+        if self.session is not None:
+            raise ProtocolError("bad_message", "already said hello")
+        allow = self.state.auth.allowed(msg.get("token"))
+        if allow is None:
+            raise ProtocolError("unauthorized", "missing or invalid token", fatal=True)
+        name = msg.get("identity", DEFAULT_IDENTITY)
+        self._check_identity(name, allow, fatal=True)
+        # Admission: check and reserve with no await in between.
+        metrics = self.state.metrics
+        if metrics.sessions_active >= self.config.max_sessions:
+            raise ProtocolError("busy", f"the server is at its limit of {self.config.max_sessions} "
+                                        "sessions; try again later", fatal=True)
+        metrics.sessions_active += 1
+        metrics.sessions_total += 1
+        self.allow = allow
+        self.session = session = Session(self.state, name)
+        self.state.sessions[session.id] = session
+        try:
+            await session.start()
+        except IdentityError as e:
+            raise ProtocolError("unknown_identity", str(e), fatal=True)
+        await self._send({"type": "session", "id": session.id, "identity": name,
+                          "identities": self.state.visible_identities(allow),
+                          "max_message": self.config.max_message, "stats_channel": "stats",
+                          "controls": vars(session.pipeline.controls)})
+        log.info("session %s started (identity %s)", session.id, name)
+
+    async def _offer(self, msg: dict) -> None:
+        sdp = msg.get("sdp")
+        if not isinstance(sdp, str) or not sdp.startswith("v=0"):
+            raise ProtocolError("bad_sdp", "'sdp' must be an SDP offer string starting with 'v=0'")
+        if len(sdp.encode()) > self.config.max_sdp:
+            raise ProtocolError("too_large", f"SDP is limited to {self.config.max_sdp} bytes")
+        try:
+            answer = await self.session.offer(sdp)
+        except RuntimeError as e:
+            raise ProtocolError("bad_message", str(e))
+        except ValueError as e:
+            raise ProtocolError("bad_sdp", f"cannot use this offer: {str(e)[:200]}")
+        await self._send({"type": "answer", "sdp": answer})
+
+    async def _control(self, msg: dict) -> None:
+        changes = {k: v for k, v in msg.items() if k not in ("type", "v", "id")}
+        unknown = sorted(set(changes) - CONTROL_KEYS)
+        if unknown:
+            raise ProtocolError("unknown_control", f"unknown control(s): {', '.join(unknown)[:100]}; "
+                                                   f"known: {', '.join(sorted(CONTROL_KEYS))}")
+        if not changes:
+            raise ProtocolError("bad_message", "control message without any control")
+        # Validate everything before applying anything, so a bad message changes nothing.
+        for key in ("expression_gain", "head_gain"):
+            if key in changes and not (is_number(changes[key]) and 0 <= changes[key] <= 2):
+                raise ProtocolError("bad_value", f"{key} must be a number from 0 to 2")
+        for key in ("freeze_head", "pause", "recalibrate"):
+            if key in changes and not isinstance(changes[key], bool):
+                raise ProtocolError("bad_value", f"{key} must be true or false")
+        if "identity" in changes:
+            self._check_identity(changes["identity"], self.allow)
+        session = self.session
+        gains = {k: changes[k] for k in ("expression_gain", "head_gain", "freeze_head") if k in changes}
+        try:
+            if gains:
+                await session.set_controls(**gains)
+            if "identity" in changes and changes["identity"] != session.identity_name:
+                await session.set_identity(changes["identity"])
+        except IdentityError as e:
+            raise ProtocolError("unknown_identity", str(e))
+        except ValueError as e:
+            raise ProtocolError("bad_value", str(e))
+        if changes.get("recalibrate"):
+            await session.recalibrate()
+        if "pause" in changes:
+            session.paused = changes["pause"]
+        await self._send({"type": "control_ok", "identity": session.identity_name,
+                          "paused": session.paused, "controls": vars(session.pipeline.controls)})
+
+    def _check_identity(self, name, allow, fatal: bool = False) -> None:
+        try:
+            check_name(name)
+        except IdentityError as e:
+            raise ProtocolError("bad_value", str(e)[:200], fatal)
+        if not identity_allowed(allow, name):
+            raise ProtocolError("forbidden_identity", f"this token may not use identity {name!r}", fatal)
+        if name not in self.state.visible_identities(allow):
+            raise ProtocolError("unknown_identity", f"no identity named {name!r}", fatal)
+
+    # ---- sending and cleanup -----------------------------------------------------------
+    async def _send(self, msg: dict) -> None:
+        await self.ws.send(json.dumps({"v": VERSION, **msg}))
+
+    async def _send_error(self, code: str, message: str) -> None:
+        self.state.metrics.reject(code)
+        try:
+            await self._send({"type": "error", "code": code, "message": message})
+        except ConnectionClosed:
+            pass
+
+    async def _release(self) -> None:
+        session, self.session = self.session, None
+        if session is None:
+            return
+        try:
+            await session.close()
+        finally:
+            self.state.sessions.pop(session.id, None)
+            self.state.metrics.sessions_active -= 1
+            log.info("session %s ended (%s)", session.id, session.end_reason)
