@@ -1,0 +1,157 @@
+"""Admission control, hostile input, and clean teardown over many sessions."""
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+
+import numpy as np
+import pytest
+from aiortc import RTCPeerConnection
+
+from test_server_support import Client, ClipTrack, clip, read_frames, running_server, wait_for
+
+TOKENS = {"good-token": frozenset({"demo"}), "admin-token": "*"}
+
+
+@pytest.fixture(scope="module")
+def driver_frames():
+    return read_frames(clip("drive_wink.mp4"), 2.0)
+
+
+async def streaming_client(srv, frames, token=None) -> Client:
+    client = await Client(srv.ws_url).connect()
+    reply = await client.hello(token=token)
+    assert reply["type"] == "session", reply
+    client.keep_frames = False
+    await client.start_media(ClipTrack(frames, loop=True))
+    await wait_for(lambda: len(client.received) >= 5, 20, "avatar frames")
+    return client
+
+
+async def expect_error(client: Client, msg, code: str) -> dict:
+    reply = await client.request(msg)
+    assert reply["type"] == "error" and reply["code"] == code, reply
+    assert reply["message"]
+    return reply
+
+
+@pytest.mark.slow
+async def test_three_sessions_served_fourth_busy(tmp_path, monkeypatch, driver_frames):
+    async with running_server(tmp_path, monkeypatch, max_sessions=3) as srv:
+        clients = [await streaming_client(srv, driver_frames) for _ in range(3)]
+        try:
+            fourth = await Client(srv.ws_url).connect()
+            await expect_error(fourth, {"v": 1, "type": "hello"}, "busy")
+            await asyncio.wait_for(fourth.ws.wait_closed(), 5)
+            # All three keep streaming.
+            counts = [len(c.received) for c in clients]
+            await asyncio.sleep(1.5)
+            assert all(len(c.received) > n for c, n in zip(clients, counts))
+            assert srv.state.metrics.sessions_active == 3
+        finally:
+            for c in clients:
+                await c.close()
+        await wait_for(lambda: srv.state.metrics.sessions_active == 0, 10, "sessions to end")
+        # A slot is free again.
+        again = await Client(srv.ws_url).connect()
+        assert (await again.hello())["type"] == "session"
+        await again.close()
+
+
+async def test_bad_input_gets_error_codes_and_healthy_session_streams(tmp_path, monkeypatch, driver_frames):
+    async with running_server(tmp_path, monkeypatch, tokens=TOKENS) as srv:
+        healthy = await streaming_client(srv, driver_frames, token="good-token")
+        try:
+            async def fresh() -> Client:
+                return await Client(srv.ws_url).connect()
+
+            c = await fresh()
+            await expect_error(c, "{not json", "bad_json")
+            await expect_error(c, "[1, 2]", "bad_message")
+            await expect_error(c, {"v": 1, "type": "offer", "sdp": "v=0"}, "bad_message")  # before hello
+            await expect_error(c, "x" * (70 * 1024), "too_large")
+            await expect_error(c, {"v": 1, "type": "hello", "token": "wrong"}, "unauthorized")
+            await asyncio.wait_for(c.ws.wait_closed(), 5)
+
+            c = await fresh()
+            await expect_error(c, {"v": 1, "type": "hello", "token": "good-token", "identity": "../../etc"},
+                               "bad_value")
+            c = await fresh()
+            await expect_error(c, {"v": 1, "type": "hello", "token": "good-token", "identity": "alice"},
+                               "forbidden_identity")
+            c = await fresh()
+            await expect_error(c, {"v": 1, "type": "hello", "token": "admin-token", "identity": "nobody"},
+                               "unknown_identity")
+
+            c = await fresh()
+            assert (await c.hello(token="good-token"))["type"] == "session"
+            await expect_error(c, {"v": 1, "type": "offer", "sdp": "v=0\r\nthis is not sdp"}, "bad_sdp")
+            await expect_error(c, {"v": 1, "type": "offer", "sdp": 42}, "bad_sdp")
+            await expect_error(c, {"v": 1, "type": "offer", "sdp": "v=0" + "a" * 40000}, "too_large")
+            await expect_error(c, {"v": 1, "type": "control", "warp_speed": 9}, "unknown_control")
+            await expect_error(c, {"v": 1, "type": "control", "expression_gain": 5}, "bad_value")
+            await expect_error(c, {"v": 1, "type": "control", "expression_gain": "1"}, "bad_value")
+            await expect_error(c, {"v": 1, "type": "control", "freeze_head": 1}, "bad_value")
+            await expect_error(c, {"v": 1, "type": "control", "identity": "../../etc"}, "bad_value")
+            await expect_error(c, {"v": 1, "type": "control", "identity": "alice"}, "forbidden_identity")
+            await expect_error(c, {"v": 1, "type": "launch"}, "bad_message")
+            await expect_error(c, b"\x00binary", "bad_message")
+            ok = await c.request({"v": 1, "type": "control", "expression_gain": 1.5, "recalibrate": True})
+            assert ok["type"] == "control_ok" and ok["controls"]["expression_gain"] == 1.5
+            assert (await c.request({"v": 1, "type": "ping", "id": 7})) == {"v": 1, "type": "pong", "id": 7}
+            # Flooding gets rate limited, then the connection is closed.
+            for _ in range(100):
+                await c.send({"v": 1, "type": "ping"})
+            codes = []
+            try:
+                while True:
+                    codes.append((await c.recv(5)).get("code"))
+            except Exception:
+                pass
+            assert "rate_limited" in codes
+            await asyncio.wait_for(c.ws.wait_closed(), 5)
+
+            # Through all of that the healthy session kept streaming.
+            n = len(healthy.received)
+            await asyncio.sleep(1.0)
+            assert len(healthy.received) > n + 10
+            assert srv.state.metrics.sessions_active == 1
+        finally:
+            await healthy.close()
+
+
+def _live_peer_connections() -> int:
+    gc.collect()
+    return sum(isinstance(o, RTCPeerConnection) for o in gc.get_objects())
+
+
+@pytest.mark.slow
+async def test_connect_disconnect_cycles_leak_nothing(tmp_path, monkeypatch, driver_frames):
+    frames = driver_frames[:30]
+
+    async def cycle(srv, i):
+        client = await Client(srv.ws_url).connect()
+        assert (await client.hello())["type"] == "session"
+        if i % 2 == 0:  # half stream media, half only say hello
+            client.keep_frames = False
+            await client.start_media(ClipTrack(frames, loop=True))
+            await wait_for(lambda: len(client.received) >= 2, 20, "avatar frames")
+        await client.close()
+        await wait_for(lambda: srv.state.metrics.sessions_active == 0, 10, "the session to end")
+
+    async with running_server(tmp_path, monkeypatch) as srv:
+        await cycle(srv, 0)  # warm-up: the default executor's threads, mediapipe's first load
+        await asyncio.sleep(0.5)
+        tasks_before = len(asyncio.all_tasks())
+        threads_before = threading.active_count()
+        pcs_before = _live_peer_connections()
+        for i in range(20):
+            await cycle(srv, i)
+        # Teardown is asynchronous in places (aioice, thread exit): give it a moment.
+        await wait_for(lambda: len(asyncio.all_tasks()) <= tasks_before, 10, "tasks to finish")
+        await wait_for(lambda: threading.active_count() <= threads_before, 10,
+                       f"threads to exit ({[t.name for t in threading.enumerate()]})")
+        assert _live_peer_connections() <= pcs_before
+        assert not srv.state.sessions
+        assert srv.state.metrics.sessions_total == 21
