@@ -1,0 +1,268 @@
+"""Identity bundles: a folder per consenting person (or demo face).
+
+    <root>/<name>/manifest.json      schema, names, engine, crop, consent, files + sha256
+    <root>/<name>/reference.png      the face the engines animate (RENDER_SIZE square)
+    <root>/<name>/neutral.npy        its (478, 3) landmarks
+
+Loading checks every field and every file's hash and says exactly what is wrong.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .landmarks import NUM_POINTS, FaceLandmarker
+
+SCHEMA_VERSION = 1
+RENDER_SIZE = 256
+ENGINES = ("warp", "neural")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # a plain file inside the bundle
+DEFAULT_IDENTITY = "demo"
+CROP_SCALE = 1.9  # crop side over the landmarks' extent: room for hair and neck
+
+
+class IdentityError(ValueError):
+    """An identity cannot be created or loaded; the message says why."""
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise IdentityError(
+            f"invalid identity name {name!r}: use 1-63 lowercase letters, digits, '-' or '_', "
+            "starting with a letter or digit")
+    return name
+
+
+@dataclass
+class Consent:
+    statement: str  # what the person agreed to, in their words or the operator's record
+    subject: str  # who is depicted
+    recorded_by: str  # who recorded the consent
+    granted_at: str  # ISO 8601
+    scope: list[str] = field(default_factory=lambda: ["live-avatar", "offline-render"])
+
+    @classmethod
+    def from_dict(cls, d: object) -> "Consent":
+        if not isinstance(d, dict):
+            raise IdentityError("consent must be an object")
+        for key in ("statement", "subject", "recorded_by", "granted_at"):
+            if not isinstance(d.get(key), str) or not d[key].strip():
+                raise IdentityError(f"consent.{key} must be a non-empty string")
+        try:
+            dt.datetime.fromisoformat(d["granted_at"])
+        except ValueError:
+            raise IdentityError(f"consent.granted_at is not an ISO 8601 time: {d['granted_at']!r}")
+        scope = d.get("scope", [])
+        if not isinstance(scope, list) or not scope or not all(isinstance(s, str) for s in scope):
+            raise IdentityError("consent.scope must be a non-empty list of strings")
+        return cls(d["statement"], d["subject"], d["recorded_by"], d["granted_at"], scope)
+
+
+@dataclass
+class Identity:
+    name: str
+    display_name: str
+    engine: str
+    reference: np.ndarray  # RGB uint8, RENDER_SIZE square
+    neutral: np.ndarray  # (478, 3) float32 landmarks of the reference
+    consent: Consent
+    path: Path
+    manifest: dict
+
+
+class IdentityStore:
+    """The identities under one folder (default: $AVATAR_HOME/identities)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if NAME_RE.match(p.name) and (p / "manifest.json").is_file())
+
+    def exists(self, name: str) -> bool:
+        return (self.path(name) / "manifest.json").is_file()
+
+    def load(self, name: str) -> Identity:
+        if name == DEFAULT_IDENTITY and not self.exists(name):
+            self.ensure_default()
+        folder = self.path(name)
+        manifest_path = folder / "manifest.json"
+        if not manifest_path.is_file():
+            known = ", ".join(self.names()) or "none"
+            raise IdentityError(f"no identity named {name!r} (known: {known})")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise IdentityError(f"{manifest_path}: not valid JSON ({e})")
+        return _from_manifest(folder, manifest)
+
+    def delete(self, name: str) -> None:
+        folder = self.path(name)
+        if not (folder / "manifest.json").is_file():
+            raise IdentityError(f"no identity named {name!r}")
+        shutil.rmtree(folder)
+
+    def create_from_image(self, image_path: str | os.PathLike, name: str, consent: Consent,
+                          display_name: str | None = None, overwrite: bool = False) -> Identity:
+        check_name(name)
+        rgb = read_image(image_path)
+        return self.create(rgb, name, consent, display_name or name, source=Path(image_path).name,
+                           overwrite=overwrite)
+
+    def create(self, rgb: np.ndarray, name: str, consent: Consent, display_name: str,
+               source: str, overwrite: bool = False) -> Identity:
+        """Crop the face, find its neutral landmarks and write the bundle atomically."""
+        check_name(name)
+        if self.exists(name) and not overwrite:
+            raise IdentityError(f"identity {name!r} already exists (delete it first)")
+        reference, crop = crop_face(rgb)
+        with FaceLandmarker(static=True) as landmarker:
+            neutral = landmarker(reference)
+        if neutral is None:
+            raise IdentityError("the face was lost after cropping; try a larger, frontal photo")
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.root))
+        try:
+            cv2.imwrite(str(staging / "reference.png"), cv2.cvtColor(reference, cv2.COLOR_RGB2BGR))
+            np.save(staging / "neutral.npy", neutral.astype(np.float32))
+            manifest = {
+                "schema_version": SCHEMA_VERSION,
+                "name": name,
+                "display_name": display_name,
+                "engine": "warp",
+                "reference_image": "reference.png",
+                "neutral_landmarks": "neutral.npy",
+                "crop": [int(v) for v in crop],
+                "consent": consent.__dict__,
+                "provenance": {"source": source, "created_at": _now(), "tool": "avatar identity create"},
+                "files": {f: sha256(staging / f) for f in ("reference.png", "neutral.npy")},
+            }
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            target = self.path(name)
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self.load(name)
+
+    def ensure_default(self) -> None:
+        """The embedded demo identity: NASA's public-domain astronaut portrait (Eileen
+        Collins), which scikit-image ships, so a fresh install works without enrollment."""
+        if self.exists(DEFAULT_IDENTITY):
+            return
+        from skimage.data import astronaut
+
+        consent = Consent(
+            statement="Public-domain NASA portrait (scikit-image's `astronaut`), used as a demo face only.",
+            subject="Eileen Collins (NASA photo, public domain)",
+            recorded_by="avatar-server (embedded default)",
+            granted_at="1999-01-01T00:00:00+00:00",
+            scope=["demo"],
+        )
+        self.create(astronaut(), DEFAULT_IDENTITY, consent, "Demo (NASA astronaut portrait)",
+                    source="skimage.data.astronaut")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise IdentityError(f"{p}: no such file")
+    bgr = cv2.imread(str(p), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise IdentityError(f"{p}: not a readable image (PNG, JPEG, ...)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def crop_face(rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A RENDER_SIZE square around the one face in rgb, with hair and neck; and its box."""
+    with FaceLandmarker(static=True) as landmarker:
+        points = landmarker(rgb)
+    if points is None:
+        raise IdentityError("no face found in the image; use a well-lit, frontal photo of one person")
+    lo, hi = points[:, :2].min(0), points[:, :2].max(0)
+    side = float((hi - lo).max()) * CROP_SCALE
+    cx, cy = (lo + hi) / 2
+    cy -= 0.08 * side  # hair above the forehead needs more room than the neck
+    x0, y0 = cx - side / 2, cy - side / 2
+    k = RENDER_SIZE / side
+    m = np.array([[k, 0, -x0 * k], [0, k, -y0 * k]])
+    crop = cv2.warpAffine(rgb, m, (RENDER_SIZE, RENDER_SIZE), flags=cv2.INTER_AREA,
+                          borderMode=cv2.BORDER_REPLICATE)
+    return crop, (round(x0), round(y0), round(x0 + side), round(y0 + side))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _from_manifest(folder: Path, m: object) -> Identity:
+    where = folder / "manifest.json"
+
+    def fail(msg):
+        raise IdentityError(f"{where}: {msg}")
+
+    if not isinstance(m, dict):
+        fail("must be a JSON object")
+    if m.get("schema_version") != SCHEMA_VERSION:
+        fail(f"schema_version must be {SCHEMA_VERSION}, got {m.get('schema_version')!r}")
+    for key in ("name", "display_name", "engine", "reference_image", "neutral_landmarks"):
+        if not isinstance(m.get(key), str) or not m[key]:
+            fail(f"missing or empty field {key!r}")
+    if m["name"] != folder.name:
+        fail(f"name {m['name']!r} does not match its folder {folder.name!r}")
+    if m["engine"] not in ENGINES:
+        fail(f"engine must be one of {', '.join(ENGINES)}, got {m['engine']!r}")
+    try:
+        consent = Consent.from_dict(m.get("consent"))
+    except IdentityError as e:
+        fail(str(e))
+    files = m.get("files")
+    if not isinstance(files, dict) or not files:
+        fail("'files' must map file names to sha256 hashes")
+    for fname, digest in files.items():
+        if not FILE_RE.match(fname) or ".." in fname or not isinstance(digest, str):
+            fail(f"file name {fname!r} is not a plain file name")
+        f = folder / fname
+        if not f.is_file():
+            fail(f"listed file {fname} is missing")
+        if sha256(f) != digest:
+            fail(f"{fname} does not match its sha256 (corrupted or edited)")
+    for key in ("reference_image", "neutral_landmarks"):
+        if m[key] not in files:
+            fail(f"{key} {m[key]!r} is not listed in 'files'")
+    bgr = cv2.imread(str(folder / m["reference_image"]), cv2.IMREAD_COLOR)
+    if bgr is None:
+        fail(f"{m['reference_image']} is not a readable image")
+    try:
+        neutral = np.load(folder / m["neutral_landmarks"], allow_pickle=False)
+    except ValueError as e:
+        fail(f"{m['neutral_landmarks']} is not a NumPy array ({e})")
+    if neutral.shape != (NUM_POINTS, 3) or not np.isfinite(neutral).all():
+        fail(f"neutral landmarks must be a finite ({NUM_POINTS}, 3) array, got {neutral.shape}")
+    return Identity(m["name"], m["display_name"], m["engine"], cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB),
+                    neutral.astype(np.float32), consent, folder, m)
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("AVATAR_HOME") or Path.home() / ".local" / "share" / "avatar")

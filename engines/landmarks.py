@@ -1,0 +1,88 @@
+"""Face landmarks with mediapipe FaceMesh: 478 points (468 mesh + 10 iris), in pixels.
+
+Points are (x, y, z) with x, y in pixels of the input image and z in the same units
+(mediapipe scales z like x), so 3-D similarity fits are meaningful.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+NUM_POINTS = 478
+
+# Landmark indices of mediapipe's canonical face mesh used across the engines.
+LEFT_EYE_OUTER, LEFT_EYE_INNER = 263, 362  # subject's left eye (image right)
+RIGHT_EYE_OUTER, RIGHT_EYE_INNER = 33, 133
+LEFT_EYE_TOP, LEFT_EYE_BOTTOM = 386, 374
+RIGHT_EYE_TOP, RIGHT_EYE_BOTTOM = 159, 145
+MOUTH_TOP, MOUTH_BOTTOM = 13, 14  # inner lips
+MOUTH_LEFT, MOUTH_RIGHT = 308, 78  # inner lip corners
+FACE_LEFT, FACE_RIGHT = 454, 234  # cheek extremes
+INNER_LIPS = [78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308, 324, 318, 402, 317, 14, 87, 178, 88, 95]
+FACE_OVAL = [10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
+             152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109]
+# Points that barely move with expression (forehead, nose bridge, temples, eye corners):
+# head pose is fitted on these so that a smile or an open jaw does not read as a head turn.
+RIGID = [10, 109, 67, 103, 338, 297, 332, 151, 9, 8, 168, 6, 197, 195, 5, 4, 1,
+         234, 127, 93, 454, 356, 323, 33, 133, 362, 263, 130, 359, 116, 345]
+
+
+def inter_ocular(points: np.ndarray) -> float:
+    """Distance between the outer eye corners: the face's natural unit of length."""
+    return float(np.linalg.norm(points[LEFT_EYE_OUTER, :2] - points[RIGHT_EYE_OUTER, :2]))
+
+
+def mouth_openness(points: np.ndarray) -> float:
+    """Inner-lip gap over mouth width: 0 closed, ~0.5+ wide open. Scale-free."""
+    gap = np.linalg.norm(points[MOUTH_TOP, :2] - points[MOUTH_BOTTOM, :2])
+    width = np.linalg.norm(points[MOUTH_LEFT, :2] - points[MOUTH_RIGHT, :2])
+    return float(gap / max(width, 1e-6))
+
+
+def eye_openness(points: np.ndarray) -> float:
+    """Mean lid gap of both eyes over eye width. Scale-free."""
+    def one(top, bottom, a, b):
+        gap = np.linalg.norm(points[top, :2] - points[bottom, :2])
+        return gap / max(np.linalg.norm(points[a, :2] - points[b, :2]), 1e-6)
+    return float((one(LEFT_EYE_TOP, LEFT_EYE_BOTTOM, LEFT_EYE_OUTER, LEFT_EYE_INNER)
+                  + one(RIGHT_EYE_TOP, RIGHT_EYE_BOTTOM, RIGHT_EYE_OUTER, RIGHT_EYE_INNER)) / 2)
+
+
+class FaceLandmarker:
+    """One face's landmarks per image, or None when there is no face.
+
+    static=False is tracking mode for video (fast: it tracks from the previous frame);
+    static=True detects afresh on every image, for photos.
+    """
+
+    def __init__(self, static: bool = False, min_confidence: float = 0.5):
+        import mediapipe as mp  # imported lazily: it takes a second to load
+
+        self._mesh = mp.solutions.face_mesh.FaceMesh(
+            static_image_mode=static,
+            max_num_faces=1,
+            refine_landmarks=True,
+            min_detection_confidence=min_confidence,
+            min_tracking_confidence=min_confidence,
+        )
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray | None:
+        """(478, 3) float32 pixel coordinates for an RGB uint8 image, or None if no face."""
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ValueError(f"expected an RGB uint8 image of shape (H, W, 3), got {rgb.dtype} {rgb.shape}")
+        h, w = rgb.shape[:2]
+        result = self._mesh.process(np.ascontiguousarray(rgb))
+        if not result.multi_face_landmarks:
+            return None
+        lm = result.multi_face_landmarks[0].landmark
+        pts = np.array([(p.x, p.y, p.z) for p in lm], dtype=np.float32)
+        pts *= np.array([w, h, w], dtype=np.float32)
+        return pts
+
+    def close(self) -> None:
+        self._mesh.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,90 @@
+"""The warp mesh: mediapipe's face tessellation, its eye and mouth holes filled, and a
+skirt of triangles from the face outline out to the image border so that hair, neck and
+background move smoothly with the head instead of tearing."""
+from __future__ import annotations
+
+from collections import defaultdict
+from functools import lru_cache
+
+import numpy as np
+from scipy.spatial import Delaunay
+
+from .landmarks import FACE_OVAL, NUM_POINTS
+
+# Hole outlines as upper and lower chains from corner to corner, zipped into triangles.
+MOUTH_UPPER = [78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308]
+MOUTH_LOWER = [78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308]
+RIGHT_EYE_UPPER = [33, 246, 161, 160, 159, 158, 157, 173, 133]
+RIGHT_EYE_LOWER = [33, 7, 163, 144, 145, 153, 154, 155, 133]
+LEFT_EYE_UPPER = [263, 466, 388, 387, 386, 385, 384, 398, 362]
+LEFT_EYE_LOWER = [263, 249, 390, 373, 374, 380, 381, 382, 362]
+
+RING_SCALE = 1.35  # the skirt's inner ring, as a multiple of the face outline's size
+BORDER_STEPS = 8  # fixed points per image side
+
+
+@lru_cache(maxsize=1)
+def face_triangles() -> np.ndarray:
+    """The 852 triangles of mediapipe's face mesh, rebuilt from its edge list.
+
+    Every 3-clique of the edge graph is a face, except two that are made only of edges
+    already shared by two real faces (around the nostrils); those are dropped.
+    """
+    from mediapipe.python.solutions.face_mesh_connections import FACEMESH_TESSELATION
+
+    adj = defaultdict(set)
+    for a, b in FACEMESH_TESSELATION:
+        adj[a].add(b)
+        adj[b].add(a)
+    cliques = {tuple(sorted((a, b, k))) for a, b in FACEMESH_TESSELATION for k in adj[a] & adj[b]}
+    edge_use = defaultdict(int)
+    for t in cliques:
+        for e in ((t[0], t[1]), (t[1], t[2]), (t[0], t[2])):
+            edge_use[e] += 1
+    real = [t for t in cliques
+            if not all(edge_use[e] > 2 for e in ((t[0], t[1]), (t[1], t[2]), (t[0], t[2])))]
+    return np.array(sorted(real), dtype=np.int32)
+
+
+def zip_chains(upper: list[int], lower: list[int]) -> np.ndarray:
+    """Triangulate the hole between two chains that share their end points."""
+    tris = []
+    for i in range(len(upper) - 1):
+        tris.append((upper[i], upper[i + 1], lower[i]))
+        tris.append((upper[i + 1], lower[i + 1], lower[i]))
+    return np.array([t for t in tris if len(set(t)) == 3], dtype=np.int32)
+
+
+def hole_triangles() -> np.ndarray:
+    return np.concatenate([zip_chains(MOUTH_UPPER, MOUTH_LOWER),
+                           zip_chains(RIGHT_EYE_UPPER, RIGHT_EYE_LOWER),
+                           zip_chains(LEFT_EYE_UPPER, LEFT_EYE_LOWER)])
+
+
+def ring_points(points2d: np.ndarray) -> np.ndarray:
+    oval = points2d[FACE_OVAL]
+    center = oval.mean(0)
+    return center + (oval - center) * RING_SCALE
+
+
+def border_points(width: int, height: int) -> np.ndarray:
+    """Fixed points just outside the image, so every pixel lies inside some triangle."""
+    xs = np.linspace(-2, width + 1, BORDER_STEPS + 1)
+    ys = np.linspace(-2, height + 1, BORDER_STEPS + 1)
+    top = np.stack([xs, np.full_like(xs, -2)], 1)
+    bottom = np.stack([xs, np.full_like(xs, height + 1)], 1)
+    left = np.stack([np.full_like(ys[1:-1], -2), ys[1:-1]], 1)
+    right = np.stack([np.full_like(ys[1:-1], width + 1), ys[1:-1]], 1)
+    return np.concatenate([top, bottom, left, right]).astype(np.float64)
+
+
+def skirt_triangles(points2d: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Triangles between the face outline, the ring and the border, indexed into
+    [landmarks (478), ring (len(FACE_OVAL)), border]."""
+    n_ring = len(FACE_OVAL)
+    outer = np.concatenate([points2d[FACE_OVAL], ring_points(points2d), border_points(width, height)])
+    index = np.concatenate([np.array(FACE_OVAL), NUM_POINTS + np.arange(n_ring),
+                            NUM_POINTS + n_ring + np.arange(len(outer) - 2 * n_ring)])
+    tri = Delaunay(outer).simplices
+    inside_face = np.all(tri < n_ring, axis=1)  # all three corners on the outline: inside the face
+    return index[tri[~inside_face]].astype(np.int32)

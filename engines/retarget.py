@@ -1,0 +1,155 @@
+"""Motion transfer from a driver's face to an identity's face.
+
+Each driver frame is split into head pose (a 3-D similarity fitted on the rigid points)
+and expression (what is left once the pose is undone, relative to the driver's own
+neutral). The expression is carried over into the identity's frame and added to the
+identity's neutral shape, then the identity is posed the way the driver moved. A driver
+with a wide face therefore moves a narrow identity without widening it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import geometry
+from .landmarks import RIGID, inter_ocular
+
+
+@dataclass
+class RetargetControls:
+    expression_gain: float = 1.0  # 0 (poker face) .. 2 (exaggerated)
+    head_gain: float = 1.0  # 0 .. 2; scales turn, nod, roll and shift
+    freeze_head: bool = False
+
+    def validated(self) -> "RetargetControls":
+        for name in ("expression_gain", "head_gain"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 2.0):
+                raise ValueError(f"{name} must be a number from 0 to 2, got {value!r}")
+        return self
+
+
+class OneEuroFilter:
+    """Casiez et al.'s One Euro filter over a whole landmark array.
+
+    Slow motion gets a low cut-off (jitter removed), fast motion a high one (no lag).
+    Speeds are measured in inter-ocular distances per second, so the same settings work
+    for a face 80 or 400 pixels wide.
+    """
+
+    def __init__(self, min_cutoff: float = 1.5, beta: float = 4.0, d_cutoff: float = 1.0):
+        self.min_cutoff, self.beta, self.d_cutoff = min_cutoff, beta, d_cutoff
+        self.reset()
+
+    def reset(self) -> None:
+        self._x = self._dx = self._t = None
+
+    @staticmethod
+    def _alpha(cutoff, dt):
+        tau = 1.0 / (2 * math.pi * cutoff)
+        return 1.0 / (1.0 + tau / dt)
+
+    def __call__(self, x: np.ndarray, t: float, unit: float = 1.0) -> np.ndarray:
+        if self._x is None or t <= self._t:
+            self._x, self._dx, self._t = x.astype(np.float64), np.zeros_like(x, np.float64), t
+            return x
+        dt = t - self._t
+        dx = (x - self._x) / dt
+        a_d = self._alpha(self.d_cutoff, dt)
+        self._dx = a_d * dx + (1 - a_d) * self._dx
+        speed = np.linalg.norm(self._dx, axis=-1, keepdims=True) / max(unit, 1e-6)
+        cutoff = self.min_cutoff + self.beta * speed
+        a = 1.0 / (1.0 + (1.0 / (2 * np.pi * cutoff)) / dt)
+        self._x = a * x + (1 - a) * self._x
+        self._t = t
+        return self._x.astype(x.dtype)
+
+
+class Retargeter:
+    """Turns a stream of driver landmarks into target landmarks for one identity.
+
+    update() takes the driver's (478, 3) points, or None when no face was found, with the
+    frame time in seconds, and returns the identity's (478, 3) points in the identity
+    image's pixels. The driver's neutral is the mean of its first `calibration_frames`
+    faces; recalibrate() starts that again (e.g. when a new person sits down).
+    """
+
+    def __init__(self, identity_neutral: np.ndarray, controls: RetargetControls | None = None,
+                 calibration_frames: int = 10, ease_seconds: float = 0.4, smoothing: bool = True):
+        self.identity_neutral = identity_neutral.astype(np.float64)
+        self.controls = (controls or RetargetControls()).validated()
+        self.calibration_frames = calibration_frames
+        self.ease_seconds = ease_seconds
+        self.filter = OneEuroFilter() if smoothing else None
+        self._center = self.identity_neutral[RIGID].mean(0)
+        self.recalibrate()
+
+    def recalibrate(self) -> None:
+        self._calib: list[np.ndarray] = []
+        self._driver_neutral: np.ndarray | None = None
+        self._to_identity: np.ndarray | None = None
+        self._last: np.ndarray | None = None
+        self._last_t: float | None = None
+        if self.filter:
+            self.filter.reset()
+
+    @property
+    def calibrated(self) -> bool:
+        return len(self._calib) >= self.calibration_frames
+
+    def set_identity(self, identity_neutral: np.ndarray) -> None:
+        """Switch identity, keeping the driver's calibration."""
+        self.identity_neutral = identity_neutral.astype(np.float64)
+        self._center = self.identity_neutral[RIGID].mean(0)
+        self._to_identity = None if self._driver_neutral is None else self._fit_to_identity()
+        self._last = None
+
+    def update(self, driver: np.ndarray | None, t: float) -> np.ndarray:
+        if driver is None:
+            return self._ease_to_neutral(t)
+        pts = driver.astype(np.float64)
+        if self.filter:
+            pts = self.filter(pts, t, unit=inter_ocular(pts))
+        self._calibrate(pts)
+        out = self._transfer(pts)
+        self._last, self._last_t = out, t
+        return out.astype(np.float32)
+
+    def _calibrate(self, pts: np.ndarray) -> None:
+        if self.calibrated:
+            return
+        if self._calib:  # align to the first calibration face so head sway does not blur the mean
+            pts = geometry.apply(geometry.fit_similarity(pts[RIGID], self._calib[0][RIGID]), pts)
+        self._calib.append(pts)
+        self._driver_neutral = np.mean(self._calib, axis=0)
+        self._to_identity = self._fit_to_identity()
+
+    def _fit_to_identity(self) -> np.ndarray:
+        return geometry.fit_similarity(self._driver_neutral[RIGID], self.identity_neutral[RIGID])
+
+    def _transfer(self, pts: np.ndarray) -> np.ndarray:
+        neutral, to_id, c = self._driver_neutral, self._to_identity, self.controls
+        pose = geometry.fit_similarity(neutral[RIGID], pts[RIGID])  # driver neutral -> now
+        expression = geometry.apply(np.linalg.inv(pose), pts) - neutral
+        expression_id = expression @ to_id[:3, :3].T * c.expression_gain
+        shape = self.identity_neutral + expression_id
+        if c.freeze_head:
+            return shape
+        pose_id = to_id @ pose @ np.linalg.inv(to_id)  # the same head motion, in identity space
+        if c.head_gain != 1.0:
+            pose_id = geometry.scale_motion(pose_id, self._center, c.head_gain)
+        return geometry.apply(pose_id, shape)
+
+    def _ease_to_neutral(self, t: float) -> np.ndarray:
+        """Face lost: glide back to the identity's neutral instead of freezing or jumping."""
+        if self._last is None:
+            return self.identity_neutral.astype(np.float32)
+        dt = max(0.0, t - self._last_t)
+        keep = math.exp(-dt / self.ease_seconds)
+        self._last = self.identity_neutral + (self._last - self.identity_neutral) * keep
+        self._last_t = t
+        if self.filter:
+            self.filter.reset()  # do not smooth from a stale face when it comes back
+        return self._last.astype(np.float32)

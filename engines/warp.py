@@ -1,0 +1,100 @@
+"""One-shot renderer: animates an identity from a single reference image by a
+piecewise-affine warp of the face mesh, and paints what a warp cannot show.
+
+Per frame: a triangle-index raster of the target mesh (nearer triangles drawn last), one
+affine map per triangle gathered per pixel, then a single cv2.remap. The map is built at
+half resolution and upsampled: a piecewise-affine map is continuous, so bilinear
+upsampling of it is nearly exact and saves three quarters of the per-pixel work.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from . import geometry
+from .landmarks import RIGID
+from .mesh import (border_points, face_triangles, hole_triangles,
+                   ring_points, skirt_triangles)
+from .eyes import EyelidPainter
+from .mouth import MouthPainter
+
+MAP_SCALE = 2  # the warp map is built at 1/MAP_SCALE resolution
+
+
+class WarpRenderer:
+    """render(target_points) -> RGB image of the identity with the target's pose and expression."""
+
+    def __init__(self, reference: np.ndarray, neutral: np.ndarray):
+        if reference.ndim != 3 or reference.shape[2] != 3:
+            raise ValueError(f"reference must be an RGB image, got shape {reference.shape}")
+        self.reference = np.ascontiguousarray(reference)
+        self.neutral = neutral.astype(np.float64)
+        self.height, self.width = reference.shape[:2]
+        src2d = self.neutral[:, :2]
+        self._border = border_points(self.width, self.height)
+        self._src = np.concatenate([src2d, ring_points(src2d), self._border])
+        self._face_tris = np.concatenate([face_triangles(), hole_triangles()])
+        self._skirt_tris = skirt_triangles(src2d, self.width, self.height)
+        self._tris = np.concatenate([self._skirt_tris, self._face_tris])
+        self._src_inv = _inverse_corner_matrices(self._src[self._tris])
+        mh, mw = -(-self.height // MAP_SCALE), -(-self.width // MAP_SCALE)
+        # Map pixel i stands for image pixel i*S + (S-1)/2: where cv2.resize samples it.
+        ys, xs = np.mgrid[0:mh, 0:mw].astype(np.float32) * MAP_SCALE + (MAP_SCALE - 1) / 2
+        self._grid = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size, np.float32)], 1)
+        self._map_shape = (mh, mw)
+        self._ids = np.zeros(self._map_shape, np.int32)
+        self.mouth = MouthPainter(self.reference, self.neutral)
+        self.eyelids = EyelidPainter(self.reference, self.neutral)
+
+    def render(self, target: np.ndarray) -> np.ndarray:
+        dst = self._target_points(target)
+        affine = self._affines(dst)  # (T, 2, 3): target pixel -> source pixel
+        ids = self._rasterize(dst, target)
+        a = affine[ids.ravel()]
+        src = np.einsum("nij,nj->ni", a, self._grid).reshape(*self._map_shape, 2)
+        if MAP_SCALE != 1:
+            src = cv2.resize(src, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
+        out = cv2.remap(self.reference, src[..., 0], src[..., 1], cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REPLICATE)
+        self.mouth.paint(out, target)
+        self.eyelids.paint(out, target)
+        return out
+
+    def _target_points(self, target: np.ndarray) -> np.ndarray:
+        t2d = target[:, :2].astype(np.float64)
+        head = geometry.fit_similarity(self.neutral[RIGID, :2], t2d[RIGID])
+        ring = geometry.apply(head, ring_points(self.neutral[:, :2]))
+        return np.concatenate([t2d, ring, self._border])
+
+    def _affines(self, dst: np.ndarray) -> np.ndarray:
+        """Per triangle, the affine map taking target corners onto source corners."""
+        dst_inv = _inverse_corner_matrices(dst[self._tris])
+        src_h = _homogeneous(self._src[self._tris])  # (T, 3, 3), columns are corners
+        return (src_h @ dst_inv)[:, :2, :].astype(np.float32)
+
+    def _rasterize(self, dst: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """Which triangle covers each map pixel; the skirt first, then face triangles far to near."""
+        ids = self._ids
+        ids.fill(0)
+        n_skirt = len(self._skirt_tris)
+        depth = target[self._face_tris, 2].mean(1)
+        order = np.concatenate([np.arange(n_skirt), n_skirt + np.argsort(-depth)])
+        corners = np.round((dst[self._tris] - (MAP_SCALE - 1) / 2) * (16 / MAP_SCALE)).astype(np.int32)  # 4 fractional bits
+        fill = cv2.fillConvexPoly
+        for i in order:
+            fill(ids, corners[i], int(i), lineType=cv2.LINE_8, shift=4)
+        return ids
+
+
+def _homogeneous(corners: np.ndarray) -> np.ndarray:
+    """(T, 3, 2) corners -> (T, 3, 3) matrices with corners as columns [x; y; 1]."""
+    h = np.ones((len(corners), 3, 3))
+    h[:, :2, :] = corners.transpose(0, 2, 1)
+    return h
+
+
+def _inverse_corner_matrices(corners: np.ndarray) -> np.ndarray:
+    h = _homogeneous(corners)
+    det = np.linalg.det(h)
+    h[np.abs(det) < 1e-9] += np.eye(3) * 1e-3  # a collapsed triangle: keep it invertible
+    return np.linalg.inv(h)

@@ -1,0 +1,168 @@
+"""The `avatar` command: serve, render, identity management."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+# Quiet mediapipe/TFLite's C++ start-up chatter before anything imports it.
+os.environ.setdefault("GLOG_minloglevel", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from engines.identity import (DEFAULT_IDENTITY, Consent, IdentityError, IdentityStore,  # noqa: E402
+                              default_home)
+
+EPILOG = """examples:
+  avatar serve                                   web client + signaling on http://127.0.0.1:8080
+  avatar render drive.mp4 -o out.mp4 --side-by-side
+  avatar identity create --image me.jpg --name me --consent "I, Jo Doe, agree to ..."
+  avatar identity list
+
+Identities live in $AVATAR_HOME/identities (default ~/.local/share/avatar). The demo
+identity is created on first use from a public-domain NASA portrait."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except (IdentityError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="avatar", description="Real-time streaming avatar server: your head pose and expression, "
+        "live, on a consenting identity's face.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--home", type=Path, default=None,
+                        help="data folder (default: $AVATAR_HOME or ~/.local/share/avatar)")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="serve the web client and WebRTC avatar sessions",
+                           description="Serve the web client and the signaling WebSocket on one port.")
+    serve.set_defaults(func=cmd_serve)
+    try:
+        from server import app
+        app.add_arguments(serve)
+    except ImportError:  # the server module is optional while it is being built
+        pass
+
+    render = sub.add_parser("render", help="reenact a driving video offline",
+                            description="Reenact a driving video with an identity. Keeps the audio "
+                            "track and prints (and writes) per-stage timings.")
+    render.add_argument("driving", type=Path, help="driving video (any format FFmpeg reads)")
+    render.add_argument("-o", "--output", type=Path, required=True, help="output video (.mp4, .mov, .mkv)")
+    render.add_argument("--identity", default=DEFAULT_IDENTITY, help="identity name (default: %(default)s)")
+    render.add_argument("--side-by-side", action="store_true", help="driver on the left, avatar on the right")
+    render.add_argument("--expression-gain", type=float, default=1.0, help="0..2 (default: 1)")
+    render.add_argument("--head-gain", type=float, default=1.0, help="0..2 (default: 1)")
+    render.add_argument("--freeze-head", action="store_true", help="keep the identity's head still")
+    render.add_argument("--timings", type=Path, default=None,
+                        help="where to write the timing JSON (default: OUTPUT with .timings.json)")
+    render.set_defaults(func=cmd_render)
+
+    ident = sub.add_parser("identity", help="create, list, show or delete identities")
+    isub = ident.add_subparsers(title="identity commands", metavar="ACTION")
+    create = isub.add_parser("create", help="create an identity from one photo (warp engine)")
+    create.add_argument("--image", type=Path, required=True, help="a frontal photo of one person")
+    create.add_argument("--name", required=True, help="identifier: lowercase letters, digits, - and _")
+    create.add_argument("--display-name", default=None, help="shown in the web client (default: the name)")
+    create.add_argument("--consent", required=True,
+                        help="the consent record: who agreed, to what (stored with the identity)")
+    create.add_argument("--subject", default=None, help="who is depicted (default: the display name)")
+    create.add_argument("--recorded-by", default=os.environ.get("USER", "operator"),
+                        help="who recorded the consent (default: $USER)")
+    create.add_argument("--scope", default="live-avatar,offline-render",
+                        help="comma-separated uses consented to (default: %(default)s)")
+    create.set_defaults(func=cmd_identity_create)
+    isub.add_parser("list", help="list identities").set_defaults(func=cmd_identity_list)
+    show = isub.add_parser("show", help="print an identity's manifest")
+    show.add_argument("name")
+    show.set_defaults(func=cmd_identity_show)
+    delete = isub.add_parser("delete", help="delete an identity and its files")
+    delete.add_argument("name")
+    delete.set_defaults(func=cmd_identity_delete)
+    ident.set_defaults(func=lambda a: ident.print_help() or 2)
+    return parser
+
+
+def store(args) -> IdentityStore:
+    home = args.home or default_home()
+    return IdentityStore(Path(home) / "identities")
+
+
+def cmd_serve(args) -> int:
+    from server import app
+    return app.run(args)
+
+
+def cmd_render(args) -> int:
+    from engines.retarget import RetargetControls
+    from server.render import format_summary, open_video, render_video, write_summary
+
+    open_video(args.driving).close()  # fail on a bad input before loading anything else
+    controls = RetargetControls(args.expression_gain, args.head_gain, args.freeze_head).validated()
+    identity = store(args).load(args.identity)
+    summary = render_video(args.driving, identity, args.output, args.side_by_side, controls,
+                           progress=True)
+    timings = args.timings or args.output.with_suffix(".timings.json")
+    write_summary(summary, timings)
+    print(format_summary(summary))
+    print(f"timings written to {timings}")
+    return 0
+
+
+def cmd_identity_create(args) -> int:
+    from datetime import datetime, timezone
+
+    consent = Consent(
+        statement=args.consent.strip(),
+        subject=args.subject or args.display_name or args.name,
+        recorded_by=args.recorded_by,
+        granted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        scope=[s.strip() for s in args.scope.split(",") if s.strip()],
+    )
+    Consent.from_dict(consent.__dict__)  # same checks as loading: an empty statement is refused
+    identity = store(args).create_from_image(args.image, args.name, consent, args.display_name)
+    print(f"created identity {identity.name!r} in {identity.path}")
+    return 0
+
+
+def cmd_identity_list(args) -> int:
+    s = store(args)
+    s.ensure_default()
+    for name in s.names():
+        try:
+            ident = s.load(name)
+            print(f"{name:<24}{ident.engine:<8}{ident.display_name}")
+        except IdentityError as e:
+            print(f"{name:<24}{'BROKEN':<8}{e}")
+    return 0
+
+
+def cmd_identity_show(args) -> int:
+    print(json.dumps(store(args).load(args.name).manifest, indent=2))
+    return 0
+
+
+def cmd_identity_delete(args) -> int:
+    store(args).delete(args.name)
+    print(f"deleted identity {args.name!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

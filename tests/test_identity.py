@@ -1,0 +1,101 @@
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from engines.identity import Consent, IdentityError, IdentityStore, check_name
+
+CONSENT = Consent("I agree to be used as a live avatar.", "Test Person", "tester", "2026-11-22T00:00:00+00:00")
+
+
+@pytest.fixture
+def photo(tmp_path, demo):
+    path = tmp_path / "face.png"
+    cv2.imwrite(str(path), cv2.cvtColor(demo.reference, cv2.COLOR_RGB2BGR))
+    return path
+
+
+@pytest.fixture
+def fresh(tmp_path):
+    return IdentityStore(tmp_path / "identities")
+
+
+def test_demo_identity_is_embedded(demo, store):
+    assert "demo" in store.names()
+    assert demo.reference.shape == (256, 256, 3)
+    assert demo.neutral.shape == (478, 3)
+    assert demo.consent.scope == ["demo"]
+
+
+def test_create_list_load_delete(fresh, photo):
+    ident = fresh.create_from_image(photo, "jo", CONSENT, "Jo")
+    assert fresh.names() == ["jo"]
+    manifest = json.loads((ident.path / "manifest.json").read_text())
+    assert manifest["consent"]["statement"] == CONSENT.statement
+    assert set(manifest["files"]) == {"reference.png", "neutral.npy"}
+    assert fresh.load("jo").display_name == "Jo"
+    with pytest.raises(IdentityError, match="already exists"):
+        fresh.create_from_image(photo, "jo", CONSENT)
+    fresh.delete("jo")
+    assert fresh.names() == []
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "", "Upper", ".hidden", "x" * 64, None])
+def test_unsafe_names_are_refused(name):
+    with pytest.raises(IdentityError, match="invalid identity name"):
+        check_name(name)
+
+
+def test_photo_without_face(fresh, tmp_path):
+    blank = tmp_path / "wall.png"
+    cv2.imwrite(str(blank), np.full((300, 300, 3), 200, np.uint8))
+    with pytest.raises(IdentityError, match="no face found"):
+        fresh.create_from_image(blank, "wall", CONSENT)
+    assert fresh.names() == []
+
+
+def test_not_an_image(fresh, tmp_path):
+    text = tmp_path / "notes.jpg"
+    text.write_text("hello")
+    with pytest.raises(IdentityError, match="not a readable image"):
+        fresh.create_from_image(text, "notes", CONSENT)
+    with pytest.raises(IdentityError, match="no such file"):
+        fresh.create_from_image(tmp_path / "missing.jpg", "missing", CONSENT)
+
+
+def test_unknown_identity_names_the_known_ones(store):
+    with pytest.raises(IdentityError, match="known: demo"):
+        store.load("nobody")
+
+
+def _broken_copy(store, tmp_path, edit):
+    root = tmp_path / "ids"
+    shutil.copytree(store.path("demo"), root / "demo")
+    manifest_path = root / "demo" / "manifest.json"
+    edit(manifest_path)
+    return IdentityStore(root)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p.write_text("{not json"), "not valid JSON"),
+    (lambda p: p.write_text("[]"), "must be a JSON object"),
+    (lambda p: _set(p, "schema_version", 99), "schema_version"),
+    (lambda p: _set(p, "engine", "magic"), "engine must be one of"),
+    (lambda p: _set(p, "display_name", None), "display_name"),
+    (lambda p: _set(p, "consent", {"statement": ""}), "consent.statement"),
+    (lambda p: _set(p, "files", {"../../etc/passwd": "0"}), "not a plain file name"),
+    (lambda p: (p.parent / "reference.png").write_bytes(b"tampered"), "does not match its sha256"),
+    (lambda p: (p.parent / "neutral.npy").unlink(), "neutral.npy is missing"),
+])
+def test_malformed_bundle_says_what_is_wrong(store, tmp_path, edit, message):
+    broken = _broken_copy(store, tmp_path, edit)
+    with pytest.raises(IdentityError, match=message):
+        broken.load("demo")
+
+
+def _set(path, key, value):
+    m = json.loads(path.read_text())
+    m[key] = value
+    path.write_text(json.dumps(m))

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+
+from engines.landmarks import FaceLandmarker, eye_openness, mouth_openness
+from engines.mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER, face_triangles
+from engines.warp import WarpRenderer
+
+
+def psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255 ** 2 / max(mse, 1e-12))
+
+
+@pytest.fixture(scope="module")
+def renderer(demo):
+    return WarpRenderer(demo.reference, demo.neutral)
+
+
+@pytest.fixture(scope="module")
+def landmarker():
+    with FaceLandmarker(static=True) as lm:
+        yield lm
+
+
+def jaw_drop(points, pixels):
+    out = points.copy()
+    centre = (points[13, 1] + points[14, 1]) / 2
+    out[points[:, 1] > centre, 1] += pixels
+    return out
+
+
+def blink(points):
+    out = points.copy()
+    for upper, lower in ((RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), (LEFT_EYE_UPPER, LEFT_EYE_LOWER)):
+        out[upper[1:-1]] = points[lower[1:-1]] * 0.8 + points[upper[1:-1]] * 0.2
+    return out
+
+
+def test_mesh_has_mediapipe_triangle_count():
+    assert len(face_triangles()) == 852
+
+
+def test_own_landmarks_reproduce_reference(renderer, demo):
+    assert psnr(renderer.render(demo.neutral), demo.reference) >= 35
+
+
+def test_output_shape_and_type(renderer, demo):
+    out = renderer.render(demo.neutral)
+    assert out.shape == demo.reference.shape and out.dtype == np.uint8
+
+
+def test_open_mouth_shows_interior_not_stretched_lips(renderer, demo, landmarker):
+    target = jaw_drop(demo.neutral, 14)
+    assert renderer.mouth.strength(target) == 1.0
+    out = renderer.render(target)
+    got = landmarker(out)
+    assert got is not None
+    assert mouth_openness(got) > mouth_openness(demo.neutral) + 0.15
+    # Inside the opening: a dark cavity and light teeth, unlike lip colour stretched over it.
+    cx = int(round((target[13, 0] + target[14, 0]) / 2))
+    column = out[int(target[13, 1]) + 2:int(target[14, 1]) - 1, cx].astype(int).sum(1)
+    assert column.max() - column.min() > 150
+
+
+def test_blink_closes_the_eyes(renderer, demo, landmarker):
+    out = renderer.render(blink(demo.neutral))
+    got = landmarker(out)
+    assert got is not None
+    assert eye_openness(got) < 0.6 * eye_openness(demo.neutral)
+
+
+def test_head_turn_moves_hair_with_the_face(renderer, demo):
+    shifted = demo.neutral.copy()
+    shifted[:, 0] += 10
+    out = renderer.render(shifted)
+    # Just outside the face the image moves with it; the image border stays put.
+    y = int(demo.neutral[10, 1]) - 12
+    x = int(demo.neutral[10, 0])
+    assert np.abs(out[y, x + 10].astype(int) - demo.reference[y, x].astype(int)).sum() < 40
+    assert psnr(out[:, :4], demo.reference[:, :4]) > 30
