@@ -1,0 +1,137 @@
+"""HTTP routes on the signaling port, config/token parsing, origin checks, the CLI hook."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import websockets
+
+from server import app
+from server.config import ServerConfig, load_config
+from server.media import LatestFrame, input_size
+from server.security import (ALL, ConfigError, RateLimiter, TokenAuth, origin_allowed,
+                             parse_tokens_env)
+from server.app import start_server
+from test_server_support import running_server
+
+
+async def http_get(url: str, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """A tiny HTTP/1.1 GET (the server closes after each response)."""
+    host, port = url.split("//")[1].rstrip("/").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    hdrs = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+    return int(status_line.split()[1]), hdrs, body
+
+
+async def test_static_health_metrics_identities(tmp_path, monkeypatch):
+    async with running_server(tmp_path, monkeypatch, tokens={"tok": frozenset({"demo"})}) as srv:
+        status, headers, body = await http_get(srv.url, "/")
+        assert status == 200 and headers["content-type"].startswith("text/html") and b"<video" in body
+        for path, ctype in (("/app.js", "text/javascript"), ("/style.css", "text/css")):
+            status, headers, _ = await http_get(srv.url, path)
+            assert status == 200 and headers["content-type"].startswith(ctype)
+        assert (await http_get(srv.url, "/healthz"))[:3:2] == (200, b"ok\n")
+        status, headers, body = await http_get(srv.url, "/metrics")
+        assert status == 200 and b"avatar_sessions_active 0" in body
+        assert b'avatar_stage_seconds{stage="render",quantile="0.95"}' in body
+        assert (await http_get(srv.url, "/identities"))[0] == 401
+        status, _, body = await http_get(srv.url, "/identities?token=tok")
+        assert status == 200 and json.loads(body) == {"identities": ["demo"]}
+        assert (await http_get(srv.url, "/../../etc/passwd"))[0] == 404
+        assert (await http_get(srv.url, "/nope"))[0] == 404
+
+
+async def test_websocket_origin_check(tmp_path, monkeypatch):
+    async with running_server(tmp_path, monkeypatch, origins=["https://ok.example"]) as srv:
+        port = srv.url.rsplit(":", 1)[1].strip("/")
+        for origin in (None, f"http://127.0.0.1:{port}", "https://ok.example"):
+            async with websockets.connect(srv.ws_url, origin=origin) as ws:
+                await ws.send(json.dumps({"v": 1, "type": "ping"}))
+                assert json.loads(await ws.recv())["type"] == "pong"
+        with pytest.raises(websockets.InvalidStatus) as e:
+            async with websockets.connect(srv.ws_url, origin="https://evil.example"):
+                pass
+        assert e.value.response.status_code == 403
+
+
+async def test_no_hello_times_out(tmp_path, monkeypatch):
+    async with running_server(tmp_path, monkeypatch, hello_timeout=0.3) as srv:
+        async with websockets.connect(srv.ws_url) as ws:
+            reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert reply["code"] == "timeout"
+            await asyncio.wait_for(ws.wait_closed(), 5)
+
+
+async def test_refuses_public_bind_without_tokens(tmp_path, monkeypatch):
+    monkeypatch.setenv("AVATAR_HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match="without tokens"):
+        async with start_server(ServerConfig(host="0.0.0.0", port=0)):
+            pass
+
+
+def test_token_parsing_and_auth():
+    tokens = parse_tokens_env("tokenA:demo,alice; tokenB:*")
+    assert tokens == {"tokenA": frozenset({"demo", "alice"}), "tokenB": ALL}
+    auth = TokenAuth(tokens)
+    assert auth.allowed("tokenB") == ALL and auth.allowed("tokenA") == {"demo", "alice"}
+    assert auth.allowed("tokenC") is None and auth.allowed(None) is None and auth.allowed(5) is None
+    assert TokenAuth({}).allowed(None) == ALL  # demo mode
+    for bad in ("tokenA", "tokenA:../../etc", "tok en:demo", "tokenA:"):
+        with pytest.raises(ConfigError):
+            parse_tokens_env(bad)
+
+
+def test_config_file_and_env(tmp_path):
+    path = tmp_path / "server.json"
+    path.write_text(json.dumps({"tokens": {"t1": ["demo"]}, "origins": ["https://a.example"],
+                                "max_sessions": 2}))
+    config = load_config(str(path), env={"AVATAR_TOKENS": "t2:*"}, port=9000)
+    assert config.tokens == {"t1": frozenset({"demo"}), "t2": ALL}
+    assert config.max_sessions == 2 and config.port == 9000 and config.origins == ["https://a.example"]
+    path.write_text(json.dumps({"max_sessions": "many"}))
+    with pytest.raises(ConfigError):
+        load_config(str(path), env={})
+    path.write_text(json.dumps({"surprise": 1}))
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(str(path), env={})
+
+
+def test_cli_hook_arguments():
+    parser = argparse.ArgumentParser()
+    app.add_arguments(parser)
+    args = parser.parse_args(["--port", "0", "--max-sessions", "3", "--origin", "https://x.example"])
+    config = app.config_from_args(args)
+    assert (config.host, config.port, config.max_sessions) == ("127.0.0.1", 0, 3)
+    assert config.origins == ["https://x.example"]
+    assert app.config_from_args(parser.parse_args([])).port == 8080
+
+
+def test_origin_and_rate_limit_and_sizes():
+    assert origin_allowed(None, "h:1", [])
+    assert origin_allowed("http://h:1", "h:1", []) and not origin_allowed("http://h:2", "h:1", [])
+    now = [0.0]
+    limiter = RateLimiter(rate=1, burst=2, clock=lambda: now[0])
+    assert [limiter.allow() for _ in range(3)] == [True, True, False]
+    now[0] = 1.0
+    assert limiter.allow()
+    assert input_size(1280, 720) == (640, 360)
+    assert input_size(3840, 2160)[0] == 640
+    assert input_size(8, 8) is None and input_size(4000, 10) is None
+    assert input_size(320, 240) == (320, 240)
+
+
+async def test_latest_frame_keeps_newest():
+    box = LatestFrame()
+    for i in range(5):
+        box.put(i)
+    assert await box.get() == 4 and box.dropped == 4

@@ -1,0 +1,248 @@
+// Streaming avatar web client: camera -> WebRTC -> server -> avatar video back.
+// Signaling protocol v1 (docs/PROTOCOL.md) over a WebSocket on the same host and port.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const STAGES = ["queue", "convert", "landmarks", "retarget", "render", "total"];
+// Errors after which reconnecting cannot help: the user has to change something.
+const FINAL_ERRORS = new Set(["unauthorized", "forbidden_identity", "unknown_identity", "bad_value", "bad_version"]);
+
+// Exposed for tests and debugging (window.avatar).
+const state = {
+  wanted: false,        // the user pressed Start and not Stop
+  ws: null, pc: null, camera: null,
+  session: null, retryDelay: 1000, retryTimer: null, pingTimer: null,
+  statsCount: 0, lastStats: null, lastError: null,
+};
+window.avatar = state;
+
+function say(text, kind = "info") {
+  const el = $("message");
+  el.textContent = text;
+  el.className = kind;
+}
+
+// ---- start / stop --------------------------------------------------------------------
+async function start() {
+  state.wanted = true;
+  $("start").disabled = true;
+  $("stop").disabled = false;
+  if (!state.camera) {
+    if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+      fail("This page needs a secure context (https or localhost) to use the camera.");
+      return;
+    }
+    say("Asking for the camera…");
+    try {
+      state.camera = await navigator.mediaDevices.getUserMedia({
+        video: { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 30 } }, audio: false });
+    } catch (e) {
+      const denied = e.name === "NotAllowedError" || e.name === "SecurityError";
+      fail(denied ? "Camera access was denied. Allow the camera for this site and press Start again."
+        : e.name === "NotFoundError" ? "No camera was found." : `Cannot open the camera: ${e.message}`);
+      return;
+    }
+    $("camera").srcObject = state.camera;
+  }
+  connect();
+}
+
+function stop() {
+  state.wanted = false;
+  clearTimeout(state.retryTimer);
+  send({ type: "bye" });
+  teardown();
+  if (state.camera) state.camera.getTracks().forEach((t) => t.stop());
+  state.camera = null;
+  $("camera").srcObject = null;
+  $("start").disabled = false;
+  $("stop").disabled = true;
+  say("Stopped.");
+}
+
+function fail(text) {
+  state.wanted = false;
+  teardown();
+  $("start").disabled = false;
+  $("stop").disabled = true;
+  say(text, "error");
+}
+
+function teardown() {
+  clearInterval(state.pingTimer);
+  if (state.pc) state.pc.close();
+  if (state.ws) { state.ws.onclose = null; state.ws.close(); }
+  state.pc = state.ws = state.session = null;
+  $("avatar").srcObject = null;
+  setSessionControls(false);
+}
+
+function scheduleReconnect(why) {
+  teardown();
+  if (!state.wanted) return;
+  const delay = state.retryDelay;
+  state.retryDelay = Math.min(state.retryDelay * 2, 15000);
+  say(`${why} Reconnecting in ${Math.round(delay / 1000)} s…`, "warn");
+  state.retryTimer = setTimeout(connect, delay);
+}
+
+// ---- signaling -----------------------------------------------------------------------
+function token() {
+  return $("token").value.trim() || undefined;
+}
+
+function connect() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const ws = new WebSocket(`${scheme}//${location.host}/ws`);
+  state.ws = ws;
+  say("Connecting…");
+  ws.onopen = () => send({ type: "hello", token: token(), identity: $("identity").value || "demo" });
+  ws.onmessage = (ev) => {
+    let msg;
+    try { msg = JSON.parse(ev.data); } catch { return; }
+    onMessage(msg).catch((e) => scheduleReconnect(`Error: ${e.message}.`));
+  };
+  ws.onclose = () => { if (state.ws === ws) scheduleReconnect("Lost the connection to the server."); };
+}
+
+function send(msg) {
+  if (state.ws && state.ws.readyState === WebSocket.OPEN) state.ws.send(JSON.stringify({ v: 1, ...msg }));
+}
+
+async function onMessage(msg) {
+  switch (msg.type) {
+    case "session":
+      state.session = msg;
+      fillIdentities(msg.identities, msg.identity);
+      await negotiate();
+      break;
+    case "answer":
+      await state.pc.setRemoteDescription({ type: "answer", sdp: msg.sdp });
+      break;
+    case "control_ok":
+      $("pause").textContent = msg.paused ? "Resume" : "Pause";
+      break;
+    case "error":
+      onError(msg);
+      break;
+  }
+}
+
+function onError(msg) {
+  state.lastError = msg;
+  if (msg.code === "busy") {
+    scheduleReconnect("The server is busy (all session slots are taken).");
+  } else if (FINAL_ERRORS.has(msg.code)) {
+    fail(msg.code === "unauthorized" ? "The server did not accept the token." : `Refused: ${msg.message}`);
+  } else if (msg.code === "session_ended" || msg.code === "timeout") {
+    scheduleReconnect(`The session ended (${msg.message}).`);
+  } else {
+    say(`Server says: ${msg.message} (${msg.code})`, "warn");
+  }
+}
+
+async function negotiate() {
+  const pc = new RTCPeerConnection();
+  state.pc = pc;
+  state.camera.getVideoTracks().forEach((t) => pc.addTrack(t, state.camera));
+  // The client creates the "stats" channel so it is part of the single offer.
+  const stats = pc.createDataChannel("stats");
+  stats.onmessage = (ev) => showStats(JSON.parse(ev.data));
+  pc.ontrack = (ev) => {
+    $("avatar").srcObject = ev.streams[0] || new MediaStream([ev.track]);
+  };
+  pc.onconnectionstatechange = () => {
+    if (pc !== state.pc) return;
+    if (pc.connectionState === "connected") {
+      state.retryDelay = 1000;
+      say(`Streaming as “${state.session.identity}”.`, "ok");
+      setSessionControls(true);
+    } else if (pc.connectionState === "failed") {
+      scheduleReconnect("The media connection failed.");
+    }
+  };
+  await pc.setLocalDescription(await pc.createOffer());
+  // The server does not take trickled candidates: wait for gathering, send one offer.
+  await new Promise((resolve) => {
+    if (pc.iceGatheringState === "complete") return resolve();
+    const done = () => { if (pc.iceGatheringState === "complete") resolve(); };
+    pc.addEventListener("icegatheringstatechange", done);
+    setTimeout(resolve, 3000);
+  });
+  send({ type: "offer", sdp: pc.localDescription.sdp });
+  clearInterval(state.pingTimer);
+  state.pingTimer = setInterval(() => send({ type: "ping" }), 10000);
+}
+
+// ---- controls ------------------------------------------------------------------------
+function setSessionControls(on) {
+  ["recalibrate", "pause"].forEach((id) => { $(id).disabled = !on; });
+}
+
+function fillIdentities(names, current) {
+  const select = $("identity");
+  select.replaceChildren(...names.map((n) => new Option(n, n, false, n === current)));
+}
+
+let sliderTimer = null;
+function sendGains() {
+  clearTimeout(sliderTimer);
+  // Debounced: a dragged slider would otherwise hit the message rate limit.
+  sliderTimer = setTimeout(() => send({
+    type: "control",
+    expression_gain: Number($("expression-gain").value),
+    head_gain: Number($("head-gain").value),
+    freeze_head: $("freeze-head").checked,
+  }), 100);
+}
+
+for (const id of ["expression-gain", "head-gain"]) {
+  $(id).addEventListener("input", () => {
+    $(`${id}-value`).textContent = Number($(id).value).toFixed(2);
+    sendGains();
+  });
+}
+$("freeze-head").addEventListener("change", sendGains);
+$("recalibrate").addEventListener("click", () => send({ type: "control", recalibrate: true }));
+$("pause").addEventListener("click", () => send({ type: "control", pause: $("pause").textContent === "Pause" }));
+$("identity").addEventListener("change", () => send({ type: "control", identity: $("identity").value }));
+$("connect-form").addEventListener("submit", (ev) => { ev.preventDefault(); start(); });
+$("stop").addEventListener("click", stop);
+
+// ---- stats overlay -------------------------------------------------------------------
+function showStats(s) {
+  if (s.type !== "stats") return;
+  state.statsCount += 1;
+  state.lastStats = s;
+  const lat = s.latency_ms;
+  $("stats-summary").textContent =
+    `${s.fps} fps · latency p50 ${lat.p50.toFixed(0)} ms / p95 ${lat.p95.toFixed(0)} ms · dropped ${s.dropped}` +
+    (s.face ? "" : " · no face");
+  const max = Math.max(1, ...STAGES.map((k) => s.stages_ms[k].p95));
+  $("stats-bars").replaceChildren(...STAGES.map((k) => {
+    const row = document.createElement("div");
+    row.className = "bar";
+    const name = document.createElement("span");
+    name.textContent = `${k} ${s.stages_ms[k].p50.toFixed(1)}`;
+    const bar = document.createElement("i");
+    bar.style.width = `${(100 * s.stages_ms[k].p50) / max}px`;
+    row.append(name, bar);
+    return row;
+  }));
+  if (state.pc && state.pc.connectionState === "connected") {
+    if (!s.face && s.frames > 0) say("No face found: look into the camera, with your face well lit.", "warn");
+    else if (s.paused) say("Paused.", "info");
+    else say(`Streaming as “${s.identity}”.`, "ok");
+  }
+}
+
+// ---- page setup ----------------------------------------------------------------------
+(function init() {
+  const params = new URLSearchParams(location.search);
+  if (params.get("token")) $("token").value = params.get("token");
+  fetch(`/identities${token() ? `?token=${encodeURIComponent(token())}` : ""}`)
+    .then((r) => (r.ok ? r.json() : null))
+    .then((body) => { if (body) fillIdentities(body.identities, params.get("identity") || "demo"); })
+    .catch(() => {});
+  if (params.get("autostart") === "1") start();
+})();
