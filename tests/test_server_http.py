@@ -135,3 +135,15 @@ async def test_latest_frame_keeps_newest():
     for i in range(5):
         box.put(i)
     assert await box.get() == 4 and box.dropped == 4
+
+
+async def test_idle_session_ends(tmp_path, monkeypatch):
+    async with running_server(tmp_path, monkeypatch, idle_timeout=0.5) as srv:
+        async with websockets.connect(srv.ws_url) as ws:
+            await ws.send(json.dumps({"v": 1, "type": "hello"}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), 20))["type"] == "session"
+            reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert reply["code"] == "session_ended" and "idle" in reply["message"]
+            await asyncio.wait_for(ws.wait_closed(), 5)
+        await asyncio.sleep(0.2)
+        assert srv.state.metrics.sessions_active == 0 and not srv.state.sessions
