@@ -32,11 +32,13 @@ class WarpRenderer:
         self.height, self.width = reference.shape[:2]
         src2d = self.neutral[:, :2]
         self._border = border_points(self.width, self.height)
-        self._src = np.concatenate([src2d, ring_points(src2d), self._border])
+        src = np.concatenate([src2d, ring_points(src2d), self._border])
         self._face_tris = np.concatenate([face_triangles(), hole_triangles()])
         self._skirt_tris = skirt_triangles(src2d, self.width, self.height)
         self._tris = np.concatenate([self._skirt_tris, self._face_tris])
-        self._src_inv = _inverse_corner_matrices(self._src[self._tris])
+        corners = src[self._tris]
+        self._src_edges = np.stack([corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]], axis=2)
+        self._src_origin = corners[:, 0]
         mh, mw = -(-self.height // MAP_SCALE), -(-self.width // MAP_SCALE)
         # Map pixel i stands for image pixel i*S + (S-1)/2: where cv2.resize samples it.
         ys, xs = np.mgrid[0:mh, 0:mw].astype(np.float32) * MAP_SCALE + (MAP_SCALE - 1) / 2
@@ -67,10 +69,21 @@ class WarpRenderer:
         return np.concatenate([t2d, ring, self._border])
 
     def _affines(self, dst: np.ndarray) -> np.ndarray:
-        """Per triangle, the affine map taking target corners onto source corners."""
-        dst_inv = _inverse_corner_matrices(dst[self._tris])
-        src_h = _homogeneous(self._src[self._tris])  # (T, 3, 3), columns are corners
-        return (src_h @ dst_inv)[:, :2, :].astype(np.float32)
+        """Per triangle, the affine map taking target corners onto source corners:
+        A = S D^-1 on the edge vectors, with the 2x2 inverse written out (batched
+        np.linalg.inv on a thousand tiny matrices costs more than the whole warp)."""
+        d = dst[self._tris]
+        e1, e2 = d[:, 1] - d[:, 0], d[:, 2] - d[:, 0]
+        det = e1[:, 0] * e2[:, 1] - e2[:, 0] * e1[:, 1]
+        det = np.where(np.abs(det) < 1e-9, 1e-9, det)  # a collapsed triangle: keep it finite
+        inv = np.empty((len(d), 2, 2))
+        inv[:, 0, 0], inv[:, 0, 1] = e2[:, 1] / det, -e2[:, 0] / det
+        inv[:, 1, 0], inv[:, 1, 1] = -e1[:, 1] / det, e1[:, 0] / det
+        lin = self._src_edges @ inv
+        out = np.empty((len(d), 2, 3), np.float32)
+        out[:, :, :2] = lin
+        out[:, :, 2] = self._src_origin - np.einsum("tij,tj->ti", lin, d[:, 0])
+        return out
 
     def _rasterize(self, dst: np.ndarray, target: np.ndarray) -> np.ndarray:
         """Which triangle covers each map pixel; the skirt first, then face triangles far to near."""
@@ -84,17 +97,3 @@ class WarpRenderer:
         for i in order:
             fill(ids, corners[i], int(i), lineType=cv2.LINE_8, shift=4)
         return ids
-
-
-def _homogeneous(corners: np.ndarray) -> np.ndarray:
-    """(T, 3, 2) corners -> (T, 3, 3) matrices with corners as columns [x; y; 1]."""
-    h = np.ones((len(corners), 3, 3))
-    h[:, :2, :] = corners.transpose(0, 2, 1)
-    return h
-
-
-def _inverse_corner_matrices(corners: np.ndarray) -> np.ndarray:
-    h = _homogeneous(corners)
-    det = np.linalg.det(h)
-    h[np.abs(det) < 1e-9] += np.eye(3) * 1e-3  # a collapsed triangle: keep it invertible
-    return np.linalg.inv(h)
