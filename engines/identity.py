@@ -196,16 +196,28 @@ def crop_face(rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
         points = landmarker(rgb)
     if points is None:
         raise IdentityError("no face found in the image; use a well-lit, frontal photo of one person")
+    x0, y0, side = face_box(points)
+    return crop_with_box(rgb, x0, y0, side), (round(x0), round(y0), round(x0 + side), round(y0 + side))
+
+
+def face_box(points: np.ndarray) -> tuple[float, float, float]:
+    """The crop square (x0, y0, side) around a face's landmarks, with hair and neck."""
     lo, hi = points[:, :2].min(0), points[:, :2].max(0)
     side = float((hi - lo).max()) * CROP_SCALE
     cx, cy = (lo + hi) / 2
     cy -= 0.08 * side  # hair above the forehead needs more room than the neck
-    x0, y0 = cx - side / 2, cy - side / 2
+    return float(cx - side / 2), float(cy - side / 2), side
+
+
+def crop_matrix(x0: float, y0: float, side: float) -> np.ndarray:
+    """The 2x3 affine map from image pixels to crop pixels."""
     k = RENDER_SIZE / side
-    m = np.array([[k, 0, -x0 * k], [0, k, -y0 * k]])
-    crop = cv2.warpAffine(rgb, m, (RENDER_SIZE, RENDER_SIZE), flags=cv2.INTER_AREA,
-                          borderMode=cv2.BORDER_REPLICATE)
-    return crop, (round(x0), round(y0), round(x0 + side), round(y0 + side))
+    return np.array([[k, 0, -x0 * k], [0, k, -y0 * k]])
+
+
+def crop_with_box(rgb: np.ndarray, x0: float, y0: float, side: float) -> np.ndarray:
+    return cv2.warpAffine(rgb, crop_matrix(x0, y0, side), (RENDER_SIZE, RENDER_SIZE),
+                          flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE)
 
 
 def sha256(path: Path) -> str:

@@ -1,0 +1,110 @@
+"""The generator: warp image + landmark contour maps -> the identity's 256² face.
+
+Inputs (N, 5, 256, 256) float32:
+    0-2  the warp engine's render for the target landmarks, RGB in [-1, 1]
+    3    the target's face-mesh contours (lips, eyes, brows, irises, oval) in [0, 1]
+    4    the previous frame's contour map (temporal context; = channel 3 on a first frame)
+Output (N, 3, 256, 256): warp + tanh(residual), clamped to [-1, 1].
+
+CPU design: PixelUnshuffle(4) takes 256² straight to 64² (no full-resolution convs), the
+body works at 64² and 32², PixelShuffle brings it back. Depthwise-free plain 3x3 convs
+are what oneDNN / ONNX Runtime's CPU kernels run fastest.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+SIZE = 256
+IN_CHANNELS = 5
+
+
+def _contour_edges() -> np.ndarray:
+    from mediapipe.python.solutions.face_mesh_connections import (FACEMESH_CONTOURS,
+                                                                  FACEMESH_IRISES, FACEMESH_NOSE)
+    return np.array(sorted(FACEMESH_CONTOURS | FACEMESH_IRISES | FACEMESH_NOSE), np.int32)
+
+
+_EDGES: np.ndarray | None = None
+
+
+def contour_map(points: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """(size, size) float32 in [0, 1]: the face-mesh contours of points, antialiased lines."""
+    global _EDGES
+    if _EDGES is None:
+        _EDGES = _contour_edges()
+    img = np.zeros((size, size), np.uint8)
+    p = np.round(points[:, :2] * 16).astype(np.int32)  # 4 fractional bits
+    segs = p[_EDGES]  # (E, 2, 2)
+    cv2.polylines(img, list(segs), False, 255, 1, cv2.LINE_AA, shift=4)
+    return img.astype(np.float32) / 255.0
+
+
+def make_input(warp_rgb: np.ndarray, cmap: np.ndarray, prev_cmap: np.ndarray | None) -> np.ndarray:
+    """(1, 5, 256, 256) float32 network input from a uint8 warp render and contour maps."""
+    x = np.empty((1, IN_CHANNELS, SIZE, SIZE), np.float32)
+    x[0, :3] = warp_rgb.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
+    x[0, 3] = cmap
+    x[0, 4] = cmap if prev_cmap is None else prev_cmap
+    return x
+
+
+def to_image(y: np.ndarray) -> np.ndarray:
+    """(1, 3, H, W) in [-1, 1] -> (H, W, 3) uint8 RGB."""
+    return np.clip((y[0].transpose(1, 2, 0) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.c1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.c2 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.act = nn.LeakyReLU(0.1, inplace=True)
+
+    def forward(self, x):
+        return x + self.c2(self.act(self.c1(x)))
+
+
+class Generator(nn.Module):
+    def __init__(self, width: int = 48, deep: int = 96, blocks: int = 4):
+        super().__init__()
+        self.down = nn.PixelUnshuffle(4)  # 256² x 5 -> 64² x 80
+        self.stem = nn.Sequential(nn.Conv2d(IN_CHANNELS * 16, width, 3, padding=1), nn.LeakyReLU(0.1, True))
+        self.block64 = ResBlock(width)
+        self.enc = nn.Sequential(nn.Conv2d(width, deep, 3, stride=2, padding=1), nn.LeakyReLU(0.1, True))
+        self.body = nn.Sequential(*[ResBlock(deep) for _ in range(blocks)])
+        self.up = nn.Sequential(nn.Conv2d(deep, width * 4, 3, padding=1), nn.PixelShuffle(2),
+                                nn.LeakyReLU(0.1, True))  # 32² -> 64²
+        self.fuse = nn.Sequential(nn.Conv2d(width * 2, width, 3, padding=1), nn.LeakyReLU(0.1, True),
+                                  ResBlock(width))
+        self.head = nn.Conv2d(width, 3 * 16, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(4)  # 64² x 48 -> 256² x 3
+        nn.init.zeros_(self.head.weight)  # start as the identity map on the warp image
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x):
+        warp = x[:, :3]
+        f64 = self.block64(self.stem(self.down(x)))
+        f32 = self.body(self.enc(f64))
+        f = self.fuse(torch.cat([f64, self.up(f32)], 1))
+        res = torch.tanh(self.shuffle(self.head(f)))
+        return torch.clamp(warp + res, -1.0, 1.0)
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def export_onnx(model: nn.Module, path, opset: int = 17) -> None:
+    """Fixed-shape (1, 5, 256, 256) -> (1, 3, 256, 256) ONNX; legacy exporter (dynamo if that fails)."""
+    model = model.eval().float()
+    dummy = torch.zeros(1, IN_CHANNELS, SIZE, SIZE)
+    with torch.no_grad():
+        try:
+            torch.onnx.export(model, (dummy,), str(path), input_names=["input"], output_names=["output"],
+                              opset_version=opset, dynamo=False)
+        except Exception:  # noqa: BLE001 - legacy exporter unavailable: fall back to dynamo
+            torch.onnx.export(model, (dummy,), str(path), input_names=["input"], output_names=["output"],
+                              opset_version=max(opset, 18), dynamo=True, external_data=False)

@@ -1,0 +1,221 @@
+"""Generator runtimes behind one interface: run((1, 5, 256, 256) float32) -> (1, 3, 256, 256).
+
+    tensorrt  a native TensorRT engine built by export_trt.py for this GPU (needs `tensorrt`)
+    ort-trt   ONNX Runtime with the TensorRT execution provider
+    ort-cuda  ONNX Runtime with the CUDA execution provider
+    ort-cpu   ONNX Runtime on the CPU (the default on machines without a GPU)
+    torch     PyTorch eager, from the bundle's weights (the reference implementation)
+
+select_runtime() tries them in that order (or the one asked for), falls back on any
+failure, and logs one line saying which one runs and why.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("tensorrt", "ort-trt", "ort-cuda", "ort-cpu", "torch")
+ORT_PROVIDERS = {"ort-trt": "TensorrtExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
+                 "ort-cpu": "CPUExecutionProvider"}
+
+
+class RuntimeUnavailable(RuntimeError):
+    pass
+
+
+class OrtRuntime:
+    def __init__(self, onnx_path: str | os.PathLike, backend: str = "ort-cpu", threads: int | None = None):
+        import onnxruntime as ort
+
+        provider = ORT_PROVIDERS[backend]
+        if provider not in ort.get_available_providers():
+            raise RuntimeUnavailable(f"onnxruntime has no {provider}")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+        if backend == "ort-trt":
+            cache = str(Path(onnx_path).parent / "trt_cache")
+            providers[0] = (provider, {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                                       "trt_engine_cache_path": cache})
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), so, providers=providers)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise RuntimeUnavailable(f"cannot load {onnx_path}: {e}")
+        if provider not in self.session.get_providers():
+            raise RuntimeUnavailable(f"{provider} did not initialise")
+        self.name = backend
+        self.input = self.session.get_inputs()[0].name
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: np.ascontiguousarray(x, np.float32)})[0]
+
+
+class TorchRuntime:
+    def __init__(self, model, bf16: bool = False):
+        import torch
+
+        self.torch = torch
+        self.model = model.eval()
+        self.bf16 = bf16
+        self.name = "torch-bf16" if bf16 else "torch"
+
+    @classmethod
+    def from_weights(cls, path: str | os.PathLike, bf16: bool = False) -> "TorchRuntime":
+        import torch
+
+        from .model import Generator
+
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model = Generator(**state["model_config"])
+            model.load_state_dict(state["model"])
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeUnavailable(f"cannot load torch weights {path}: {e}")
+        return cls(model, bf16)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).float().numpy()
+
+
+class TensorRTRuntime:
+    """A serialized TensorRT 10 engine, run with torch CUDA tensors as device buffers."""
+
+    def __init__(self, engine_path: str | os.PathLike):
+        try:
+            import tensorrt as trt
+            import torch
+        except ImportError as e:
+            raise RuntimeUnavailable(f"tensorrt is not installed ({e})")
+        if not torch.cuda.is_available():
+            raise RuntimeUnavailable("no CUDA device for torch buffers")
+        logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise RuntimeUnavailable(f"cannot deserialize {engine_path}")
+        self.context = self.engine.create_execution_context()
+        self.torch = torch
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inp = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.out = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.x = torch.empty(tuple(self.engine.get_tensor_shape(self.inp)), device="cuda")
+        self.y = torch.empty(tuple(self.engine.get_tensor_shape(self.out)), device="cuda")
+        self.context.set_tensor_address(self.inp, self.x.data_ptr())
+        self.context.set_tensor_address(self.out, self.y.data_ptr())
+        self.stream = torch.cuda.Stream()
+        self.name = "tensorrt"
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        self.x.copy_(self.torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+        self.context.execute_async_v3(self.stream.cuda_stream)
+        self.stream.synchronize()
+        return self.y.cpu().numpy()
+
+
+def gpu_tag() -> str | None:
+    """'<gpu-name-sanitized>.sm<major><minor>' of CUDA device 0, or None without one."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability(0)
+        return f"{sanitize(torch.cuda.get_device_name(0))}.sm{major}{minor}"
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def sanitize(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+
+
+def plan(prefer: str, providers: list[str], engine_file: Path | None, has_weights: bool) -> list[tuple[str, str]]:
+    """Backends to try, in order, each with the reason it is considered."""
+    if prefer != "auto" and prefer not in BACKENDS + ("torch-bf16",):
+        raise ValueError(f"unknown backend {prefer!r} (use auto, {', '.join(BACKENDS)}, torch-bf16)")
+    out = []
+    if prefer in ("auto", "tensorrt") and engine_file is not None:
+        out.append(("tensorrt", f"TensorRT engine {engine_file.name} built for this GPU"))
+    for b in ("ort-trt", "ort-cuda"):
+        if prefer in ("auto", b) and ORT_PROVIDERS[b] in providers:
+            out.append((b, f"onnxruntime offers {ORT_PROVIDERS[b]}"))
+    if prefer == "ort-cpu" or prefer == "auto" or not out:
+        out.append(("ort-cpu", "requested" if prefer == "ort-cpu" else
+                    "no GPU runtime available" if prefer == "auto" else f"{prefer} unavailable"))
+    if prefer in ("torch", "torch-bf16"):
+        out.insert(0, (prefer, "requested"))
+    elif has_weights:
+        out.append(("torch", "fallback: onnxruntime could not run the model"))
+    return out
+
+
+def select_runtime(onnx_path: str | os.PathLike, weights_path: str | os.PathLike | None = None,
+                   prefer: str = "auto", providers: list[str] | None = None):
+    """The first backend of plan() that loads; logs one line with the choice and the reason."""
+    onnx_path = Path(onnx_path)
+    if providers is None:
+        try:
+            import onnxruntime as ort
+            providers = ort.get_available_providers()
+        except ImportError:
+            providers = []
+    tag = gpu_tag()
+    engine = onnx_path.with_name(f"{onnx_path.stem}.{tag}.engine") if tag else None
+    engine = engine if engine is not None and engine.is_file() else None
+    has_weights = weights_path is not None and Path(weights_path).is_file()
+    failures = []
+    for backend, why in plan(prefer, providers, engine, has_weights):
+        try:
+            if backend == "tensorrt":
+                rt = TensorRTRuntime(engine)
+            elif backend.startswith("ort-"):
+                rt = OrtRuntime(onnx_path, backend)
+            else:
+                if not has_weights:
+                    raise RuntimeUnavailable("no torch weights in the bundle")
+                rt = TorchRuntime.from_weights(weights_path, bf16=backend == "torch-bf16")
+        except (RuntimeUnavailable, ImportError, OSError) as e:
+            failures.append(f"{backend}: {e}")
+            continue
+        note = f" (skipped {'; '.join(failures)})" if failures else ""
+        log.info("neural runtime: %s - %s%s", backend, why, note)
+        return rt
+    raise RuntimeUnavailable("no runtime can run the generator: " + "; ".join(failures))
+
+
+class NeuralRenderer:
+    """Same interface as WarpRenderer: render(target_points) -> 256² RGB uint8."""
+
+    def __init__(self, identity, prefer: str = "auto"):
+        from ..warp import WarpRenderer
+
+        neural = identity.manifest.get("neural") or {}
+        if not isinstance(neural.get("model"), str) or neural["model"] not in identity.manifest["files"]:
+            raise RuntimeUnavailable(f"identity {identity.name!r} has no generator model listed in its bundle")
+        weights = neural.get("weights")
+        weights = identity.path / weights if isinstance(weights, str) and weights in identity.manifest["files"] else None
+        self.runtime = select_runtime(identity.path / neural["model"], weights, prefer)
+        self.warp = WarpRenderer(identity.reference, identity.neutral)
+        self._prev = None
+
+    def reset(self) -> None:
+        self._prev = None
+
+    def render(self, target: np.ndarray) -> np.ndarray:
+        from .model import contour_map, make_input, to_image
+
+        warped = self.warp.render(target)
+        cmap = contour_map(target)
+        y = self.runtime.run(make_input(warped, cmap, self._prev))
+        self._prev = cmap
+        return to_image(y)
