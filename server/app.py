@@ -79,7 +79,9 @@ def make_process_request(state: ServerState):
         if path == "/metrics":
             return _response(200, state.metrics.prometheus().encode(), "text/plain; version=0.0.4")
         if path == "/identities":
-            token = (parse_qs(url.query).get("token") or [None])[0]
+            # Prefer the Authorization header: query strings end up in logs.
+            auth = request.headers.get("Authorization", "")
+            token = auth[7:] if auth.startswith("Bearer ") else (parse_qs(url.query).get("token") or [None])[0]
             allow = state.auth.allowed(token)
             if allow is None:
                 return _text(401, "missing or invalid token\n")

@@ -74,6 +74,14 @@ class Connection:
                 if e.fatal:
                     await self.ws.close(1008, e.code)
                     return
+            except (ConnectionClosed, asyncio.CancelledError):
+                raise
+            except Exception:
+                # A bug or an engine failure: end this connection only, never the server.
+                log.exception("connection failed while handling a message")
+                await self._send_error("internal_error", "the server failed on this request")
+                await self.ws.close(1011, "internal_error")
+                return
 
     async def _handle(self, raw) -> None:
         if not self.limiter.allow():

@@ -47,6 +47,8 @@ async def test_static_health_metrics_identities(tmp_path, monkeypatch):
         assert (await http_get(srv.url, "/identities"))[0] == 401
         status, _, body = await http_get(srv.url, "/identities?token=tok")
         assert status == 200 and json.loads(body) == {"identities": ["demo"]}
+        status, _, body = await http_get(srv.url, "/identities", {"Authorization": "Bearer tok"})
+        assert status == 200 and json.loads(body) == {"identities": ["demo"]}
         assert (await http_get(srv.url, "/../../etc/passwd"))[0] == 404
         assert (await http_get(srv.url, "/nope"))[0] == 404
 
@@ -147,3 +149,22 @@ async def test_idle_session_ends(tmp_path, monkeypatch):
             await asyncio.wait_for(ws.wait_closed(), 5)
         await asyncio.sleep(0.2)
         assert srv.state.metrics.sessions_active == 0 and not srv.state.sessions
+
+
+async def test_internal_failure_ends_only_that_connection(tmp_path, monkeypatch):
+    from server.session import Session
+
+    async def broken(self):
+        raise RuntimeError("engine exploded")
+
+    monkeypatch.setattr(Session, "recalibrate", broken)
+    async with running_server(tmp_path, monkeypatch) as srv:
+        async with websockets.connect(srv.ws_url) as ws:
+            await ws.send(json.dumps({"v": 1, "type": "hello"}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), 20))["type"] == "session"
+            await ws.send(json.dumps({"v": 1, "type": "control", "recalibrate": True}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["code"] == "internal_error"
+            await asyncio.wait_for(ws.wait_closed(), 5)
+        assert (await http_get(srv.url, "/healthz"))[0] == 200
+        await asyncio.sleep(0.2)
+        assert srv.state.metrics.sessions_active == 0

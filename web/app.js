@@ -240,7 +240,7 @@ function showStats(s) {
 (function init() {
   const params = new URLSearchParams(location.search);
   if (params.get("token")) $("token").value = params.get("token");
-  fetch(`/identities${token() ? `?token=${encodeURIComponent(token())}` : ""}`)
+  fetch("/identities", { headers: token() ? { Authorization: `Bearer ${token()}` } : {} })
     .then((r) => (r.ok ? r.json() : null))
     .then((body) => { if (body) fillIdentities(body.identities, params.get("identity") || "demo"); })
     .catch(() => {});
