@@ -5,6 +5,7 @@ n+1 while frame n renders); process() runs them in order and times each.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ from .identity import Identity
 from .landmarks import FaceLandmarker
 from .retarget import RetargetControls, Retargeter
 from .warp import WarpRenderer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,7 +31,17 @@ class StageTimes:
 
 
 def make_renderer(identity: Identity):
-    """The identity's renderer. The neural engine is not built yet: warp serves all."""
+    """The identity's renderer: its trained generator for engine "neural", else the warp.
+
+    A neural bundle whose model cannot run here falls back to the warp (one log line)."""
+    if identity.engine == "neural":
+        from .neural.runtime import NeuralRenderer, RuntimeUnavailable
+
+        try:
+            return NeuralRenderer(identity)
+        except (RuntimeUnavailable, ImportError, OSError) as e:
+            log.warning("identity %r: neural engine unavailable (%s); rendering with the warp engine",
+                        identity.name, e)
     return WarpRenderer(identity.reference, identity.neutral)
 
 

@@ -20,6 +20,9 @@ EPILOG = """examples:
   avatar render drive.mp4 -o out.mp4 --side-by-side
   avatar identity create --image me.jpg --name me --consent "I, Jo Doe, agree to ..."
   avatar identity list
+  avatar enroll selfscan.mp4 --name me --consent "I, Jo Doe, agree to ..." --preset quick
+  avatar eval me                                 neural vs warp on the held-out frames
+  avatar bench engines
 
 Identities live in $AVATAR_HOME/identities (default ~/.local/share/avatar). The demo
 identity is created on first use from a public-domain NASA portrait."""
@@ -73,6 +76,52 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--timings", type=Path, default=None,
                         help="where to write the timing JSON (default: OUTPUT with .timings.json)")
     render.set_defaults(func=cmd_render)
+
+    enroll = sub.add_parser("enroll", help="train a neural identity from a self-scan video",
+                            description="Train a person's generator from a self-scan video (about "
+                            "30 s, turning the head, talking, blinking) and write a neural identity. "
+                            "The last 20%% of the frames are held out for evaluation. Progress is "
+                            "checkpointed; rerunning the same command resumes.")
+    enroll.add_argument("video", type=Path, help="the self-scan video of the consenting person")
+    enroll.add_argument("--name", required=True, help="identifier: lowercase letters, digits, - and _")
+    enroll.add_argument("--display-name", default=None, help="shown in the web client (default: the name)")
+    enroll.add_argument("--consent", required=True,
+                        help="the consent record: who agreed, to what (stored with the identity)")
+    enroll.add_argument("--subject", default=None, help="who is depicted (default: the display name)")
+    enroll.add_argument("--recorded-by", default=os.environ.get("USER", "operator"),
+                        help="who recorded the consent (default: $USER)")
+    enroll.add_argument("--scope", default="live-avatar,offline-render",
+                        help="comma-separated uses consented to (default: %(default)s)")
+    enroll.add_argument("--preset", choices=("quick", "default", "quality"), default="default",
+                        help="quick (<10 min), default (<60 min) or quality (default: %(default)s)")
+    enroll.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
+    enroll.add_argument("--max-frames", type=int, default=None, help="use only the first N frames")
+    enroll.add_argument("--overwrite", action="store_true", help="replace an existing identity of that name")
+    enroll.add_argument("--fresh", action="store_true", help="ignore an earlier checkpoint and start over")
+    enroll.add_argument("--no-bf16", action="store_true", help="train in float32 even if the CPU has bf16")
+    enroll.set_defaults(func=cmd_enroll)
+
+    ev = sub.add_parser("eval", help="compare a neural identity against the warp engine",
+                        description="PSNR, SSIM, L1, AKD, mouth/eye-openness correlation and flicker "
+                        "for the neural and warp engines on the same frames; JSON + HTML report.")
+    ev.add_argument("name", help="a neural identity")
+    ev.add_argument("--driving", type=Path, default=None,
+                    help="reenact this video instead of the held-out enrollment frames (no ground truth)")
+    ev.add_argument("--max-frames", type=int, default=None, help="evaluate at most N frames")
+    ev.add_argument("--backend", default="auto", help="generator runtime (default: auto)")
+    ev.add_argument("-o", "--output", type=Path, default=None,
+                    help="report path without suffix (default: ./eval-NAME); writes .json and .html")
+    ev.set_defaults(func=cmd_eval)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(title="benchmarks", metavar="WHAT")
+    be = bsub.add_parser("engines", help="median/p95 ms per pipeline stage and generator backend")
+    be.add_argument("--identity", default=DEFAULT_IDENTITY, help="identity (default: %(default)s)")
+    be.add_argument("--driving", type=Path, default=None, help="driver frames (default: the identity's reference)")
+    be.add_argument("-n", type=int, default=30, help="timed runs per stage (default: %(default)s)")
+    be.add_argument("--json", type=Path, default=None, help="also write the results here")
+    be.set_defaults(func=cmd_bench_engines)
+    bench.set_defaults(func=lambda a: bench.print_help() or 2)
 
     ident = sub.add_parser("identity", help="create, list, show or delete identities")
     isub = ident.add_subparsers(title="identity commands", metavar="ACTION")
@@ -138,6 +187,66 @@ def cmd_identity_create(args) -> int:
     Consent.from_dict(consent.__dict__)  # same checks as loading: an empty statement is refused
     identity = store(args).create_from_image(args.image, args.name, consent, args.display_name)
     print(f"created identity {identity.name!r} in {identity.path}")
+    return 0
+
+
+def _consent(args) -> Consent:
+    from datetime import datetime, timezone
+
+    consent = Consent(
+        statement=args.consent.strip(),
+        subject=args.subject or args.display_name or args.name,
+        recorded_by=args.recorded_by,
+        granted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        scope=[s.strip() for s in args.scope.split(",") if s.strip()],
+    )
+    Consent.from_dict(consent.__dict__)
+    return consent
+
+
+def cmd_enroll(args) -> int:
+    from engines.neural.enroll import enroll
+
+    consent = _consent(args)
+    identity, summary = enroll(store(args), args.video, args.name, consent, args.display_name,
+                               preset=args.preset, steps=args.steps, max_frames=args.max_frames,
+                               overwrite=args.overwrite, fresh=args.fresh,
+                               bf16=False if args.no_bf16 else None)
+    print(json.dumps(summary, indent=2))
+    print(f"enrolled neural identity {identity.name!r} in {identity.path}"
+          + (f" (evaluation: {identity.path / 'eval.html'})" if summary.get("eval") else ""))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from engines.neural.evaluate import evaluate_identity, write_report
+
+    if args.driving is not None and not args.driving.is_file():
+        raise IdentityError(f"{args.driving}: no such file")
+    identity = store(args).load(args.name)
+    report = evaluate_identity(identity, args.driving, args.max_frames, args.backend)
+    base = args.output or Path(f"eval-{identity.name}")
+    json_path, html_path = base.with_name(base.name + ".json"), base.with_name(base.name + ".html")
+    write_report(report, json_path, html_path, f"{identity.name}: neural vs warp")
+    print(json.dumps(report["summary"], indent=2))
+    print(f"report written to {json_path} and {html_path}")
+    return 0
+
+
+def cmd_bench_engines(args) -> int:
+    from engines.neural.bench import bench_engines, format_table
+
+    identity = store(args).load(args.identity)
+    if args.driving is not None:
+        from engines.neural.enroll import read_video
+        frames = list(read_video(args.driving, 60))
+    else:
+        frames = [identity.reference]
+    report = bench_engines(identity, frames, n=args.n)
+    print(format_table(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"written to {args.json}")
     return 0
 
 

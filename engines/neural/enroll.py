@@ -46,8 +46,8 @@ class Preset:
 
 
 PRESETS = {
-    "quick": Preset(steps=500, batch=4, lr=2e-3, max_minutes=7.0),
-    "default": Preset(steps=4000, batch=4, lr=1.5e-3, max_minutes=52.0),
+    "quick": Preset(steps=800, batch=4, lr=2e-3, max_minutes=7.0),
+    "default": Preset(steps=6000, batch=4, lr=1.5e-3, max_minutes=52.0),
     "quality": Preset(steps=12000, batch=6, lr=1e-3, max_minutes=180.0),
 }
 MODEL_CONFIG = {"width": 32, "deep": 96, "blocks": 4}
@@ -294,7 +294,7 @@ def train(builder: PairBuilder, preset: Preset, steps: int, ckpt: Path, key: str
             loss.backward()
             opt.step()
             step += 1
-            loss_avg = float(loss) if loss_avg is None else 0.95 * loss_avg + 0.05 * float(loss)
+            loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_avg:.4f}")
             if time.monotonic() - last_save > CHECKPOINT_SECONDS:

@@ -152,3 +152,86 @@ def write_report(report: dict, json_path: Path, html_path: Path, title: str) -> 
 
 def _fmt(v) -> str:
     return html.escape(f"{v:.4f}" if isinstance(v, float) else json.dumps(v))
+
+
+def evaluate_identity(identity, driving: Path | None = None, max_frames: int | None = None,
+                      backend: str = "auto", progress: bool = True) -> dict:
+    """Evaluate a neural identity: on its enrollment video's held-out frames (self-reenactment,
+    with ground truth), or reenacting another driving video (no ground truth)."""
+    from tqdm import tqdm
+
+    from ..identity import IdentityError, crop_matrix, crop_with_box
+    from ..retarget import Retargeter
+    from ..warp import WarpRenderer
+    from .enroll import read_video
+    from .model import contour_map, make_input, to_image
+    from .runtime import NeuralRenderer
+
+    if identity.engine != "neural":
+        raise IdentityError(f"identity {identity.name!r} uses the {identity.engine} engine; "
+                            "eval compares a neural identity against the warp")
+    neural_info = identity.manifest.get("neural") or {}
+    renderer = NeuralRenderer(identity, prefer=backend)
+    warp = WarpRenderer(identity.reference, identity.neutral)
+    warps, neurals, pts_list, truth, consecutive, drivers = [], [], [], [], [], []
+    if driving is None:
+        source = Path(identity.manifest.get("provenance", {}).get("source_path", ""))
+        span = neural_info.get("holdout_frames")
+        if not span:
+            raise IdentityError(f"identity {identity.name!r} has no held-out frames recorded; use --driving")
+        if not source.is_file():
+            raise IdentityError(f"the enrollment video {source} is gone; use --driving VIDEO")
+        x0, y0, side = neural_info["box"]
+        m = crop_matrix(x0, y0, side)
+        start, end = span
+        if max_frames:
+            end = min(end, start + max_frames - 1)
+        prev_i, prev_map = None, None
+        with FaceLandmarker(static=False) as lm:
+            for i, rgb in enumerate(tqdm(read_video(source, end + 1), desc="eval", unit="frame",
+                                         total=end + 1, disable=not progress)):
+                if i < start:
+                    continue
+                p = lm(rgb)
+                if p is None:
+                    prev_map = None
+                    continue
+                p = p.astype(np.float64)
+                p[:, :2] = p[:, :2] * m[0, 0] + m[:, 2]
+                p[:, 2] *= m[0, 0]
+                p = p.astype(np.float32)
+                w = warp.render(p)
+                cmap = contour_map(p)
+                y = renderer.runtime.run(make_input(w, cmap, prev_map if prev_i == i - 1 else None))
+                crop = crop_with_box(rgb, x0, y0, side)
+                consecutive.append(prev_i == i - 1)
+                warps.append(w), neurals.append(to_image(y)), pts_list.append(p)
+                truth.append(crop), drivers.append(crop)
+                prev_i, prev_map = i, cmap
+        kind = "self-reenactment, held-out frames of the enrollment video"
+    else:
+        retarget = Retargeter(identity.neutral)
+        last_ok = False
+        with FaceLandmarker(static=False) as lm:
+            for i, rgb in enumerate(tqdm(read_video(Path(driving), max_frames or 300), desc="eval",
+                                         unit="frame", disable=not progress)):
+                p = lm(rgb)
+                target = retarget.update(p, i / 30.0)
+                if p is None:
+                    renderer.reset()
+                    last_ok = False
+                    continue
+                consecutive.append(last_ok)
+                last_ok = True
+                warps.append(warp.render(target)), neurals.append(renderer.render(target))
+                pts_list.append(target), drivers.append(rgb)
+        truth = None
+        kind = f"cross-reenactment driven by {Path(driving).name} (no ground truth)"
+    if len(warps) < 2:
+        raise IdentityError("fewer than 2 frames with a face to evaluate")
+    report = evaluate_frames(warps, neurals, pts_list, truth, consecutive, drivers=drivers)
+    report["kind"] = kind
+    report["runtime"] = renderer.runtime.name
+    report["identity"] = identity.name
+    report["strip_png_base64"] = report.pop("strip")
+    return report

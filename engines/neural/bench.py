@@ -1,0 +1,112 @@
+"""Per-stage timings of the avatar pipeline: landmarks, retarget, warp, and the generator on
+every backend that runs here (torch fp32, torch bf16 autocast, ONNX Runtime, GPU ones)."""
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _time(fn, n: int, warmup: int = 3) -> dict:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return {"median_ms": round(float(np.median(ts)), 2), "p95_ms": round(float(np.percentile(ts, 95)), 2), "n": n}
+
+
+def machine_info() -> dict:
+    import cv2
+    import onnxruntime as ort
+    import torch
+
+    flags = ""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "opencv": cv2.__version__, "ort_providers": ort.get_available_providers(),
+            "torch_threads": torch.get_num_threads(), "avx512_bf16": "avx512_bf16" in flags,
+            "cuda": torch.cuda.is_available()}
+
+
+def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: bool = True) -> dict:
+    """Time each stage on real driver frames (or whatever frames are given) for an identity.
+    With a neural identity its trained generator is timed, else a randomly initialised one."""
+    import onnxruntime as ort
+    import torch
+
+    from ..landmarks import FaceLandmarker
+    from ..retarget import Retargeter
+    from ..warp import WarpRenderer
+    from .model import Generator, contour_map, export_onnx, make_input, param_count
+    from .runtime import ORT_PROVIDERS, OrtRuntime, TorchRuntime
+
+    stages: dict = {}
+    with FaceLandmarker(static=False) as lm:
+        it = iter(range(10 ** 9))
+        stages["landmarks"] = _time(lambda: lm(frames[next(it) % len(frames)]), n)
+        pts = [lm(f) for f in frames[: min(len(frames), 30)]]
+    pts = [p for p in pts if p is not None] or [identity.neutral]
+    rt = Retargeter(identity.neutral)
+    k = iter(range(10 ** 9))
+    stages["retarget"] = _time(lambda: rt.update(pts[(i := next(k)) % len(pts)], i / 30), n)
+    targets = [rt.update(p, 100 + i / 30) for i, p in enumerate(pts)]
+    warp = WarpRenderer(identity.reference, identity.neutral)
+    stages["warp"] = _time(lambda: warp.render(targets[next(k) % len(targets)]), n)
+    stages["contour_map"] = _time(lambda: contour_map(targets[next(k) % len(targets)]), n)
+    x = make_input(warp.render(targets[0]), contour_map(targets[0]), None)
+
+    neural = identity.manifest.get("neural") or {}
+    if identity.engine == "neural" and neural.get("weights"):
+        model = TorchRuntime.from_weights(identity.path / neural["weights"]).model
+        onnx_path, source = identity.path / neural["model"], "trained"
+    else:
+        from .enroll import MODEL_CONFIG
+        model = Generator(**MODEL_CONFIG).eval()
+        onnx_path, source = Path(tempfile.mkdtemp()) / "generator.onnx", "random init"
+        export_onnx(model, onnx_path)
+    gen = {}
+    gen["torch-fp32"] = _time(lambda: TorchRuntime(model).run(x), n)
+    gen["torch-bf16"] = _time(lambda: TorchRuntime(model, bf16=True).run(x), n)
+    for backend, provider in ORT_PROVIDERS.items():
+        if provider in ort.get_available_providers():
+            try:
+                r = OrtRuntime(onnx_path, backend)
+            except Exception as e:  # noqa: BLE001
+                gen[backend] = {"error": str(e)}
+                continue
+            gen[backend.replace("ort-cpu", "ort-fp32-cpu")] = _time(lambda: r.run(x), n)
+    for name, t in gen.items():
+        stages[f"generator[{name}]"] = t
+    return {"machine": machine_info(), "identity": identity.name, "engine": identity.engine,
+            "generator": {"source": source, "params": param_count(model), "input": list(x.shape)},
+            "stages": stages}
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'stage':<28}{'median ms':>10}{'p95 ms':>10}"]
+    for name, t in report["stages"].items():
+        if "error" in t:
+            lines.append(f"{name:<28}  error: {t['error']}")
+        else:
+            lines.append(f"{name:<28}{t['median_ms']:>10.2f}{t['p95_ms']:>10.2f}")
+    m = report["machine"]
+    lines.append(f"{m['cpu']}, {m['cores']} cores; torch {m['torch']}, onnxruntime {m['onnxruntime']}; "
+                 f"generator: {report['generator']['source']}, {report['generator']['params']:,} params")
+    return "\n".join(lines)

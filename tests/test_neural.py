@@ -1,0 +1,227 @@
+"""The neural engine: generator, ONNX parity, runtime choice, enrollment, eval, export_trt."""
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engines.identity import Consent, IdentityError, IdentityStore, sha256
+from engines.neural import runtime as rtm
+from engines.neural.model import Generator, contour_map, export_onnx, make_input, to_image
+from tests.conftest import shared_clip
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import export_trt  # noqa: E402
+
+CONSENT = Consent("test enrollment", "test subject", "pytest", "2026-01-01T00:00:00+00:00")
+
+
+def random_model(seed=0):
+    torch.manual_seed(seed)
+    m = Generator(width=16, deep=32, blocks=1)
+    torch.nn.init.normal_(m.head.weight, std=0.05)  # the head starts at zero: make it do something
+    return m.eval()
+
+
+def test_generator_shapes_and_identity_start():
+    m = Generator().eval()
+    x = torch.rand(2, 5, 256, 256) * 2 - 1
+    with torch.no_grad():
+        y = m(x)
+    assert y.shape == (2, 3, 256, 256)
+    assert torch.allclose(y, x[:, :3])  # zero-initialised head: untrained output is the warp
+    y = random_model()(x)
+    assert y.shape == (2, 3, 256, 256) and y.min() >= -1 and y.max() <= 1
+
+
+def test_contour_map_and_input(demo):
+    cmap = contour_map(demo.neutral)
+    assert cmap.shape == (256, 256) and cmap.dtype == np.float32
+    assert 0 <= cmap.min() and cmap.max() <= 1 and (cmap > 0.5).sum() > 500
+    x = make_input(demo.reference, cmap, None)
+    assert x.shape == (1, 5, 256, 256) and np.array_equal(x[0, 3], x[0, 4])
+    assert np.abs(to_image(x[:, :3]).astype(int) - demo.reference).max() <= 1
+
+
+def test_onnx_parity(tmp_path):
+    m = random_model()
+    path = tmp_path / "g.onnx"
+    export_onnx(m, path)
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 5, 256, 256)).astype(np.float32)
+    ort_out = rtm.OrtRuntime(path, "ort-cpu").run(x)
+    torch_out = rtm.TorchRuntime(m).run(x)
+    assert ort_out.shape == (1, 3, 256, 256)
+    assert np.abs(ort_out - torch_out).max() < 1e-3
+    assert np.abs(torch_out - x[:, :3]).max() > 1e-2  # the comparison is not trivially warp == warp
+
+
+def test_runtime_plan():
+    cpu = ["CPUExecutionProvider"]
+    assert [b for b, _ in rtm.plan("auto", cpu, None, True)] == ["ort-cpu", "torch"]
+    assert [b for b, _ in rtm.plan("auto", cpu, None, False)] == ["ort-cpu"]
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert [b for b, _ in rtm.plan("auto", gpu, Path("g.x.engine"), True)] == [
+        "tensorrt", "ort-trt", "ort-cuda", "ort-cpu", "torch"]
+    assert [b for b, _ in rtm.plan("ort-cuda", cpu, None, False)] == ["ort-cpu"]  # asked-for one missing
+    assert rtm.plan("torch-bf16", cpu, None, True)[0][0] == "torch-bf16"
+    with pytest.raises(ValueError):
+        rtm.plan("cuda-magic", cpu, None, True)
+
+
+def _weights(model, path):
+    torch.save({"model": model.state_dict(), "model_config": {"width": 16, "deep": 32, "blocks": 1}}, path)
+
+
+def test_runtime_fallback_and_log(tmp_path, caplog):
+    m = random_model()
+    onnx, weights = tmp_path / "g.onnx", tmp_path / "g.pt"
+    export_onnx(m, onnx)
+    _weights(m, weights)
+    with caplog.at_level(logging.INFO, logger="engines.neural.runtime"):
+        rt = rtm.select_runtime(onnx, weights)
+    assert rt.name == "ort-cpu"
+    lines = [r.getMessage() for r in caplog.records if r.name == "engines.neural.runtime"]
+    assert len(lines) == 1 and lines[0].startswith("neural runtime: ort-cpu")
+    onnx.write_bytes(b"not an onnx model")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="engines.neural.runtime"):
+        rt = rtm.select_runtime(onnx, weights)
+    assert rt.name == "torch"
+    lines = [r.getMessage() for r in caplog.records if r.name == "engines.neural.runtime"]
+    assert len(lines) == 1 and "skipped ort-cpu" in lines[0]
+    with pytest.raises(rtm.RuntimeUnavailable, match="no runtime"):
+        rtm.select_runtime(onnx, None)
+
+
+def test_make_renderer_falls_back_to_warp(store, tmp_path, caplog):
+    from engines.pipeline import make_renderer
+    from engines.warp import WarpRenderer
+
+    s = IdentityStore(tmp_path / "ids")
+    shutil.copytree(store.path("demo"), s.root / "broken")
+    folder = s.root / "broken"
+    (folder / "generator.onnx").write_bytes(b"garbage")
+    m = json.loads((folder / "manifest.json").read_text())
+    m.update(name="broken", engine="neural", neural={"model": "generator.onnx"})
+    m["files"]["generator.onnx"] = sha256(folder / "generator.onnx")
+    (folder / "manifest.json").write_text(json.dumps(m))
+    ident = s.load("broken")
+    with caplog.at_level(logging.WARNING):
+        r = make_renderer(ident)
+    assert isinstance(r, WarpRenderer)
+    assert any("rendering with the warp engine" in rec.getMessage() for rec in caplog.records)
+
+
+def test_enroll_bad_input(tmp_path, capsys):
+    from server.cli import main
+
+    home = tmp_path / "home"
+    args = ["--home", str(home), "enroll", "--name", "x", "--consent", "ok", "--steps", "1"]
+    assert main(args[:3] + [str(tmp_path / "missing.mp4")] + args[3:]) == 2
+    assert "missing.mp4: no such file" in capsys.readouterr().err
+    # A video of noise: decodable, but no face in it.
+    import av
+    path = tmp_path / "noface.mp4"
+    with av.open(str(path), "w") as c:
+        st = c.add_stream("mpeg4", rate=10)
+        st.width = st.height = 128
+        st.pix_fmt = "yuv420p"
+        rng = np.random.default_rng(0)
+        for _ in range(12):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (128, 128, 3), np.uint8), format="rgb24")
+            c.mux(st.encode(frame))
+        c.mux(st.encode())
+    assert main(args[:3] + [str(path)] + args[3:]) == 2
+    assert "a face was found in only 0 of 12 frames" in capsys.readouterr().err
+    not_video = tmp_path / "x.mp4"
+    not_video.write_text("hello")
+    assert main(args[:3] + [str(not_video)] + args[3:]) == 2
+    assert "not a readable video" in capsys.readouterr().err
+    assert main(args[:3] + [str(path), "--name", "Bad Name", "--consent", "ok"]) == 2
+    assert "invalid identity name" in capsys.readouterr().err
+
+
+def test_export_trt_naming_and_missing_tensorrt(tmp_path, monkeypatch, capsys):
+    assert export_trt.sanitize("NVIDIA GeForce RTX 3090") == "nvidia-geforce-rtx-3090"
+    p = export_trt.engine_path(Path("/b/generator.onnx"), "NVIDIA GeForce RTX 3090", (8, 6))
+    assert p == Path("/b/generator.nvidia-geforce-rtx-3090.sm86.engine")
+    assert rtm.sanitize("NVIDIA GeForce RTX 3090") == export_trt.sanitize("NVIDIA GeForce RTX 3090")
+    args = export_trt.build_parser().parse_args(["m.onnx", "--workspace-mb", "512", "--no-fp16"])
+    assert args.workspace_mb == 512 and args.no_fp16 and args.onnx == Path("m.onnx")
+    onnx = tmp_path / "generator.onnx"
+    onnx.write_bytes(b"x")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+    assert export_trt.main([str(onnx)]) == 2
+    err = capsys.readouterr().err
+    assert "`tensorrt` Python package is not installed" in err
+    assert export_trt.main([str(tmp_path / "nope.onnx")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.engine"))
+
+
+# ----------------------------------------------------------------------------- real clips
+
+@pytest.fixture(scope="module")
+def enrolled(tmp_path_factory):
+    """A tiny enrollment from the first 150 frames of selfscan_a: 6 steps, then resumed to 12."""
+    from engines.neural.enroll import enroll
+
+    clip = shared_clip("selfscan_a.mp4")
+    s = IdentityStore(tmp_path_factory.mktemp("nhome") / "identities")
+    first = enroll(s, clip, "scan", CONSENT, steps=6, max_frames=150, progress=False)[1]
+    ident, second = enroll(s, clip, "scan", CONSENT, steps=12, max_frames=150, progress=False)
+    return s, first, second
+
+
+@pytest.mark.slow
+def test_enrollment_smoke_bundle(enrolled):
+    from engines.pipeline import make_renderer
+    from engines.neural.runtime import NeuralRenderer
+
+    s, first, second = enrolled
+    ident = s.load("scan")
+    assert ident.engine == "neural"
+    for f in ("generator.onnx", "generator.pt", "reference.png", "neutral.npy", "eval.json"):
+        assert f in ident.manifest["files"]
+    assert ident.manifest["neural"]["holdout_frames"][0] >= 115  # last 20% of 150 frames held out
+    assert ident.manifest["neural"]["train_frames"][1] < ident.manifest["neural"]["holdout_frames"][0]
+    report = json.loads((ident.path / "eval.json").read_text())
+    assert report["frames"] >= 25 and "psnr" in report["neural"] and "psnr" in report["warp"]
+    r = make_renderer(ident)
+    assert isinstance(r, NeuralRenderer)
+    out = r.render(ident.neutral)
+    assert out.shape == (256, 256, 3) and out.dtype == np.uint8
+
+
+@pytest.mark.slow
+def test_enrollment_resumes(enrolled):
+    s, first, second = enrolled
+    assert first["start_step"] == 0 and first["steps"] == 6
+    assert second["start_step"] == 6 and second["steps"] == 12
+    assert s.load("scan").manifest["neural"]["steps"] == 12
+
+
+@pytest.mark.slow
+def test_eval_and_bench_cli(enrolled, tmp_path, capsys):
+    from server.cli import main
+
+    s, _, _ = enrolled
+    home = str(s.root.parent)
+    out = tmp_path / "rep"
+    assert main(["--home", home, "eval", "scan", "--max-frames", "8", "-o", str(out)]) == 0
+    report = json.loads((tmp_path / "rep.json").read_text())
+    assert report["frames"] >= 5 and report["neural"]["psnr"] > 10
+    html = (tmp_path / "rep.html").read_text()
+    assert html.count("data:image/png;base64,") >= 2
+    assert main(["--home", home, "bench", "engines", "--identity", "scan", "-n", "3",
+                 "--json", str(tmp_path / "b.json")]) == 0
+    bench = json.loads((tmp_path / "b.json").read_text())
+    for stage in ("landmarks", "retarget", "warp", "generator[torch-fp32]", "generator[torch-bf16]",
+                  "generator[ort-fp32-cpu]"):
+        assert bench["stages"][stage]["median_ms"] > 0
+    assert main(["--home", home, "eval", "scan", "--driving", str(tmp_path / "none.mp4")]) == 2
