@@ -125,6 +125,8 @@ async def start_server(config: ServerConfig | None = None):
         # it can answer with a "too_large" error instead of just dropping the connection.
         max_size=4 * config.max_message, max_queue=16,
         server_header="avatar-server", ping_interval=20, ping_timeout=20,
+        # A flooding client may never read our close frame; do not wait long for it.
+        close_timeout=2,
     )
     port = server.sockets[0].getsockname()[1]
     host = config.host if ":" not in config.host else f"[{config.host}]"

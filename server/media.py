@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 import time
+from dataclasses import dataclass
 
 import av
 import numpy as np
@@ -91,51 +92,68 @@ def input_size(width: int, height: int) -> tuple[int, int] | None:
     return w, h
 
 
+@dataclass
+class Detected:
+    """A camera frame after the first stage: its landmarks and timings so far."""
+    pts: int
+    time_base: fractions.Fraction
+    size: tuple[int, int]  # the camera's resolution
+    recv_time: float
+    points: np.ndarray | None
+    convert_ms: float
+    landmarks_ms: float
+
+
 class FrameProcessor:
-    """Runs in the session's single compute thread: the pipeline is not thread-safe,
-    and every call on it (frames, controls, identity) goes through this one thread."""
+    """The two compute stages of a frame. Each stage runs on its own single thread:
+
+      detect() on the landmarks thread: camera frame -> RGB -> landmarks
+      finish() on the render thread:    landmarks -> retarget -> render -> output frame
+
+    so landmarks of frame n+1 overlap the render of frame n. The pipeline is not
+    thread-safe, but the stages touch disjoint parts of it (landmarker vs retargeter and
+    renderer), and every other call on it goes to the thread that owns that part."""
 
     def __init__(self, pipeline: AvatarPipeline):
         self.pipeline = pipeline
         self.source_size: tuple[int, int] | None = None
         self.t0 = time.monotonic()
 
-    def process(self, frame: av.VideoFrame, recv_time: float) -> tuple[av.VideoFrame, FrameRecord] | None:
-        start = time.time()
+    def detect(self, frame: av.VideoFrame, recv_time: float) -> Detected | None:
         size = input_size(frame.width, frame.height)
         if size is None:
             return None
-        if (frame.width, frame.height) != self.source_size:
-            # New camera resolution: the neutral pose was measured in other pixels.
-            if self.source_size is not None:
-                self.pipeline.recalibrate()
-            self.source_size = (frame.width, frame.height)
         t0 = time.perf_counter()
         rgb = frame.reformat(width=size[0], height=size[1], format="rgb24").to_ndarray()
         t1 = time.perf_counter()
         points = self.pipeline.detect(rgb)
         t2 = time.perf_counter()
-        target = self.pipeline.retarget(points, time.monotonic() - self.t0)
-        t3 = time.perf_counter()
+        pts = frame.pts if frame.pts is not None else int(recv_time * 90000)
+        return Detected(pts, frame.time_base or VIDEO_TIME_BASE, (frame.width, frame.height),
+                        recv_time, points, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+
+    def finish(self, d: Detected) -> tuple[av.VideoFrame, FrameRecord]:
+        if d.size != self.source_size:
+            # New camera resolution: the neutral pose was measured in other pixels.
+            if self.source_size is not None:
+                self.pipeline.recalibrate()
+            self.source_size = d.size
+        t0 = time.perf_counter()
+        target = self.pipeline.retarget(d.points, time.monotonic() - self.t0)
+        t1 = time.perf_counter()
         out = self.pipeline.render(target)
-        t4 = time.perf_counter()
+        t2 = time.perf_counter()
         video = av.VideoFrame.from_ndarray(np.ascontiguousarray(out), format="rgb24")
         # Keep the input's timestamp so each output frame names the camera frame it shows.
-        video.pts = frame.pts if frame.pts is not None else int(recv_time * 90000)
-        video.time_base = frame.time_base or VIDEO_TIME_BASE
-        t5 = time.perf_counter()
+        video.pts, video.time_base = d.pts, d.time_base
+        t3 = time.perf_counter()
         done = time.time()
-        rec = FrameRecord(
-            in_pts=int(video.pts), recv_time=recv_time, done_time=done, face=points is not None,
-            stages={
-                "queue": (start - recv_time) * 1e3,
-                "convert": ((t1 - t0) + (t5 - t4)) * 1e3,
-                "landmarks": (t2 - t1) * 1e3,
-                "retarget": (t3 - t2) * 1e3,
-                "render": (t4 - t3) * 1e3,
-                "total": (done - recv_time) * 1e3,
-            })
-        return video, rec
+        stages = {"convert": d.convert_ms + (t3 - t2) * 1e3, "landmarks": d.landmarks_ms,
+                  "retarget": (t1 - t0) * 1e3, "render": (t2 - t1) * 1e3,
+                  "total": (done - d.recv_time) * 1e3}
+        # Whatever is not compute was waiting: for a thread, or for the previous frame.
+        stages["queue"] = max(0.0, stages["total"] - sum(v for k, v in stages.items() if k != "total"))
+        return video, FrameRecord(d.pts, d.recv_time, done, d.points is not None, stages)
 
 
 async def drain(track: MediaStreamTrack) -> None:

@@ -29,8 +29,10 @@ class Session:
         self.state = state
         self.id = secrets.token_hex(8)
         self.identity_name = identity_name
-        # One compute thread: the pipeline is not thread-safe, so all calls are serialized.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"avatar-{self.id}")
+        # Two single-thread stages (see FrameProcessor): landmarks, then retarget + render.
+        # Each part of the pipeline is only ever used from its own thread.
+        self.detect_ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"avatar-{self.id}-lm")
+        self.render_ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"avatar-{self.id}-render")
         self.pipeline: AvatarPipeline | None = None
         self.processor: FrameProcessor | None = None
         self.pc: RTCPeerConnection | None = None
@@ -47,9 +49,8 @@ class Session:
 
     # ---- setup -------------------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        identity = await loop.run_in_executor(self.executor, self.state.store.load, self.identity_name)
-        self.pipeline = await loop.run_in_executor(self.executor, AvatarPipeline, identity)
+        identity = await self._run(self.render_ex, self.state.store.load, self.identity_name)
+        self.pipeline = await self._run(self.render_ex, AvatarPipeline, identity)
         self.processor = FrameProcessor(self.pipeline)
         self._spawn(self._watchdog())
 
@@ -101,18 +102,19 @@ class Session:
             head_gain=changes.get("head_gain", current.head_gain),
             freeze_head=changes.get("freeze_head", current.freeze_head),
         ).validated()
-        await self._run(self.pipeline.set_controls, controls)
+        await self._run(self.render_ex, self.pipeline.set_controls, controls)
 
     async def set_identity(self, name: str) -> None:
-        identity = await self._run(self.state.store.load, name)
-        await self._run(self.pipeline.set_identity, identity)
+        identity = await self._run(None, self.state.store.load, name)  # file I/O: off the stages
+        await self._run(self.render_ex, self.pipeline.set_identity, identity)
         self.identity_name = name
 
     async def recalibrate(self) -> None:
-        await self._run(self.pipeline.recalibrate)
+        await self._run(self.render_ex, self.pipeline.recalibrate)
 
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    @staticmethod
+    async def _run(executor, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
     # ---- media tasks -------------------------------------------------------------------
     async def _receive(self, track) -> None:
@@ -130,23 +132,45 @@ class Session:
             self._end("camera track ended")
 
     async def _process(self) -> None:
-        while True:
-            frame, recv_time = await self.latest.get()
-            if self.paused:
-                continue
-            try:
-                result = await self._run(self.processor.process, frame, recv_time)
-            except Exception:
-                # A frame the engines cannot handle must not end the session.
-                log.exception("session %s: frame failed", self.id)
-                result = None
-            if result is None:
-                self.stats.rejected += 1
-                continue
-            video, rec = result
-            self.out_track.push(video)
-            self.stats.add(rec)
-            self.state.metrics.frame(rec)
+        """Two-stage pipeline: while frame n renders, frame n+1 gets its landmarks."""
+        rendering: asyncio.Future | None = None
+        try:
+            while True:
+                frame, recv_time = await self.latest.get()
+                if self.paused:
+                    continue
+                detected = await self._stage(self.detect_ex, self.processor.detect, frame, recv_time)
+                if rendering is not None:
+                    await rendering  # frame n goes out before frame n+1 starts rendering
+                    rendering = None
+                if detected is None:
+                    self.stats.rejected += 1
+                    continue
+                rendering = asyncio.ensure_future(self._render(detected))
+        finally:
+            if rendering is not None:
+                rendering.cancel()
+
+    async def _render(self, detected) -> None:
+        # Sends its frame as soon as it is ready, not when the next camera frame arrives.
+        self._emit(await self._stage(self.render_ex, self.processor.finish, detected))
+
+    async def _stage(self, executor, fn, *args):
+        try:
+            return await self._run(executor, fn, *args)
+        except Exception:
+            # A frame the engines cannot handle must not end the session.
+            log.exception("session %s: frame failed", self.id)
+            return None
+
+    def _emit(self, result) -> None:
+        if result is None:
+            self.stats.rejected += 1
+            return
+        video, rec = result
+        self.out_track.push(video)
+        self.stats.add(rec)
+        self.state.metrics.frame(rec)
 
     async def _send_stats(self) -> None:
         while True:
@@ -199,10 +223,13 @@ class Session:
             except Exception:
                 log.exception("session %s: closing the peer connection failed", self.id)
         if self.pipeline is not None:
-            # After any in-flight frame, on the thread that owns the pipeline.
+            # After any in-flight frame, on the thread that owns the landmarker; the render
+            # thread is drained first so nothing touches the pipeline afterwards.
             try:
-                await self._run(self.pipeline.close)
+                await self._run(self.render_ex, lambda: None)
+                await self._run(self.detect_ex, self.pipeline.close)
             except Exception:
                 log.exception("session %s: closing the pipeline failed", self.id)
-        self.executor.shutdown(wait=False)
+        self.detect_ex.shutdown(wait=False)
+        self.render_ex.shutdown(wait=False)
         self.pipeline = self.processor = self.pc = self.stats_channel = None
