@@ -170,3 +170,25 @@ async def test_connect_disconnect_cycles_leak_nothing(tmp_path, monkeypatch, dri
         assert _live_peer_connections() <= pcs_before
         assert not srv.state.sessions
         assert srv.state.metrics.sessions_total == 21
+
+
+async def test_odd_and_changing_camera_sizes_keep_streaming(tmp_path, monkeypatch, driver_frames):
+    import cv2
+
+    odd = [cv2.resize(f, (301, 233)) for f in driver_frames[:20]]
+    tiny = [np.zeros((8, 8, 3), np.uint8)] * 5  # too small to track: skipped, not fatal
+    frames = driver_frames[:20] + odd + tiny + driver_frames[20:40]
+    async with running_server(tmp_path, monkeypatch) as srv:
+        client = await Client(srv.ws_url).connect()
+        assert (await client.hello())["type"] == "session"
+        client.keep_frames = False
+        track = ClipTrack(frames)
+        await client.start_media(track)
+        await wait_for(lambda: track.readyState == "ended", 20, "the frames to play")
+        await asyncio.sleep(0.5)
+        got = {pts for pts, _ in client.received}
+        after = [pts for pts, i in track.sent.items() if i >= 45]  # the last 512x512 part
+        assert any(abs(p - q) <= 90 for p in after for q in got), "no output after the size changes"
+        session = next(iter(srv.state.sessions.values()))
+        assert session.stats.rejected >= 1 and session.processor.source_size == (512, 512)
+        await client.close()
