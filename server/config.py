@@ -6,8 +6,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engines.identity import IdentityStore, default_home
-from .security import ConfigError, TokenAuth, parse_tokens_env, parse_tokens_json
+from engines.identity import DEFAULT_IDENTITY, IdentityStore, default_home
+from .security import (ConfigError, TokenAuth, identity_allowed, parse_tokens_env,
+                       parse_tokens_json)
 from .telemetry import Metrics
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -97,7 +98,5 @@ class ServerState:
         self.sessions: dict = {}  # id -> Session
 
     def visible_identities(self, allow) -> list[str]:
-        from engines.identity import DEFAULT_IDENTITY
-        from .security import identity_allowed
         names = set(self.store.names()) | {DEFAULT_IDENTITY}
         return sorted(n for n in names if identity_allowed(allow, n))

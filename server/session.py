@@ -41,6 +41,7 @@ class Session:
         self.stats_channel = None
         self.latest = LatestFrame()
         self.paused = False
+        self.have_video = False  # the first video track is the camera; others are drained
         self.tasks: set[asyncio.Task] = set()
         self.ended = asyncio.Event()
         self.end_reason = ""
@@ -77,8 +78,8 @@ class Session:
         return pc.localDescription.sdp
 
     def _on_track(self, track) -> None:
-        if track.kind == "video" and not getattr(self, "_have_video", False):
-            self._have_video = True
+        if track.kind == "video" and not self.have_video:
+            self.have_video = True
             self._spawn(self._receive(track))
             self._spawn(self._process())
         else:

@@ -5,7 +5,6 @@ import argparse
 import asyncio
 import json
 
-import numpy as np
 import pytest
 import websockets
 
