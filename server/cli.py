@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("aioice", "aiortc"):  # per-candidate ICE logs drown what matters
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -121,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("-n", type=int, default=30, help="timed runs per stage (default: %(default)s)")
     be.add_argument("--json", type=Path, default=None, help="also write the results here")
     be.set_defaults(func=cmd_bench_engines)
+    live = bsub.add_parser("live", help="glass-to-glass latency of a live server under load",
+                           description="Headless WebRTC clients stream a clip at camera rate to a "
+                           "server and match every avatar frame to the camera frame it shows. Prints "
+                           "a table; writes JSON, an HTML report with plots, and a PNG.")
+    from server import bench_live
+    bench_live.add_arguments(live)
+    live.set_defaults(func=cmd_bench_live)
     bench.set_defaults(func=lambda a: bench.print_help() or 2)
 
     ident = sub.add_parser("identity", help="create, list, show or delete identities")
@@ -202,6 +211,11 @@ def _consent(args) -> Consent:
     )
     Consent.from_dict(consent.__dict__)
     return consent
+
+
+def cmd_bench_live(args) -> int:
+    from server import bench_live
+    return bench_live.run(args)
 
 
 def cmd_enroll(args) -> int:

@@ -36,6 +36,7 @@ class SessionStats:
         self.frames = 0
         self.dropped = 0  # stale input frames replaced by newer ones before compute
         self.rejected = 0  # frames too small or otherwise unusable
+        self._reported = 0  # frames already listed in a summary's "frames"
 
     def add(self, rec: FrameRecord) -> None:
         self.records.append(rec)
@@ -47,6 +48,8 @@ class SessionStats:
         stages = {s: dict(zip(("p50", "p95"), _quantiles([r.stages.get(s, 0.0) for r in self.records])))
                   for s in STAGES}
         last = self.records[-1] if self.records else None
+        new = min(self.frames - self._reported, len(self.records))
+        self._reported = self.frames
         return {
             "fps": len(recent),
             "frames": self.frames,
@@ -56,6 +59,10 @@ class SessionStats:
             "stages_ms": stages,
             "latency_ms": dict(stages["total"]),  # receive -> output, server side
             "last": {"in_pts": last.in_pts, "recv_time": last.recv_time} if last else None,
+            # Every output frame since the last summary: lets a client match each avatar
+            # frame to its camera frame whatever RTP timestamp origin the sender picked.
+            "recent": [[r.in_pts, round(r.recv_time, 4), round(r.done_time, 4)]
+                       for r in list(self.records)[len(self.records) - new:]],
         }
 
 

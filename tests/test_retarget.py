@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 
-from conftest import shared_clip  # noqa: F401  (fixtures skip without the clips)
 from engines import geometry
 from engines.landmarks import FACE_LEFT, FACE_RIGHT, inter_ocular, mouth_openness
 from engines.retarget import OneEuroFilter, RetargetControls, Retargeter

@@ -41,7 +41,7 @@ async def test_avatar_follows_driver_mouth(tmp_path, monkeypatch):
     # Each avatar frame carries its driver frame's pts (RTP rounding: a tick or two).
     sent = np.array(sorted(track.sent))
     pairs = []
-    for pts, rgb in received:
+    for pts, _, rgb in received:
         k = int(np.argmin(np.abs(sent - pts)))
         if abs(int(sent[k]) - pts) <= 90:
             pairs.append((track.sent[int(sent[k])], rgb))

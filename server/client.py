@@ -1,0 +1,187 @@
+"""A headless avatar client: signaling + WebRTC, as a browser would be.
+
+Used by `avatar bench live` and by the tests. It sends a clip as its camera and records,
+for every frame, when it was sent and when its avatar frame came back.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import json
+import sys
+import time
+
+import av
+import numpy as np
+import websockets
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc.mediastreams import MediaStreamError
+
+TIME_BASE = fractions.Fraction(1, 90000)
+RTP_WRAP = 2 ** 32
+
+
+class ClientError(RuntimeError):
+    """The server could not be reached or refused the session."""
+
+
+class ClipTrack(VideoStreamTrack):
+    """Plays RGB frames at `fps` in real time, pts = index * 90000 / fps; loops if asked.
+
+    sent_at[pts] is the wall-clock time the frame was handed to the encoder: the
+    'glass' end of glass-to-glass latency."""
+
+    def __init__(self, frames: list[np.ndarray], fps: float = 30.0, loop: bool = False):
+        super().__init__()
+        self.frames, self.fps, self.loop = frames, fps, loop
+        self.index = 0
+        self.start = None
+        self.sent: dict[int, int] = {}  # pts -> frame index
+        self.sent_at: dict[int, float] = {}  # pts -> time.time()
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self.start is None:
+            self.start = time.monotonic()
+        if self.index >= len(self.frames) and not self.loop:
+            self.stop()
+            raise MediaStreamError
+        due = self.start + self.index / self.fps
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        i = self.index % len(self.frames)
+        frame = av.VideoFrame.from_ndarray(self.frames[i], format="rgb24")
+        frame.pts = int(round(self.index * 90000 / self.fps))
+        frame.time_base = TIME_BASE
+        self.sent[frame.pts] = i
+        self.sent_at[frame.pts] = time.time()
+        self.index += 1
+        return frame
+
+
+@contextlib.contextmanager
+def zero_rtp_timestamp_origin():
+    """aiortc adds a random 32-bit origin to each sender's RTP timestamps. Pinning it to 0
+    in this process makes the pts the server receives equal the pts this client sent."""
+    import aiortc.rtcrtpsender as sender
+    real = sender.random32
+
+    def random32():
+        if sys._getframe(1).f_code.co_name == "_run_rtp":
+            return 0
+        return real()
+
+    sender.random32 = random32
+    try:
+        yield
+    finally:
+        sender.random32 = real
+
+
+class AvatarClient:
+    def __init__(self, ws_url: str, keep_frames: bool = False):
+        self.ws_url = ws_url
+        self.ws = None
+        self.pc: RTCPeerConnection | None = None
+        self.keep_frames = keep_frames
+        self.received: list[tuple[int, float, np.ndarray | None]] = []  # (rtp pts, time.time(), rgb)
+        self.stats: list[dict] = []
+        self.tasks: list[asyncio.Task] = []
+
+    async def connect(self, **headers) -> "AvatarClient":
+        try:
+            self.ws = await asyncio.wait_for(websockets.connect(
+                self.ws_url, additional_headers=headers or None, max_size=2 ** 20), 10)
+        except (OSError, asyncio.TimeoutError, websockets.exceptions.InvalidHandshake,
+                websockets.exceptions.InvalidURI) as e:
+            raise ClientError(f"cannot reach the avatar server at {self.ws_url}: {e or type(e).__name__}")
+        return self
+
+    async def send(self, msg) -> None:
+        await self.ws.send(msg if isinstance(msg, (str, bytes)) else json.dumps(msg))
+
+    async def recv(self, timeout: float = 20.0) -> dict:
+        return json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+
+    async def request(self, msg, timeout: float = 20.0) -> dict:
+        await self.send(msg)
+        return await self.recv(timeout)
+
+    async def hello(self, token=None, identity="demo") -> dict:
+        msg = {"v": 1, "type": "hello", "identity": identity}
+        if token is not None:
+            msg["token"] = token
+        return await self.request(msg)
+
+    async def start_session(self, track, token=None, identity="demo") -> dict:
+        """hello + offer/answer; raises ClientError with the server's error message."""
+        reply = await self.hello(token, identity)
+        if reply.get("type") != "session":
+            raise ClientError(f"server refused the session: {reply.get('code')}: {reply.get('message')}")
+        answer = await self.start_media(track)
+        if answer.get("type") != "answer":
+            raise ClientError(f"server refused the offer: {answer.get('code')}: {answer.get('message')}")
+        return reply
+
+    async def start_media(self, track) -> dict:
+        """Offer the camera track + a 'stats' data channel; apply the answer."""
+        self.pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTrack(track)
+        channel = pc.createDataChannel("stats")
+        channel.on("message", lambda m: self.stats.append(json.loads(m)))
+        pc.on("track", lambda t: self.tasks.append(asyncio.ensure_future(self._collect(t))))
+        await pc.setLocalDescription(await pc.createOffer())
+        reply = await self.request({"v": 1, "type": "offer", "sdp": pc.localDescription.sdp})
+        if reply.get("type") == "answer":
+            await pc.setRemoteDescription(RTCSessionDescription(reply["sdp"], "answer"))
+        return reply
+
+    async def _collect(self, track) -> None:
+        try:
+            while True:
+                frame = await track.recv()
+                rgb = frame.to_ndarray(format="rgb24") if self.keep_frames else None
+                self.received.append((frame.pts, time.time(), rgb))
+        except MediaStreamError:
+            pass
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.pc is not None:
+            await self.pc.close()
+        if self.ws is not None:
+            await self.ws.close()
+
+    def server_frames(self) -> list[tuple[int, float, float]]:
+        """(in_pts, server receive time, server done time) of every output frame the
+        server reported in its stats, oldest first."""
+        seen, out = set(), []
+        for s in self.stats:
+            for pts, recv_t, done_t in s.get("recent", []):
+                if pts not in seen:
+                    seen.add(pts)
+                    out.append((pts, recv_t, done_t))
+        return out
+
+    def matched(self) -> list[tuple[int, float]]:
+        """(sent pts, receive time) for avatar frames matched to the camera frame they show.
+
+        The server keeps each input frame's pts on its output, but its RTP sender adds a
+        random origin. The k-th frame received is the k-th the server reported, give or
+        take a frame lost at the start: try those pairings, keep the offset that matches most.
+        """
+        reported = [p for p, _, _ in self.server_frames()]
+        if not reported or not self.received:
+            return []
+        known = set(reported)
+        best: list[tuple[int, float]] = []
+        for k in range(min(5, len(reported), len(self.received))):
+            offset = (self.received[k][0] - reported[k]) % RTP_WRAP
+            pairs = [((pts - offset) % RTP_WRAP, t) for pts, t, _ in self.received]
+            pairs = [(p, t) for p, t in pairs if p in known]
+            if len(pairs) > len(best):
+                best = pairs
+        return best

@@ -1,0 +1,47 @@
+"""`avatar bench live` measures a real server end to end."""
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+
+def bench(*args, home, timeout=240):
+    return subprocess.run([sys.executable, "-m", "server.cli", "--home", str(home), "bench", "live", *args],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**__import__("os").environ, "AVATAR_HOME": str(home)})
+
+
+@pytest.mark.slow
+def test_short_run_against_a_local_server(tmp_path, store):
+    out = tmp_path / "report"
+    result = bench("--duration", "6", "--warmup", "2", "--out", str(out), home=store.root.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "glass-to-glass" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    run = report["runs"]["identity=demo"]
+    g = run["glass_to_glass_ms"]
+    assert 0 < g["p50"] <= g["p95"] <= g["p99"] <= g["max"] < 5000
+    assert run["sent"] > 100 and run["matched_ratio"] >= 0.9, run
+    assert run["fps_per_session"] > 10
+    assert run["server_stages_p50_ms"]["landmarks"] > 0
+    assert report["machine"]["cores"] >= 1
+    html = (out / "report.html").read_text()
+    assert html.startswith("<!doctype html>") and "data:image/png;base64," in html
+    assert (out / "latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_server_down_is_a_clear_error(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = bench("--url", f"http://127.0.0.1:{port}/", "--duration", "1", home=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert "no avatar server answers" in result.stderr
+
+
+def test_wrong_url_is_a_clear_error(tmp_path):
+    result = bench("--url", "ftp://example.invalid/", "--duration", "1", home=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert "error:" in result.stderr
