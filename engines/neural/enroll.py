@@ -43,12 +43,13 @@ class Preset:
     batch: int
     lr: float
     max_minutes: float  # wall-clock cap on training, so a preset keeps its time promise
+    crop: int = 160  # train on random crops (the net is fully convolutional): ~2.5x more samples/s
 
 
 PRESETS = {
-    "quick": Preset(steps=800, batch=4, lr=2e-3, max_minutes=7.0),
-    "default": Preset(steps=6000, batch=4, lr=1.5e-3, max_minutes=52.0),
-    "quality": Preset(steps=12000, batch=6, lr=1e-3, max_minutes=180.0),
+    "quick": Preset(steps=800, batch=6, lr=2e-3, max_minutes=7.0),
+    "default": Preset(steps=6000, batch=6, lr=1.5e-3, max_minutes=52.0),
+    "quality": Preset(steps=12000, batch=6, lr=1e-3, max_minutes=180.0, crop=256),
 }
 MODEL_CONFIG = {"width": 32, "deep": 96, "blocks": 4}
 
@@ -287,6 +288,10 @@ def train(builder: PairBuilder, preset: Preset, steps: int, ckpt: Path, key: str
             x = torch.from_numpy(builder.inputs(idx))
             y = torch.from_numpy(builder.targets(idx))
             w = torch.from_numpy(builder.weights[idx][:, None].astype(np.float32))
+            if preset.crop < RENDER_SIZE:  # offsets on the 8-pixel grid of the net's downsampling
+                c = preset.crop
+                oy, ox = rng.integers(0, (RENDER_SIZE - c) // 8 + 1, 2) * 8
+                x, y, w = (t[..., oy:oy + c, ox:ox + c] for t in (x, y, w))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 pred = model(x)
             loss = enrollment_loss(pred.float(), y, w)
