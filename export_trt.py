@@ -73,8 +73,9 @@ def build(onnx: Path, out: Path, cache_path: Path, workspace_mb: int, fp16: bool
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     if fp16:
-        if not builder.platform_has_fast_fp16:
-            print("warning: this GPU has no fast FP16; building anyway", file=sys.stderr)
+        if not hasattr(trt.BuilderFlag, "FP16"):  # removed in TensorRT 11 (strong typing instead)
+            raise RuntimeError(f"TensorRT {trt.__version__} has no BuilderFlag.FP16; this script targets "
+                               "TensorRT 10 (pip install 'tensorrt>=10,<11'), or pass --no-fp16")
         config.set_flag(trt.BuilderFlag.FP16)
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
