@@ -117,6 +117,8 @@ class IdentityStore:
         if not (folder / "manifest.json").is_file():
             raise IdentityError(f"no identity named {name!r}")
         shutil.rmtree(folder)
+        # An enrollment's training checkpoint (engines/neural/enroll.py) goes with its identity.
+        shutil.rmtree(self.root / f".{name}.enroll", ignore_errors=True)
 
     def create_from_image(self, image_path: str | os.PathLike, name: str, consent: Consent,
                           display_name: str | None = None, overwrite: bool = False) -> Identity:

@@ -204,6 +204,7 @@ def test_enrollment_resumes(enrolled):
     assert first["start_step"] == 0 and first["steps"] == 6
     assert second["start_step"] == 6 and second["steps"] == 12
     assert s.load("scan").manifest["neural"]["steps"] == 12
+    assert (s.root / ".scan.enroll" / "checkpoint.pt").is_file()
 
 
 @pytest.mark.slow
@@ -225,3 +226,10 @@ def test_eval_and_bench_cli(enrolled, tmp_path, capsys):
                   "generator[ort-fp32-cpu]"):
         assert bench["stages"][stage]["median_ms"] > 0
     assert main(["--home", home, "eval", "scan", "--driving", str(tmp_path / "none.mp4")]) == 2
+
+
+@pytest.mark.slow
+def test_delete_removes_checkpoint(enrolled):
+    s, _, _ = enrolled
+    s.delete("scan")
+    assert not s.exists("scan") and not (s.root / ".scan.enroll").exists()
