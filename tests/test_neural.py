@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from engines.identity import Consent, IdentityError, IdentityStore, sha256
+from conftest import shared_clip
+from engines.identity import Consent, IdentityStore, sha256
 from engines.neural import runtime as rtm
 from engines.neural.model import Generator, contour_map, export_onnx, make_input, to_image
-from tests.conftest import shared_clip
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import export_trt  # noqa: E402
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+import export_trt  # noqa: E402  (a top-level script, not part of a package)
 
 CONSENT = Consent("test enrollment", "test subject", "pytest", "2026-01-01T00:00:00+00:00")
 
