@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .client import AvatarClient, ClientError, ClipTrack, zero_rtp_timestamp_origin
+from .client import AvatarClient, ClientError, ClipTrack, nearest, zero_rtp_timestamp_origin
 
 STAGES = ("queue", "convert", "landmarks", "retarget", "render", "total")
 
@@ -212,8 +212,10 @@ def analyse(label, index, client: AvatarClient, track: ClipTrack, start, warmup)
     sent = {p: t for p, t in track.sent_at.items() if t >= t0}
     res.sent = len(sent)
     res.received = sum(1 for _, t, _ in client.received if t >= t0)
-    for pts, recv_t in client.matched():
-        if pts in sent:
+    matched = client.matched()
+    sent_pts = nearest(list(sent), [p for p, _ in matched]) if sent else []
+    for pts, (_, recv_t) in zip(sent_pts, matched):
+        if pts is not None:
             res.matched += 1
             res.latencies_ms.append((round(sent[pts] - t0, 3), round((recv_t - sent[pts]) * 1e3, 2)))
             res.arrivals.append(recv_t - t0)

@@ -20,6 +20,7 @@ from aiortc.mediastreams import MediaStreamError
 
 TIME_BASE = fractions.Fraction(1, 90000)
 RTP_WRAP = 2 ** 32
+PTS_TOLERANCE = 90  # 1 ms at 90 kHz: pts conversions along the way round by a tick or two
 
 
 class ClientError(RuntimeError):
@@ -167,21 +168,33 @@ class AvatarClient:
         return out
 
     def matched(self) -> list[tuple[int, float]]:
-        """(sent pts, receive time) for avatar frames matched to the camera frame they show.
+        """(server-reported in_pts, receive time) for avatar frames matched to the camera
+        frame they show.
 
         The server keeps each input frame's pts on its output, but its RTP sender adds a
-        random origin. The k-th frame received is the k-th the server reported, give or
-        take a frame lost at the start: try those pairings, keep the offset that matches most.
+        random origin, and timestamp conversions on the way may round by a tick or two. The
+        k-th frame received is the k-th the server reported, give or take a frame lost at
+        the start: try those pairings, keep the offset that matches most.
         """
         reported = [p for p, _, _ in self.server_frames()]
         if not reported or not self.received:
             return []
-        known = set(reported)
         best: list[tuple[int, float]] = []
         for k in range(min(5, len(reported), len(self.received))):
-            offset = (self.received[k][0] - reported[k]) % RTP_WRAP
-            pairs = [((pts - offset) % RTP_WRAP, t) for pts, t, _ in self.received]
-            pairs = [(p, t) for p, t in pairs if p in known]
+            offset = self.received[k][0] - reported[k]
+            shifted = [(pts - offset) % RTP_WRAP for pts, _, _ in self.received]
+            found = nearest(reported, shifted)
+            pairs = [(p, t) for p, (_, t, _) in zip(found, self.received) if p is not None]
             if len(pairs) > len(best):
                 best = pairs
         return best
+
+
+def nearest(known, values, tolerance: int = PTS_TOLERANCE) -> list[int | None]:
+    """For each value, the element of `known` within `tolerance` of it, or None."""
+    ref = np.sort(np.asarray(known, dtype=np.int64))
+    v = np.asarray(values, dtype=np.int64)
+    i = np.clip(np.searchsorted(ref, v), 1, max(len(ref) - 1, 1))
+    lo, hi = ref[i - 1], ref[np.minimum(i, len(ref) - 1)]
+    pick = np.where(np.abs(v - lo) <= np.abs(hi - v), lo, hi)
+    return [int(p) if abs(int(p) - int(x)) <= tolerance else None for p, x in zip(pick, v)]
