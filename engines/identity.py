@@ -8,6 +8,7 @@ Loading checks every field and every file's hash and says exactly what is wrong.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -138,9 +139,7 @@ class IdentityStore:
             neutral = landmarker(reference)
         if neutral is None:
             raise IdentityError("the face was lost after cropping; try a larger, frontal photo")
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.root))
-        try:
+        with self.new_bundle(name) as staging:
             cv2.imwrite(str(staging / "reference.png"), cv2.cvtColor(reference, cv2.COLOR_RGB2BGR))
             np.save(staging / "neutral.npy", neutral.astype(np.float32))
             manifest = {
@@ -153,16 +152,29 @@ class IdentityStore:
                 "crop": [int(v) for v in crop],
                 "consent": consent.__dict__,
                 "provenance": {"source": source, "created_at": _now(), "tool": "avatar identity create"},
-                "files": {f: sha256(staging / f) for f in ("reference.png", "neutral.npy")},
             }
-            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            target = self.path(name)
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
+            self.publish(staging, manifest, ["reference.png", "neutral.npy"])
+        return self.load(name)
+
+    @contextlib.contextmanager
+    def new_bundle(self, name: str):
+        """A staging folder beside the identities, removed afterwards unless published."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{check_name(name)}-", dir=self.root))
+        try:
+            yield staging
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return self.load(name)
+
+    def publish(self, staging: Path, manifest: dict, files: list[str]) -> None:
+        """Hash `files`, write the manifest and swap the staging folder in as the identity,
+        so a crash never leaves a half-written bundle under the identity's name."""
+        manifest["files"] = {f: sha256(staging / f) for f in files}
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        target = self.path(manifest["name"])
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
 
     def ensure_default(self) -> None:
         """The embedded demo identity: NASA's public-domain astronaut portrait (Eileen

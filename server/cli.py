@@ -184,16 +184,7 @@ def cmd_render(args) -> int:
 
 
 def cmd_identity_create(args) -> int:
-    from datetime import datetime, timezone
-
-    consent = Consent(
-        statement=args.consent.strip(),
-        subject=args.subject or args.display_name or args.name,
-        recorded_by=args.recorded_by,
-        granted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        scope=[s.strip() for s in args.scope.split(",") if s.strip()],
-    )
-    Consent.from_dict(consent.__dict__)  # same checks as loading: an empty statement is refused
+    consent = _consent(args)
     identity = store(args).create_from_image(args.image, args.name, consent, args.display_name)
     print(f"created identity {identity.name!r} in {identity.path}")
     return 0

@@ -17,16 +17,15 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from ..identity import (RENDER_SIZE, SCHEMA_VERSION, Consent, IdentityError, IdentityStore, check_name,
-                        crop_matrix, crop_with_box, face_box, sha256)
+                        crop_matrix, crop_with_box, face_box)
 from ..landmarks import (FACE_LEFT, FACE_RIGHT, LEFT_EYE_OUTER, RIGHT_EYE_OUTER, FaceLandmarker,
                          eye_openness, inter_ocular, mouth_openness)
 
@@ -324,9 +323,7 @@ def write_bundle(store: IdentityStore, name: str, display_name: str, consent: Co
 
     from .model import export_onnx
 
-    store.root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=store.root))
-    try:
+    with store.new_bundle(name) as staging:
         cv2.imwrite(str(staging / "reference.png"), cv2.cvtColor(builder.reference, cv2.COLOR_RGB2BGR))
         np.save(staging / "neutral.npy", builder.neutral.astype(np.float32))
         export_onnx(model, staging / MODEL_FILE)
@@ -364,15 +361,8 @@ def write_bundle(store: IdentityStore, name: str, display_name: str, consent: Co
                 "reference_frame": int(d.frame_index[d.reference]),
                 "eval": EVAL_FILE if eval_report is not None else None,
             },
-            "files": {f: sha256(staging / f) for f in files},
         }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        target = store.path(name)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        store.publish(staging, manifest, files)
     return store.load(name)
 
 
