@@ -12,6 +12,7 @@ import numpy as np
 
 from . import geometry
 from .landmarks import RIGID
+from .paint import paint_inside
 from .mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
 
 EYES = ((RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), (LEFT_EYE_UPPER, LEFT_EYE_LOWER))
@@ -50,18 +51,12 @@ class EyelidPainter:
         raised = lid.copy()
         raised[1:-1, 1] = np.minimum(lid[1:-1, 1], bottom[1:-1, 1] - open_gap * 1.15)
         outline = np.concatenate([raised, bottom[-2:0:-1]])
-        h, w = image.shape[:2]
-        x0, y0 = np.maximum(np.floor(outline.min(0)).astype(int) - 2, 0)
-        x1, y1 = np.minimum(np.ceil(outline.max(0)).astype(int) + 3, [w, h])
-        if x1 - x0 < 2 or y1 - y0 < 2:
-            return
-        layer = np.zeros((y1 - y0, x1 - x0, 3), np.float32)
-        layer[:] = skin
-        alpha = np.zeros(layer.shape[:2], np.uint8)
-        cv2.fillPoly(alpha, [np.round((outline - (x0, y0)) * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
-        lash_line = np.round((lid - (x0, y0)) * 16).astype(np.int32)
-        cv2.polylines(layer, [lash_line], False, lash.tolist(), 1, cv2.LINE_AA, shift=4)
-        alpha = cv2.GaussianBlur(alpha, (5, 5), 0).astype(np.float32) * (strength / 255.0)
-        region = image[y0:y1, x0:x1].astype(np.float32)
-        region += (layer - region) * alpha[..., None]
-        image[y0:y1, x0:x1] = np.clip(region, 0, 255).astype(np.uint8)
+
+        def lid_layer(x0, y0, x1, y1):
+            layer = np.empty((y1 - y0, x1 - x0, 3), np.float32)
+            layer[:] = skin
+            lash_line = np.round((lid - (x0, y0)) * 16).astype(np.int32)
+            cv2.polylines(layer, [lash_line], False, lash.tolist(), 1, cv2.LINE_AA, shift=4)
+            return layer
+
+        paint_inside(image, outline, lid_layer, strength, feather=5)

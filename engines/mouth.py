@@ -8,11 +8,11 @@ from the identity's own lips.
 """
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
 from .landmarks import inter_ocular
 from .mesh import MOUTH_LOWER, MOUTH_UPPER
+from .paint import paint_inside
 
 OUTER_LIPS = [61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 146, 91, 181, 84, 17, 314, 405, 321, 375]
 TEETH = np.array([222, 214, 198], np.float32)
@@ -45,19 +45,8 @@ class MouthPainter:
             return
         upper, lower = target[MOUTH_UPPER, :2], target[MOUTH_LOWER, :2]
         outline = np.concatenate([upper, lower[-2:0:-1]])
-        h, w = image.shape[:2]
-        x0, y0 = np.maximum(np.floor(outline.min(0)).astype(int) - 2, 0)
-        x1, y1 = np.minimum(np.ceil(outline.max(0)).astype(int) + 3, [w, h])
-        if x1 - x0 < 2 or y1 - y0 < 2:
-            return
-        alpha = np.zeros((y1 - y0, x1 - x0), np.uint8)
-        local = np.round((outline - (x0, y0)) * 16).astype(np.int32)
-        cv2.fillPoly(alpha, [local], 255, lineType=cv2.LINE_AA, shift=4)
-        alpha = cv2.GaussianBlur(alpha, (3, 3), 0).astype(np.float32) * (strength / 255.0)
-        interior = self._interior(upper, lower, inter_ocular(target), x0, y0, x1, y1)
-        region = image[y0:y1, x0:x1].astype(np.float32)
-        region += (interior - region) * alpha[..., None]
-        image[y0:y1, x0:x1] = np.clip(region, 0, 255).astype(np.uint8)
+        iod = inter_ocular(target)
+        paint_inside(image, outline, lambda *box: self._interior(upper, lower, iod, *box), strength)
 
     def _interior(self, upper, lower, iod, x0, y0, x1, y1) -> np.ndarray:
         # The mouth's frame: u along the line between the corners, v across it (downwards).

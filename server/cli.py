@@ -85,15 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "The last 20%% of the frames are held out for evaluation. Progress is "
                             "checkpointed; rerunning the same command resumes.")
     enroll.add_argument("video", type=Path, help="the self-scan video of the consenting person")
-    enroll.add_argument("--name", required=True, help="identifier: lowercase letters, digits, - and _")
-    enroll.add_argument("--display-name", default=None, help="shown in the web client (default: the name)")
-    enroll.add_argument("--consent", required=True,
-                        help="the consent record: who agreed, to what (stored with the identity)")
-    enroll.add_argument("--subject", default=None, help="who is depicted (default: the display name)")
-    enroll.add_argument("--recorded-by", default=os.environ.get("USER", "operator"),
-                        help="who recorded the consent (default: $USER)")
-    enroll.add_argument("--scope", default="live-avatar,offline-render",
-                        help="comma-separated uses consented to (default: %(default)s)")
+    add_identity_arguments(enroll)
     enroll.add_argument("--preset", choices=("quick", "default", "quality"), default="default",
                         help="quick (<10 min), default (<60 min) or quality (default: %(default)s)")
     enroll.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
@@ -136,15 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     isub = ident.add_subparsers(title="identity commands", metavar="ACTION")
     create = isub.add_parser("create", help="create an identity from one photo (warp engine)")
     create.add_argument("--image", type=Path, required=True, help="a frontal photo of one person")
-    create.add_argument("--name", required=True, help="identifier: lowercase letters, digits, - and _")
-    create.add_argument("--display-name", default=None, help="shown in the web client (default: the name)")
-    create.add_argument("--consent", required=True,
-                        help="the consent record: who agreed, to what (stored with the identity)")
-    create.add_argument("--subject", default=None, help="who is depicted (default: the display name)")
-    create.add_argument("--recorded-by", default=os.environ.get("USER", "operator"),
-                        help="who recorded the consent (default: $USER)")
-    create.add_argument("--scope", default="live-avatar,offline-render",
-                        help="comma-separated uses consented to (default: %(default)s)")
+    add_identity_arguments(create)
     create.set_defaults(func=cmd_identity_create)
     isub.add_parser("list", help="list identities").set_defaults(func=cmd_identity_list)
     show = isub.add_parser("show", help="print an identity's manifest")
@@ -155,6 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     delete.set_defaults(func=cmd_identity_delete)
     ident.set_defaults(func=lambda a: ident.print_help() or 2)
     return parser
+
+
+def add_identity_arguments(parser: argparse.ArgumentParser) -> None:
+    """Name, display name and the consent record: every way of creating an identity asks for them."""
+    parser.add_argument("--name", required=True, help="identifier: lowercase letters, digits, - and _")
+    parser.add_argument("--display-name", default=None, help="shown in the web client (default: the name)")
+    parser.add_argument("--consent", required=True,
+                        help="the consent record: who agreed, to what (stored with the identity)")
+    parser.add_argument("--subject", default=None, help="who is depicted (default: the display name)")
+    parser.add_argument("--recorded-by", default=os.environ.get("USER", "operator"),
+                        help="who recorded the consent (default: $USER)")
+    parser.add_argument("--scope", default="live-avatar,offline-render",
+                        help="comma-separated uses consented to (default: %(default)s)")
 
 
 def store(args) -> IdentityStore:

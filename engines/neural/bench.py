@@ -49,7 +49,6 @@ def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: boo
     """Time each stage on real driver frames (or whatever frames are given) for an identity.
     With a neural identity its trained generator is timed, else a randomly initialised one."""
     import onnxruntime as ort
-    import torch
 
     from ..landmarks import FaceLandmarker
     from ..retarget import Retargeter
