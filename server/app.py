@@ -25,6 +25,7 @@ from engines.identity import DEFAULT_IDENTITY
 from .config import ServerConfig, ServerState, load_config
 from .security import ConfigError, is_loopback, origin_allowed
 from .signaling import Connection
+from .udp_ports import confine_udp_ports, parse_range
 
 log = logging.getLogger("avatar.server")
 
@@ -133,12 +134,15 @@ async def start_server(config: ServerConfig | None = None):
     scheme = "https" if tls else "http"
     running = RunningServer(state, server, f"{scheme}://{host}:{port}/",
                             f"{'wss' if tls else 'ws'}://{host}:{port}/ws")
+    release_ports = (confine_udp_ports(asyncio.get_running_loop(), parse_range(config.udp_ports))
+                     if config.udp_ports else lambda: None)
     try:
         yield running
     finally:
         server.close()
         # Closing the sockets ends each handler, whose `finally` closes its session.
         await server.wait_closed()
+        release_ports()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -153,6 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds without messages or camera frames before a session ends (30)")
     parser.add_argument("--origin", action="append", dest="origins", default=None,
                         help="extra allowed WebSocket Origin, e.g. https://example.org (repeatable)")
+    parser.add_argument("--udp-ports", default=None, metavar="MIN-MAX",
+                        help="UDP port range for WebRTC media, e.g. 40000-40100 (default: any)")
     parser.add_argument("--ice-server", action="append", dest="ice_servers", default=None,
                         help="STUN/TURN URL for the server side (default: none, host candidates only)")
 
@@ -161,7 +167,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return load_config(getattr(args, "config", None), host=args.host, port=args.port,
                        cert=args.cert, key=args.key, max_sessions=args.max_sessions,
                        idle_timeout=args.idle_timeout, origins=args.origins,
-                       ice_servers=args.ice_servers)
+                       ice_servers=args.ice_servers, udp_ports=args.udp_ports)
 
 
 async def _serve_until_stopped(config: ServerConfig) -> None:

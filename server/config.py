@@ -10,6 +10,7 @@ from engines.identity import DEFAULT_IDENTITY, IdentityStore, default_home
 from .security import (ConfigError, TokenAuth, identity_allowed, parse_tokens_env,
                        parse_tokens_json)
 from .telemetry import Metrics
+from .udp_ports import parse_range
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
@@ -36,6 +37,7 @@ class ServerConfig:
     burst: int = 40
     stats_interval: float = 1.0
     ice_servers: list[str] = field(default_factory=list)  # e.g. ["stun:stun.example.org:3478"]
+    udp_ports: str | None = None  # e.g. "40000-40100": WebRTC media ports; default any
     identities_root: Path | None = None  # default: $AVATAR_HOME/identities
     web_dir: Path = WEB_DIR
 
@@ -46,6 +48,11 @@ class ServerConfig:
             raise ConfigError(f"max-sessions must be at least 1, got {self.max_sessions}")
         if bool(self.cert) != bool(self.key):
             raise ConfigError("--cert and --key go together")
+        if self.udp_ports is not None:
+            try:
+                parse_range(self.udp_ports)
+            except ValueError as e:
+                raise ConfigError(str(e))
         for name in ("idle_timeout", "hello_timeout", "rate", "stats_interval"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive")
@@ -55,7 +62,7 @@ class ServerConfig:
 # JSON config keys that map straight onto ServerConfig fields.
 _JSON_KEYS = {"host": str, "port": int, "cert": str, "key": str, "origins": list,
               "max_sessions": int, "idle_timeout": (int, float), "rate": (int, float),
-              "burst": int, "ice_servers": list, "identities_root": str}
+              "burst": int, "ice_servers": list, "identities_root": str, "udp_ports": str}
 
 
 def load_config(path: str | None, env: dict | None = None, **overrides) -> ServerConfig:

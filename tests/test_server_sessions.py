@@ -192,3 +192,30 @@ async def test_odd_and_changing_camera_sizes_keep_streaming(tmp_path, monkeypatc
         session = next(iter(srv.state.sessions.values()))
         assert session.stats.rejected >= 1 and session.processor.source_size == (512, 512)
         await client.close()
+
+
+@pytest.mark.slow
+async def test_udp_port_range_is_respected(tmp_path, monkeypatch):
+    frames = read_frames(clip("drive_wink.mp4"), 1.0)
+    async with running_server(tmp_path, monkeypatch, udp_ports="45100-45140") as srv:
+        client = await Client(srv.ws_url).connect()
+        try:
+            await client.hello()
+            client.keep_frames = False
+            await client.start_media(ClipTrack(frames, loop=True))
+            await wait_for(lambda: len(client.received) >= 2, 20, "avatar frames")
+            (session,) = srv.state.sessions.values()
+            gatherer = session.pc.getTransceivers()[0].sender.transport.transport.iceGatherer
+            ports = {c.port for c in gatherer.getLocalCandidates()}
+            assert ports and all(45100 <= p <= 45140 for p in ports), ports
+        finally:
+            await client.close()
+
+
+@pytest.mark.parametrize("bad", ["80-90", "5000", "a-b", "6000-5000", "40000-70000"])
+def test_udp_port_range_is_validated(bad):
+    from server.config import ServerConfig
+    from server.security import ConfigError
+
+    with pytest.raises(ConfigError, match="UDP port range"):
+        ServerConfig(udp_ports=bad).validate()
