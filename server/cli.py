@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for chatty in ("aioice", "aiortc"):  # per-candidate ICE logs drown what matters
+    for chatty in ("aioice", "aiortc", "websockets.server"):  # per-candidate and per-request logs drown what matters
         logging.getLogger(chatty).setLevel(logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -93,18 +93,28 @@ def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: boo
             gen[backend.replace("ort-cpu", "ort-fp32-cpu")] = _time(lambda: r.run(x), n)
     for name, t in gen.items():
         stages[f"generator[{name}]"] = t
+    # Absolute times drift from run to run on a shared machine; ratios to the torch fp32
+    # reference, measured in this same process, are the numbers to compare.
+    base = stages.get(f"generator[{BASELINE}]", {}).get("median_ms")
+    for name, t in stages.items():
+        if name.startswith("generator[") and base and "median_ms" in t:
+            t["vs_baseline"] = round(t["median_ms"] / base, 3)
     return {"machine": machine_info(), "identity": identity.name, "engine": identity.engine,
             "generator": {"source": source, "params": param_count(model), "input": list(x.shape)},
-            "stages": stages}
+            "baseline": BASELINE, "stages": stages}
+
+
+BASELINE = "torch-fp32"
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{'stage':<28}{'median ms':>10}{'p95 ms':>10}"]
+    lines = [f"{'stage':<28}{'median ms':>10}{'p95 ms':>10}{'vs ' + report.get('baseline', ''):>18}"]
     for name, t in report["stages"].items():
         if "error" in t:
             lines.append(f"{name:<28}  error: {t['error']}")
         else:
-            lines.append(f"{name:<28}{t['median_ms']:>10.2f}{t['p95_ms']:>10.2f}")
+            ratio = f"{t['vs_baseline']:>17.2f}x" if "vs_baseline" in t else ""
+            lines.append(f"{name:<28}{t['median_ms']:>10.2f}{t['p95_ms']:>10.2f}{ratio}")
     m = report["machine"]
     lines.append(f"{m['cpu']}, {m['cores']} cores; torch {m['torch']}, onnxruntime {m['onnxruntime']}; "
                  f"generator: {report['generator']['source']}, {report['generator']['params']:,} params")
