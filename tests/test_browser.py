@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import os
@@ -17,7 +18,7 @@ import av
 import pytest
 import websockets
 
-from test_server_support import clip, running_server, wait_for
+from test_server_support import Client, clip, running_server, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -83,52 +84,83 @@ PAGE_STATE = """(() => {
 })()"""
 
 
-@pytest.mark.slow
-async def test_browser_shows_avatar_and_stats(tmp_path, monkeypatch):
+@contextlib.asynccontextmanager
+async def browser_page(url: str, y4m: Path, profile: Path):
+    """Chromium with a fake camera playing y4m, opened on url; yields its DevTools session."""
+    proc = subprocess.Popen([
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--mute-audio",
+        "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+        f"--use-file-for-fake-video-capture={y4m}", f"--user-data-dir={profile}",
+        "--remote-debugging-port=0", "--window-size=1280,900", url,
+    ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        await wait_for(port_file.exists, 20, "chromium's DevTools port")
+        await asyncio.sleep(0.2)
+        port = int(port_file.read_text().split()[0])
+        targets = await asyncio.to_thread(
+            lambda: json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10)))
+        page = next(t for t in targets if t["type"] == "page")
+        async with websockets.connect(page["webSocketDebuggerUrl"], max_size=2 ** 25) as ws:
+            yield DevTools(ws)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+async def poll(tools: DevTools, done, seconds: float) -> dict:
+    """PAGE_STATE until done(state) or the time is up; the last state."""
+    deadline = time.monotonic() + seconds
+    state = {}
+    while time.monotonic() < deadline:
+        state = await tools.eval(PAGE_STATE) or {}
+        if done(state):
+            break
+        await asyncio.sleep(0.5)
+    return state
+
+
+def camera(tmp_path) -> Path:
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
     y4m = tmp_path / "camera.y4m"
     write_y4m(clip("drive_wink.mp4"), y4m)
-    profile = tmp_path / "profile"
+    return y4m
+
+
+@pytest.mark.slow
+async def test_browser_shows_avatar_and_stats(tmp_path, monkeypatch):
+    y4m = camera(tmp_path)
     async with running_server(tmp_path, monkeypatch) as srv:
-        proc = subprocess.Popen([
-            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run", "--mute-audio",
-            "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-            f"--use-file-for-fake-video-capture={y4m}", f"--user-data-dir={profile}",
-            "--remote-debugging-port=0", "--window-size=1280,900", f"{srv.url}?autostart=1",
-        ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            port_file = profile / "DevToolsActivePort"
-            await wait_for(port_file.exists, 20, "chromium's DevTools port")
-            await asyncio.sleep(0.2)
-            port = int(port_file.read_text().split()[0])
-            targets = await asyncio.to_thread(
-                lambda: json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10)))
-            page = next(t for t in targets if t["type"] == "page")
-            async with websockets.connect(page["webSocketDebuggerUrl"], max_size=2 ** 25) as ws:
-                tools = DevTools(ws)
-                deadline = time.monotonic() + 45
-                state = {}
-                while time.monotonic() < deadline:
-                    state = await tools.eval(PAGE_STATE) or {}
-                    if state.get("frames", 0) > 30 and state.get("stats", 0) >= 3 and state.get("mean", 0) > 20:
-                        break
-                    await asyncio.sleep(0.5)
-                shot = await tools.call("Page.captureScreenshot", format="png")
-                ARTIFACTS.mkdir(exist_ok=True)
-                (ARTIFACTS / "browser.png").write_bytes(base64.b64decode(shot["data"]))
-            print("page state:", state)
-            assert state.get("frames", 0) > 30, state
-            assert state.get("width") == 256, state
-            assert state.get("mean", 0) > 20, f"avatar video looks black: {state}"
-            assert state.get("stats", 0) >= 3 and "fps" in state.get("summary", ""), state
-            assert srv.state.metrics.frames_processed > 30
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            shutil.rmtree(profile, ignore_errors=True)
+        async with browser_page(f"{srv.url}?autostart=1", y4m, tmp_path / "profile") as tools:
+            state = await poll(tools, lambda s: s.get("frames", 0) > 30 and s.get("stats", 0) >= 3
+                               and s.get("mean", 0) > 20, 45)
+            shot = await tools.call("Page.captureScreenshot", format="png")
+            ARTIFACTS.mkdir(exist_ok=True)
+            (ARTIFACTS / "browser.png").write_bytes(base64.b64decode(shot["data"]))
+        print("page state:", state)
+        assert state.get("frames", 0) > 30, state
+        assert state.get("width") == 256, state
+        assert state.get("mean", 0) > 20, f"avatar video looks black: {state}"
+        assert state.get("stats", 0) >= 3 and "fps" in state.get("summary", ""), state
+        assert srv.state.metrics.frames_processed > 30
+
+
+@pytest.mark.slow
+async def test_browser_says_busy_then_reconnects_when_a_slot_frees(tmp_path, monkeypatch):
+    y4m = camera(tmp_path)
+    async with running_server(tmp_path, monkeypatch, max_sessions=1) as srv:
+        occupant = await Client(srv.ws_url).connect()
+        assert (await occupant.hello())["type"] == "session"
+        async with browser_page(f"{srv.url}?autostart=1", y4m, tmp_path / "profile") as tools:
+            state = await poll(tools, lambda s: "busy" in s.get("message", ""), 20)
+            assert "busy" in state.get("message", ""), state
+            await occupant.close()  # the slot frees: the page's automatic reconnect gets it
+            state = await poll(tools, lambda s: s.get("frames", 0) > 10 and s.get("mean", 0) > 20, 45)
+        assert state.get("frames", 0) > 10 and "Streaming" in state.get("message", ""), state
