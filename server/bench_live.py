@@ -140,7 +140,7 @@ def load_frames(video: Path | None, seconds: float = 8.0) -> tuple[list[np.ndarr
     """The driving clip's first seconds as RGB frames, or a synthetic default."""
     if video is None:
         return synthetic_frames(seconds), 30.0
-    from .render import open_video
+    from engines.video import open_video
 
     frames = []
     with open_video(video) as c:

@@ -166,7 +166,8 @@ def cmd_serve(args) -> int:
 
 def cmd_render(args) -> int:
     from engines.retarget import RetargetControls
-    from server.render import format_summary, open_video, render_video, write_summary
+    from engines.video import open_video
+    from server.render import format_summary, render_video, write_summary
 
     open_video(args.driving).close()  # fail on a bad input before loading anything else
     controls = RetargetControls(args.expression_gain, args.head_gain, args.freeze_head).validated()

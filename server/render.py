@@ -16,6 +16,7 @@ from tqdm import tqdm
 from engines.identity import Identity
 from engines.pipeline import AvatarPipeline
 from engines.retarget import RetargetControls
+from engines.video import open_video
 
 STAGES = ("decode_ms", "landmarks_ms", "retarget_ms", "render_ms", "encode_ms")
 
@@ -31,23 +32,6 @@ class RenderSummary:
     fps: float
     output: str
     stages: dict  # stage -> {"median_ms", "p95_ms"}
-
-
-def open_video(path: str | os.PathLike):
-    """Open a video file or raise RenderError saying what is wrong with it."""
-    p = Path(path)
-    if not p.exists():
-        raise RenderError(f"{p}: no such file")
-    if not p.is_file():
-        raise RenderError(f"{p}: not a file")
-    try:
-        container = av.open(str(p))
-    except (av.error.FFmpegError, UnicodeDecodeError) as e:
-        raise RenderError(f"{p}: not a readable video ({e})")
-    if not container.streams.video:
-        container.close()
-        raise RenderError(f"{p}: has no video stream")
-    return container
 
 
 def render_video(driving: str | os.PathLike, identity: Identity, output: str | os.PathLike,

@@ -28,6 +28,7 @@ from ..identity import (RENDER_SIZE, SCHEMA_VERSION, Consent, IdentityError, Ide
                         crop_matrix, crop_with_box, face_box)
 from ..landmarks import (FACE_LEFT, FACE_RIGHT, LEFT_EYE_OUTER, RIGHT_EYE_OUTER, FaceLandmarker,
                          eye_openness, inter_ocular, mouth_openness)
+from ..video import VideoError, open_video
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +71,11 @@ class ScanData:
 
 def read_video(path: Path, limit: int | None = None):
     """Yield RGB frames of a video; IdentityError if it cannot be read."""
-    import av
-
-    if not path.exists():
-        raise IdentityError(f"{path}: no such file")
-    if not path.is_file():
-        raise IdentityError(f"{path}: not a file")
     try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, UnicodeDecodeError) as e:
-        raise IdentityError(f"{path}: not a readable video ({e})")
+        container = open_video(path)
+    except VideoError as e:
+        raise IdentityError(str(e)) from None
     with container:
-        if not container.streams.video:
-            raise IdentityError(f"{path}: has no video stream")
         n = 0
         for frame in container.decode(video=0):
             yield frame.to_ndarray(format="rgb24")
