@@ -9,36 +9,21 @@ import contextlib
 import time
 from pathlib import Path
 
-import av
 import numpy as np
-import pytest
 
+from conftest import read_frames as read_clip_frames
+from conftest import shared_clip as clip  # noqa: F401  (re-exported for the tests)
 from server.app import start_server
 from server.client import AvatarClient, ClipTrack  # noqa: F401  (re-exported for the tests)
 from server.client import zero_rtp_timestamp_origin as pin_rtp_origin
 from server.config import ServerConfig
 
-CLIPS = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def clip(name: str) -> Path:
-    path = CLIPS / name
-    if not path.is_file():
-        pytest.skip(f"shared clips not found at {CLIPS}")
-    return path
+FPS = 30  # every shared clip is 30 fps (shared/data/README.md)
 
 
 def read_frames(path: Path, seconds: float) -> list[np.ndarray]:
     """The clip's first `seconds` as RGB arrays (decoded up front: the sender must not stall)."""
-    frames = []
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        limit = int(seconds * float(stream.average_rate or 30))
-        for frame in container.decode(stream):
-            frames.append(frame.to_ndarray(format="rgb24"))
-            if len(frames) >= limit:
-                break
-    return frames
+    return read_clip_frames(path, limit=round(seconds * FPS))
 
 
 class Client(AvatarClient):
