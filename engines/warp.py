@@ -62,10 +62,19 @@ class WarpRenderer:
         self.eyelids.paint(out, target)
         return out
 
+    def render_rigid(self, target: np.ndarray) -> np.ndarray:
+        """The reference moved rigidly with the head, without expression: where hair, ears and
+        glasses go. The mesh warp does not cover them and its skirt stretches them instead."""
+        head = self._head_similarity(target[:, :2].astype(np.float64))
+        return cv2.warpAffine(self.reference, head[:2], (self.width, self.height), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_REPLICATE)
+
+    def _head_similarity(self, t2d: np.ndarray) -> np.ndarray:
+        return geometry.fit_similarity(self.neutral[RIGID, :2], t2d[RIGID])
+
     def _target_points(self, target: np.ndarray) -> np.ndarray:
         t2d = target[:, :2].astype(np.float64)
-        head = geometry.fit_similarity(self.neutral[RIGID, :2], t2d[RIGID])
-        ring = geometry.apply(head, ring_points(self.neutral[:, :2]))
+        ring = geometry.apply(self._head_similarity(t2d), ring_points(self.neutral[:, :2]))
         return np.concatenate([t2d, ring, self._border])
 
     def _affines(self, dst: np.ndarray) -> np.ndarray:

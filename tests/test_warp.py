@@ -78,3 +78,12 @@ def test_head_turn_moves_hair_with_the_face(renderer, demo):
     x = int(demo.neutral[10, 0])
     assert np.abs(out[y, x + 10].astype(int) - demo.reference[y, x].astype(int)).sum() < 40
     assert psnr(out[:, :4], demo.reference[:, :4]) > 30
+
+
+def test_rigid_render_follows_the_head_without_expression(renderer, demo):
+    assert psnr(renderer.render_rigid(demo.neutral), demo.reference) > 45
+    moved = demo.neutral.copy()
+    moved[:, 0] += 12
+    moved[:, 1] -= 5
+    out = renderer.render_rigid(jaw_drop(moved, 15))  # expression is ignored, the head shift kept
+    assert psnr(out[20:-20, 32:-20], demo.reference[25:-15, 20:-32]) > 40
