@@ -31,7 +31,7 @@ def random_model(seed=0):
 
 def test_generator_shapes_and_identity_start():
     m = Generator().eval()
-    x = torch.rand(2, 5, 256, 256) * 2 - 1
+    x = torch.rand(2, 8, 256, 256) * 2 - 1
     with torch.no_grad():
         y = m(x)
     assert y.shape == (2, 3, 256, 256)
@@ -44,16 +44,39 @@ def test_contour_map_and_input(demo):
     cmap = contour_map(demo.neutral)
     assert cmap.shape == (256, 256) and cmap.dtype == np.float32
     assert 0 <= cmap.min() and cmap.max() <= 1 and (cmap > 0.5).sum() > 500
-    x = make_input(demo.reference, cmap, None)
-    assert x.shape == (1, 5, 256, 256) and np.array_equal(x[0, 3], x[0, 4])
+    rigid = demo.reference[::-1].copy()
+    x = make_input(demo.reference, rigid, cmap, None)
+    assert x.shape == (1, 8, 256, 256) and np.array_equal(x[0, 3], x[0, 4])
     assert np.abs(to_image(x[:, :3]).astype(int) - demo.reference).max() <= 1
+    assert np.abs(to_image(x[:, 5:]).astype(int) - rigid).max() <= 1
+    assert not np.array_equal(make_input(demo.reference, rigid, cmap, cmap * 0)[0, 4], x[0, 4])
+
+
+def test_pose_augmentation_moves_frame_landmarks_and_warps_together(demo):
+    from engines.neural.enroll import PairBuilder, ScanData
+
+    n = 4
+    crops = np.stack([np.roll(demo.reference, 3 * k, axis=1) for k in range(n)])
+    points = np.stack([demo.neutral + [3 * k, 0, 0] for k in range(n)]).astype(np.float32)
+    b = PairBuilder(ScanData(crops, points, np.arange(n), n, 0, (0.0, 0.0, 256.0), n))
+    idx = np.array([1, 2])
+    x, y, w = b.batch(idx, np.random.default_rng(0), augment=0.0)
+    assert np.array_equal(x, b.inputs(idx)) and np.array_equal(y, b.targets(idx)) and w.shape == (2, 1, 256, 256)
+    xa, ya, wa = b.batch(idx, np.random.default_rng(0), augment=1.0)
+    for k in range(2):
+        assert np.abs(ya[k] - y[k]).mean() > 0.02  # the frame moved...
+        # ...and the warp inputs were re-rendered for the moved landmarks, so they still match it
+        # (the face is where the target's face is), and the mouth/eye weights went with it.
+        assert np.abs(xa[k, :3] - ya[k]).mean() < 0.5 * np.abs(x[k, :3] - ya[k]).mean()
+        assert np.abs(xa[k, 5:] - ya[k]).mean() < 0.5 * np.abs(x[k, 5:] - ya[k]).mean()
+        assert (wa[k] * w[k]).sum() < 0.9 * w[k].sum()
 
 
 def test_onnx_parity(tmp_path):
     m = random_model()
     path = tmp_path / "g.onnx"
     export_onnx(m, path)
-    x = np.random.default_rng(0).uniform(-1, 1, (1, 5, 256, 256)).astype(np.float32)
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 8, 256, 256)).astype(np.float32)
     ort_out = rtm.OrtRuntime(path, "ort-cpu").run(x)
     torch_out = rtm.TorchRuntime(m).run(x)
     assert ort_out.shape == (1, 3, 256, 256)
@@ -108,14 +131,20 @@ def test_make_renderer_falls_back_to_warp(store, tmp_path, caplog):
     folder = s.root / "broken"
     (folder / "generator.onnx").write_bytes(b"garbage")
     m = json.loads((folder / "manifest.json").read_text())
-    m.update(name="broken", engine="neural", neural={"model": "generator.onnx"})
+    m.update(name="broken", engine="neural", neural={"model": "generator.onnx", "input": [1, 8, 256, 256]})
     m["files"]["generator.onnx"] = sha256(folder / "generator.onnx")
     (folder / "manifest.json").write_text(json.dumps(m))
-    ident = s.load("broken")
     with caplog.at_level(logging.WARNING):
-        r = make_renderer(ident)
+        r = make_renderer(s.load("broken"))
     assert isinstance(r, WarpRenderer)
-    assert any("rendering with the warp engine" in rec.getMessage() for rec in caplog.records)
+    assert any("rendering with the warp engine" in rec.getMessage() and "cannot load" in rec.getMessage()
+               for rec in caplog.records)
+    m["neural"]["input"] = [1, 5, 256, 256]  # a bundle from before the rigid-head input
+    (folder / "manifest.json").write_text(json.dumps(m))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert isinstance(make_renderer(s.load("broken")), WarpRenderer)
+    assert any("enroll it again" in rec.getMessage() for rec in caplog.records)
 
 
 def test_enroll_bad_input(tmp_path, capsys):

@@ -69,7 +69,8 @@ def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: boo
     warp = WarpRenderer(identity.reference, identity.neutral)
     stages["warp"] = _time(lambda: warp.render(targets[next(k) % len(targets)]), n)
     stages["contour_map"] = _time(lambda: contour_map(targets[next(k) % len(targets)]), n)
-    x = make_input(warp.render(targets[0]), contour_map(targets[0]), None)
+    stages["rigid_warp"] = _time(lambda: warp.render_rigid(targets[next(k) % len(targets)]), n)
+    x = make_input(warp.render(targets[0]), warp.render_rigid(targets[0]), contour_map(targets[0]), None)
 
     neural = identity.manifest.get("neural") or {}
     if identity.engine == "neural" and neural.get("weights"):

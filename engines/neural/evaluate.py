@@ -162,9 +162,7 @@ def evaluate_identity(identity, driving: Path | None = None, max_frames: int | N
 
     from ..identity import IdentityError, crop_matrix, crop_with_box
     from ..retarget import Retargeter
-    from ..warp import WarpRenderer
     from .enroll import read_video
-    from .model import contour_map, make_input, to_image
     from .runtime import NeuralRenderer
 
     if identity.engine != "neural":
@@ -172,7 +170,6 @@ def evaluate_identity(identity, driving: Path | None = None, max_frames: int | N
                             "eval compares a neural identity against the warp")
     neural_info = identity.manifest.get("neural") or {}
     renderer = NeuralRenderer(identity, prefer=backend)
-    warp = WarpRenderer(identity.reference, identity.neutral)
     warps, neurals, pts_list, truth, consecutive, drivers = [], [], [], [], [], []
     if driving is None:
         source = Path(identity.manifest.get("provenance", {}).get("source_path", ""))
@@ -186,7 +183,7 @@ def evaluate_identity(identity, driving: Path | None = None, max_frames: int | N
         start, end = span
         if max_frames:
             end = min(end, start + max_frames - 1)
-        prev_i, prev_map = None, None
+        prev_i = None
         with FaceLandmarker(static=False) as lm:
             for i, rgb in enumerate(tqdm(read_video(source, end + 1), desc="eval", unit="frame",
                                          total=end + 1, disable=not progress)):
@@ -194,20 +191,19 @@ def evaluate_identity(identity, driving: Path | None = None, max_frames: int | N
                     continue
                 p = lm(rgb)
                 if p is None:
-                    prev_map = None
                     continue
                 p = p.astype(np.float64)
                 p[:, :2] = p[:, :2] * m[0, 0] + m[:, 2]
                 p[:, 2] *= m[0, 0]
                 p = p.astype(np.float32)
-                w = warp.render(p)
-                cmap = contour_map(p)
-                y = renderer.runtime.run(make_input(w, cmap, prev_map if prev_i == i - 1 else None))
+                if prev_i != i - 1:
+                    renderer.reset()
+                neurals.append(renderer.render(p))
                 crop = crop_with_box(rgb, x0, y0, side)
                 consecutive.append(prev_i == i - 1)
-                warps.append(w), neurals.append(to_image(y)), pts_list.append(p)
+                warps.append(renderer.last_warp), pts_list.append(p)
                 truth.append(crop), drivers.append(crop)
-                prev_i, prev_map = i, cmap
+                prev_i = i
         kind = "self-reenactment, held-out frames of the enrollment video"
     else:
         retarget = Retargeter(identity.neutral)
@@ -223,7 +219,7 @@ def evaluate_identity(identity, driving: Path | None = None, max_frames: int | N
                     continue
                 consecutive.append(last_ok)
                 last_ok = True
-                warps.append(warp.render(target)), neurals.append(renderer.render(target))
+                neurals.append(renderer.render(target)), warps.append(renderer.last_warp)
                 pts_list.append(target), drivers.append(rgb)
         truth = None
         kind = f"cross-reenactment driven by {Path(driving).name} (no ground truth)"

@@ -1,10 +1,12 @@
-"""The generator: warp image + landmark contour maps -> the identity's 256² face.
+"""The generator: warp images + landmark contour maps -> the identity's 256² face.
 
-Inputs (N, 5, 256, 256) float32:
+Inputs (N, 8, 256, 256) float32:
     0-2  the warp engine's render for the target landmarks, RGB in [-1, 1]
     3    the target's face-mesh contours (lips, eyes, brows, irises, oval) in [0, 1]
     4    the previous frame's contour map (temporal context; = channel 3 on a first frame)
-Output (N, 3, 256, 256): warp + tanh(residual), clamped to [-1, 1].
+    5-7  the reference moved rigidly with the head, RGB in [-1, 1]: hair, ears and glasses
+         move with the skull, which the mesh warp's skirt stretches instead
+Output (N, 3, 256, 256): warp + tanh(residual), clamped to [-1, 1] (in eval mode).
 
 CPU design: PixelUnshuffle(4) takes 256² straight to 64² (no full-resolution convs), the
 body works at 64² and 32², PixelShuffle brings it back. Depthwise-free plain 3x3 convs
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 SIZE = 256
-IN_CHANNELS = 5
+IN_CHANNELS = 8
 
 
 def _contour_edges() -> np.ndarray:
@@ -42,12 +44,14 @@ def contour_map(points: np.ndarray, size: int = SIZE) -> np.ndarray:
     return img.astype(np.float32) / 255.0
 
 
-def make_input(warp_rgb: np.ndarray, cmap: np.ndarray, prev_cmap: np.ndarray | None) -> np.ndarray:
-    """(1, 5, 256, 256) float32 network input from a uint8 warp render and contour maps."""
+def make_input(warp_rgb: np.ndarray, rigid_rgb: np.ndarray, cmap: np.ndarray,
+               prev_cmap: np.ndarray | None) -> np.ndarray:
+    """(1, 8, 256, 256) float32 network input from uint8 warp renders and contour maps."""
     x = np.empty((1, IN_CHANNELS, SIZE, SIZE), np.float32)
     x[0, :3] = warp_rgb.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
     x[0, 3] = cmap
     x[0, 4] = cmap if prev_cmap is None else prev_cmap
+    x[0, 5:] = rigid_rgb.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
     return x
 
 
@@ -70,7 +74,7 @@ class ResBlock(nn.Module):
 class Generator(nn.Module):
     def __init__(self, width: int = 48, deep: int = 96, blocks: int = 4):
         super().__init__()
-        self.down = nn.PixelUnshuffle(4)  # 256² x 5 -> 64² x 80
+        self.down = nn.PixelUnshuffle(4)  # 256² x 8 -> 64² x 128
         self.stem = nn.Sequential(nn.Conv2d(IN_CHANNELS * 16, width, 3, padding=1), nn.LeakyReLU(0.1, True))
         self.block64 = ResBlock(width)
         self.enc = nn.Sequential(nn.Conv2d(width, deep, 3, stride=2, padding=1), nn.LeakyReLU(0.1, True))
@@ -89,8 +93,11 @@ class Generator(nn.Module):
         f64 = self.block64(self.stem(self.down(x)))
         f32 = self.body(self.enc(f64))
         f = self.fuse(torch.cat([f64, self.up(f32)], 1))
-        res = torch.tanh(self.shuffle(self.head(f)))
-        return torch.clamp(warp + res, -1.0, 1.0)
+        res = torch.tanh(self.shuffle(self.head(f)).float())  # fp32 under bf16 autocast too
+        out = warp + res
+        # Clamp at inference only: a clamp passes no gradient outside [-1, 1], so one training
+        # step that pushed the output there could never be undone (seen as a stuck loss).
+        return out if self.training else torch.clamp(out, -1.0, 1.0)
 
 
 def param_count(model: nn.Module) -> int:
@@ -98,7 +105,7 @@ def param_count(model: nn.Module) -> int:
 
 
 def export_onnx(model: nn.Module, path, opset: int = 17) -> None:
-    """Fixed-shape (1, 5, 256, 256) -> (1, 3, 256, 256) ONNX; legacy exporter (dynamo if that fails)."""
+    """Fixed-shape (1, 8, 256, 256) -> (1, 3, 256, 256) ONNX; legacy exporter (dynamo if that fails)."""
     model = model.eval().float()
     dummy = torch.zeros(1, IN_CHANNELS, SIZE, SIZE)
     with torch.no_grad():

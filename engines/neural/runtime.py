@@ -1,4 +1,4 @@
-"""Generator runtimes behind one interface: run((1, 5, 256, 256) float32) -> (1, 3, 256, 256).
+"""Generator runtimes behind one interface: run((1, 8, 256, 256) float32) -> (1, 3, 256, 256).
 
     tensorrt  a native TensorRT engine built by export_trt.py for this GPU (needs `tensorrt`)
     ort-trt   ONNX Runtime with the TensorRT execution provider
@@ -199,23 +199,30 @@ class NeuralRenderer:
     def __init__(self, identity, prefer: str = "auto"):
         from ..warp import WarpRenderer
 
+        from .model import IN_CHANNELS, SIZE
+
         neural = identity.manifest.get("neural") or {}
         if not isinstance(neural.get("model"), str) or neural["model"] not in identity.manifest["files"]:
             raise RuntimeUnavailable(f"identity {identity.name!r} has no generator model listed in its bundle")
+        if neural.get("input") != [1, IN_CHANNELS, SIZE, SIZE]:
+            raise RuntimeUnavailable(f"identity {identity.name!r} was enrolled by an older version "
+                                     f"(generator input {neural.get('input')}); enroll it again")
         weights = neural.get("weights")
         weights = identity.path / weights if isinstance(weights, str) and weights in identity.manifest["files"] else None
         self.runtime = select_runtime(identity.path / neural["model"], weights, prefer)
         self.warp = WarpRenderer(identity.reference, identity.neutral)
+        self.last_warp: np.ndarray | None = None  # the warp render under the last output, for comparisons
         self._prev = None
 
     def reset(self) -> None:
+        """Forget the previous frame (a new session, or frames were lost)."""
         self._prev = None
 
     def render(self, target: np.ndarray) -> np.ndarray:
         from .model import contour_map, make_input, to_image
 
-        warped = self.warp.render(target)
+        self.last_warp = self.warp.render(target)
         cmap = contour_map(target)
-        y = self.runtime.run(make_input(warped, cmap, self._prev))
+        y = self.runtime.run(make_input(self.last_warp, self.warp.render_rigid(target), cmap, self._prev))
         self._prev = cmap
         return to_image(y)
