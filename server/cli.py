@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--overwrite", action="store_true", help="replace an existing identity of that name")
     enroll.add_argument("--fresh", action="store_true", help="ignore an earlier checkpoint and start over")
     enroll.add_argument("--no-bf16", action="store_true", help="train in float32 even if the CPU has bf16")
+    enroll.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where to train (default: %(default)s; cuda is untested on these machines)")
     enroll.set_defaults(func=cmd_enroll)
 
     ev = sub.add_parser("eval", help="compare a neural identity against the warp engine",
@@ -214,7 +216,7 @@ def cmd_enroll(args) -> int:
     identity, summary = enroll(store(args), args.video, args.name, consent, args.display_name,
                                preset=args.preset, steps=args.steps, max_frames=args.max_frames,
                                overwrite=args.overwrite, fresh=args.fresh,
-                               bf16=False if args.no_bf16 else None)
+                               bf16=False if args.no_bf16 else None, device=args.device)
     print(json.dumps(summary, indent=2))
     print(f"enrolled neural identity {identity.name!r} in {identity.path}"
           + (f" (evaluation: {identity.path / 'eval.html'})" if summary.get("eval") else ""))

@@ -57,7 +57,7 @@ PRESETS = {
     "default": Preset(steps=6000, batch=6, lr=1e-3, max_minutes=52.0),
     "quality": Preset(steps=12000, batch=6, lr=7e-4, max_minutes=180.0, crop=256),
 }
-MODEL_CONFIG = {"width": 32, "deep": 96, "blocks": 4}
+MODEL_CONFIG = {"width": 32, "deep": 96, "blocks": 4, "in_channels": 8}  # = model.IN_CHANNELS
 
 
 # ----------------------------------------------------------------------------- data
@@ -261,6 +261,19 @@ def bf16_supported() -> bool:
         return False
 
 
+def check_device(device: str) -> None:
+    """IdentityError unless torch can train on `device` here."""
+    import torch
+
+    if device == "cpu":
+        return
+    if device != "cuda":
+        raise IdentityError(f"unknown device {device!r} (use cpu or cuda)")
+    if not torch.cuda.is_available():
+        raise IdentityError(f"--device cuda: no CUDA device is usable by this torch ({torch.__version__}); "
+                            "train with --device cpu, or install a CUDA build of torch on a GPU machine")
+
+
 def staging_dir(store: IdentityStore, name: str) -> Path:
     return store.root / f".{check_name(name)}.enroll"
 
@@ -284,15 +297,16 @@ def _save_checkpoint(path: Path, model, opt, step: int, key: str, elapsed: float
 
 
 def train(builder: PairBuilder, preset: Preset, steps: int, ckpt: Path, key: str,
-          bf16: bool, progress: bool = True, seed: int = 0) -> dict:
-    """Train (or resume) to `steps`; returns what happened. Checkpoints every minute."""
+          bf16: bool, progress: bool = True, seed: int = 0, device: str = "cpu") -> dict:
+    """Train (or resume) to `steps`; returns what happened, with the model on the CPU.
+    Checkpoints every minute. bf16 autocast applies on the CPU only."""
     import torch
     from tqdm import tqdm
 
     from .model import Generator
 
     torch.manual_seed(seed)
-    model = Generator(**MODEL_CONFIG)
+    model = Generator(**MODEL_CONFIG).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=preset.lr, weight_decay=1e-4)
     start, elapsed_before = 0, 0.0
     if ckpt.is_file():
@@ -321,12 +335,12 @@ def train(builder: PairBuilder, preset: Preset, steps: int, ckpt: Path, key: str
             for g in opt.param_groups:
                 g["lr"] = lr
             idx = rng.integers(0, n_train, preset.batch)
-            x, y, w = (torch.from_numpy(t) for t in builder.batch(idx, rng, preset.augment))
+            x, y, w = (torch.from_numpy(t).to(device) for t in builder.batch(idx, rng, preset.augment))
             if preset.crop < RENDER_SIZE:  # offsets on the 8-pixel grid of the net's downsampling
                 c = preset.crop
                 oy, ox = rng.integers(0, (RENDER_SIZE - c) // 8 + 1, 2) * 8
                 x, y, w = (t[..., oy:oy + c, ox:ox + c] for t in (x, y, w))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and device == "cpu"):
                 pred = model(x)
             loss = enrollment_loss(pred.float(), y, w)
             opt.zero_grad(set_to_none=True)
@@ -344,7 +358,7 @@ def train(builder: PairBuilder, preset: Preset, steps: int, ckpt: Path, key: str
         bar.close()
         if step > start:
             _save_checkpoint(ckpt, model, opt, step, key, elapsed_before + time.monotonic() - t0)
-    model.eval()
+    model = model.cpu().eval()
     return {"model": model, "start_step": start, "steps": step, "target_steps": steps, "stopped": stopped,
             "train_seconds": round(time.monotonic() - t0, 1),
             "total_train_seconds": round(elapsed_before + time.monotonic() - t0, 1),
@@ -405,12 +419,14 @@ def write_bundle(store: IdentityStore, name: str, display_name: str, consent: Co
 def enroll(store: IdentityStore, video: str | os.PathLike, name: str, consent: Consent,
            display_name: str | None = None, preset: str = "quick", steps: int | None = None,
            max_frames: int | None = None, overwrite: bool = False, fresh: bool = False,
-           bf16: bool | None = None, evaluate: bool = True, progress: bool = True) -> tuple:
+           bf16: bool | None = None, evaluate: bool = True, progress: bool = True,
+           device: str = "cpu") -> tuple:
     """Enroll `name` from a self-scan video. Returns (Identity, summary dict)."""
     check_name(name)
     Consent.from_dict(consent.__dict__)
     if preset not in PRESETS:
         raise IdentityError(f"unknown preset {preset!r} (use {', '.join(PRESETS)})")
+    check_device(device)
     if steps is not None and steps < 1:
         raise IdentityError("--steps must be at least 1")
     video = Path(video)
@@ -433,10 +449,10 @@ def enroll(store: IdentityStore, video: str | os.PathLike, name: str, consent: C
     data = extract(video, max_frames, progress)
     t_extract = time.monotonic() - t_start
     builder = PairBuilder(data)
-    log.info("enrolling %r: %d frames with a face (%d train, %d held out), reference frame %d, bf16=%s",
-             name, len(data.crops), data.n_train, len(data.crops) - data.n_train,
-             int(data.frame_index[data.reference]), use_bf16)
-    info = train(builder, p, n_steps, ckpt, key, use_bf16, progress)
+    log.info("enrolling %r: %d frames with a face (%d train, %d held out), reference frame %d, device %s, "
+             "bf16=%s", name, len(data.crops), data.n_train, len(data.crops) - data.n_train,
+             int(data.frame_index[data.reference]), device, use_bf16 and device == "cpu")
+    info = train(builder, p, n_steps, ckpt, key, use_bf16, progress, device=device)
     report = None
     if evaluate and data.n_train < len(data.crops):
         from .evaluate import evaluate_holdout

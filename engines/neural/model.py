@@ -72,10 +72,10 @@ class ResBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    def __init__(self, width: int = 48, deep: int = 96, blocks: int = 4):
+    def __init__(self, width: int = 48, deep: int = 96, blocks: int = 4, in_channels: int = IN_CHANNELS):
         super().__init__()
         self.down = nn.PixelUnshuffle(4)  # 256² x 8 -> 64² x 128
-        self.stem = nn.Sequential(nn.Conv2d(IN_CHANNELS * 16, width, 3, padding=1), nn.LeakyReLU(0.1, True))
+        self.stem = nn.Sequential(nn.Conv2d(in_channels * 16, width, 3, padding=1), nn.LeakyReLU(0.1, True))
         self.block64 = ResBlock(width)
         self.enc = nn.Sequential(nn.Conv2d(width, deep, 3, stride=2, padding=1), nn.LeakyReLU(0.1, True))
         self.body = nn.Sequential(*[ResBlock(deep) for _ in range(blocks)])
