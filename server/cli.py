@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     enroll = sub.add_parser("enroll", help="train a neural identity from a self-scan video",
                             description="Train a person's generator from a self-scan video (about "
                             "30 s, turning the head, talking, blinking) and write a neural identity. "
-                            "The last 20%% of the frames are held out for evaluation. Progress is "
+                            "The last 20% of the frames are held out for evaluation. Progress is "
                             "checkpointed; rerunning the same command resumes.")
     enroll.add_argument("video", type=Path, help="the self-scan video of the consenting person")
     add_identity_arguments(enroll)
@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--no-bf16", action="store_true", help="train in float32 even if the CPU has bf16")
     enroll.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where to train (default: %(default)s; cuda is untested on these machines)")
+    enroll.add_argument("--resolution", type=int, choices=(256, 512), default=256,
+                        help="output size in pixels (default: %(default)s; 512 is not built yet)")
     enroll.set_defaults(func=cmd_enroll)
 
     ev = sub.add_parser("eval", help="compare a neural identity against the warp engine",
@@ -216,7 +218,8 @@ def cmd_enroll(args) -> int:
     identity, summary = enroll(store(args), args.video, args.name, consent, args.display_name,
                                preset=args.preset, steps=args.steps, max_frames=args.max_frames,
                                overwrite=args.overwrite, fresh=args.fresh,
-                               bf16=False if args.no_bf16 else None, device=args.device)
+                               bf16=False if args.no_bf16 else None, device=args.device,
+                               resolution=args.resolution)
     print(json.dumps(summary, indent=2))
     print(f"enrolled neural identity {identity.name!r} in {identity.path}"
           + (f" (evaluation: {identity.path / 'eval.html'})" if summary.get("eval") else ""))

@@ -174,6 +174,8 @@ def test_enroll_bad_input(tmp_path, capsys):
     assert "not a readable video" in capsys.readouterr().err
     assert main(args[:3] + [str(path), "--name", "Bad Name", "--consent", "ok"]) == 2
     assert "invalid identity name" in capsys.readouterr().err
+    assert main(args[:3] + [str(path)] + args[3:] + ["--resolution", "512"]) == 2
+    assert "--resolution 512: only 256² output is built" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(args[:3] + [str(path)] + args[3:] + ["--device", "cuda"]) == 2
         assert "--device cuda: no CUDA device" in capsys.readouterr().err

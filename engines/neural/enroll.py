@@ -420,13 +420,16 @@ def enroll(store: IdentityStore, video: str | os.PathLike, name: str, consent: C
            display_name: str | None = None, preset: str = "quick", steps: int | None = None,
            max_frames: int | None = None, overwrite: bool = False, fresh: bool = False,
            bf16: bool | None = None, evaluate: bool = True, progress: bool = True,
-           device: str = "cpu") -> tuple:
+           device: str = "cpu", resolution: int = RENDER_SIZE) -> tuple:
     """Enroll `name` from a self-scan video. Returns (Identity, summary dict)."""
     check_name(name)
     Consent.from_dict(consent.__dict__)
     if preset not in PRESETS:
         raise IdentityError(f"unknown preset {preset!r} (use {', '.join(PRESETS)})")
     check_device(device)
+    if resolution != RENDER_SIZE:
+        raise IdentityError(f"--resolution {resolution}: only {RENDER_SIZE}² output is built so far "
+                            "(the warp engine, bundles and server all work at that size)")
     if steps is not None and steps < 1:
         raise IdentityError("--steps must be at least 1")
     video = Path(video)
