@@ -193,7 +193,7 @@ class PairBuilder:
         frame). The warp of a moved head stretches its surroundings differently; without
         examples of that the generator's corrections do not carry over.
         """
-        from .model import contour_map
+        from .model import contour_map, make_input
 
         x, y = self.inputs(idx), self.targets(idx)
         w = self.weights[idx].astype(np.float32)
@@ -209,10 +209,8 @@ class PairBuilder:
             p[:, 2] *= np.hypot(m[0, 0], m[0, 1])
             truth = cv2.warpAffine(self.data.crops[i], m, size, flags=cv2.INTER_LINEAR,
                                    borderMode=cv2.BORDER_REPLICATE)
-            x[k, :3] = self.warp.render(p).transpose(2, 0, 1) / 127.5 - 1.0
-            x[k, 3] = contour_map(p)
-            x[k, 4] = cv2.warpAffine(x[k, 4], m, size, flags=cv2.INTER_LINEAR)
-            x[k, 5:] = self.warp.render_rigid(p).transpose(2, 0, 1) / 127.5 - 1.0
+            prev_map = cv2.warpAffine(x[k, 4], m, size, flags=cv2.INTER_LINEAR)
+            x[k] = make_input(self.warp.render(p), self.warp.render_rigid(p), contour_map(p), prev_map)[0]
             y[k] = truth.transpose(2, 0, 1) / 127.5 - 1.0
             w[k] = region_weights(p)
         return x, y, w[:, None]
