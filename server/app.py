@@ -15,6 +15,7 @@ import logging
 import signal
 import ssl
 import sys
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import serve
@@ -164,10 +165,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    home = getattr(args, "home", None)
     return load_config(getattr(args, "config", None), host=args.host, port=args.port,
                        cert=args.cert, key=args.key, max_sessions=args.max_sessions,
                        idle_timeout=args.idle_timeout, origins=args.origins,
-                       ice_servers=args.ice_servers, udp_ports=args.udp_ports)
+                       ice_servers=args.ice_servers, udp_ports=args.udp_ports,
+                       identities_root=home and Path(home) / "identities")
 
 
 async def _serve_until_stopped(config: ServerConfig) -> None:

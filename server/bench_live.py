@@ -19,13 +19,14 @@ import platform
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from engines.identity import default_home
 
 from .client import AvatarClient, ClientError, ClipTrack, nearest, zero_rtp_timestamp_origin
 
@@ -290,8 +291,8 @@ def run(args) -> int:
             ws_url(url)  # a malformed URL fails here, before any connection is tried
             check_server(url)
         else:
-            home = Path(os.environ.get("AVATAR_HOME") or tempfile.mkdtemp(prefix="avatar-bench-"))
-            url, pid = stack.enter_context(local_server(home, need))
+            # The same identities `avatar serve` would offer: an enrolled one can be measured.
+            url, pid = stack.enter_context(local_server(args.home or default_home(), need))
         report = asyncio.run(_measure(args, url, pid, configs, frames, fps))
     report["machine"] = machine_info()
     report["server"] = {"url": url, "local": not args.url}

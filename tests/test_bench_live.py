@@ -1,26 +1,33 @@
 """`avatar bench live` measures a real server end to end."""
 import json
+import os
 import socket
 import subprocess
 import sys
 
 import pytest
 
+from engines.identity import Consent, IdentityStore
+
 
 def bench(*args, home, timeout=240):
+    env = {k: v for k, v in os.environ.items() if k != "AVATAR_HOME"}  # --home alone says where
     return subprocess.run([sys.executable, "-m", "server.cli", "--home", str(home), "bench", "live", *args],
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**__import__("os").environ, "AVATAR_HOME": str(home)})
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.slow
-def test_short_run_against_a_local_server(tmp_path, store):
+def test_short_run_against_a_local_server(tmp_path, demo):
+    # An identity only this --home has: the local server must serve that store.
+    guest = IdentityStore(tmp_path / "home" / "identities")
+    guest.create(demo.reference, "guest", Consent(**demo.manifest["consent"]), "Guest", source="demo")
     out = tmp_path / "report"
-    result = bench("--duration", "6", "--warmup", "2", "--out", str(out), home=store.root.parent)
+    result = bench("--identity", "guest", "--duration", "6", "--warmup", "2", "--out", str(out),
+                   home=tmp_path / "home")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "glass-to-glass" in result.stdout
     report = json.loads((out / "report.json").read_text())
-    run = report["runs"]["identity=demo"]
+    run = report["runs"]["identity=guest"]
     g = run["glass_to_glass_ms"]
     assert 0 < g["p50"] <= g["p95"] <= g["p99"] <= g["max"] < 5000
     assert run["sent"] > 100 and run["matched_ratio"] >= 0.9, run

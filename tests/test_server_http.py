@@ -117,6 +117,14 @@ def test_cli_hook_arguments():
     assert app.config_from_args(parser.parse_args([])).port == 8080
 
 
+def test_serve_uses_the_home_it_is_given(tmp_path):
+    from server.cli import build_parser
+
+    args = build_parser().parse_args(["--home", str(tmp_path), "serve"])
+    assert app.config_from_args(args).identities_root == tmp_path / "identities"
+    assert app.config_from_args(build_parser().parse_args(["serve"])).identities_root is None
+
+
 def test_origin_and_rate_limit_and_sizes():
     assert origin_allowed(None, "h:1", [])
     assert origin_allowed("http://h:1", "h:1", []) and not origin_allowed("http://h:2", "h:1", [])
