@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -31,6 +32,7 @@ from engines.identity import default_home
 from .client import AvatarClient, ClientError, ClipTrack, nearest, zero_rtp_timestamp_origin
 
 STAGES = ("queue", "convert", "landmarks", "retarget", "render", "total")
+BUSY_WAIT_S = 15.0
 
 
 @dataclass
@@ -179,6 +181,22 @@ def synthetic_frames(seconds: float) -> list[np.ndarray]:
 
 # ---- one measured run ------------------------------------------------------------------
 
+async def open_session(url: str, track, token, identity) -> AvatarClient:
+    """A client with a started session. A 'busy' answer is waited out for BUSY_WAIT_S: the
+    sessions of the previous run (--compare, --scale) hold their slots until cleaned up."""
+    deadline = time.monotonic() + BUSY_WAIT_S
+    while True:
+        client = await AvatarClient(ws_url(url)).connect()
+        try:
+            await client.start_session(track, token, identity)
+            return client
+        except ClientError as e:
+            await client.close()
+            if e.code != "busy" or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.2)
+
+
 async def run_sessions(url: str, configs: list[RunConfig], frames, fps, duration, warmup, token,
                        server_pid=None) -> tuple[list[SessionResult], list]:
     """One session per entry of `configs`, all at once, for warmup + duration seconds."""
@@ -187,11 +205,9 @@ async def run_sessions(url: str, configs: list[RunConfig], frames, fps, duration
     with zero_rtp_timestamp_origin():
         try:
             for cfg in configs:
-                client = await AvatarClient(ws_url(url)).connect()
-                clients.append(client)
                 track = ClipTrack(frames, fps, loop=True)
                 tracks.append(track)
-                await client.start_session(track, token, cfg.identity)
+                clients.append(await open_session(url, track, token, cfg.identity))
             start = time.time()
             while time.time() - start < warmup + duration:
                 await asyncio.sleep(1.0)
@@ -202,17 +218,17 @@ async def run_sessions(url: str, configs: list[RunConfig], frames, fps, duration
             await asyncio.sleep(0.3)
             for c in clients:
                 await c.close()
-    results = [analyse(cfg.label, i, c, t, start, warmup) for i, (cfg, c, t) in
-               enumerate(zip(configs, clients, tracks))]
+    results = [analyse(cfg.label, i, c, t, start + warmup, start + warmup + duration)
+               for i, (cfg, c, t) in enumerate(zip(configs, clients, tracks))]
     return results, memory
 
 
-def analyse(label, index, client: AvatarClient, track: ClipTrack, start, warmup) -> SessionResult:
+def analyse(label, index, client: AvatarClient, track: ClipTrack, t0: float, t1: float) -> SessionResult:
+    """The session's frames sent from t0 (after warmup) to t1 (the end of the measured time)."""
     res = SessionResult(label, index)
-    t0 = start + warmup
-    sent = {p: t for p, t in track.sent_at.items() if t >= t0}
+    sent = {p: t for p, t in track.sent_at.items() if t0 <= t < t1}
     res.sent = len(sent)
-    res.received = sum(1 for _, t, _ in client.received if t >= t0)
+    res.received = sum(1 for _, t, _ in client.received if t0 <= t < t1)
     matched = client.matched()
     sent_pts = nearest(list(sent), [p for p, _ in matched]) if sent else []
     for pts, (_, recv_t) in zip(sent_pts, matched):
@@ -281,6 +297,8 @@ def run(args) -> int:
         raise ValueError("--scale must be from 1 to 16")
     if args.compare:
         configs = [RunConfig.parse(c) for c in args.compare]
+        if configs[0].label == configs[1].label:  # an A/A run shows the noise floor; keep both
+            configs[1] = dataclasses.replace(configs[1], label=configs[1].label + " (B)")
     else:
         configs = [RunConfig(f"identity={args.identity}", args.identity)]
     frames, fps = load_frames(args.video)
@@ -328,7 +346,9 @@ async def _measure(args, url, pid, configs, frames, fps) -> dict:
                 results, _ = await run_sessions(url, [cfg] * args.sessions, frames, fps,
                                                 args.duration / args.rounds, args.warmup, args.token, pid)
                 per[cfg.label] += results
-        report["runs"] = {label: summarize(res, args.duration) for label, res in per.items()}
+        # Each round measured duration / rounds seconds; the sessions column means at once.
+        report["runs"] = {label: {**summarize(res, args.duration / args.rounds), "sessions": args.sessions,
+                                  "rounds": args.rounds} for label, res in per.items()}
         report["sessions_detail"] = {label: [_series(r) for r in res] for label, res in per.items()}
         a, b = (report["runs"][c.label] for c in configs)
         report["compare"] = {"A": configs[0].label, "B": configs[1].label, "ratios_B_over_A": {

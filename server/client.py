@@ -24,7 +24,11 @@ PTS_TOLERANCE = 90  # 1 ms at 90 kHz: pts conversions along the way round by a t
 
 
 class ClientError(RuntimeError):
-    """The server could not be reached or refused the session."""
+    """The server could not be reached or refused the session (`code`: the server's error code)."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 class ClipTrack(VideoStreamTrack):
@@ -119,10 +123,12 @@ class AvatarClient:
         """hello + offer/answer; raises ClientError with the server's error message."""
         reply = await self.hello(token, identity)
         if reply.get("type") != "session":
-            raise ClientError(f"server refused the session: {reply.get('code')}: {reply.get('message')}")
+            raise ClientError(f"server refused the session: {reply.get('code')}: {reply.get('message')}",
+                              reply.get("code"))
         answer = await self.start_media(track)
         if answer.get("type") != "answer":
-            raise ClientError(f"server refused the offer: {answer.get('code')}: {answer.get('message')}")
+            raise ClientError(f"server refused the offer: {answer.get('code')}: {answer.get('message')}",
+                              answer.get("code"))
         return reply
 
     async def start_media(self, track) -> dict:

@@ -39,6 +39,23 @@ def test_short_run_against_a_local_server(tmp_path, demo):
     assert (out / "latency.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
+def test_compare_interleaves_rounds_on_a_one_session_server(tmp_path, store):
+    # The local server admits one session: each round must wait out the previous one's
+    # cleanup ('busy'), and fps must be per measured second of each round, not of the run.
+    out = tmp_path / "cmp"
+    result = bench("--compare", "identity=demo", "identity=demo", "--rounds", "2", "--duration", "4",
+                   "--warmup", "1", "--out", str(out), home=store.root.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["runs"]) == {"identity=demo", "identity=demo (B)"}
+    for run in report["runs"].values():
+        assert run["sessions"] == 1 and run["rounds"] == 2
+        assert 20 <= run["fps_per_session"] <= 31, run  # the clip plays at 30 fps
+    assert report["compare"]["ratios_B_over_A"]["fps"] > 0.7
+    assert "B/A" in result.stdout
+
+
 def test_server_down_is_a_clear_error(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
