@@ -39,6 +39,9 @@ class OrtRuntime:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        # Idle pool threads spin by default, taking cores from the landmarks thread and the
+        # codecs beside them: live sessions ran 10-15% more fps with spinning off.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             so.intra_op_num_threads = threads
         providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
