@@ -417,9 +417,10 @@ def format_table(report: dict) -> str:
         lines.append(f"{label[:22]:<22}{s['sessions']:>5}{fmt(g['p50'])}{fmt(g['p95'])}{fmt(g['p99'])}"
                      f"{fmt(g['max'])}{s['fps_per_session']:8.1f}{100 * s['matched_ratio']:8.1f}%"
                      f"{fmt(s['jitter_ms'])}")
-    first = next(iter(report["runs"].values()))
-    if first["server_stages_p50_ms"]:
-        lines.append("server stages p50 ms: " + ", ".join(f"{k} {v:.1f}" for k, v in first["server_stages_p50_ms"].items()))
+    for label, s in report["runs"].items():  # one line per configuration: where B's time goes
+        if s["server_stages_p50_ms"]:
+            lines.append(f"server stages p50 ms{f' ({label})' if len(report['runs']) > 1 else ''}: "
+                         + ", ".join(f"{k} {v:.1f}" for k, v in s["server_stages_p50_ms"].items()))
     if "compare" in report:
         c = report["compare"]
         lines.append(f"B/A ({c['B']} over {c['A']}): " + ", ".join(f"{k} {v}" for k, v in c["ratios_B_over_A"].items()))

@@ -53,7 +53,7 @@ def test_compare_interleaves_rounds_on_a_one_session_server(tmp_path, store):
         assert run["sessions"] == 1 and run["rounds"] == 2
         assert 20 <= run["fps_per_session"] <= 31, run  # the clip plays at 30 fps
     assert report["compare"]["ratios_B_over_A"]["fps"] > 0.7
-    assert "B/A" in result.stdout
+    assert "B/A" in result.stdout and "server stages p50 ms (identity=demo (B)):" in result.stdout
 
 
 def test_server_down_is_a_clear_error(tmp_path):
