@@ -93,6 +93,11 @@ def test_runtime_plan():
         "tensorrt", "ort-trt", "ort-cuda", "ort-cpu", "torch"]
     assert [b for b, _ in rtm.plan("ort-cuda", cpu, None, False)] == ["ort-cpu"]  # asked-for one missing
     assert rtm.plan("torch-bf16", cpu, None, True)[0][0] == "torch-bf16"
+    assert [b for b, _ in rtm.plan("auto", cpu, None, True, has_int8=True)] == ["ort-int8-cpu", "ort-cpu", "torch"]
+    assert [b for b, _ in rtm.plan("auto", gpu, None, False, has_int8=True)] == [
+        "ort-trt", "ort-cuda", "ort-int8-cpu", "ort-cpu"]
+    assert [b for b, _ in rtm.plan("ort-cpu", cpu, None, False, has_int8=True)] == ["ort-cpu"]
+    assert [b for b, _ in rtm.plan("ort-int8-cpu", cpu, None, False)] == ["ort-cpu"]  # no int8 model
     with pytest.raises(ValueError):
         rtm.plan("cuda-magic", cpu, None, True)
 
@@ -120,6 +125,32 @@ def test_runtime_fallback_and_log(tmp_path, caplog):
     assert len(lines) == 1 and "skipped ort-cpu" in lines[0]
     with pytest.raises(rtm.RuntimeUnavailable, match="no runtime"):
         rtm.select_runtime(onnx, None)
+
+
+def test_int8_model_close_to_fp32_and_quality_check_decides(tmp_path, caplog):
+    from engines.neural.quantize import quality_check, quantize
+
+    m = random_model()
+    fp32_path, int8_path = tmp_path / "g.onnx", tmp_path / "g.int8.onnx"
+    export_onnx(m, fp32_path)
+    rng = np.random.default_rng(0)
+    xs = [rng.uniform(-1, 1, (1, 8, 256, 256)).astype(np.float32) for _ in range(6)]
+    quantize(fp32_path, int8_path, xs[:4])
+    fp32, int8 = rtm.OrtRuntime(fp32_path), rtm.OrtRuntime(int8_path, "ort-int8-cpu")
+    a, b = fp32.run(xs[5]), int8.run(xs[5])
+    assert b.shape == a.shape and int8.name == "ort-int8-cpu"
+    assert 1e-4 < np.abs(a - b).mean() < 0.02  # really quantized, and close
+    # Judged against the fp32 outputs themselves, int8 must lose more than the limit ...
+    strict = quality_check(fp32, int8, xs[4:], [fp32.run(x)[0] for x in xs[4:]])
+    assert strict["loss_db"] > strict["max_loss_db"] and not strict["kept"]
+    # ... and against targets neither model is near (the inputs' warp), they are alike.
+    loose = quality_check(fp32, int8, xs[4:], [x[0, :3] for x in xs[4:]])
+    assert abs(loose["loss_db"]) < 0.1 and loose["kept"]
+    with caplog.at_level(logging.INFO, logger="engines.neural.runtime"):
+        assert rtm.select_runtime(fp32_path, int8_path=int8_path).name == "ort-int8-cpu"
+        int8_path.write_bytes(b"broken")
+        assert rtm.select_runtime(fp32_path, int8_path=int8_path).name == "ort-cpu"
+    assert "skipped ort-int8-cpu" in caplog.records[-1].getMessage()
 
 
 def test_make_renderer_falls_back_to_warp(store, tmp_path, caplog):
@@ -231,8 +262,11 @@ def test_enrollment_smoke_bundle(enrolled):
     assert ident.manifest["neural"]["train_frames"][1] < ident.manifest["neural"]["holdout_frames"][0]
     report = json.loads((ident.path / "eval.json").read_text())
     assert report["frames"] >= 25 and "psnr" in report["neural"] and "psnr" in report["warp"]
+    int8 = ident.manifest["neural"]["int8"]
+    assert int8["model"] == "generator.int8.onnx" and int8["model"] in ident.manifest["files"], int8
+    assert int8["checked_on"] == "held-out frames" and int8["frames"] >= 25 and int8["loss_db"] <= 0.1
     r = make_renderer(ident)
-    assert isinstance(r, NeuralRenderer)
+    assert isinstance(r, NeuralRenderer) and r.runtime.name == "ort-int8-cpu"
     out = r.render(ident.neutral)
     assert out.shape == (256, 256, 3) and out.dtype == np.uint8
 
@@ -271,7 +305,7 @@ def test_eval_and_bench_cli(enrolled, tmp_path, capsys):
                  "--json", str(tmp_path / "b.json")]) == 0
     bench = json.loads((tmp_path / "b.json").read_text())
     for stage in ("landmarks", "retarget", "warp", "generator[torch-fp32]", "generator[torch-bf16]",
-                  "generator[ort-fp32-cpu]"):
+                  "generator[ort-fp32-cpu]", "generator[ort-int8-cpu]"):
         assert bench["stages"][stage]["median_ms"] > 0
     assert main(["--home", home, "eval", "scan", "--driving", str(tmp_path / "none.mp4")]) == 2
 

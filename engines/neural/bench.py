@@ -54,7 +54,7 @@ def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: boo
     from ..retarget import Retargeter
     from ..warp import WarpRenderer
     from .model import Generator, contour_map, export_onnx, make_input, param_count
-    from .runtime import ORT_PROVIDERS, OrtRuntime, TorchRuntime
+    from .runtime import ORT_PROVIDERS, OrtRuntime, TorchRuntime, bundle_file
 
     stages: dict = {}
     with FaceLandmarker(static=False) as lm:
@@ -73,9 +73,11 @@ def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: boo
     x = make_input(warp.render(targets[0]), warp.render_rigid(targets[0]), contour_map(targets[0]), None)
 
     neural = identity.manifest.get("neural") or {}
+    int8_path = None
     if identity.engine == "neural" and neural.get("weights"):
         model = TorchRuntime.from_weights(identity.path / neural["weights"]).model
         onnx_path, source = identity.path / neural["model"], "trained"
+        int8_path = bundle_file(identity, (neural.get("int8") or {}).get("model"))
     else:
         from .enroll import MODEL_CONFIG
         model = Generator(**MODEL_CONFIG).eval()
@@ -85,9 +87,10 @@ def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: boo
     gen["torch-fp32"] = _time(lambda: TorchRuntime(model).run(x), n)
     gen["torch-bf16"] = _time(lambda: TorchRuntime(model, bf16=True).run(x), n)
     for backend, provider in ORT_PROVIDERS.items():
-        if provider in ort.get_available_providers():
+        path = int8_path if backend == "ort-int8-cpu" else onnx_path
+        if path is not None and provider in ort.get_available_providers():
             try:
-                r = OrtRuntime(onnx_path, backend)
+                r = OrtRuntime(path, backend)
             except Exception as e:  # noqa: BLE001
                 gen[backend] = {"error": str(e)}
                 continue

@@ -365,6 +365,38 @@ def train(builder: PairBuilder, preset: Preset, steps: int, ckpt: Path, key: str
 
 # ----------------------------------------------------------------------------- bundle
 
+def add_int8_model(staging: Path, builder: PairBuilder) -> dict:
+    """Quantize the exported generator in `staging`; keep the int8 file only if its quality
+    check passes. Returns the check (with "model" set if kept). Never fails the enrollment:
+    the int8 model is an optimisation, and fp32 still runs without it."""
+    from .quantize import CALIBRATION_FRAMES, CHECK_FRAMES, INT8_FILE, quality_check, quantize
+    from .runtime import OrtRuntime, RuntimeUnavailable
+
+    d = builder.data
+    calibration = np.random.default_rng(0).choice(d.n_train, min(CALIBRATION_FRAMES, d.n_train), replace=False)
+    held_out = d.n_train < len(d.crops)
+    check = np.arange(d.n_train, len(d.crops)) if held_out else calibration
+    check = check[np.linspace(0, len(check) - 1, min(CHECK_FRAMES, len(check))).astype(int)]
+    dst = staging / INT8_FILE
+    log.info("quantizing the generator to int8 and checking it on %d %s frames", len(check),
+             "held-out" if held_out else "training")
+    try:
+        quantize(staging / MODEL_FILE, dst, [builder.inputs(np.array([i])) for i in calibration])
+        result = quality_check(OrtRuntime(staging / MODEL_FILE), OrtRuntime(dst, "ort-int8-cpu"),
+                               [builder.inputs(np.array([i])) for i in check],
+                               [builder.targets(np.array([i]))[0] for i in check])
+    except (RuntimeUnavailable, ImportError, ValueError, RuntimeError) as e:
+        log.warning("no int8 model: quantization failed (%s); the fp32 model serves", e)
+        dst.unlink(missing_ok=True)
+        return {"model": None, "error": str(e)}
+    result["checked_on"] = "held-out frames" if held_out else "training frames (nothing held out)"
+    if not result["kept"]:
+        log.warning("no int8 model: it loses %.2f dB PSNR against fp32 (limit %.2f)", result["loss_db"],
+                    result["max_loss_db"])
+        dst.unlink()
+    return {"model": INT8_FILE if result["kept"] else None, **result}
+
+
 def write_bundle(store: IdentityStore, name: str, display_name: str, consent: Consent, builder: PairBuilder,
                  model, info: dict, source: Path, preset_name: str, eval_report: dict | None):
     import torch
@@ -377,6 +409,9 @@ def write_bundle(store: IdentityStore, name: str, display_name: str, consent: Co
         export_onnx(model, staging / MODEL_FILE)
         torch.save({"model": model.state_dict(), "model_config": MODEL_CONFIG}, staging / WEIGHTS_FILE)
         files = ["reference.png", "neutral.npy", MODEL_FILE, WEIGHTS_FILE]
+        int8 = add_int8_model(staging, builder)
+        if int8.get("model"):
+            files.append(int8["model"])
         if eval_report is not None:
             from .evaluate import write_report
 
@@ -408,6 +443,7 @@ def write_bundle(store: IdentityStore, name: str, display_name: str, consent: Co
                 if d.n_train < len(d.crops) else None,
                 "reference_frame": int(d.frame_index[d.reference]),
                 "eval": EVAL_FILE if eval_report is not None else None,
+                "int8": int8,
             },
         }
         store.publish(staging, manifest, files)
@@ -465,5 +501,5 @@ def enroll(store: IdentityStore, video: str | os.PathLike, name: str, consent: C
     summary = {k: v for k, v in info.items() if k != "model"}
     summary.update(extract_seconds=round(t_extract, 1), total_seconds=round(time.monotonic() - t_start, 1),
                    bf16=use_bf16, preset=preset, eval=report["summary"] if report else None,
-                   checkpoint=str(ckpt))
+                   int8=identity.manifest["neural"]["int8"], checkpoint=str(ckpt))
     return identity, summary

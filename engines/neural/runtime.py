@@ -3,6 +3,7 @@
     tensorrt  a native TensorRT engine built by export_trt.py for this GPU (needs `tensorrt`)
     ort-trt   ONNX Runtime with the TensorRT execution provider
     ort-cuda  ONNX Runtime with the CUDA execution provider
+    ort-int8-cpu  ONNX Runtime on the CPU, the bundle's int8 model (quantize.py), if it has one
     ort-cpu   ONNX Runtime on the CPU (the default on machines without a GPU)
     torch     PyTorch eager, from the bundle's weights (the reference implementation)
 
@@ -20,9 +21,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("tensorrt", "ort-trt", "ort-cuda", "ort-cpu", "torch")
+BACKENDS = ("tensorrt", "ort-trt", "ort-cuda", "ort-int8-cpu", "ort-cpu", "torch")
 ORT_PROVIDERS = {"ort-trt": "TensorrtExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
-                 "ort-cpu": "CPUExecutionProvider"}
+                 "ort-int8-cpu": "CPUExecutionProvider", "ort-cpu": "CPUExecutionProvider"}
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -142,7 +143,8 @@ def sanitize(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
 
-def plan(prefer: str, providers: list[str], engine_file: Path | None, has_weights: bool) -> list[tuple[str, str]]:
+def plan(prefer: str, providers: list[str], engine_file: Path | None, has_weights: bool,
+         has_int8: bool = False) -> list[tuple[str, str]]:
     """Backends to try, in order, each with the reason it is considered."""
     if prefer != "auto" and prefer not in BACKENDS + ("torch-bf16",):
         raise ValueError(f"unknown backend {prefer!r} (use auto, {', '.join(BACKENDS)}, torch-bf16)")
@@ -152,6 +154,9 @@ def plan(prefer: str, providers: list[str], engine_file: Path | None, has_weight
     for b in ("ort-trt", "ort-cuda"):
         if prefer in ("auto", b) and ORT_PROVIDERS[b] in providers:
             out.append((b, f"onnxruntime offers {ORT_PROVIDERS[b]}"))
+    if has_int8 and prefer in ("auto", "ort-int8-cpu"):
+        out.append(("ort-int8-cpu", "requested" if prefer != "auto" else
+                    "the bundle's int8 model, within its quality check of fp32 on held-out frames"))
     if prefer == "ort-cpu" or prefer == "auto" or not out:
         out.append(("ort-cpu", "requested" if prefer == "ort-cpu" else
                     "no GPU runtime available" if prefer == "auto" else f"{prefer} unavailable"))
@@ -163,7 +168,8 @@ def plan(prefer: str, providers: list[str], engine_file: Path | None, has_weight
 
 
 def select_runtime(onnx_path: str | os.PathLike, weights_path: str | os.PathLike | None = None,
-                   prefer: str = "auto", providers: list[str] | None = None):
+                   prefer: str = "auto", providers: list[str] | None = None,
+                   int8_path: str | os.PathLike | None = None):
     """The first backend of plan() that loads; logs one line with the choice and the reason."""
     onnx_path = Path(onnx_path)
     if providers is None:
@@ -176,11 +182,14 @@ def select_runtime(onnx_path: str | os.PathLike, weights_path: str | os.PathLike
     engine = onnx_path.with_name(f"{onnx_path.stem}.{tag}.engine") if tag else None
     engine = engine if engine is not None and engine.is_file() else None
     has_weights = weights_path is not None and Path(weights_path).is_file()
+    has_int8 = int8_path is not None and Path(int8_path).is_file()
     failures = []
-    for backend, why in plan(prefer, providers, engine, has_weights):
+    for backend, why in plan(prefer, providers, engine, has_weights, has_int8):
         try:
             if backend == "tensorrt":
                 rt = TensorRTRuntime(engine)
+            elif backend == "ort-int8-cpu":
+                rt = OrtRuntime(int8_path, backend)
             elif backend.startswith("ort-"):
                 rt = OrtRuntime(onnx_path, backend)
             else:
@@ -194,6 +203,11 @@ def select_runtime(onnx_path: str | os.PathLike, weights_path: str | os.PathLike
         log.info("neural runtime: %s - %s%s", backend, why, note)
         return rt
     raise RuntimeUnavailable("no runtime can run the generator: " + "; ".join(failures))
+
+
+def bundle_file(identity, name) -> Path | None:
+    """The path of a file the manifest lists (and so hash-checked), else None."""
+    return identity.path / name if isinstance(name, str) and name in identity.manifest["files"] else None
 
 
 class NeuralRenderer:
@@ -210,9 +224,8 @@ class NeuralRenderer:
         if neural.get("input") != [1, IN_CHANNELS, SIZE, SIZE]:
             raise RuntimeUnavailable(f"identity {identity.name!r} was enrolled by an older version "
                                      f"(generator input {neural.get('input')}); enroll it again")
-        weights = neural.get("weights")
-        weights = identity.path / weights if isinstance(weights, str) and weights in identity.manifest["files"] else None
-        self.runtime = select_runtime(identity.path / neural["model"], weights, prefer)
+        self.runtime = select_runtime(identity.path / neural["model"], bundle_file(identity, neural.get("weights")),
+                                      prefer, int8_path=bundle_file(identity, (neural.get("int8") or {}).get("model")))
         self.warp = WarpRenderer(identity.reference, identity.neutral)
         self.last_warp: np.ndarray | None = None  # the warp render under the last output, for comparisons
         self._prev = None
