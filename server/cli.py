@@ -14,6 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from engines.identity import (DEFAULT_IDENTITY, Consent, IdentityError, IdentityStore,  # noqa: E402
                               default_home)
+from engines.neural.runtime import PREFERENCES as BACKEND_CHOICES  # noqa: E402
 
 EPILOG = """examples:
   avatar serve                                   web client + signaling on http://127.0.0.1:8080
@@ -106,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--driving", type=Path, default=None,
                     help="reenact this video instead of the held-out enrollment frames (no ground truth)")
     ev.add_argument("--max-frames", type=int, default=None, help="evaluate at most N frames")
-    ev.add_argument("--backend", default="auto", help="generator runtime (default: auto)")
+    ev.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                    help="generator runtime (default: auto, the one `avatar serve` would pick)")
     ev.add_argument("-o", "--output", type=Path, default=None,
                     help="report path without suffix (default: ./eval-NAME); writes .json and .html")
     ev.set_defaults(func=cmd_eval)

@@ -22,6 +22,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 BACKENDS = ("tensorrt", "ort-trt", "ort-cuda", "ort-int8-cpu", "ort-cpu", "torch")
+PREFERENCES = ("auto",) + BACKENDS + ("torch-bf16",)  # what a user may ask select_runtime for
 ORT_PROVIDERS = {"ort-trt": "TensorrtExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
                  "ort-int8-cpu": "CPUExecutionProvider", "ort-cpu": "CPUExecutionProvider"}
 
@@ -146,8 +147,8 @@ def sanitize(name: str) -> str:
 def plan(prefer: str, providers: list[str], engine_file: Path | None, has_weights: bool,
          has_int8: bool = False) -> list[tuple[str, str]]:
     """Backends to try, in order, each with the reason it is considered."""
-    if prefer != "auto" and prefer not in BACKENDS + ("torch-bf16",):
-        raise ValueError(f"unknown backend {prefer!r} (use auto, {', '.join(BACKENDS)}, torch-bf16)")
+    if prefer not in PREFERENCES:
+        raise ValueError(f"unknown backend {prefer!r} (use {', '.join(PREFERENCES)})")
     out = []
     if prefer in ("auto", "tensorrt") and engine_file is not None:
         out.append(("tensorrt", f"TensorRT engine {engine_file.name} built for this GPU"))
