@@ -292,3 +292,8 @@ def _from_manifest(folder: Path, m: object) -> Identity:
 
 def default_home() -> Path:
     return Path(os.environ.get("AVATAR_HOME") or Path.home() / ".local" / "share" / "avatar")
+
+
+def identities_dir(home: str | os.PathLike | None = None) -> Path:
+    """Where the identities of `home` (default: default_home()) live."""
+    return Path(home or default_home()) / "identities"

@@ -15,14 +15,13 @@ import logging
 import signal
 import ssl
 import sys
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import serve
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
-from engines.identity import DEFAULT_IDENTITY
+from engines.identity import DEFAULT_IDENTITY, identities_dir
 from .config import ServerConfig, ServerState, load_config
 from .security import ConfigError, is_loopback, origin_allowed
 from .signaling import Connection
@@ -165,12 +164,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    home = getattr(args, "home", None)
+    home = getattr(args, "home", None)  # --home, when given, beats the config file's identities_root
     return load_config(getattr(args, "config", None), host=args.host, port=args.port,
                        cert=args.cert, key=args.key, max_sessions=args.max_sessions,
                        idle_timeout=args.idle_timeout, origins=args.origins,
                        ice_servers=args.ice_servers, udp_ports=args.udp_ports,
-                       identities_root=home and Path(home) / "identities")
+                       identities_root=identities_dir(home) if home else None)
 
 
 async def _serve_until_stopped(config: ServerConfig) -> None:

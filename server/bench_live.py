@@ -163,10 +163,10 @@ def synthetic_frames(seconds: float) -> list[np.ndarray]:
     clip that needs no data files."""
     import cv2
 
-    from engines.identity import IdentityStore, default_home
+    from engines.identity import IdentityStore, identities_dir
     from engines.warp import WarpRenderer
 
-    demo = IdentityStore(default_home() / "identities").load("demo")
+    demo = IdentityStore(identities_dir()).load("demo")
     renderer = WarpRenderer(demo.reference, demo.neutral)
     centre = (demo.neutral[13, 1] + demo.neutral[14, 1]) / 2
     frames = []

@@ -13,7 +13,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from engines.identity import (DEFAULT_IDENTITY, Consent, IdentityError, IdentityStore,  # noqa: E402
-                              default_home)
+                              identities_dir)
 from engines.neural.runtime import PREFERENCES as BACKEND_CHOICES  # noqa: E402
 
 EPILOG = """examples:
@@ -161,8 +161,7 @@ def add_identity_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def store(args) -> IdentityStore:
-    home = args.home or default_home()
-    return IdentityStore(Path(home) / "identities")
+    return IdentityStore(identities_dir(args.home))
 
 
 def cmd_serve(args) -> int:

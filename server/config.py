@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engines.identity import DEFAULT_IDENTITY, IdentityStore, default_home
+from engines.identity import DEFAULT_IDENTITY, IdentityStore, identities_dir
 from .security import (ConfigError, TokenAuth, identity_allowed, parse_tokens_env,
                        parse_tokens_json)
 from .telemetry import Metrics
@@ -99,7 +99,7 @@ class ServerState:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.store = IdentityStore(config.identities_root or default_home() / "identities")
+        self.store = IdentityStore(config.identities_root or identities_dir())
         self.auth = TokenAuth(config.tokens)
         self.metrics = Metrics()
         self.sessions: dict = {}  # id -> Session
