@@ -57,15 +57,15 @@ def float_output_nodes(path: Path) -> list[str]:
     return [n.name for i, n in enumerate(nodes) if i >= head or n.op_type == "Slice"]
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two images in [-1, 1]."""
-    mse = float(np.mean((np.clip(a, -1, 1) - b) ** 2)) * 127.5 ** 2
-    return 10 * np.log10(255 ** 2 / max(mse, 1e-10))
-
-
 def quality_check(fp32, int8, inputs: list[np.ndarray], targets: list[np.ndarray]) -> dict:
-    """Mean PSNR of both runtimes' outputs against the targets, and what int8 loses."""
-    a = float(np.mean([psnr(fp32.run(x)[0], y) for x, y in zip(inputs, targets)]))
-    b = float(np.mean([psnr(int8.run(x)[0], y) for x, y in zip(inputs, targets)]))
+    """Mean PSNR of both runtimes' outputs against the targets (images in [-1, 1]), and what
+    int8 loses."""
+    from .evaluate import psnr
+
+    def mean_psnr(runtime) -> float:  # evaluate.psnr wants 0..255; the offset cancels
+        return float(np.mean([psnr(np.clip(runtime.run(x)[0], -1, 1) * 127.5, y * 127.5)
+                              for x, y in zip(inputs, targets)]))
+
+    a, b = mean_psnr(fp32), mean_psnr(int8)
     return {"psnr_fp32": round(a, 3), "psnr_int8": round(b, 3), "loss_db": round(a - b, 3),
             "max_loss_db": MAX_LOSS_DB, "frames": len(inputs), "kept": a - b <= MAX_LOSS_DB}
