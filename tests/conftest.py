@@ -1,32 +1,10 @@
 import os
-from pathlib import Path
 
-import numpy as np
 import pytest
 
+from helpers import read_frames, shared_clip
+
 os.environ.setdefault("GLOG_minloglevel", "2")
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-CLIPS = ["selfscan_a.mp4", "selfscan_b.mp4", "drive_wink.mp4", "drive_expressive.mp4"]
-
-
-def shared_clip(name: str) -> Path:
-    path = SHARED / name
-    if not path.is_file():
-        pytest.skip(f"shared clip {name} not found in {SHARED} (real clips are not part of the repo)")
-    return path
-
-
-def read_frames(path: Path, limit: int | None = None) -> list[np.ndarray]:
-    import av
-
-    frames = []
-    with av.open(str(path)) as c:
-        for frame in c.decode(video=0):
-            frames.append(frame.to_ndarray(format="rgb24"))
-            if limit and len(frames) >= limit:
-                break
-    return frames
 
 
 @pytest.fixture(scope="session")

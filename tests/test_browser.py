@@ -18,7 +18,7 @@ import av
 import pytest
 import websockets
 
-from test_server_support import Client, clip, running_server, wait_for
+from helpers import Client, clip, running_server, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from conftest import CLIPS, read_frames, shared_clip
+from helpers import CLIPS, read_frames, shared_clip
 from engines.landmarks import NUM_POINTS, FaceLandmarker, inter_ocular
 
 

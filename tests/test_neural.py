@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shared_clip
+from helpers import shared_clip
 from engines.identity import Consent, IdentityStore, sha256
 from engines.neural import runtime as rtm
 from engines.neural.model import Generator, contour_map, export_onnx, make_input, to_image

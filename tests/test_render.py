@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-from conftest import read_frames, shared_clip
+from helpers import read_frames, shared_clip
 from engines.landmarks import FaceLandmarker, eye_openness, mouth_openness
 from server.cli import main
 

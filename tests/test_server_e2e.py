@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from engines.landmarks import FaceLandmarker, mouth_openness
-from test_server_support import (Client, ClipTrack, clip, read_frames, running_server, wait_for,
+from helpers import (Client, ClipTrack, clip, read_seconds, running_server, wait_for,
                                  zero_rtp_timestamp_origin)
 
 SECONDS = 6.0
@@ -24,8 +24,8 @@ def openness(frames) -> list[float | None]:
 
 @pytest.mark.slow
 async def test_avatar_follows_driver_mouth(tmp_path, monkeypatch):
-    driver = read_frames(clip("drive_wink.mp4"), SECONDS)
-    with zero_rtp_timestamp_origin(monkeypatch):
+    driver = read_seconds(clip("drive_wink.mp4"), SECONDS)
+    with zero_rtp_timestamp_origin():
         async with running_server(tmp_path, monkeypatch) as srv:
             client = await Client(srv.ws_url).connect()
             session = await client.hello()

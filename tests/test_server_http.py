@@ -9,12 +9,12 @@ import pytest
 import websockets
 
 from server import app
-from server.config import ServerConfig, load_config
+from server.config import ServerConfig, add_arguments, config_from_args, load_config
 from server.media import LatestFrame, input_size
 from server.security import (ALL, ConfigError, RateLimiter, TokenAuth, origin_allowed,
                              parse_tokens_env)
 from server.app import start_server
-from test_server_support import running_server
+from helpers import running_server
 
 
 async def http_get(url: str, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
@@ -109,20 +109,20 @@ def test_config_file_and_env(tmp_path):
 
 def test_cli_hook_arguments():
     parser = argparse.ArgumentParser()
-    app.add_arguments(parser)
+    add_arguments(parser)
     args = parser.parse_args(["--port", "0", "--max-sessions", "3", "--origin", "https://x.example"])
-    config = app.config_from_args(args)
+    config = config_from_args(args)
     assert (config.host, config.port, config.max_sessions) == ("127.0.0.1", 0, 3)
     assert config.origins == ["https://x.example"]
-    assert app.config_from_args(parser.parse_args([])).port == 8080
+    assert config_from_args(parser.parse_args([])).port == 8080
 
 
 def test_serve_uses_the_home_it_is_given(tmp_path):
     from server.cli import build_parser
 
     args = build_parser().parse_args(["--home", str(tmp_path), "serve"])
-    assert app.config_from_args(args).identities_root == tmp_path / "identities"
-    assert app.config_from_args(build_parser().parse_args(["serve"])).identities_root is None
+    assert config_from_args(args).identities_root == tmp_path / "identities"
+    assert config_from_args(build_parser().parse_args(["serve"])).identities_root is None
 
 
 def test_origin_and_rate_limit_and_sizes():

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from aiortc import RTCPeerConnection
 
-from test_server_support import Client, ClipTrack, clip, read_frames, running_server, wait_for
+from helpers import Client, ClipTrack, clip, read_seconds, running_server, wait_for
 
 TOKENS = {"good-token": frozenset({"demo"}), "admin-token": "*"}
 
 
 @pytest.fixture(scope="module")
 def driver_frames():
-    return read_frames(clip("drive_wink.mp4"), 2.0)
+    return read_seconds(clip("drive_wink.mp4"), 2.0)
 
 
 async def streaming_client(srv, frames, token=None) -> Client:
@@ -196,7 +196,7 @@ async def test_odd_and_changing_camera_sizes_keep_streaming(tmp_path, monkeypatc
 
 @pytest.mark.slow
 async def test_udp_port_range_is_respected(tmp_path, monkeypatch):
-    frames = read_frames(clip("drive_wink.mp4"), 1.0)
+    frames = read_seconds(clip("drive_wink.mp4"), 1.0)
     async with running_server(tmp_path, monkeypatch, udp_ports="45100-45140") as srv:
         client = await Client(srv.ws_url).connect()
         try:
