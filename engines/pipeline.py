@@ -6,28 +6,16 @@ n+1 while frame n renders); process() runs them in order and times each.
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from .identity import Identity
 from .landmarks import FaceLandmarker
+from .measure import StageTimer
 from .retarget import RetargetControls, Retargeter
 from .warp import WarpRenderer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StageTimes:
-    landmarks_ms: float = 0.0
-    retarget_ms: float = 0.0
-    render_ms: float = 0.0
-
-    @property
-    def total_ms(self) -> float:
-        return self.landmarks_ms + self.retarget_ms + self.render_ms
 
 
 def make_renderer(identity: Identity):
@@ -80,18 +68,12 @@ class AvatarPipeline:
     def render(self, target: np.ndarray) -> np.ndarray:
         return self.renderer.render(target)
 
-    def process(self, rgb: np.ndarray, t: float) -> tuple[np.ndarray, StageTimes]:
-        times = StageTimes()
-        t0 = time.perf_counter()
-        points = self.detect(rgb)
-        t1 = time.perf_counter()
-        target = self.retarget(points, t)
-        t2 = time.perf_counter()
-        out = self.render(target)
-        t3 = time.perf_counter()
-        times.landmarks_ms, times.retarget_ms, times.render_ms = (
-            (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
-        return out, times
+    def process(self, rgb: np.ndarray, t: float) -> tuple[np.ndarray, dict[str, float]]:
+        """The avatar frame for one driver frame, and ms per stage (landmarks, retarget, render)."""
+        timer = StageTimer()
+        points = timer.run("landmarks", self.detect, rgb)
+        target = timer.run("retarget", self.retarget, points, t)
+        return timer.run("render", self.render, target), timer.ms
 
     def close(self) -> None:
         self.landmarker.close()

@@ -16,8 +16,9 @@ import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
+from engines.measure import StageTimer
 from engines.pipeline import AvatarPipeline
-from .telemetry import FrameRecord
+from .telemetry import COMPUTE_STAGES, FrameRecord
 
 MAX_INPUT = (1920, 1080)  # larger camera frames are scaled down first
 LANDMARK_WIDTH = 640  # landmarks do not need more; smaller is faster
@@ -94,14 +95,13 @@ def input_size(width: int, height: int) -> tuple[int, int] | None:
 
 @dataclass
 class Detected:
-    """A camera frame after the first stage: its landmarks and timings so far."""
+    """A camera frame after the first stage: its landmarks and the stage times so far."""
     pts: int
     time_base: fractions.Fraction
     size: tuple[int, int]  # the camera's resolution
     recv_time: float
     points: np.ndarray | None
-    convert_ms: float
-    landmarks_ms: float
+    timer: StageTimer
 
 
 class FrameProcessor:
@@ -123,14 +123,13 @@ class FrameProcessor:
         size = input_size(frame.width, frame.height)
         if size is None:
             return None
-        t0 = time.perf_counter()
-        rgb = frame.reformat(width=size[0], height=size[1], format="rgb24").to_ndarray()
-        t1 = time.perf_counter()
-        points = self.pipeline.detect(rgb)
-        t2 = time.perf_counter()
+        timer = StageTimer()
+        rgb = timer.run("convert", frame.reformat, size[0], size[1], "rgb24")
+        rgb = timer.run("convert", rgb.to_ndarray)
+        points = timer.run("landmarks", self.pipeline.detect, rgb)
         pts = frame.pts if frame.pts is not None else int(recv_time * 90000)
         return Detected(pts, frame.time_base or VIDEO_TIME_BASE, (frame.width, frame.height),
-                        recv_time, points, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+                        recv_time, points, timer)
 
     def finish(self, d: Detected) -> tuple[av.VideoFrame, FrameRecord]:
         if d.size != self.source_size:
@@ -138,21 +137,17 @@ class FrameProcessor:
             if self.source_size is not None:
                 self.pipeline.recalibrate()
             self.source_size = d.size
-        t0 = time.perf_counter()
-        target = self.pipeline.retarget(d.points, time.monotonic() - self.t0)
-        t1 = time.perf_counter()
-        out = self.pipeline.render(target)
-        t2 = time.perf_counter()
-        video = av.VideoFrame.from_ndarray(np.ascontiguousarray(out), format="rgb24")
+        timer = d.timer
+        target = timer.run("retarget", self.pipeline.retarget, d.points, time.monotonic() - self.t0)
+        out = timer.run("render", self.pipeline.render, target)
+        video = timer.run("convert", av.VideoFrame.from_ndarray, np.ascontiguousarray(out), "rgb24")
         # Keep the input's timestamp so each output frame names the camera frame it shows.
         video.pts, video.time_base = d.pts, d.time_base
-        t3 = time.perf_counter()
         done = time.time()
-        stages = {"convert": d.convert_ms + (t3 - t2) * 1e3, "landmarks": d.landmarks_ms,
-                  "retarget": (t1 - t0) * 1e3, "render": (t2 - t1) * 1e3,
-                  "total": (done - d.recv_time) * 1e3}
+        stages = {s: timer.ms.get(s, 0.0) for s in COMPUTE_STAGES}
+        stages["total"] = (done - d.recv_time) * 1e3
         # Whatever is not compute was waiting: for a thread, or for the previous frame.
-        stages["queue"] = max(0.0, stages["total"] - sum(v for k, v in stages.items() if k != "total"))
+        stages["queue"] = max(0.0, stages["total"] - sum(timer.ms.values()))
         return video, FrameRecord(d.pts, d.recv_time, done, d.points is not None, stages)
 
 

@@ -6,9 +6,14 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
+from engines.measure import percentiles
 
-STAGES = ("queue", "convert", "landmarks", "retarget", "render", "total")
+# The live stages, in the order a frame goes through them; the one list of their names:
+# the stats messages, /metrics, the web client (sent in the session message) and the
+# benchmark all read it. queue: waiting for a thread or the previous frame; total:
+# camera frame received -> avatar frame handed to the sender.
+COMPUTE_STAGES = ("convert", "landmarks", "retarget", "render")
+STAGES = ("queue", *COMPUTE_STAGES, "total")
 
 
 @dataclass
@@ -22,10 +27,9 @@ class FrameRecord:
 
 
 def _quantiles(values) -> tuple[float, float]:
-    if not values:
-        return 0.0, 0.0
-    p50, p95 = np.percentile(np.asarray(values, dtype=np.float64), [50, 95])
-    return round(float(p50), 2), round(float(p95), 2)
+    """(p50, p95) of a window of ms values; zeros before the first frame."""
+    p = percentiles(values)
+    return p["p50"] or 0.0, p["p95"] or 0.0
 
 
 class SessionStats:

@@ -1,4 +1,6 @@
-"""Offline render: reenact a driving video with an identity, keeping its audio."""
+"""Offline render: reenact a driving video file with an identity, keeping its audio.
+
+Pure compute on files (no network, no asyncio): `avatar render` calls it."""
 from __future__ import annotations
 
 import json
@@ -13,10 +15,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from engines.identity import Identity
-from engines.pipeline import AvatarPipeline
-from engines.retarget import RetargetControls
-from engines.video import open_video
+from .identity import Identity
+from .measure import timing_summary
+from .pipeline import AvatarPipeline
+from .retarget import RetargetControls
+from .video import open_video
 
 STAGES = ("decode_ms", "landmarks_ms", "retarget_ms", "render_ms", "encode_ms")
 
@@ -93,8 +96,8 @@ def _render(source, identity, output: Path, side_by_side, controls, progress) ->
                 vf.time_base = 1 / fps
                 sink.mux(video_out.encode(vf))
                 times["encode_ms"].append(_now() - t0)
-                for key in ("landmarks_ms", "retarget_ms", "render_ms"):
-                    times[key].append(getattr(st, key))
+                for stage, ms in st.items():
+                    times[f"{stage}_ms"].append(ms)
                 frames += 1
                 bar.update(1)
         sink.mux(video_out.encode(None))
@@ -104,7 +107,7 @@ def _render(source, identity, output: Path, side_by_side, controls, progress) ->
         pipeline.close()
     if frames == 0:
         raise RenderError("the driving video has no decodable frames")
-    stages = {k: summarize(v) for k, v in times.items()}
+    stages = {k: timing_summary(v, count_key="count", digits=3) for k, v in times.items()}
     return RenderSummary(frames, faces, float(fps), str(output), stages)
 
 
@@ -121,14 +124,6 @@ def _fit_square(rgb: np.ndarray, size: int) -> np.ndarray:
     s = min(h, w)
     y0, x0 = (h - s) // 2, (w - s) // 2
     return cv2.resize(rgb[y0:y0 + s, x0:x0 + s], (size, size), interpolation=cv2.INTER_AREA)
-
-
-def summarize(values_ms) -> dict:
-    v = np.asarray(values_ms, dtype=np.float64)
-    if v.size == 0:
-        return {"median_ms": None, "p95_ms": None, "count": 0}
-    return {"median_ms": round(float(np.median(v)), 3), "p95_ms": round(float(np.percentile(v, 95)), 3),
-            "count": int(v.size)}
 
 
 def write_summary(summary: RenderSummary, path: str | os.PathLike) -> None:
