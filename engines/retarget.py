@@ -17,17 +17,27 @@ from . import geometry
 from .landmarks import RIGID, inter_ocular
 
 
+GAIN_RANGE = (0.0, 2.0)  # 0: no motion, 1: the driver's, 2: exaggerated
+
+
+def check_gain(name: str, value: object) -> float:
+    """`value` if it is a number in GAIN_RANGE, else ValueError naming `name`. Compares
+    before any float conversion, so NaN, infinities and 400-digit integers fail cleanly."""
+    low, high = GAIN_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name} must be a number from {low:g} to {high:g}")
+    return value
+
+
 @dataclass
 class RetargetControls:
-    expression_gain: float = 1.0  # 0 (poker face) .. 2 (exaggerated)
-    head_gain: float = 1.0  # 0 .. 2; scales turn, nod, roll and shift
+    expression_gain: float = 1.0  # GAIN_RANGE: 0 (poker face) .. 2 (exaggerated)
+    head_gain: float = 1.0  # GAIN_RANGE; scales turn, nod, roll and shift
     freeze_head: bool = False
 
     def validated(self) -> "RetargetControls":
         for name in ("expression_gain", "head_gain"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 2.0):
-                raise ValueError(f"{name} must be a number from 0 to 2, got {value!r}")
+            check_gain(name, getattr(self, name))
         return self
 
 

@@ -1,7 +1,6 @@
 """`avatar serve`: one port for the web client (HTTP GET) and signaling (/ws WebSocket).
 
-    add_arguments(parser)  the serve flags, for server/cli.py
-    run(args)              blocks until Ctrl-C; returns an exit code
+    run(args)              blocks until Ctrl-C; returns an exit code (flags: config.add_arguments)
     start_server(config)   async context manager for tests: `async with start_server(c) as srv`
 """
 from __future__ import annotations
@@ -15,20 +14,25 @@ import logging
 import signal
 import ssl
 import sys
+from importlib.resources import files
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import serve
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
-from engines.identity import DEFAULT_IDENTITY, identities_dir
-from .config import ServerConfig, ServerState, load_config
+from engines.identity import DEFAULT_IDENTITY
+from .config import ServerConfig, config_from_args
 from .security import ConfigError, is_loopback, origin_allowed
 from .signaling import Connection
+from .state import ServerState
 from .udp_ports import confine_udp_ports, parse_range
 
 log = logging.getLogger("avatar.server")
 
+# The web client ships inside the package as `server.web` (pyproject maps it to web/), so
+# an installed `avatar` serves it too, not only a checkout.
+WEB = files("server.web")
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
           "/index.html": ("index.html", "text/html; charset=utf-8"),
           "/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -71,7 +75,7 @@ def make_process_request(state: ServerState):
         if path in STATIC:
             name, ctype = STATIC[path]
             try:
-                body = (state.config.web_dir / name).read_bytes()
+                body = WEB.joinpath(name).read_bytes()
             except OSError:
                 return _text(404, "web client not found\n")
             return _response(200, body, ctype)
@@ -143,33 +147,6 @@ async def start_server(config: ServerConfig | None = None):
         # Closing the sockets ends each handler, whose `finally` closes its session.
         await server.wait_closed()
         release_ports()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="port (default 8080; 0 = any free)")
-    parser.add_argument("--cert", help="TLS certificate (PEM); serves https/wss with --key")
-    parser.add_argument("--key", help="TLS private key (PEM)")
-    parser.add_argument("--config", help="JSON config file: tokens, origins, limits (docs/PROTOCOL.md)")
-    parser.add_argument("--max-sessions", type=int, default=None,
-                        help="concurrent sessions before new ones get 'busy' (default: CPU count)")
-    parser.add_argument("--idle-timeout", type=float, default=None,
-                        help="seconds without messages or camera frames before a session ends (30)")
-    parser.add_argument("--origin", action="append", dest="origins", default=None,
-                        help="extra allowed WebSocket Origin, e.g. https://example.org (repeatable)")
-    parser.add_argument("--udp-ports", default=None, metavar="MIN-MAX",
-                        help="UDP port range for WebRTC media, e.g. 40000-40100 (default: any)")
-    parser.add_argument("--ice-server", action="append", dest="ice_servers", default=None,
-                        help="STUN/TURN URL for the server side (default: none, host candidates only)")
-
-
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    home = getattr(args, "home", None)  # --home, when given, beats the config file's identities_root
-    return load_config(getattr(args, "config", None), host=args.host, port=args.port,
-                       cert=args.cert, key=args.key, max_sessions=args.max_sessions,
-                       idle_timeout=args.idle_timeout, origins=args.origins,
-                       ice_servers=args.ice_servers, udp_ports=args.udp_ports,
-                       identities_root=identities_dir(home) if home else None)
 
 
 async def _serve_until_stopped(config: ServerConfig) -> None:

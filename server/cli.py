@@ -60,11 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the web client and WebRTC avatar sessions",
                            description="Serve the web client and the signaling WebSocket on one port.")
     serve.set_defaults(func=cmd_serve)
-    try:
-        from server import app
-        app.add_arguments(serve)
-    except ImportError:  # the server module is optional while it is being built
-        pass
+    from server import config
+    config.add_arguments(serve)
 
     render = sub.add_parser("render", help="reenact a driving video offline",
                             description="Reenact a driving video with an identity. Keeps the audio "
@@ -172,7 +169,7 @@ def cmd_serve(args) -> int:
 def cmd_render(args) -> int:
     from engines.retarget import RetargetControls
     from engines.video import open_video
-    from server.render import format_summary, render_video, write_summary
+    from engines.render import format_summary, render_video, write_summary
 
     open_video(args.driving).close()  # fail on a bad input before loading anything else
     controls = RetargetControls(args.expression_gain, args.head_gain, args.freeze_head).validated()

@@ -1,18 +1,24 @@
-"""Server settings (flags + optional JSON config file + env) and the shared server state."""
+"""Server settings, declared once.
+
+Each ServerConfig field says, in its metadata, its help text and bounds; from that follow
+the `avatar serve` flags (`--idle-timeout`), the JSON config-file keys (`idle_timeout`),
+their type checks and validation. A new setting is one new field.
+
+Precedence: defaults < config file < AVATAR_TOKENS (tokens only) < flags that were given.
+"""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engines.identity import DEFAULT_IDENTITY, IdentityStore, identities_dir
-from .security import (ConfigError, TokenAuth, identity_allowed, parse_tokens_env,
-                       parse_tokens_json)
-from .telemetry import Metrics
+from engines.identity import identities_dir
+from .security import ConfigError, parse_tokens_env, parse_tokens_json
 from .udp_ports import parse_range
-
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
 def default_max_sessions() -> int:
@@ -20,54 +26,105 @@ def default_max_sessions() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def setting(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING,
+            minimum=None, maximum=None, positive: bool = False, flag: str | None = "",
+            repeat: str | None = None, metavar: str | None = None, default_text: str | None = None, check=None):
+    """A ServerConfig field. flag=None: no command-line flag (config file only); repeat: the
+    flag is given once per list item under that singular name; check(value) may raise ValueError."""
+    meta = {"help": help, "minimum": minimum, "maximum": maximum, "positive": positive, "flag": flag,
+            "repeat": repeat, "metavar": metavar, "default_text": default_text, "check": check}
+    return field(default=default, default_factory=factory, metadata=meta)
+
+
 @dataclass
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    cert: str | None = None
-    key: str | None = None
-    tokens: dict = field(default_factory=dict)  # token -> frozenset of names | "*"
-    origins: list[str] = field(default_factory=list)  # extra allowed WebSocket Origins
-    max_sessions: int = field(default_factory=default_max_sessions)
-    idle_timeout: float = 30.0  # seconds without messages or camera frames
-    hello_timeout: float = 10.0  # seconds to say hello after connecting
-    max_message: int = 64 * 1024  # bytes per signaling message
-    max_sdp: int = 32 * 1024
-    rate: float = 20.0  # signaling messages per second, sustained
-    burst: int = 40
-    stats_interval: float = 1.0
-    ice_servers: list[str] = field(default_factory=list)  # e.g. ["stun:stun.example.org:3478"]
-    udp_ports: str | None = None  # e.g. "40000-40100": WebRTC media ports; default any
-    identities_root: Path | None = None  # default: $AVATAR_HOME/identities
-    web_dir: Path = WEB_DIR
+    host: str = setting("127.0.0.1", "address to bind; without tokens only a loopback address is allowed")
+    port: int = setting(8080, "port (0 = any free)", minimum=0, maximum=65535)
+    cert: str | None = setting(None, "TLS certificate (PEM); serves https/wss with --key", metavar="PEM")
+    key: str | None = setting(None, "TLS private key (PEM)", metavar="PEM")
+    origins: list[str] = setting(help="extra allowed WebSocket Origin, e.g. https://example.org",
+                                 factory=list, repeat="origin", metavar="URL")
+    max_sessions: int = setting(help="concurrent sessions before new ones get 'busy'", factory=default_max_sessions,
+                                minimum=1, default_text="the CPU count", metavar="N")
+    idle_timeout: float = setting(30.0, "seconds without messages or camera frames before a session ends",
+                                  positive=True, metavar="SECONDS")
+    hello_timeout: float = setting(10.0, "seconds a new connection has to say hello", positive=True,
+                                   metavar="SECONDS")
+    max_message: int = setting(64 * 1024, "bytes per signaling message", minimum=256, metavar="BYTES")
+    max_sdp: int = setting(32 * 1024, "bytes per SDP offer", minimum=256, metavar="BYTES")
+    rate: float = setting(20.0, "signaling messages per second per connection, sustained", positive=True,
+                          metavar="PER_S")
+    burst: int = setting(40, "signaling messages per connection allowed in a burst", minimum=1, metavar="N")
+    stats_interval: float = setting(1.0, "seconds between stats messages to the client", positive=True,
+                                    metavar="SECONDS")
+    ice_servers: list[str] = setting(help="STUN/TURN URL for the server side (default: none, host candidates only)",
+                                     factory=list, repeat="ice-server", metavar="URL")
+    udp_ports: str | None = setting(None, "UDP port range for WebRTC media, e.g. 40000-40100 (default: any)",
+                                    metavar="MIN-MAX", check=parse_range)
+    # Set by the top-level --home flag; the config file may name a folder too.
+    identities_root: Path | None = setting(None, "identities folder (default: $AVATAR_HOME/identities)",
+                                           flag=None)
+    # Not settings: filled in by code (tokens from AVATAR_TOKENS or the file's "tokens").
+    tokens: dict = field(default_factory=dict, metadata={"internal": True})  # token -> names | "*"
 
     def validate(self) -> "ServerConfig":
-        if not (0 <= self.port <= 65535):
-            raise ConfigError(f"port must be 0..65535, got {self.port}")
-        if self.max_sessions < 1:
-            raise ConfigError(f"max-sessions must be at least 1, got {self.max_sessions}")
+        for f in settings():
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            m = f.metadata
+            low, high = m["minimum"], m["maximum"]
+            if (low is not None and value < low) or (high is not None and value > high):
+                bound = f"{low}..{high}" if high is not None else f"at least {low}"
+                raise ConfigError(f"{_flag_name(f)} must be {bound}, got {value}")
+            if m["positive"] and not value > 0:
+                raise ConfigError(f"{_flag_name(f)} must be positive, got {value}")
+            if m["check"] is not None:
+                try:
+                    m["check"](value)
+                except ValueError as e:
+                    raise ConfigError(str(e))
         if bool(self.cert) != bool(self.key):
             raise ConfigError("--cert and --key go together")
-        if self.udp_ports is not None:
-            try:
-                parse_range(self.udp_ports)
-            except ValueError as e:
-                raise ConfigError(str(e))
-        for name in ("idle_timeout", "hello_timeout", "rate", "stats_interval"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be positive")
         return self
 
 
-# JSON config keys that map straight onto ServerConfig fields.
-_JSON_KEYS = {"host": str, "port": int, "cert": str, "key": str, "origins": list,
-              "max_sessions": int, "idle_timeout": (int, float), "rate": (int, float),
-              "burst": int, "ice_servers": list, "identities_root": str, "udp_ports": str}
+def settings() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(ServerConfig) if not f.metadata.get("internal")]
+
+
+def _flag_name(f: dataclasses.Field) -> str:
+    return f.name.replace("_", "-")
+
+
+_TYPES = typing.get_type_hints(ServerConfig)
+
+
+def _base_type(f: dataclasses.Field):
+    """str, int, float, list or Path: what a field holds (None aside)."""
+    t = _TYPES[f.name]
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    if typing.get_origin(t) is list:
+        return list
+    return args[0] if args else t
+
+
+def _from_json(f: dataclasses.Field, value, where: str):
+    """The file's value for a field, type-checked (bool is not a number; an int is a float)."""
+    kind = _base_type(f)
+    ok = {str: isinstance(value, str), Path: isinstance(value, str),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          list: isinstance(value, list) and all(isinstance(v, str) for v in value)}[kind]
+    if not ok:
+        raise ConfigError(f"{where}: '{f.name}' has the wrong type (expected {kind.__name__})")
+    return Path(value) if kind is Path else value
 
 
 def load_config(path: str | None, env: dict | None = None, **overrides) -> ServerConfig:
     """File settings, then AVATAR_TOKENS, then explicit overrides (flags that were given)."""
     env = os.environ if env is None else env
+    fields = {f.name: f for f in settings()}
     values: dict = {}
     tokens: dict = {}
     if env.get("AVATAR_TOKENS"):
@@ -82,28 +139,39 @@ def load_config(path: str | None, env: dict | None = None, **overrides) -> Serve
         for key, value in data.items():
             if key == "tokens":
                 tokens.update(parse_tokens_json(value))
-            elif key in _JSON_KEYS:
-                if not isinstance(value, _JSON_KEYS[key]) or isinstance(value, bool):
-                    raise ConfigError(f"{path}: '{key}' has the wrong type")
-                values[key] = value
+            elif key in fields:
+                values[key] = _from_json(fields[key], value, path)
             else:
-                raise ConfigError(f"{path}: unknown key '{key}'")
+                raise ConfigError(f"{path}: unknown key '{key}' (known: tokens, {', '.join(fields)})")
     values.update({k: v for k, v in overrides.items() if v is not None})
-    if "identities_root" in values:
-        values["identities_root"] = Path(values["identities_root"])
     return ServerConfig(tokens=tokens, **values).validate()
 
 
-class ServerState:
-    """What every connection shares: config, identities, auth, metrics, live sessions."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting (help and default from the field), plus --config."""
+    parser.add_argument("--config", help="JSON config file: tokens and any setting below by its "
+                                         "name with underscores, e.g. {\"idle_timeout\": 20} (docs/PROTOCOL.md)")
+    defaults = ServerConfig()
+    for f in settings():
+        m = f.metadata
+        if m["flag"] is None:
+            continue
+        kind = _base_type(f)
+        default = m["default_text"] or getattr(defaults, f.name)
+        help_text = m["help"] if kind is list or default is None or "(default" in m["help"] \
+            else f"{m['help']} (default: {default})"
+        if kind is list:
+            parser.add_argument(f"--{m['repeat']}", dest=f.name, action="append", default=None,
+                                help=help_text + " (repeatable)", metavar=m["metavar"])
+        else:
+            parser.add_argument(f"--{_flag_name(f)}", dest=f.name, type=kind, default=None,
+                                help=help_text, metavar=m["metavar"])
 
-    def __init__(self, config: ServerConfig):
-        self.config = config
-        self.store = IdentityStore(config.identities_root or identities_dir())
-        self.auth = TokenAuth(config.tokens)
-        self.metrics = Metrics()
-        self.sessions: dict = {}  # id -> Session
 
-    def visible_identities(self, allow) -> list[str]:
-        names = set(self.store.names()) | {DEFAULT_IDENTITY}
-        return sorted(n for n in names if identity_allowed(allow, n))
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The settings from parsed `add_arguments` flags; the top-level --home, when given,
+    beats the config file's identities_root."""
+    given = {f.name: getattr(args, f.name, None) for f in settings() if f.metadata["flag"] is not None}
+    home = getattr(args, "home", None)
+    return load_config(getattr(args, "config", None), identities_root=identities_dir(home) if home else None,
+                       **given)

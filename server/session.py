@@ -110,6 +110,10 @@ class Session:
         await self._run(self.render_ex, self.pipeline.set_identity, identity)
         self.identity_name = name
 
+    def set_paused(self, paused: bool) -> None:
+        """Paused: camera frames are still received (and dropped), no avatar frames go out."""
+        self.paused = paused
+
     async def recalibrate(self) -> None:
         await self._run(self.render_ex, self.pipeline.recalibrate)
 

@@ -13,8 +13,10 @@ import logging
 from websockets.exceptions import ConnectionClosed
 
 from engines.identity import DEFAULT_IDENTITY, IdentityError, check_name
+from engines.retarget import check_gain
 from .security import RateLimiter, identity_allowed, is_number
 from .session import Session
+from .telemetry import STAGES
 
 log = logging.getLogger("avatar.signaling")
 VERSION = 1
@@ -127,13 +129,9 @@ class Connection:
             raise ProtocolError("unauthorized", "missing or invalid token", fatal=True)
         name = msg.get("identity", DEFAULT_IDENTITY)
         self._check_identity(name, allow, fatal=True)
-        # Admission: check and reserve with no await in between.
-        metrics = self.state.metrics
-        if metrics.sessions_active >= self.config.max_sessions:
+        if not self.state.admit():
             raise ProtocolError("busy", f"the server is at its limit of {self.config.max_sessions} "
                                         "sessions; try again later", fatal=True)
-        metrics.sessions_active += 1
-        metrics.sessions_total += 1
         self.allow = allow
         self.session = session = Session(self.state, name)
         self.state.sessions[session.id] = session
@@ -144,7 +142,7 @@ class Connection:
         await self._send({"type": "session", "id": session.id, "identity": name,
                           "identities": self.state.visible_identities(allow),
                           "max_message": self.config.max_message, "stats_channel": "stats",
-                          "controls": vars(session.pipeline.controls)})
+                          "controls": vars(session.pipeline.controls), "stages": list(STAGES)})
         log.info("session %s started (identity %s)", session.id, name)
 
     async def _offer(self, msg: dict) -> None:
@@ -171,8 +169,11 @@ class Connection:
             raise ProtocolError("bad_message", "control message without any control")
         # Validate everything before applying anything, so a bad message changes nothing.
         for key in ("expression_gain", "head_gain"):
-            if key in changes and not (is_number(changes[key]) and 0 <= changes[key] <= 2):
-                raise ProtocolError("bad_value", f"{key} must be a number from 0 to 2")
+            if key in changes:
+                try:
+                    check_gain(key, changes[key])
+                except ValueError as e:
+                    raise ProtocolError("bad_value", str(e))
         for key in ("freeze_head", "pause", "recalibrate"):
             if key in changes and not isinstance(changes[key], bool):
                 raise ProtocolError("bad_value", f"{key} must be true or false")
@@ -192,7 +193,7 @@ class Connection:
         if changes.get("recalibrate"):
             await session.recalibrate()
         if "pause" in changes:
-            session.paused = changes["pause"]
+            session.set_paused(changes["pause"])
         await self._send({"type": "control_ok", "identity": session.identity_name,
                           "paused": session.paused, "controls": vars(session.pipeline.controls)})
 
@@ -225,5 +226,5 @@ class Connection:
             await session.close()
         finally:
             self.state.sessions.pop(session.id, None)
-            self.state.metrics.sessions_active -= 1
+            self.state.release()
             log.info("session %s ended (%s)", session.id, session.end_reason)

@@ -3,7 +3,6 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const STAGES = ["queue", "convert", "landmarks", "retarget", "render", "total"];
 // Errors after which reconnecting cannot help: the user has to change something.
 const FINAL_ERRORS = new Set(["unauthorized", "forbidden_identity", "unknown_identity", "bad_value", "bad_version"]);
 
@@ -218,8 +217,10 @@ function showStats(s) {
   $("stats-summary").textContent =
     `${s.fps} fps · latency p50 ${lat.p50.toFixed(0)} ms / p95 ${lat.p95.toFixed(0)} ms · dropped ${s.dropped}` +
     (s.face ? "" : " · no face");
-  const max = Math.max(1, ...STAGES.map((k) => s.stages_ms[k].p95));
-  $("stats-bars").replaceChildren(...STAGES.map((k) => {
+  // The server names its stages, in order, in the session message.
+  const stages = (state.session && state.session.stages) || Object.keys(s.stages_ms);
+  const max = Math.max(1, ...stages.map((k) => s.stages_ms[k].p95));
+  $("stats-bars").replaceChildren(...stages.map((k) => {
     const row = document.createElement("div");
     row.className = "bar";
     const name = document.createElement("span");
