@@ -19,6 +19,7 @@ import pytest
 import websockets
 
 from helpers import Client, clip, running_server, wait_for
+from server.telemetry import STAGES
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -80,7 +81,13 @@ PAGE_STATE = """(() => {
   return {frames: q, width: v.videoWidth, mean, stats: window.avatar.statsCount,
           summary: document.getElementById('stats-summary').textContent,
           message: document.getElementById('message').textContent,
-          error: window.avatar.lastError};
+          error: window.avatar.lastError,
+          // The avatar track's receiver: the page asks for the smallest playout delay.
+          playout: (() => {
+            const r = window.avatar.pc && window.avatar.pc.getReceivers().find((x) => x.track.kind === 'video');
+            return r ? (r.jitterBufferTarget ?? r.playoutDelayHint ?? null) : null;
+          })(),
+          stages: window.avatar.session && window.avatar.session.stages};
 })()"""
 
 
@@ -150,6 +157,8 @@ async def test_browser_shows_avatar_and_stats(tmp_path, monkeypatch):
         assert state.get("mean", 0) > 20, f"avatar video looks black: {state}"
         assert state.get("stats", 0) >= 3 and "fps" in state.get("summary", ""), state
         assert srv.state.metrics.frames_processed > 30
+        assert state.get("playout") == 0, f"the avatar receiver keeps a playout delay: {state}"
+        assert state.get("stages") == list(STAGES), state  # the overlay's names come from the server
 
 
 @pytest.mark.slow

@@ -140,6 +140,18 @@ function onError(msg) {
   }
 }
 
+// The avatar is live: ask the browser to play each frame as soon as it is decoded rather
+// than buffering for smoothness. jitterBufferTarget (ms) is the standard; Chromium also
+// knows the older playoutDelayHint (s). Browsers with neither keep their default.
+function lowestPlayoutDelay(receiver) {
+  try {
+    if ("jitterBufferTarget" in receiver) receiver.jitterBufferTarget = 0;
+    else if ("playoutDelayHint" in receiver) receiver.playoutDelayHint = 0;
+  } catch (e) {
+    console.warn("cannot lower the playout delay:", e);
+  }
+}
+
 async function negotiate() {
   const pc = new RTCPeerConnection();
   state.pc = pc;
@@ -148,6 +160,7 @@ async function negotiate() {
   const stats = pc.createDataChannel("stats");
   stats.onmessage = (ev) => showStats(JSON.parse(ev.data));
   pc.ontrack = (ev) => {
+    lowestPlayoutDelay(ev.receiver);
     $("avatar").srcObject = ev.streams[0] || new MediaStream([ev.track]);
   };
   pc.onconnectionstatechange = () => {
