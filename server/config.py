@@ -52,6 +52,8 @@ class ServerConfig:
                                    metavar="SECONDS")
     max_message: int = setting(64 * 1024, "bytes per signaling message", minimum=256, metavar="BYTES")
     max_sdp: int = setting(32 * 1024, "bytes per SDP offer", minimum=256, metavar="BYTES")
+    max_candidates: int = setting(32, "ICE candidates per offer (each costs the server STUN checks)",
+                                  minimum=1, metavar="N")
     rate: float = setting(20.0, "signaling messages per second per connection, sustained", positive=True,
                           metavar="PER_S")
     burst: int = setting(40, "signaling messages per connection allowed in a burst", minimum=1, metavar="N")

@@ -140,4 +140,39 @@ class RateLimiter:
 
 
 def is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite JSON number. Not a bool, NaN or infinity, nor an integer too large for a
+    float (JSON allows 400 digits; math.isfinite would raise OverflowError on it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+FINGERPRINT_ALGORITHMS = {"sha-1", "sha-224", "sha-256", "sha-384", "sha-512"}  # RFC 8122
+MAX_MEDIA_SECTIONS = {"video": 1, "audio": 1, "application": 1}
+
+
+def check_offer_sdp(sdp: str, max_candidates: int) -> None:
+    """ValueError (with a message for the client) for an offer the server will not try:
+    more m-lines of a kind than a session uses, an unknown DTLS fingerprint hash, or more
+    ICE candidates than max_candidates (each one costs STUN checks)."""
+    counts: dict[str, int] = {}
+    candidates = 0
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            kind = line[2:].split(" ", 1)[0]
+            counts[kind] = counts.get(kind, 0) + 1
+            if kind not in MAX_MEDIA_SECTIONS:
+                raise ValueError(f"unsupported media section {kind[:20]!r}")
+            if counts[kind] > MAX_MEDIA_SECTIONS[kind]:
+                raise ValueError(f"at most {MAX_MEDIA_SECTIONS[kind]} {kind} section(s) per offer")
+        elif line.startswith("a=fingerprint:"):
+            algorithm = line[len("a=fingerprint:"):].split(" ", 1)[0].lower()
+            if algorithm not in FINGERPRINT_ALGORITHMS:
+                raise ValueError(f"unsupported DTLS fingerprint algorithm {algorithm[:20]!r}")
+        elif line.startswith("a=candidate:"):
+            candidates += 1
+            if candidates > max_candidates:
+                raise ValueError(f"at most {max_candidates} ICE candidates per offer")

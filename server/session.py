@@ -45,7 +45,7 @@ class Session:
         self.tasks: set[asyncio.Task] = set()
         self.ended = asyncio.Event()
         self.end_reason = ""
-        self.last_activity = time.monotonic()
+        self.last_activity = time.monotonic()  # last camera frame: idle means no media
         self._closed = False
 
     # ---- setup -------------------------------------------------------------------------
@@ -196,9 +196,6 @@ class Session:
             if time.monotonic() - self.last_activity > timeout:
                 self._end("idle timeout")
                 return
-
-    def touch(self) -> None:
-        self.last_activity = time.monotonic()
 
     # ---- teardown ----------------------------------------------------------------------
     def _spawn(self, coro) -> None:

@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed
 
 from engines.identity import DEFAULT_IDENTITY, IdentityError, check_name
 from engines.retarget import check_gain
-from .security import RateLimiter, identity_allowed, is_number
+from .security import RateLimiter, check_offer_sdp, identity_allowed, is_number
 from .session import Session
 from .telemetry import STAGES
 
@@ -28,6 +28,10 @@ class ProtocolError(Exception):
     def __init__(self, code: str, message: str, fatal: bool = False):
         super().__init__(message)
         self.code, self.message, self.fatal = code, message, fatal
+
+
+class Goodbye(Exception):
+    """The client said bye: close normally, no error."""
 
 
 class Connection:
@@ -51,9 +55,10 @@ class Connection:
             await self._release()
 
     async def _serve(self) -> None:
-        first = True
+        loop = asyncio.get_running_loop()
+        hello_deadline = loop.time() + self.config.hello_timeout  # whatever else is sent first
         while True:
-            timeout = self.config.hello_timeout if first else None
+            timeout = None if self.session else max(0.0, hello_deadline - loop.time())
             recv = asyncio.ensure_future(self.ws.recv())
             waiters = {recv}
             if self.session is not None:
@@ -68,9 +73,12 @@ class Connection:
                 await self._send_error("session_ended" if self.session else "timeout", reason)
                 await self.ws.close(1000, reason[:100])
                 return
-            first = False
             try:
                 await self._handle(recv.result())
+            except Goodbye:
+                await self._release()  # the slot is free before the client sees the close
+                await self.ws.close(1000, "bye")
+                return
             except ProtocolError as e:
                 await self._send_error(e.code, e.message)
                 if e.fatal:
@@ -100,23 +108,22 @@ class Connection:
             raise ProtocolError("bad_json", "the message is not valid JSON")
         if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
             raise ProtocolError("bad_message", "expected a JSON object with a string 'type'")
-        if msg.get("v", VERSION) != VERSION:
+        version = msg.get("v", VERSION)
+        if isinstance(version, bool) or version != VERSION:  # true == 1 in Python, not in the protocol
             raise ProtocolError("bad_version", f"this server speaks protocol v{VERSION}", fatal=True)
-        if self.session is not None:
-            self.session.touch()
         kind = msg["type"]
         if kind == "ping":
             await self._send({"type": "pong", "id": msg.get("id") if is_number(msg.get("id")) else None})
         elif kind == "hello":
             await self._hello(msg)
         elif self.session is None:
-            raise ProtocolError("bad_message", f"send 'hello' before '{kind}'")
+            raise ProtocolError("bad_message", f"send 'hello' before {kind[:40]!r}")
         elif kind == "offer":
             await self._offer(msg)
         elif kind == "control":
             await self._control(msg)
         elif kind == "bye":
-            raise ProtocolError("bye", "closing as asked", fatal=True)
+            raise Goodbye
         else:
             raise ProtocolError("bad_message", f"unknown message type {kind[:40]!r}")
 
@@ -138,7 +145,7 @@ class Connection:
         try:
             await session.start()
         except IdentityError as e:
-            raise ProtocolError("unknown_identity", str(e), fatal=True)
+            raise ProtocolError("unknown_identity", unloadable(name, e), fatal=True)
         await self._send({"type": "session", "id": session.id, "identity": name,
                           "identities": self.state.visible_identities(allow),
                           "max_message": self.config.max_message, "stats_channel": "stats",
@@ -151,6 +158,10 @@ class Connection:
             raise ProtocolError("bad_sdp", "'sdp' must be an SDP offer string starting with 'v=0'")
         if len(sdp.encode()) > self.config.max_sdp:
             raise ProtocolError("too_large", f"SDP is limited to {self.config.max_sdp} bytes")
+        try:
+            check_offer_sdp(sdp, self.config.max_candidates)
+        except ValueError as e:
+            raise ProtocolError("bad_sdp", f"cannot use this offer: {e}")
         try:
             answer = await self.session.offer(sdp)
         except RuntimeError as e:
@@ -187,7 +198,7 @@ class Connection:
             if "identity" in changes and changes["identity"] != session.identity_name:
                 await session.set_identity(changes["identity"])
         except IdentityError as e:
-            raise ProtocolError("unknown_identity", str(e))
+            raise ProtocolError("unknown_identity", unloadable(changes["identity"], e))
         except ValueError as e:
             raise ProtocolError("bad_value", str(e))
         if changes.get("recalibrate"):
@@ -222,9 +233,18 @@ class Connection:
         session, self.session = self.session, None
         if session is None:
             return
+        # The slot is free at once, before the teardown (~20 ms): a client that reconnects
+        # right after its close must not find its own old session still counted.
+        self.state.sessions.pop(session.id, None)
+        self.state.release()
         try:
             await session.close()
         finally:
-            self.state.sessions.pop(session.id, None)
-            self.state.release()
             log.info("session %s ended (%s)", session.id, session.end_reason)
+
+
+def unloadable(name: str, error: IdentityError) -> str:
+    """What a client is told when an identity's bundle cannot be loaded: its name, never the
+    server's paths (those go to the log)."""
+    log.warning("identity %r cannot be loaded: %s", name, error)
+    return f"identity {name!r} cannot be loaded on this server"

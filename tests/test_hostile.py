@@ -1,0 +1,142 @@
+"""Replays of an outside probe's hostile inputs (issue #15): each gets a clear error or a
+refusal, never a traceback, and a healthy session beside them keeps streaming.
+Loopback only, bounded in count and time."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+
+import pytest
+import websockets
+
+from helpers import Client, ClipTrack, clip, read_seconds, running_server, wait_for
+
+HUGE = int("9" * 400)  # JSON allows it; float() of it overflows
+
+
+def offer_with(lines: list[str], base: str) -> str:
+    """A real offer with extra lines appended to its last media section."""
+    return base.rstrip("\r\n") + "\r\n" + "\r\n".join(lines) + "\r\n"
+
+
+async def real_offer() -> str:
+    from aiortc import RTCPeerConnection, VideoStreamTrack
+
+    pc = RTCPeerConnection()
+    pc.addTrack(VideoStreamTrack())
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp
+
+
+async def expect(client: Client, msg, code: str) -> dict:
+    reply = await client.request(msg)
+    assert reply["type"] == "error" and reply["code"] == code, reply
+    assert len(reply["message"]) < 300, reply  # never an echo of what was sent
+    return reply
+
+
+async def test_protocol_inputs_get_clear_errors(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.ERROR)
+    async with running_server(tmp_path, monkeypatch) as srv:
+        c = await Client(srv.ws_url).connect()
+        # Before hello: a 400-digit ping id is no number, and no traceback.
+        assert await c.request({"v": 1, "type": "ping", "id": HUGE}) == {"v": 1, "type": "pong", "id": None}
+        await expect(c, {"v": 1, "type": "x" * 60000}, "bad_message")
+        await expect(c, {"v": True, "type": "ping"}, "bad_version")
+        c = await Client(srv.ws_url).connect()
+        assert (await c.hello())["type"] == "session"
+        await expect(c, {"v": 1, "type": "control", "expression_gain": HUGE}, "bad_value")
+        await expect(c, {"v": 1, "type": "control", "head_gain": -HUGE}, "bad_value")
+        await expect(c, {"v": 1, "type": "unknown" * 9000}, "bad_message")
+        base = await real_offer()
+        too_many = offer_with([f"a=candidate:{i} 1 udp 2122260223 127.0.0.1 {20000 + i} typ host"
+                               for i in range(240)], base)
+        reply = await expect(c, {"v": 1, "type": "offer", "sdp": too_many}, "bad_sdp")
+        assert "candidates" in reply["message"]
+        video = base[base.index("m=video"):]
+        reply = await expect(c, {"v": 1, "type": "offer", "sdp": base + video * 11}, "bad_sdp")
+        assert "video" in reply["message"]
+        bad_hash = base.replace("a=fingerprint:sha-256", "a=fingerprint:sha-999")
+        reply = await expect(c, {"v": 1, "type": "offer", "sdp": bad_hash}, "bad_sdp")
+        assert "fingerprint" in reply["message"] and "Assertion" not in reply["message"]
+        await c.close()
+    assert not [r for r in caplog.records if r.exc_info], "a hostile input raised a traceback"
+    assert "internal_error" not in srv.state.metrics.rejected
+
+
+async def test_pre_auth_connection_is_closed_at_the_hello_deadline_whatever_it_sends(tmp_path, monkeypatch):
+    async with running_server(tmp_path, monkeypatch, hello_timeout=0.6) as srv:
+        async with websockets.connect(srv.ws_url) as ws:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            with pytest.raises(websockets.ConnectionClosed):
+                while loop.time() - start < 5:  # pings keep it busy, but never say hello
+                    await ws.send(json.dumps({"v": 1, "type": "ping"}))
+                    reply = json.loads(await asyncio.wait_for(ws.recv(), 2))
+                    if reply["type"] == "error":
+                        assert reply["code"] == "timeout"
+                    await asyncio.sleep(0.1)
+            assert loop.time() - start < 2.0
+
+
+async def test_bye_closes_cleanly_and_frees_the_slot_at_once(tmp_path, monkeypatch):
+    async with running_server(tmp_path, monkeypatch, max_sessions=1) as srv:
+        for _ in range(3):
+            c = await Client(srv.ws_url).connect()
+            assert (await c.hello())["type"] == "session"
+            await c.send({"v": 1, "type": "bye"})
+            with pytest.raises(websockets.ConnectionClosed):
+                await c.recv(5)  # no error message first: the close is the answer
+            assert c.ws.close_code == 1000
+        # The very next hello, without waiting, gets the slot.
+        c = await Client(srv.ws_url).connect()
+        assert (await c.hello())["type"] == "session"
+        await c.close()
+        assert "bye" not in srv.state.metrics.rejected
+
+
+async def test_messages_without_media_do_not_hold_a_slot(tmp_path, monkeypatch):
+    async with running_server(tmp_path, monkeypatch, idle_timeout=0.8) as srv:
+        c = await Client(srv.ws_url).connect()
+        assert (await c.hello())["type"] == "session"
+        codes = []
+        with pytest.raises(websockets.ConnectionClosed):
+            for _ in range(30):  # pings for 3 s, far past the idle timeout
+                await c.send({"v": 1, "type": "ping"})
+                codes.append((await c.recv(1)).get("code"))
+                await asyncio.sleep(0.1)
+        # Ended while the pings went on (the error before the close may go unread: the
+        # next send already fails), with the idle reason on the close frame.
+        assert len(codes) < 30 and c.ws.close_code == 1000 and "idle" in c.ws.close_reason, codes
+        await wait_for(lambda: srv.state.metrics.sessions_active == 0, 5, "the slot to free")
+        await c.close()
+
+
+@pytest.mark.slow
+async def test_corrupt_bundle_error_names_the_identity_not_a_path(tmp_path, monkeypatch):
+    async with running_server(tmp_path, monkeypatch) as srv:
+        store = srv.state.store
+        shutil.copytree(store.path("demo"), store.root / "broken")
+        manifest = json.loads((store.root / "broken" / "manifest.json").read_text())
+        manifest["name"] = "broken"
+        (store.root / "broken" / "manifest.json").write_text(json.dumps(manifest))
+        (store.root / "broken" / "reference.png").write_bytes(b"not a png")
+        healthy = await Client(srv.ws_url).connect()
+        assert (await healthy.hello())["type"] == "session"
+        await healthy.start_media(ClipTrack(read_seconds(clip("drive_wink.mp4"), 2.0), loop=True))
+        try:
+            await wait_for(lambda: len(healthy.received) >= 5, 20, "avatar frames")
+            c = await Client(srv.ws_url).connect()
+            reply = await c.hello(identity="broken")
+            assert reply["code"] == "unknown_identity" and "broken" in reply["message"], reply
+            assert str(tmp_path) not in reply["message"] and "/" not in reply["message"], reply
+            await c.close()
+            n = len(healthy.received)
+            await asyncio.sleep(1.0)
+            assert len(healthy.received) > n + 10, "the healthy session stopped streaming"
+        finally:
+            await healthy.close()
