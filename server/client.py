@@ -167,7 +167,7 @@ class AvatarClient:
         server reported in its stats, oldest first."""
         seen, out = set(), []
         for s in self.stats:
-            for pts, recv_t, done_t in s.get("recent", []):
+            for pts, recv_t, done_t, *_ in s.get("recent", []):
                 if pts not in seen:
                     seen.add(pts)
                     out.append((pts, recv_t, done_t))

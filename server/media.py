@@ -59,19 +59,27 @@ class AvatarTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self):
+    def __init__(self, on_sent=None):
         super().__init__()
         self._latest = LatestFrame()
+        self._on_sent = on_sent  # on_sent(pts, wall time) once a frame's packets are out
+        self._in_flight: int | None = None
 
     def push(self, frame: av.VideoFrame) -> None:
         self._latest.put(frame)
 
     async def recv(self) -> av.VideoFrame:
+        # aiortc's sender calls recv() again only after it has encoded and sent every
+        # packet of the frame before: now is when that frame left (for the chain figures).
+        if self._in_flight is not None and self._on_sent is not None:
+            self._on_sent(self._in_flight, time.time())
+        self._in_flight = None
         if self.readyState != "live":
             raise MediaStreamError
         frame = await self._latest.get()
         if frame is _STOP:
             raise MediaStreamError
+        self._in_flight = frame.pts
         return frame
 
     def stop(self) -> None:

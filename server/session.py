@@ -36,8 +36,8 @@ class Session:
         self.pipeline: AvatarPipeline | None = None
         self.processor: FrameProcessor | None = None
         self.pc: RTCPeerConnection | None = None
-        self.out_track = AvatarTrack()
         self.stats = SessionStats()
+        self.out_track = AvatarTrack(on_sent=self.stats.mark_sent)
         self.stats_channel = None
         self.latest = LatestFrame()
         self.paused = False

@@ -41,10 +41,15 @@ class SessionStats:
         self.dropped = 0  # stale input frames replaced by newer ones before compute
         self.rejected = 0  # frames too small or otherwise unusable
         self._reported = 0  # frames already listed in a summary's "frames"
+        self._sent: deque[tuple[int, float]] = deque(maxlen=4 * window)  # (pts, time) not yet reported
 
     def add(self, rec: FrameRecord) -> None:
         self.records.append(rec)
         self.frames += 1
+
+    def mark_sent(self, pts: int, when: float) -> None:
+        """The avatar frame of camera frame `pts` was encoded and its packets sent at `when`."""
+        self._sent.append((pts, when))
 
     def summary(self, now: float | None = None) -> dict:
         now = time.time() if now is None else now
@@ -65,9 +70,17 @@ class SessionStats:
             "last": {"in_pts": last.in_pts, "recv_time": last.recv_time} if last else None,
             # Every output frame since the last summary: lets a client match each avatar
             # frame to its camera frame whatever RTP timestamp origin the sender picked.
-            "recent": [[r.in_pts, round(r.recv_time, 4), round(r.done_time, 4)]
+            "recent": [[r.in_pts, round(r.recv_time, 4), round(r.done_time, 4),
+                        [round(r.stages.get(s, 0.0), 2) for s in STAGES]]
                        for r in list(self.records)[len(self.records) - new:]],
+            # When each avatar frame's packets went out (encode + send done), by in_pts.
+            "sent": [[pts, round(t, 4)] for pts, t in self._drain_sent()],
         }
+
+    def _drain_sent(self) -> list[tuple[int, float]]:
+        sent = list(self._sent)
+        self._sent.clear()
+        return sent
 
 
 class Metrics:
