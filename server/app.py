@@ -14,17 +14,18 @@ import logging
 import signal
 import ssl
 import sys
+import time
 from importlib.resources import files
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import serve
-from websockets.datastructures import Headers
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.http11 import Response
 
 from engines.identity import DEFAULT_IDENTITY
 from .config import ServerConfig, config_from_args
-from .security import ConfigError, is_loopback, origin_allowed
-from .signaling import Connection
+from .security import ConfigError, host_allowed, is_loopback, origin_allowed
+from .signaling import Connection, client_address
 from .state import ServerState
 from .udp_ports import confine_udp_ports, parse_range
 
@@ -62,8 +63,17 @@ def make_process_request(state: ServerState):
     """HTTP routing before the WebSocket handshake: static files, health, metrics."""
 
     def process_request(connection, request):
+        try:
+            return route(connection, request)
+        except MultipleValuesError as e:  # e.g. two Host or Authorization headers
+            return _text(400, f"duplicate {str(e).strip(chr(39))} header\n")
+
+    def route(connection, request):
         url = urlsplit(request.path)
         path = url.path
+        if not host_allowed(request.headers.get("Host"), state.auth.demo_mode, state.config.hosts):
+            state.metrics.reject("bad_host")
+            return _text(421, "this server does not answer to that Host name\n")
         if path == "/ws":
             origin = request.headers.get("Origin")
             if not origin_allowed(origin, request.headers.get("Host"), state.config.origins):
@@ -82,12 +92,12 @@ def make_process_request(state: ServerState):
         if path == "/healthz":
             return _text(200, "ok\n")
         if path == "/metrics":
+            if not (state.config.metrics_public or is_loopback(client_address(connection))
+                    or state.auth.allowed(bearer_token(request, url)) is not None):
+                return _text(401, "metrics: a token, or a loopback client\n")
             return _response(200, state.metrics.prometheus().encode(), "text/plain; version=0.0.4")
         if path == "/identities":
-            # Prefer the Authorization header: query strings end up in logs.
-            auth = request.headers.get("Authorization", "")
-            token = auth[7:] if auth.startswith("Bearer ") else (parse_qs(url.query).get("token") or [None])[0]
-            allow = state.auth.allowed(token)
+            allow = state.auth.allowed(bearer_token(request, url))
             if allow is None:
                 return _text(401, "missing or invalid token\n")
             body = json.dumps({"identities": state.visible_identities(allow)}).encode()
@@ -95,6 +105,45 @@ def make_process_request(state: ServerState):
         return _text(404, "not found\n")
 
     return process_request
+
+
+def bearer_token(request, url) -> str | None:
+    """The Authorization bearer token, else ?token= (the header is better: query strings
+    end up in logs)."""
+    auth = request.headers.get("Authorization", "")
+    return auth[7:] if auth.startswith("Bearer ") else (parse_qs(url.query).get("token") or [None])[0]
+
+
+class AcceptErrorLog:
+    """A loop exception handler that reports failed accept() calls (out of descriptors,
+    memory) once per `interval` with a count, instead of a traceback per attempt: a
+    descriptor flood once wrote 390,000 of them (174 MB) in 40 s. Everything else goes to
+    the handler that was there before."""
+
+    def __init__(self, loop, interval: float = 10.0, clock=time.monotonic):
+        self.loop, self.interval, self.clock = loop, interval, clock
+        self.previous = loop.get_exception_handler()
+        self.suppressed = 0
+        self.last: float | None = None
+
+    def __call__(self, loop, context: dict) -> None:
+        if not context.get("message", "").startswith("socket.accept()"):
+            if self.previous is not None:
+                self.previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        now = self.clock()
+        if self.last is not None and now - self.last < self.interval:
+            self.suppressed += 1
+            return
+        log.error("cannot accept connections: %s (%d more such errors in the last %.0f s)",
+                  context.get("exception"), self.suppressed, self.interval)
+        self.last, self.suppressed = now, 0
+
+    def install(self):
+        self.loop.set_exception_handler(self)
+        return lambda: self.loop.set_exception_handler(self.previous)
 
 
 @dataclasses.dataclass
@@ -138,6 +187,7 @@ async def start_server(config: ServerConfig | None = None):
     scheme = "https" if tls else "http"
     running = RunningServer(state, server, f"{scheme}://{host}:{port}/",
                             f"{'wss' if tls else 'ws'}://{host}:{port}/ws")
+    restore_handler = AcceptErrorLog(asyncio.get_running_loop()).install()
     release_ports = (confine_udp_ports(asyncio.get_running_loop(), parse_range(config.udp_ports))
                      if config.udp_ports else lambda: None)
     try:
@@ -147,6 +197,7 @@ async def start_server(config: ServerConfig | None = None):
         # Closing the sockets ends each handler, whose `finally` closes its session.
         await server.wait_closed()
         release_ports()
+        restore_handler()
 
 
 async def _serve_until_stopped(config: ServerConfig) -> None:

@@ -44,6 +44,11 @@ class ServerConfig:
     key: str | None = setting(None, "TLS private key (PEM)", metavar="PEM")
     origins: list[str] = setting(help="extra allowed WebSocket Origin, e.g. https://example.org",
                                  factory=list, repeat="origin", metavar="URL")
+    hosts: list[str] = setting(help="Host header names clients may use, e.g. avatar.example.org:8443 "
+                                    "(default: any with tokens; loopback names only in demo mode)",
+                               factory=list, repeat="allowed-host", metavar="HOST")
+    metrics_public: bool = setting(False, "serve /metrics to any client; by default only to loopback clients "
+                                          "or with a valid token")
     max_sessions: int = setting(help="concurrent sessions before new ones get 'busy'", factory=default_max_sessions,
                                 minimum=1, default_text="the CPU count", metavar="N")
     idle_timeout: float = setting(30.0, "seconds without messages or camera frames before a session ends",
@@ -57,6 +62,17 @@ class ServerConfig:
     rate: float = setting(20.0, "signaling messages per second per connection, sustained", positive=True,
                           metavar="PER_S")
     burst: int = setting(40, "signaling messages per connection allowed in a burst", minimum=1, metavar="N")
+    max_pending: int = setting(256, "connections that have not said hello yet, in all", minimum=1, metavar="N")
+    max_pending_per_address: int = setting(8, "connections that have not said hello yet, per client address",
+                                           minimum=1, metavar="N")
+    address_rate: float = setting(40.0, "signaling messages per second per client address, all its "
+                                        "connections together", positive=True, metavar="PER_S")
+    address_burst: int = setting(80, "signaling messages per client address allowed in a burst", minimum=1,
+                                 metavar="N")
+    auth_rate: float = setting(1.0, "failed hellos per second per client address (token guessing)",
+                               positive=True, metavar="PER_S")
+    auth_burst: int = setting(10, "failed hellos per client address allowed in a burst", minimum=1,
+                              metavar="N")
     stats_interval: float = setting(1.0, "seconds between stats messages to the client", positive=True,
                                     metavar="SECONDS")
     ice_servers: list[str] = setting(help="STUN/TURN URL for the server side (default: none, host candidates only)",
@@ -103,7 +119,7 @@ _TYPES = typing.get_type_hints(ServerConfig)
 
 
 def _base_type(f: dataclasses.Field):
-    """str, int, float, list or Path: what a field holds (None aside)."""
+    """str, int, float, bool, list or Path: what a field holds (None aside)."""
     t = _TYPES[f.name]
     args = [a for a in typing.get_args(t) if a is not type(None)]
     if typing.get_origin(t) is list:
@@ -114,7 +130,7 @@ def _base_type(f: dataclasses.Field):
 def _from_json(f: dataclasses.Field, value, where: str):
     """The file's value for a field, type-checked (bool is not a number; an int is a float)."""
     kind = _base_type(f)
-    ok = {str: isinstance(value, str), Path: isinstance(value, str),
+    ok = {str: isinstance(value, str), Path: isinstance(value, str), bool: isinstance(value, bool),
           int: isinstance(value, int) and not isinstance(value, bool),
           float: isinstance(value, (int, float)) and not isinstance(value, bool),
           list: isinstance(value, list) and all(isinstance(v, str) for v in value)}[kind]
@@ -165,6 +181,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if kind is list:
             parser.add_argument(f"--{m['repeat']}", dest=f.name, action="append", default=None,
                                 help=help_text + " (repeatable)", metavar=m["metavar"])
+        elif kind is bool:
+            parser.add_argument(f"--{_flag_name(f)}", dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
         else:
             parser.add_argument(f"--{_flag_name(f)}", dest=f.name, type=kind, default=None,
                                 help=help_text, metavar=m["metavar"])

@@ -14,6 +14,7 @@ import hmac
 import ipaddress
 import math
 import time
+from collections import OrderedDict
 from urllib.parse import urlsplit
 
 from engines.identity import IdentityError, check_name
@@ -107,6 +108,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def host_allowed(host_header: str | None, demo_mode: bool, allowed: list[str]) -> bool:
+    """The Host a request names. In demo mode only loopback names (a page on another name
+    reaching a localhost server is what DNS rebinding looks like); with tokens, the
+    configured names, or any when none are configured."""
+    if not host_header:
+        return False
+    if demo_mode:
+        try:
+            hostname = urlsplit(f"//{host_header}").hostname
+        except ValueError:
+            return False
+        return hostname is not None and is_loopback(hostname)
+    return not allowed or host_header.lower() in (a.lower() for a in allowed)
+
+
 def origin_allowed(origin: str | None, host_header: str | None, extra: list[str]) -> bool:
     """Browsers always send Origin on a WebSocket handshake; other clients may not.
     Accept no Origin, the page's own host, or an explicitly configured origin."""
@@ -129,14 +145,23 @@ class RateLimiter:
         self.level = float(burst)
         self.last = clock()
 
-    def allow(self) -> bool:
+    def _refill(self) -> None:
         now = self.clock()
         self.level = min(self.burst, self.level + (now - self.last) * self.rate)
         self.last = now
+
+    def allow(self) -> bool:
+        """Take one token if there is one."""
+        self._refill()
         if self.level >= 1:
             self.level -= 1
             return True
         return False
+
+    def empty(self) -> bool:
+        """No token left, without taking one."""
+        self._refill()
+        return self.level < 1
 
 
 def is_number(value: object) -> bool:
@@ -176,3 +201,61 @@ def check_offer_sdp(sdp: str, max_candidates: int) -> None:
             candidates += 1
             if candidates > max_candidates:
                 raise ValueError(f"at most {max_candidates} ICE candidates per offer")
+
+
+class AddressLimits:
+    """Limits per client address, so reconnecting does not reset them: how many connections
+    may wait unauthenticated, how many messages per second all its connections may send,
+    and how fast it may try wrong tokens. Remembers at most `capacity` addresses (least recently
+    seen forgotten first), so a flood of addresses cannot grow memory."""
+
+    def __init__(self, max_pending: int, rate: float, burst: int, auth_rate: float, auth_burst: int,
+                 capacity: int = 4096, clock=time.monotonic):
+        self.max_pending = max_pending
+        self._limits = (rate, burst, auth_rate, auth_burst)
+        self._clock = clock
+        self._capacity = capacity
+        self._entries: OrderedDict[str, dict] = OrderedDict()
+
+    def _entry(self, address: str) -> dict:
+        entry = self._entries.get(address)
+        if entry is None:
+            rate, burst, auth_rate, auth_burst = self._limits
+            entry = {"pending": 0, "messages": RateLimiter(rate, burst, self._clock),
+                     "auth": RateLimiter(auth_rate, auth_burst, self._clock)}
+            self._entries[address] = entry
+            self._forget_old()
+        self._entries.move_to_end(address)
+        return entry
+
+    def _forget_old(self) -> None:
+        # Never forget an address that holds pending connections: its count must come back down.
+        for address in list(self._entries):
+            if len(self._entries) <= self._capacity:
+                return
+            if self._entries[address]["pending"] == 0:
+                del self._entries[address]
+
+    def open_pending(self, address: str) -> bool:
+        """Count a new unauthenticated connection; False if the address has too many."""
+        entry = self._entry(address)
+        if entry["pending"] >= self.max_pending:
+            return False
+        entry["pending"] += 1
+        return True
+
+    def close_pending(self, address: str) -> None:
+        """The connection authenticated or ended."""
+        entry = self._entries.get(address)
+        if entry is not None and entry["pending"] > 0:
+            entry["pending"] -= 1
+
+    def allow_message(self, address: str) -> bool:
+        return self._entry(address)["messages"].allow()
+
+    def auth_blocked(self, address: str) -> bool:
+        """Too many failed hellos lately: do not even look at the token."""
+        return self._entry(address)["auth"].empty()
+
+    def auth_failed(self, address: str) -> None:
+        self._entry(address)["auth"].allow()

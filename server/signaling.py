@@ -22,6 +22,7 @@ log = logging.getLogger("avatar.signaling")
 VERSION = 1
 CONTROL_KEYS = {"expression_gain", "head_gain", "freeze_head", "identity", "recalibrate", "pause"}
 MAX_RATE_VIOLATIONS = 20  # then the client is closed: it is not listening to errors
+FAILED_HELLO_DELAY = 0.5  # seconds before "unauthorized": guessing tokens is slow
 
 
 class ProtocolError(Exception):
@@ -45,14 +46,27 @@ class Connection:
         self.allow = None  # identity allow list once authenticated
         self.limiter = RateLimiter(self.config.rate, self.config.burst)
         self.violations = 0
+        self.address = client_address(ws)
+        self.pending = False  # counted among the connections that have not said hello
 
     async def run(self) -> None:
+        if not self.state.open_pending(self.address):
+            await self._send_error("busy", "too many connections waiting to say hello; try again later")
+            await self.ws.close(1013, "too many pending connections")
+            return
+        self.pending = True
         try:
             await self._serve()
         except ConnectionClosed:
             pass
         finally:
+            self._end_pending()
             await self._release()
+
+    def _end_pending(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.state.close_pending(self.address)
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -94,7 +108,8 @@ class Connection:
                 return
 
     async def _handle(self, raw) -> None:
-        if not self.limiter.allow():
+        # Both buckets: this connection's, and its address's (reconnecting does not refill it).
+        if not (self.limiter.allow() and self.state.addresses.allow_message(self.address)):
             self.violations += 1
             fatal = self.violations > MAX_RATE_VIOLATIONS
             raise ProtocolError("rate_limited", "too many messages; slow down", fatal)
@@ -131,8 +146,13 @@ class Connection:
     async def _hello(self, msg: dict) -> None:
         if self.session is not None:
             raise ProtocolError("bad_message", "already said hello")
+        addresses = self.state.addresses
+        if addresses.auth_blocked(self.address):
+            raise ProtocolError("rate_limited", "too many failed hellos from this address; wait", fatal=True)
         allow = self.state.auth.allowed(msg.get("token"))
         if allow is None:
+            addresses.auth_failed(self.address)
+            await asyncio.sleep(FAILED_HELLO_DELAY)
             raise ProtocolError("unauthorized", "missing or invalid token", fatal=True)
         name = msg.get("identity", DEFAULT_IDENTITY)
         self._check_identity(name, allow, fatal=True)
@@ -140,6 +160,7 @@ class Connection:
             raise ProtocolError("busy", f"the server is at its limit of {self.config.max_sessions} "
                                         "sessions; try again later", fatal=True)
         self.allow = allow
+        self._end_pending()
         self.session = session = Session(self.state, name)
         self.state.sessions[session.id] = session
         try:
@@ -248,3 +269,11 @@ def unloadable(name: str, error: IdentityError) -> str:
     server's paths (those go to the log)."""
     log.warning("identity %r cannot be loaded: %s", name, error)
     return f"identity {name!r} cannot be loaded on this server"
+
+
+def client_address(ws) -> str:
+    """The peer's IP address (what per-address limits count), or "unknown"."""
+    try:
+        return str(ws.remote_address[0])
+    except (TypeError, IndexError, AttributeError):
+        return "unknown"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from engines.identity import DEFAULT_IDENTITY, IdentityStore, identities_dir
 from .config import ServerConfig
-from .security import TokenAuth, identity_allowed
+from .security import AddressLimits, TokenAuth, identity_allowed
 from .telemetry import Metrics
 
 
@@ -15,6 +15,9 @@ class ServerState:
         self.auth = TokenAuth(config.tokens)
         self.metrics = Metrics()
         self.sessions: dict = {}  # id -> Session
+        self.addresses = AddressLimits(config.max_pending_per_address, config.address_rate, config.address_burst,
+                                       config.auth_rate, config.auth_burst)
+        self.pending = 0  # connections that have not said hello yet
 
     def visible_identities(self, allow) -> list[str]:
         names = set(self.store.names()) | {DEFAULT_IDENTITY}
@@ -32,3 +35,15 @@ class ServerState:
     def release(self) -> None:
         """Give back a slot taken by admit()."""
         self.metrics.sessions_active -= 1
+
+    # ---- connections before hello: bounded in all and per address ----------------------
+    def open_pending(self, address: str) -> bool:
+        """Count a connection that has not said hello; False when over either bound."""
+        if self.pending >= self.config.max_pending or not self.addresses.open_pending(address):
+            return False
+        self.pending += 1
+        return True
+
+    def close_pending(self, address: str) -> None:
+        self.pending -= 1
+        self.addresses.close_pending(address)

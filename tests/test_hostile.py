@@ -140,3 +140,117 @@ async def test_corrupt_bundle_error_names_the_identity_not_a_path(tmp_path, monk
             assert len(healthy.received) > n + 10, "the healthy session stopped streaming"
         finally:
             await healthy.close()
+
+
+async def raw_http(url: str, head: str) -> tuple[int, str]:
+    """Send a hand-written request head (duplicate headers, odd Host names); status and body."""
+    host, port = url.split("//")[1].strip("/").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(head.replace("\n", "\r\n").encode() + b"\r\n")
+    await writer.drain()
+    response = (await asyncio.wait_for(reader.read(), 5)).decode(errors="replace")
+    writer.close()
+    return int(response.split(" ", 2)[1]), response.split("\r\n\r\n", 1)[-1]
+
+
+async def test_duplicate_headers_and_foreign_host_names_get_clear_http_errors(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.ERROR)
+    async with running_server(tmp_path, monkeypatch) as srv:
+        for name, path in (("Authorization", "/identities"), ("Host", "/"), ("Origin", "/ws"),
+                           ("Connection", "/healthz")):  # each where the server reads it
+            status, body = await raw_http(srv.url, f"GET {path} HTTP/1.1\nHost: 127.0.0.1\n"
+                                                   f"{name}: a\n{name}: b\n")
+            assert status == 400 and name in body, (name, status, body)
+        # Demo mode answers only to loopback names: DNS rebinding gets nothing.
+        status, _ = await raw_http(srv.url, "GET /identities HTTP/1.1\nHost: attacker.example\n")
+        assert status == 421
+        upgrade = ("GET /ws HTTP/1.1\nHost: attacker.example\nUpgrade: websocket\nConnection: Upgrade\n"
+                   "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\nSec-WebSocket-Version: 13\n")
+        assert (await raw_http(srv.url, upgrade))[0] == 421
+        for host in ("localhost:8080", "127.0.0.1", "[::1]:80"):
+            assert (await raw_http(srv.url, f"GET /healthz HTTP/1.1\nHost: {host}\n"))[0] == 200, host
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+async def test_token_mode_hosts_and_metrics(tmp_path, monkeypatch):
+    tokens = {"tok": frozenset({"demo"})}
+    async with running_server(tmp_path, monkeypatch, tokens=tokens, hosts=["avatar.example:8443"]) as srv:
+        assert (await raw_http(srv.url, "GET /healthz HTTP/1.1\nHost: avatar.example:8443\n"))[0] == 200
+        assert (await raw_http(srv.url, "GET /healthz HTTP/1.1\nHost: other.example\n"))[0] == 421
+        head = "GET /metrics HTTP/1.1\nHost: avatar.example:8443\n"
+        assert (await raw_http(srv.url, head))[0] == 200  # a loopback client
+        import server.app
+        monkeypatch.setattr(server.app, "client_address", lambda connection: "203.0.113.9")
+        assert (await raw_http(srv.url, head))[0] == 401  # a remote one needs the token
+        assert (await raw_http(srv.url, head + "Authorization: Bearer tok\n"))[0] == 200
+        srv.state.config.metrics_public = True
+        assert (await raw_http(srv.url, head))[0] == 200
+
+
+async def test_pending_connections_are_bounded_per_address(tmp_path, monkeypatch):
+    async with running_server(tmp_path, monkeypatch, max_pending_per_address=3, hello_timeout=5) as srv:
+        waiting = [await websockets.connect(srv.ws_url) for _ in range(3)]
+        extra = await websockets.connect(srv.ws_url)
+        reply = json.loads(await asyncio.wait_for(extra.recv(), 5))
+        assert reply["code"] == "busy" and "hello" in reply["message"]
+        await asyncio.wait_for(extra.wait_closed(), 5)
+        assert extra.close_code == 1013
+        # Saying hello frees the count: the next connection is accepted again.
+        await waiting[0].send(json.dumps({"v": 1, "type": "hello"}))
+        assert json.loads(await waiting[0].recv())["type"] == "session"
+        again = await websockets.connect(srv.ws_url)
+        await again.send(json.dumps({"v": 1, "type": "ping"}))
+        assert json.loads(await asyncio.wait_for(again.recv(), 5))["type"] == "pong"
+        for ws in waiting + [again]:
+            await ws.close()
+        await wait_for(lambda: srv.state.pending == 0, 5, "pending connections to be released")
+
+
+async def test_message_rate_is_limited_per_address_across_reconnects(tmp_path, monkeypatch):
+    async with running_server(tmp_path, monkeypatch, address_rate=5, address_burst=10, rate=100,
+                              burst=100) as srv:
+        codes = []
+        for _ in range(4):  # each new connection has a full per-connection bucket
+            async with websockets.connect(srv.ws_url) as ws:
+                for _ in range(10):
+                    await ws.send(json.dumps({"v": 1, "type": "ping"}))
+                    codes.append(json.loads(await ws.recv()).get("code"))
+        assert codes.count("rate_limited") >= 20, codes
+
+
+async def test_failed_hellos_are_slow_then_refused(tmp_path, monkeypatch):
+    async with running_server(tmp_path, monkeypatch, tokens={"right": "*"}, auth_burst=3, auth_rate=0.1) as srv:
+        loop = asyncio.get_running_loop()
+        replies = []
+        start = loop.time()
+        for _ in range(5):
+            c = await Client(srv.ws_url).connect()
+            replies.append((await c.hello(token="wrong"))["code"])
+            await c.close()
+        assert replies[:3] == ["unauthorized"] * 3 and replies[3:] == ["rate_limited"] * 2, replies
+        assert loop.time() - start >= 3 * 0.5  # each wrong token costs the guesser time
+        # Even the right token is not looked at while the address is blocked.
+        c = await Client(srv.ws_url).connect()
+        assert (await c.hello(token="right"))["code"] == "rate_limited"
+        await c.close()
+
+
+def test_accept_errors_are_logged_once_per_interval(caplog):
+    from server.app import AcceptErrorLog
+
+    now = [0.0]
+    loop = asyncio.new_event_loop()
+    try:
+        handler = AcceptErrorLog(loop, interval=10, clock=lambda: now[0])
+        with caplog.at_level(logging.ERROR, logger="avatar.server"):
+            for i in range(1000):
+                now[0] = i * 0.01  # 1000 failures in 10 s
+                handler(loop, {"message": "socket.accept() out of system resource",
+                               "exception": OSError(24, "Too many open files")})
+        lines = [r for r in caplog.records if "cannot accept" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].exc_info is None
+        now[0] = 10.5
+        handler(loop, {"message": "socket.accept() out of system resource", "exception": OSError(24, "x")})
+        assert "999 more" in caplog.records[-1].getMessage()
+    finally:
+        loop.close()
