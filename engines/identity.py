@@ -4,7 +4,8 @@
     <root>/<name>/reference.png      the face the engines animate (RENDER_SIZE square)
     <root>/<name>/neutral.npy        its (478, 3) landmarks
 
-Loading checks every field and every file's hash and says exactly what is wrong.
+IdentityStore.write is the one writer (photo identities and neural enrollments alike);
+loading checks every field and every file's hash and says exactly what is wrong.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,8 +120,12 @@ class IdentityStore:
         if not (folder / "manifest.json").is_file():
             raise IdentityError(f"no identity named {name!r}")
         shutil.rmtree(folder)
-        # An enrollment's training checkpoint (engines/neural/enroll.py) goes with its identity.
-        shutil.rmtree(self.root / f".{name}.enroll", ignore_errors=True)
+        shutil.rmtree(self.work_dir(name), ignore_errors=True)  # its enrollment checkpoint goes with it
+
+    def work_dir(self, name: str) -> Path:
+        """Where unfinished work on identity `name` is kept (an enrollment's training
+        checkpoint, engines/neural/train.py): hidden beside the identities, never loaded as one."""
+        return self.root / f".{check_name(name)}.enroll"
 
     def create_from_image(self, image_path: str | os.PathLike, name: str, consent: Consent,
                           display_name: str | None = None, overwrite: bool = False) -> Identity:
@@ -139,21 +145,37 @@ class IdentityStore:
             neutral = landmarker(reference)
         if neutral is None:
             raise IdentityError("the face was lost after cropping; try a larger, frontal photo")
+        return self.write(name, display_name, "warp", consent, reference, neutral, crop,
+                          {"source": source}, tool="avatar identity create")
+
+    def write(self, name: str, display_name: str, engine: str, consent: Consent, reference: np.ndarray,
+              neutral: np.ndarray, crop: Sequence[int], provenance: dict, tool: str,
+              extra: Callable[[Path], tuple[list[str], dict]] | None = None) -> Identity:
+        """Write a bundle and publish it atomically: the one writer of every identity, so
+        every manifest has the same common fields, whichever tool made it.
+
+        reference.png and neutral.npy are written first; then `extra(staging)` may add its
+        own files to the staging folder and returns their names and its manifest fields
+        (the neural engine's model files and "neural" section). `provenance` holds what the
+        bundle was made from; created_at and tool are added here."""
         with self.new_bundle(name) as staging:
             cv2.imwrite(str(staging / "reference.png"), cv2.cvtColor(reference, cv2.COLOR_RGB2BGR))
             np.save(staging / "neutral.npy", neutral.astype(np.float32))
+            files = ["reference.png", "neutral.npy"]
+            extra_files, extra_fields = extra(staging) if extra is not None else ([], {})
             manifest = {
                 "schema_version": SCHEMA_VERSION,
                 "name": name,
                 "display_name": display_name,
-                "engine": "warp",
+                "engine": engine,
                 "reference_image": "reference.png",
                 "neutral_landmarks": "neutral.npy",
                 "crop": [int(v) for v in crop],
                 "consent": consent.__dict__,
-                "provenance": {"source": source, "created_at": _now(), "tool": "avatar identity create"},
+                "provenance": {**provenance, "created_at": _now(), "tool": tool},
+                **extra_fields,
             }
-            self.publish(staging, manifest, ["reference.png", "neutral.npy"])
+            self.publish(staging, manifest, files + extra_files)
         return self.load(name)
 
     @contextlib.contextmanager
@@ -211,7 +233,7 @@ def crop_face(rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     if points is None:
         raise IdentityError("no face found in the image; use a well-lit, frontal photo of one person")
     x0, y0, side = face_box(points)
-    return crop_with_box(rgb, x0, y0, side), (round(x0), round(y0), round(x0 + side), round(y0 + side))
+    return crop_with_box(rgb, x0, y0, side), crop_corners(x0, y0, side)
 
 
 def face_box(points: np.ndarray) -> tuple[float, float, float]:
@@ -223,10 +245,26 @@ def face_box(points: np.ndarray) -> tuple[float, float, float]:
     return float(cx - side / 2), float(cy - side / 2), side
 
 
+def crop_corners(x0: float, y0: float, side: float) -> tuple[int, int, int, int]:
+    """The crop square as a manifest records it: (left, top, right, bottom), whole pixels."""
+    return round(x0), round(y0), round(x0 + side), round(y0 + side)
+
+
 def crop_matrix(x0: float, y0: float, side: float) -> np.ndarray:
     """The 2x3 affine map from image pixels to crop pixels."""
     k = RENDER_SIZE / side
     return np.array([[k, 0, -x0 * k], [0, k, -y0 * k]])
+
+
+def points_to_crop(points: np.ndarray, x0: float, y0: float, side: float) -> np.ndarray:
+    """Landmarks (..., 478, 3) in image pixels -> float32 crop pixels, as crop_with_box moves
+    the image: x and y scaled and shifted by crop_matrix, z scaled alike (landmarks keep z
+    in the units of x)."""
+    m = crop_matrix(x0, y0, side)
+    p = np.array(points, np.float64)
+    p[..., :2] = p[..., :2] * m[0, 0] + m[:, 2]
+    p[..., 2] *= m[0, 0]
+    return p.astype(np.float32)
 
 
 def crop_with_box(rgb: np.ndarray, x0: float, y0: float, side: float) -> np.ndarray:

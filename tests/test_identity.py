@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from engines.identity import Consent, IdentityError, IdentityStore, check_name
+from engines.identity import Consent, IdentityError, IdentityStore, check_name, crop_matrix, points_to_crop
 
 CONSENT = Consent("I agree to be used as a live avatar.", "Test Person", "tester", "2026-11-22T00:00:00+00:00")
 
@@ -99,3 +99,36 @@ def _set(path, key, value):
     m = json.loads(path.read_text())
     m[key] = value
     path.write_text(json.dumps(m))
+
+
+def test_manifest_common_fields(fresh, photo):
+    m = fresh.create_from_image(photo, "jo", CONSENT, "Jo").manifest
+    assert list(m) == ["schema_version", "name", "display_name", "engine", "reference_image",
+                       "neutral_landmarks", "crop", "consent", "provenance", "files"]
+    assert list(m["provenance"]) == ["source", "created_at", "tool"]
+    assert m["provenance"]["source"] == "face.png" and m["provenance"]["tool"] == "avatar identity create"
+    assert m["engine"] == "warp" and all(isinstance(v, int) for v in m["crop"])
+
+
+def test_write_takes_extra_files_and_fields(fresh, demo):
+    def extra(staging):
+        (staging / "model.bin").write_bytes(b"weights")
+        return ["model.bin"], {"neural": {"model": "model.bin"}}
+
+    ident = fresh.write("nn", "NN", "neural", CONSENT, demo.reference, demo.neutral, (1, 2, 3, 4),
+                        {"source": "scan.mp4", "source_path": "/x/scan.mp4"}, tool="test", extra=extra)
+    m = ident.manifest
+    assert list(m)[-3:] == ["provenance", "neural", "files"] and m["neural"] == {"model": "model.bin"}
+    assert list(m["files"]) == ["reference.png", "neutral.npy", "model.bin"]
+    assert list(m["provenance"]) == ["source", "source_path", "created_at", "tool"]
+    assert (ident.path / "model.bin").read_bytes() == b"weights" and ident.engine == "neural"
+    assert not [p for p in fresh.root.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_points_to_crop_moves_points_with_the_image():
+    x0, y0, side = 100.0, 50.0, 512.0
+    p = np.array([[[x0, y0, 2.0], [x0 + side, y0 + side, -4.0]]], np.float32)
+    q = points_to_crop(p, x0, y0, side)
+    assert q.dtype == np.float32 and q.shape == p.shape
+    assert np.allclose(q[0], [[0, 0, 1.0], [256, 256, -2.0]])
+    assert np.allclose(q[0, :, :2], p[0, :, :2] @ crop_matrix(x0, y0, side)[:, :2].T + crop_matrix(x0, y0, side)[:, 2])
