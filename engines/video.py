@@ -1,10 +1,13 @@
-"""Opening video files with errors that say what is wrong (shared by render and enroll)."""
+"""Opening and reading video files, with errors that say what is wrong (shared by render,
+enroll, eval and bench)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
+import numpy as np
 
 
 class VideoError(ValueError):
@@ -26,3 +29,16 @@ def open_video(path: str | os.PathLike):
         container.close()
         raise VideoError(f"{p}: has no video stream")
     return container
+
+
+def read_video(path: str | os.PathLike, limit: int | None = None) -> Iterator[np.ndarray]:
+    """Yield the RGB frames of a video, at most `limit` of them; VideoError (at the first
+    frame asked for) if it cannot be read. Frames are decoded one at a time, so a long
+    video never has to fit in memory."""
+    with open_video(path) as container:
+        n = 0
+        for frame in container.decode(video=0):
+            yield frame.to_ndarray(format="rgb24")
+            n += 1
+            if limit and n >= limit:
+                break

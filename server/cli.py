@@ -244,7 +244,7 @@ def cmd_bench_engines(args) -> int:
 
     identity = store(args).load(args.identity)
     if args.driving is not None:
-        from engines.neural.enroll import read_video
+        from engines.video import read_video
         frames = list(read_video(args.driving, 60))
     else:
         frames = [identity.reference]

@@ -53,7 +53,7 @@ def test_contour_map_and_input(demo):
 
 
 def test_pose_augmentation_moves_frame_landmarks_and_warps_together(demo):
-    from engines.neural.enroll import PairBuilder, ScanData
+    from engines.neural.data import PairBuilder, ScanData
 
     n = 4
     crops = np.stack([np.roll(demo.reference, 3 * k, axis=1) for k in range(n)])

@@ -79,7 +79,7 @@ def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: boo
         onnx_path, source = identity.path / neural["model"], "trained"
         int8_path = bundle_file(identity, (neural.get("int8") or {}).get("model"))
     else:
-        from .enroll import MODEL_CONFIG
+        from .config import MODEL_CONFIG
         model = Generator(**MODEL_CONFIG).eval()
         onnx_path, source = Path(tempfile.mkdtemp()) / "generator.onnx", "random init"
         export_onnx(model, onnx_path)

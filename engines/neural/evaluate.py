@@ -1,79 +1,23 @@
-"""Quality metrics for the neural engine against the warp engine on the same frames.
-
-    psnr, ssim, l1     against the ground-truth crop (self-reenactment on held-out frames)
-    akd                landmarks re-extracted from the output: mean 2-D distance to the
-                       driving landmarks over the inter-ocular distance (lower is better)
-    mouth_corr,        Pearson correlation of the output's mouth / eye openness with the
-    eye_corr           driver's, over the frames
-    flicker            mean |(out_t - out_t-1) - (gt_t - gt_t-1)| in 0..255 grey levels
-                       (without ground truth: mean |out_t - out_t-1|)
+"""Neural engine against warp engine on the same frames: self-reenactment on an
+enrollment's held-out frames (with ground truth), or cross-reenactment of another driving
+video (without). The metrics are metrics.py's; this module picks the frames, runs both
+engines and writes the JSON + HTML report with a frame strip.
 """
 from __future__ import annotations
 
 import base64
 import html
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from ..landmarks import FaceLandmarker, eye_openness, inter_ocular, mouth_openness
+from ..landmarks import FaceLandmarker
+from .metrics import engine_metrics
 
 STRIP_FRAMES = 4
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Wang et al.'s SSIM (11x11 Gaussian, sigma 1.5), mean over pixels and RGB channels."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    blur = lambda t: cv2.GaussianBlur(t, (11, 11), 1.5)  # noqa: E731
-    mu_a, mu_b = blur(a), blur(b)
-    va, vb, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
-    m = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (va + vb + c2))
-    return float(m.mean())
-
-
-def _corr(a: list, b: list) -> float | None:
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 3 or a.std() < 1e-9 or b.std() < 1e-9:
-        return None
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def engine_metrics(outputs: list[np.ndarray], driving: list[np.ndarray], truth: list[np.ndarray] | None,
-                   consecutive: list[bool], landmarker: FaceLandmarker) -> dict:
-    m: dict = {}
-    if truth is not None:
-        m["psnr"] = float(np.mean([psnr(o, t) for o, t in zip(outputs, truth)]))
-        m["ssim"] = float(np.mean([ssim(o, t) for o, t in zip(outputs, truth)]))
-        m["l1"] = float(np.mean([np.abs(o.astype(np.float32) - t).mean() / 255 for o, t in zip(outputs, truth)]))
-    akd, mo, md, eo, ed = [], [], [], [], []
-    for o, d in zip(outputs, driving):
-        p = landmarker(o)
-        if p is None:
-            continue
-        akd.append(np.linalg.norm(p[:, :2] - d[:, :2], axis=1).mean() / max(inter_ocular(d), 1e-6))
-        mo.append(mouth_openness(p)), md.append(mouth_openness(d))
-        eo.append(eye_openness(p)), ed.append(eye_openness(d))
-    m["akd"] = float(np.mean(akd)) if akd else None
-    m["face_detected"] = len(akd) / max(len(outputs), 1)
-    m["mouth_corr"], m["eye_corr"] = _corr(mo, md), _corr(eo, ed)
-    flick = []
-    for t in range(1, len(outputs)):
-        if not consecutive[t]:
-            continue
-        do = outputs[t].astype(np.float32) - outputs[t - 1]
-        if truth is not None:
-            do -= truth[t].astype(np.float32) - truth[t - 1]
-        flick.append(np.abs(do).mean())
-    m["flicker"] = float(np.mean(flick)) if flick else None
-    return m
 
 
 def _png64(rgb: np.ndarray) -> str:
@@ -154,80 +98,105 @@ def _fmt(v) -> str:
     return html.escape(f"{v:.4f}" if isinstance(v, float) else json.dumps(v))
 
 
+@dataclass
+class Rendered:
+    """Both engines' outputs for the same frames, with what drove them."""
+    warps: list = field(default_factory=list)
+    neurals: list = field(default_factory=list)
+    points: list = field(default_factory=list)  # the target landmarks of each frame
+    truth: list | None = field(default_factory=list)  # None without ground truth
+    consecutive: list = field(default_factory=list)  # frame follows the previous one without a gap
+    drivers: list = field(default_factory=list)
+    kind: str = ""
+
+
 def evaluate_identity(identity, driving: Path | None = None, max_frames: int | None = None,
                       backend: str = "auto", progress: bool = True) -> dict:
     """Evaluate a neural identity: on its enrollment video's held-out frames (self-reenactment,
     with ground truth), or reenacting another driving video (no ground truth)."""
-    from tqdm import tqdm
-
-    from ..identity import IdentityError, crop_matrix, crop_with_box
-    from ..retarget import Retargeter
-    from .enroll import read_video
+    from ..identity import IdentityError
     from .runtime import NeuralRenderer
 
     if identity.engine != "neural":
         raise IdentityError(f"identity {identity.name!r} uses the {identity.engine} engine; "
                             "eval compares a neural identity against the warp")
-    neural_info = identity.manifest.get("neural") or {}
     renderer = NeuralRenderer(identity, prefer=backend)
-    warps, neurals, pts_list, truth, consecutive, drivers = [], [], [], [], [], []
     if driving is None:
-        source = Path(identity.manifest.get("provenance", {}).get("source_path", ""))
-        span = neural_info.get("holdout_frames")
-        if not span:
-            raise IdentityError(f"identity {identity.name!r} has no held-out frames recorded; use --driving")
-        if not source.is_file():
-            raise IdentityError(f"the enrollment video {source} is gone; use --driving VIDEO")
-        x0, y0, side = neural_info["box"]
-        m = crop_matrix(x0, y0, side)
-        start, end = span
-        if max_frames:
-            end = min(end, start + max_frames - 1)
-        prev_i = None
-        with FaceLandmarker(static=False) as lm:
-            for i, rgb in enumerate(tqdm(read_video(source, end + 1), desc="eval", unit="frame",
-                                         total=end + 1, disable=not progress)):
-                if i < start:
-                    continue
-                p = lm(rgb)
-                if p is None:
-                    continue
-                p = p.astype(np.float64)
-                p[:, :2] = p[:, :2] * m[0, 0] + m[:, 2]
-                p[:, 2] *= m[0, 0]
-                p = p.astype(np.float32)
-                if prev_i != i - 1:
-                    renderer.reset()
-                neurals.append(renderer.render(p))
-                crop = crop_with_box(rgb, x0, y0, side)
-                consecutive.append(prev_i == i - 1)
-                warps.append(renderer.last_warp), pts_list.append(p)
-                truth.append(crop), drivers.append(crop)
-                prev_i = i
-        kind = "self-reenactment, held-out frames of the enrollment video"
+        r = _render_holdout(identity, renderer, max_frames, progress)
     else:
-        retarget = Retargeter(identity.neutral)
-        last_ok = False
-        with FaceLandmarker(static=False) as lm:
-            for i, rgb in enumerate(tqdm(read_video(Path(driving), max_frames or 300), desc="eval",
-                                         unit="frame", disable=not progress)):
-                p = lm(rgb)
-                target = retarget.update(p, i / 30.0)
-                if p is None:
-                    renderer.reset()
-                    last_ok = False
-                    continue
-                consecutive.append(last_ok)
-                last_ok = True
-                neurals.append(renderer.render(target)), warps.append(renderer.last_warp)
-                pts_list.append(target), drivers.append(rgb)
-        truth = None
-        kind = f"cross-reenactment driven by {Path(driving).name} (no ground truth)"
-    if len(warps) < 2:
+        r = _render_driven(identity, renderer, Path(driving), max_frames, progress)
+    if len(r.warps) < 2:
         raise IdentityError("fewer than 2 frames with a face to evaluate")
-    report = evaluate_frames(warps, neurals, pts_list, truth, consecutive, drivers=drivers)
-    report["kind"] = kind
+    report = evaluate_frames(r.warps, r.neurals, r.points, r.truth, r.consecutive, drivers=r.drivers)
+    report["kind"] = r.kind
     report["runtime"] = renderer.runtime.name
     report["identity"] = identity.name
     report["strip_png_base64"] = report.pop("strip")
     return report
+
+
+def _render_holdout(identity, renderer, max_frames: int | None, progress: bool) -> Rendered:
+    """The held-out frames of the enrollment video, cropped with the enrollment's box: the
+    ground truth for each is the crop itself."""
+    from tqdm import tqdm
+
+    from ..identity import IdentityError, crop_with_box, points_to_crop
+    from .data import read_frames
+
+    neural_info = identity.manifest.get("neural") or {}
+    source = Path(identity.manifest.get("provenance", {}).get("source_path", ""))
+    span = neural_info.get("holdout_frames")
+    if not span:
+        raise IdentityError(f"identity {identity.name!r} has no held-out frames recorded; use --driving")
+    if not source.is_file():
+        raise IdentityError(f"the enrollment video {source} is gone; use --driving VIDEO")
+    x0, y0, side = neural_info["box"]
+    start, end = span
+    if max_frames:
+        end = min(end, start + max_frames - 1)
+    r = Rendered(kind="self-reenactment, held-out frames of the enrollment video")
+    prev_i = None
+    with FaceLandmarker(static=False) as lm:
+        for i, rgb in enumerate(tqdm(read_frames(source, end + 1), desc="eval", unit="frame",
+                                     total=end + 1, disable=not progress)):
+            if i < start:
+                continue
+            p = lm(rgb)
+            if p is None:
+                continue
+            p = points_to_crop(p, x0, y0, side)
+            if prev_i != i - 1:
+                renderer.reset()
+            r.neurals.append(renderer.render(p))
+            crop = crop_with_box(rgb, x0, y0, side)
+            r.consecutive.append(prev_i == i - 1)
+            r.warps.append(renderer.last_warp), r.points.append(p)
+            r.truth.append(crop), r.drivers.append(crop)
+            prev_i = i
+    return r
+
+
+def _render_driven(identity, renderer, driving: Path, max_frames: int | None, progress: bool) -> Rendered:
+    """Another video's motion retargeted onto the identity, as a live session does (no ground truth)."""
+    from tqdm import tqdm
+
+    from ..retarget import Retargeter
+    from .data import read_frames
+
+    r = Rendered(truth=None, kind=f"cross-reenactment driven by {driving.name} (no ground truth)")
+    retarget = Retargeter(identity.neutral)
+    last_ok = False
+    with FaceLandmarker(static=False) as lm:
+        for i, rgb in enumerate(tqdm(read_frames(driving, max_frames or 300), desc="eval",
+                                     unit="frame", disable=not progress)):
+            p = lm(rgb)
+            target = retarget.update(p, i / 30.0)
+            if p is None:
+                renderer.reset()
+                last_ok = False
+                continue
+            r.consecutive.append(last_ok)
+            last_ok = True
+            r.neurals.append(renderer.render(target)), r.warps.append(renderer.last_warp)
+            r.points.append(target), r.drivers.append(rgb)
+    return r

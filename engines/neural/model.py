@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-SIZE = 256
-IN_CHANNELS = 8
+from .config import IN_CHANNELS, MODEL_CONFIG, SIZE
 
 
 def _contour_edges() -> np.ndarray:
@@ -72,7 +71,11 @@ class ResBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    def __init__(self, width: int = 48, deep: int = 96, blocks: int = 4, in_channels: int = IN_CHANNELS):
+    """Defaults are config.MODEL_CONFIG, the size every enrollment trains; a bundle's own
+    model_config (stored with its weights) rebuilds it as it was trained."""
+
+    def __init__(self, width: int = MODEL_CONFIG["width"], deep: int = MODEL_CONFIG["deep"],
+                 blocks: int = MODEL_CONFIG["blocks"], in_channels: int = MODEL_CONFIG["in_channels"]):
         super().__init__()
         self.down = nn.PixelUnshuffle(4)  # 256² x 8 -> 64² x 128
         self.stem = nn.Sequential(nn.Conv2d(in_channels * 16, width, 3, padding=1), nn.LeakyReLU(0.1, True))

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-INT8_FILE = "generator.int8.onnx"
 MAX_LOSS_DB = 0.1
 CALIBRATION_FRAMES = 64  # training frames that set the activation ranges
 CHECK_FRAMES = 60  # held-out frames that decide whether the int8 model is kept
@@ -60,9 +59,9 @@ def float_output_nodes(path: Path) -> list[str]:
 def quality_check(fp32, int8, inputs: list[np.ndarray], targets: list[np.ndarray]) -> dict:
     """Mean PSNR of both runtimes' outputs against the targets (images in [-1, 1]), and what
     int8 loses."""
-    from .evaluate import psnr
+    from .metrics import psnr
 
-    def mean_psnr(runtime) -> float:  # evaluate.psnr wants 0..255; the offset cancels
+    def mean_psnr(runtime) -> float:  # metrics.psnr wants 0..255; the offset cancels
         return float(np.mean([psnr(np.clip(runtime.run(x)[0], -1, 1) * 127.5, y * 127.5)
                               for x, y in zip(inputs, targets)]))
 

@@ -217,7 +217,7 @@ class NeuralRenderer:
     def __init__(self, identity, prefer: str = "auto"):
         from ..warp import WarpRenderer
 
-        from .model import IN_CHANNELS, SIZE
+        from .config import IN_CHANNELS, SIZE
 
         neural = identity.manifest.get("neural") or {}
         if not isinstance(neural.get("model"), str) or neural["model"] not in identity.manifest["files"]:

@@ -1,0 +1,171 @@
+"""Enrollment data: a self-scan video -> fixed-box crops and landmarks -> training pairs.
+
+    frames + landmarks (tracking mode)  ->  one fixed crop box, from the reference frame
+    (the most frontal, mouth-closed training frame)  ->  pairs
+    (warp(reference, landmarks_i), contours_i, contours_{i-1}, rigid_head(reference, landmarks_i))
+    -> ground-truth crop_i; the last HOLDOUT of the frames are never trained on.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..identity import RENDER_SIZE, IdentityError, crop_with_box, face_box, points_to_crop
+from ..landmarks import (FACE_LEFT, FACE_RIGHT, LEFT_EYE_OUTER, RIGHT_EYE_OUTER, FaceLandmarker,
+                         eye_openness, inter_ocular, mouth_openness)
+from ..video import VideoError, read_video
+from .config import HOLDOUT, IN_CHANNELS
+
+log = logging.getLogger(__name__)
+
+AUG_ROLL, AUG_SHIFT, AUG_SCALE = 8.0, 30.0, 0.06  # pose augmentation: degrees, 256² pixels, fraction
+
+
+@dataclass
+class ScanData:
+    """A self-scan, cropped with one fixed box: crops (N, 256, 256, 3) uint8, points (N, 478, 3)
+    in crop pixels, the video frame index of each, and which one is the reference."""
+    crops: np.ndarray
+    points: np.ndarray
+    frame_index: np.ndarray
+    n_train: int
+    reference: int  # index into crops (always < n_train)
+    box: tuple[float, float, float]  # x0, y0, side in video pixels
+    n_decoded: int
+
+
+def read_frames(video: Path, limit: int | None = None) -> Iterator[np.ndarray]:
+    """engines.video.read_video, a bad video reported as IdentityError: what callers of
+    enroll and eval catch, as for every other unusable input."""
+    try:
+        yield from read_video(video, limit)
+    except VideoError as e:
+        raise IdentityError(str(e)) from None
+
+
+def frontal_score(p: np.ndarray) -> float:
+    """Lower is better: head turned (cheek asymmetry, eye depth difference), mouth open, eyes shut."""
+    io = max(inter_ocular(p), 1e-6)
+    nose = p[1, :2]
+    yaw = abs(np.linalg.norm(p[FACE_LEFT, :2] - nose) - np.linalg.norm(p[FACE_RIGHT, :2] - nose)) / io
+    depth = abs(p[LEFT_EYE_OUTER, 2] - p[RIGHT_EYE_OUTER, 2]) / io
+    roll = abs(math.atan2(p[LEFT_EYE_OUTER, 1] - p[RIGHT_EYE_OUTER, 1],
+                          p[LEFT_EYE_OUTER, 0] - p[RIGHT_EYE_OUTER, 0]))
+    return yaw + depth + roll + 3.0 * mouth_openness(p) + max(0.0, 0.25 - eye_openness(p)) * 4.0
+
+
+def extract(video: Path, max_frames: int | None = None, progress: bool = True) -> ScanData:
+    """Landmarks of every frame, then one crop box for all of them, chosen on a training
+    frame: a box that moved with the head would hide the head motion the generator must learn."""
+    from tqdm import tqdm
+
+    frames, points, index = [], [], []
+    n = 0
+    with FaceLandmarker(static=False) as lm:
+        for i, rgb in enumerate(tqdm(read_frames(video, max_frames), desc="landmarks", unit="frame",
+                                     disable=not progress, total=max_frames)):
+            n += 1
+            p = lm(rgb)
+            if p is not None:
+                frames.append(rgb)
+                points.append(p)
+                index.append(i)
+    if n == 0:
+        raise IdentityError(f"{video}: no frames could be decoded")
+    if len(frames) < 10:
+        raise IdentityError(f"{video}: a face was found in only {len(frames)} of {n} frames; "
+                            "record a well-lit video of one person facing the camera")
+    if len(frames) < 0.5 * n:
+        log.warning("a face was found in only %d of %d frames", len(frames), n)
+    # Hold out the last frames in video order: what comes after is never seen in training.
+    n_train = int(round(len(frames) * (1 - HOLDOUT)))
+    ref = int(np.argmin([frontal_score(p) for p in points[:n_train]]))
+    x0, y0, side = face_box(points[ref])
+    crops = np.stack([crop_with_box(f, x0, y0, side) for f in frames])
+    pts = points_to_crop(np.stack(points), x0, y0, side)
+    return ScanData(crops, pts, np.array(index), n_train, ref, (x0, y0, side), n)
+
+
+def region_weights(points: np.ndarray) -> np.ndarray:
+    """(256, 256) float32 mask, 1 on mouth and eyes (dilated), 0 elsewhere."""
+    from ..mouth import OUTER_LIPS
+    from ..mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
+
+    mask = np.zeros((RENDER_SIZE, RENDER_SIZE), np.uint8)
+    io = inter_ocular(points)
+    for upper, lower in ((RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), (LEFT_EYE_UPPER, LEFT_EYE_LOWER)):
+        ring = np.concatenate([points[upper, :2], points[lower[-2:0:-1], :2]])
+        cv2.fillPoly(mask, [np.round(ring).astype(np.int32)], 1)
+    cv2.fillPoly(mask, [np.round(points[OUTER_LIPS, :2]).astype(np.int32)], 1)
+    r = max(1, int(round(0.12 * io)))
+    mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+    return mask.astype(np.float32)
+
+
+class PairBuilder:
+    """Network inputs and targets for scan frames (warps computed once and cached)."""
+
+    def __init__(self, data: ScanData):
+        from ..warp import WarpRenderer
+        from .model import contour_map
+
+        self.data = data
+        ref = data.reference
+        self.reference = data.crops[ref]
+        self.neutral = data.points[ref]
+        self.warp = warp = WarpRenderer(self.reference, self.neutral)
+        self.warps = np.stack([warp.render(p) for p in data.points])
+        self.rigids = np.stack([warp.render_rigid(p) for p in data.points])
+        self.maps = np.stack([(contour_map(p) * 255).astype(np.uint8) for p in data.points])
+        self.weights = np.stack([region_weights(p).astype(np.uint8) for p in data.points])
+
+    def inputs(self, idx: np.ndarray) -> np.ndarray:
+        """The batch's network inputs, laid out as model.make_input does for one frame."""
+        d = self.data
+        prev = np.array([i - 1 if i > 0 and d.frame_index[i - 1] == d.frame_index[i] - 1 else i for i in idx])
+        x = np.empty((len(idx), IN_CHANNELS, RENDER_SIZE, RENDER_SIZE), np.float32)
+        x[:, :3] = self.warps[idx].transpose(0, 3, 1, 2) / 127.5 - 1.0
+        x[:, 3] = self.maps[idx] / 255.0
+        x[:, 4] = self.maps[prev] / 255.0
+        x[:, 5:] = self.rigids[idx].transpose(0, 3, 1, 2) / 127.5 - 1.0
+        return x
+
+    def targets(self, idx: np.ndarray) -> np.ndarray:
+        return self.data.crops[idx].transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+
+    def batch(self, idx: np.ndarray, rng: np.random.Generator, augment: float = 0.0):
+        """Training inputs, targets and region weights; with probability `augment` a sample
+        is moved by a random similarity (frame and landmarks alike) and its warps re-rendered.
+
+        Why: a self-scan covers few head positions, and held-out frames leave them (in
+        selfscan_a the head moves 30 px further and rolls 7° more than in any training
+        frame). The warp of a moved head stretches its surroundings differently; without
+        examples of that the generator's corrections do not carry over.
+        """
+        from .model import contour_map, make_input
+
+        x, y = self.inputs(idx), self.targets(idx)
+        w = self.weights[idx].astype(np.float32)
+        size = (RENDER_SIZE, RENDER_SIZE)
+        for k, i in enumerate(idx):
+            if rng.random() >= augment:
+                continue
+            m = cv2.getRotationMatrix2D((RENDER_SIZE / 2, RENDER_SIZE / 2), rng.uniform(-AUG_ROLL, AUG_ROLL),
+                                        1 + rng.uniform(-AUG_SCALE, AUG_SCALE))
+            m[:, 2] += rng.uniform(-AUG_SHIFT, AUG_SHIFT, 2)
+            p = self.data.points[i].copy()
+            p[:, :2] = p[:, :2] @ m[:, :2].T + m[:, 2]
+            p[:, 2] *= np.hypot(m[0, 0], m[0, 1])
+            truth = cv2.warpAffine(self.data.crops[i], m, size, flags=cv2.INTER_LINEAR,
+                                   borderMode=cv2.BORDER_REPLICATE)
+            prev_map = cv2.warpAffine(x[k, 4], m, size, flags=cv2.INTER_LINEAR)
+            x[k] = make_input(self.warp.render(p), self.warp.render_rigid(p), contour_map(p), prev_map)[0]
+            y[k] = truth.transpose(2, 0, 1) / 127.5 - 1.0
+            w[k] = region_weights(p)
+        return x, y, w[:, None]
