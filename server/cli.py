@@ -240,7 +240,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench_engines(args) -> int:
-    from engines.neural.bench import bench_engines, format_table
+    from engines.bench import bench_engines, format_table
 
     identity = store(args).load(args.identity)
     if args.driving is not None:

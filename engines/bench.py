@@ -1,17 +1,22 @@
 """Per-stage timings of the avatar pipeline: landmarks, retarget, warp, and the generator on
-every backend that runs here (torch fp32, torch bf16 autocast, ONNX Runtime, GPU ones)."""
+every backend that runs here (torch fp32, torch bf16 autocast, ONNX Runtime, GPU ones).
+Statistics and machine facts come from measure.py, as for every other figure."""
 from __future__ import annotations
 
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .measure import machine_info, timing_summary
+
+BASELINE = "torch-fp32"
+
 
 def _time(fn, n: int, warmup: int = 3) -> dict:
+    """median_ms, p95_ms, n of `n` calls of fn, after `warmup` untimed ones (first calls
+    allocate and pick kernels)."""
     for _ in range(warmup):
         fn()
     ts = []
@@ -19,30 +24,7 @@ def _time(fn, n: int, warmup: int = 3) -> dict:
         t = time.perf_counter()
         fn()
         ts.append((time.perf_counter() - t) * 1e3)
-    return {"median_ms": round(float(np.median(ts)), 2), "p95_ms": round(float(np.percentile(ts, 95)), 2), "n": n}
-
-
-def machine_info() -> dict:
-    import cv2
-    import onnxruntime as ort
-    import torch
-
-    flags = ""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort.__version__,
-            "opencv": cv2.__version__, "ort_providers": ort.get_available_providers(),
-            "torch_threads": torch.get_num_threads(), "avx512_bf16": "avx512_bf16" in flags,
-            "cuda": torch.cuda.is_available()}
+    return timing_summary(ts)
 
 
 def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: bool = True) -> dict:
@@ -50,11 +32,12 @@ def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: boo
     With a neural identity its trained generator is timed, else a randomly initialised one."""
     import onnxruntime as ort
 
-    from ..landmarks import FaceLandmarker
-    from ..retarget import Retargeter
-    from ..warp import WarpRenderer
-    from .model import Generator, contour_map, export_onnx, make_input, param_count
-    from .runtime import ORT_PROVIDERS, OrtRuntime, TorchRuntime, bundle_file
+    from .landmarks import FaceLandmarker
+    from .neural.config import MODEL_FILE
+    from .neural.model import Generator, contour_map, export_onnx, make_input, param_count
+    from .neural.runtime import ORT_PROVIDERS, OrtRuntime, TorchRuntime, bundle_file
+    from .retarget import Retargeter
+    from .warp import WarpRenderer
 
     stages: dict = {}
     with FaceLandmarker(static=False) as lm:
@@ -79,9 +62,8 @@ def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: boo
         onnx_path, source = identity.path / neural["model"], "trained"
         int8_path = bundle_file(identity, (neural.get("int8") or {}).get("model"))
     else:
-        from .config import MODEL_CONFIG
-        model = Generator(**MODEL_CONFIG).eval()
-        onnx_path, source = Path(tempfile.mkdtemp()) / "generator.onnx", "random init"
+        model = Generator().eval()  # config.MODEL_CONFIG, the size enrollments train
+        onnx_path, source = Path(tempfile.mkdtemp()) / MODEL_FILE, "random init"
         export_onnx(model, onnx_path)
     gen = {}
     gen["torch-fp32"] = _time(lambda: TorchRuntime(model).run(x), n)
@@ -103,12 +85,10 @@ def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: boo
     for name, t in stages.items():
         if name.startswith("generator[") and base and "median_ms" in t:
             t["vs_baseline"] = round(t["median_ms"] / base, 3)
-    return {"machine": machine_info(), "identity": identity.name, "engine": identity.engine,
+    backends = ", ".join(name for name, t in gen.items() if "error" not in t)
+    return {"machine": machine_info(backend=backends), "identity": identity.name, "engine": identity.engine,
             "generator": {"source": source, "params": param_count(model), "input": list(x.shape)},
             "baseline": BASELINE, "stages": stages}
-
-
-BASELINE = "torch-fp32"
 
 
 def format_table(report: dict) -> str:
