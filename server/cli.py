@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     live.set_defaults(func=cmd_bench_live)
     bench.set_defaults(func=lambda a: bench.print_help() or 2)
 
+    from engines.neural import tensorrt_build
+    trt = sub.add_parser("export-trt", help="build a TensorRT engine for this GPU from a generator ONNX",
+                         description=tensorrt_build.DESCRIPTION)
+    tensorrt_build.add_arguments(trt)
+    trt.set_defaults(func=cmd_export_trt)
+
     ident = sub.add_parser("identity", help="create, list, show or delete identities")
     isub = ident.add_subparsers(title="identity commands", metavar="ACTION")
     create = isub.add_parser("create", help="create an identity from one photo (warp engine)")
@@ -254,6 +260,11 @@ def cmd_bench_engines(args) -> int:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"written to {args.json}")
     return 0
+
+
+def cmd_export_trt(args) -> int:
+    from engines.neural import tensorrt_build
+    return tensorrt_build.run(args)
 
 
 def cmd_identity_list(args) -> int:

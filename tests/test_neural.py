@@ -12,12 +12,8 @@ import torch
 from helpers import shared_clip
 from engines.identity import Consent, IdentityStore, sha256
 from engines.neural import runtime as rtm
+from engines.neural import tensorrt_build
 from engines.neural.model import Generator, contour_map, export_onnx, make_input, to_image
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-import export_trt  # noqa: E402  (a top-level script, not part of a package)
 
 CONSENT = Consent("test enrollment", "test subject", "pytest", "2026-01-01T00:00:00+00:00")
 
@@ -215,19 +211,22 @@ def test_enroll_bad_input(tmp_path, capsys):
 
 
 def test_export_trt_naming_and_missing_tensorrt(tmp_path, monkeypatch, capsys):
-    assert export_trt.sanitize("NVIDIA GeForce RTX 3090") == "nvidia-geforce-rtx-3090"
-    p = export_trt.engine_path(Path("/b/generator.onnx"), "NVIDIA GeForce RTX 3090", (8, 6))
+    from server.cli import main as avatar
+
+    assert tensorrt_build.sanitize("NVIDIA GeForce RTX 3090") == "nvidia-geforce-rtx-3090"
+    p = tensorrt_build.engine_path(Path("/b/generator.onnx"), "NVIDIA GeForce RTX 3090", (8, 6))
     assert p == Path("/b/generator.nvidia-geforce-rtx-3090.sm86.engine")
-    assert rtm.sanitize("NVIDIA GeForce RTX 3090") == export_trt.sanitize("NVIDIA GeForce RTX 3090")
-    args = export_trt.build_parser().parse_args(["m.onnx", "--workspace-mb", "512", "--no-fp16"])
+    args = tensorrt_build.build_parser().parse_args(["m.onnx", "--workspace-mb", "512", "--no-fp16"])
     assert args.workspace_mb == 512 and args.no_fp16 and args.onnx == Path("m.onnx")
     onnx = tmp_path / "generator.onnx"
     onnx.write_bytes(b"x")
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
-    assert export_trt.main([str(onnx)]) == 2
+    assert tensorrt_build.main([str(onnx)]) == 2
     err = capsys.readouterr().err
     assert "`tensorrt` Python package is not installed" in err
-    assert export_trt.main([str(tmp_path / "nope.onnx")]) == 2
+    assert avatar(["export-trt", str(onnx), "--no-fp16"]) == 2  # the same, as an avatar subcommand
+    assert "`tensorrt` Python package is not installed" in capsys.readouterr().err
+    assert tensorrt_build.main([str(tmp_path / "nope.onnx")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.engine"))
 

@@ -1,6 +1,6 @@
 """Generator runtimes behind one interface: run((1, 8, 256, 256) float32) -> (1, 3, 256, 256).
 
-    tensorrt  a native TensorRT engine built by export_trt.py for this GPU (needs `tensorrt`)
+    tensorrt  a native TensorRT engine built by tensorrt_build.py (export_trt.py) for this GPU
     ort-trt   ONNX Runtime with the TensorRT execution provider
     ort-cuda  ONNX Runtime with the CUDA execution provider
     ort-int8-cpu  ONNX Runtime on the CPU, the bundle's int8 model (quantize.py), if it has one
@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 
 import numpy as np
+
+from .tensorrt_build import engine_path
 
 log = logging.getLogger(__name__)
 
@@ -127,21 +128,17 @@ class TensorRTRuntime:
         return self.y.cpu().numpy()
 
 
-def gpu_tag() -> str | None:
-    """'<gpu-name-sanitized>.sm<major><minor>' of CUDA device 0, or None without one."""
+def gpu_device() -> tuple[str, tuple[int, int]] | None:
+    """(name, compute capability) of CUDA device 0 as torch sees it, or None: TensorRTRuntime
+    needs torch's CUDA for its buffers, so a GPU torch cannot use does not count."""
     try:
         import torch
 
         if not torch.cuda.is_available():
             return None
-        major, minor = torch.cuda.get_device_capability(0)
-        return f"{sanitize(torch.cuda.get_device_name(0))}.sm{major}{minor}"
+        return torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)
     except Exception:  # noqa: BLE001
         return None
-
-
-def sanitize(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
 
 def plan(prefer: str, providers: list[str], engine_file: Path | None, has_weights: bool,
@@ -179,8 +176,8 @@ def select_runtime(onnx_path: str | os.PathLike, weights_path: str | os.PathLike
             providers = ort.get_available_providers()
         except ImportError:
             providers = []
-    tag = gpu_tag()
-    engine = onnx_path.with_name(f"{onnx_path.stem}.{tag}.engine") if tag else None
+    gpu = gpu_device()
+    engine = engine_path(onnx_path, *gpu) if gpu else None  # the name tensorrt_build gives it
     engine = engine if engine is not None and engine.is_file() else None
     has_weights = weights_path is not None and Path(weights_path).is_file()
     has_int8 = int8_path is not None and Path(int8_path).is_file()
