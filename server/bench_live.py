@@ -29,7 +29,7 @@ import numpy as np
 
 from engines.identity import default_home
 
-from .client import AvatarClient, ClientError, ClipTrack, nearest, zero_rtp_timestamp_origin
+from .bench.client import AvatarClient, ClientError, ClipTrack, nearest
 
 STAGES = ("queue", "convert", "landmarks", "retarget", "render", "total")
 BUSY_WAIT_S = 15.0
@@ -202,22 +202,21 @@ async def run_sessions(url: str, configs: list[RunConfig], frames, fps, duration
     """One session per entry of `configs`, all at once, for warmup + duration seconds."""
     memory = []
     clients, tracks = [], []
-    with zero_rtp_timestamp_origin():
-        try:
-            for cfg in configs:
-                track = ClipTrack(frames, fps, loop=True)
-                tracks.append(track)
-                clients.append(await open_session(url, track, token, cfg.identity))
-            start = time.time()
-            while time.time() - start < warmup + duration:
-                await asyncio.sleep(1.0)
-                memory.append((round(time.time() - start, 1), rss_mb(server_pid)))
-        finally:
-            for t in tracks:
-                t.stop()
-            await asyncio.sleep(0.3)
-            for c in clients:
-                await c.close()
+    try:
+        for cfg in configs:
+            track = ClipTrack(frames, fps, loop=True)
+            tracks.append(track)
+            clients.append(await open_session(url, track, token, cfg.identity))
+        start = time.time()
+        while time.time() - start < warmup + duration:
+            await asyncio.sleep(1.0)
+            memory.append((round(time.time() - start, 1), rss_mb(server_pid)))
+    finally:
+        for t in tracks:
+            t.stop()
+        await asyncio.sleep(0.3)
+        for c in clients:
+            await c.close()
     results = [analyse(cfg.label, i, c, t, start + warmup, start + warmup + duration)
                for i, (cfg, c, t) in enumerate(zip(configs, clients, tracks))]
     return results, memory

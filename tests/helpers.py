@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.client import AvatarClient, ClipTrack, zero_rtp_timestamp_origin  # noqa: F401  (for the tests)
+from server.bench.client import AvatarClient, ClipTrack  # noqa: F401  (for the tests)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CLIPS = ["selfscan_a.mp4", "selfscan_b.mp4", "drive_wink.mp4", "drive_expressive.mp4"]

@@ -1,13 +1,18 @@
 """`avatar bench live` measures a real server end to end."""
+import asyncio
 import json
 import os
 import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection
+from aiortc.mediastreams import MediaStreamError
 
 from engines.identity import Consent, IdentityStore
+from server.bench.client import ClipTrack, nearest
 
 
 def bench(*args, home, timeout=240):
@@ -69,3 +74,45 @@ def test_wrong_url_is_a_clear_error(tmp_path):
     result = bench("--url", "ftp://example.invalid/", "--duration", "1", home=tmp_path, timeout=60)
     assert result.returncode == 2
     assert "error:" in result.stderr
+
+
+async def test_a_peer_receives_the_pts_the_client_sent():
+    # The bench matches the server's in_pts to the pts its ClipTrack sent, with no pinning
+    # of aiortc's random RTP timestamp origin: an aiortc receiver takes the first timestamp
+    # it decodes away again. If aiortc changes that, this fails here, not as a bench that
+    # quietly pairs each avatar frame with the wrong camera frame. Each frame's own grey
+    # level says which one it really is.
+    frames = [np.full((64, 64, 3), 8 * i, np.uint8) for i in range(30)]
+    track = ClipTrack(frames)
+    sender, receiver = (RTCPeerConnection(RTCConfiguration(iceServers=[])) for _ in range(2))
+    sender.addTrack(track)
+    got, tasks = [], []
+
+    async def collect(remote):
+        try:
+            while True:
+                frame = await remote.recv()
+                got.append((frame.pts, float(frame.to_ndarray(format="rgb24").mean())))
+        except MediaStreamError:
+            pass
+
+    receiver.on("track", lambda remote: tasks.append(asyncio.ensure_future(collect(remote))))
+    try:
+        await sender.setLocalDescription(await sender.createOffer())
+        await receiver.setRemoteDescription(sender.localDescription)
+        await receiver.setLocalDescription(await receiver.createAnswer())
+        await sender.setRemoteDescription(receiver.localDescription)
+        for _ in range(200):
+            if track.readyState == "ended" and len(got) >= len(frames) - 1:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await sender.close()
+        await receiver.close()
+    assert len(got) >= 20, f"only {len(got)} of {len(frames)} frames arrived"
+    pts = nearest(list(track.sent), [p for p, _ in got])
+    assert None not in pts, f"received pts {[p for p, _ in got]} are not the sent ones"
+    shown = [track.sent[p] for p in pts]
+    assert all(abs(grey - 8 * i) < 4 for i, (_, grey) in zip(shown, got)), list(zip(shown, got))

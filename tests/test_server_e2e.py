@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from engines.landmarks import FaceLandmarker, mouth_openness
-from helpers import (Client, ClipTrack, clip, read_seconds, running_server, wait_for,
-                                 zero_rtp_timestamp_origin)
+from helpers import Client, ClipTrack, clip, read_seconds, running_server, wait_for
 
 SECONDS = 6.0
 
@@ -25,18 +24,17 @@ def openness(frames) -> list[float | None]:
 @pytest.mark.slow
 async def test_avatar_follows_driver_mouth(tmp_path, monkeypatch):
     driver = read_seconds(clip("drive_wink.mp4"), SECONDS)
-    with zero_rtp_timestamp_origin():
-        async with running_server(tmp_path, monkeypatch) as srv:
-            client = await Client(srv.ws_url).connect()
-            session = await client.hello()
-            assert session["type"] == "session" and session["identity"] == "demo"
-            track = ClipTrack(driver)
-            await client.start_media(track)
-            await wait_for(lambda: track.readyState == "ended", SECONDS + 15, "the clip to play")
-            await asyncio.sleep(0.5)  # the last frames in flight
-            stats = list(client.stats)
-            received = list(client.received)
-            await client.close()
+    async with running_server(tmp_path, monkeypatch) as srv:
+        client = await Client(srv.ws_url).connect()
+        session = await client.hello()
+        assert session["type"] == "session" and session["identity"] == "demo"
+        track = ClipTrack(driver)
+        await client.start_media(track)
+        await wait_for(lambda: track.readyState == "ended", SECONDS + 15, "the clip to play")
+        await asyncio.sleep(0.5)  # the last frames in flight
+        stats = list(client.stats)
+        received = list(client.received)
+        await client.close()
 
     # Each avatar frame carries its driver frame's pts (RTP rounding: a tick or two).
     sent = np.array(sorted(track.sent))

@@ -2,14 +2,19 @@
 
 Used by `avatar bench live` and by the tests. It sends a clip as its camera and records,
 for every frame, when it was sent and when its avatar frame came back.
+
+Timestamps: an aiortc sender adds a random origin to a track's pts, and an aiortc receiver
+takes the first RTP timestamp it decodes away again (its TimestampMapper). So the server
+(aiortc) sees the pts this client sent, as long as its first frame arrives (pts 0), with
+no pinning of random numbers; encoders may round a pts down by a tick. Back from the server
+the same happens once more; `matched()` finds that offset from the server's stats.
+tests/test_bench_live.py checks the first leg against aiortc on every run.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fractions
 import json
-import sys
 import time
 
 import av
@@ -63,25 +68,6 @@ class ClipTrack(VideoStreamTrack):
         self.sent_at[frame.pts] = time.time()
         self.index += 1
         return frame
-
-
-@contextlib.contextmanager
-def zero_rtp_timestamp_origin():
-    """aiortc adds a random 32-bit origin to each sender's RTP timestamps. Pinning it to 0
-    in this process makes the pts the server receives equal the pts this client sent."""
-    import aiortc.rtcrtpsender as sender
-    real = sender.random32
-
-    def random32():
-        if sys._getframe(1).f_code.co_name == "_run_rtp":
-            return 0
-        return real()
-
-    sender.random32 = random32
-    try:
-        yield
-    finally:
-        sender.random32 = real
 
 
 class AvatarClient:

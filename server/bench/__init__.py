@@ -1,0 +1,1 @@
+"""`avatar bench live` and its headless client (client.py, also the tests' client)."""
