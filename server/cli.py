@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Headless WebRTC clients stream a clip at camera rate to a "
                            "server and match every avatar frame to the camera frame it shows. Prints "
                            "a table; writes JSON, an HTML report with plots, and a PNG.")
-    from server import bench_live
+    from server.bench import command as bench_live
     bench_live.add_arguments(live)
     live.set_defaults(func=cmd_bench_live)
     bench.set_defaults(func=lambda a: bench.print_help() or 2)
@@ -211,7 +211,7 @@ def _consent(args) -> Consent:
 
 
 def cmd_bench_live(args) -> int:
-    from server import bench_live
+    from server.bench import command as bench_live
     return bench_live.run(args)
 
 

@@ -1,0 +1,94 @@
+"""`avatar bench live`: its flags and what running it does."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import os
+import platform
+from pathlib import Path
+
+from engines.identity import default_home
+
+from .report import format_table, write_reports
+from .runner import RunConfig, check_server, load_frames, local_server, measure, ws_url
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help="server to measure, e.g. http://127.0.0.1:8080/ "
+                                 "(default: start a local server and stop it afterwards)")
+    p.add_argument("--token", default=None, help="session token, if the server needs one")
+    p.add_argument("--sessions", type=int, default=1, help="concurrent sessions (default 1)")
+    p.add_argument("--duration", type=float, default=20.0, help="measured seconds (default 20)")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds ignored at the start (default 3)")
+    p.add_argument("--identity", default="demo", help="identity to drive (default demo)")
+    p.add_argument("--video", type=Path, default=None,
+                   help="driving clip (default: a synthetic talking demo face, 512x512 at 30 fps)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
+                   help="two configurations (identity=NAME) measured interleaved in one run; prints B/A")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds for --compare (default 4)")
+    p.add_argument("--scale", type=int, default=None, metavar="N",
+                   help="measure 1..N sessions and report the largest that meets the target")
+    p.add_argument("--target-p95", type=float, default=150.0, help="target glass-to-glass p95 ms (150)")
+    p.add_argument("--target-fps", type=float, default=20.0, help="target fps per session (20)")
+    p.add_argument("--out", type=Path, default=Path("bench-live"),
+                   help="folder for report.json, report.html and latency.png (default ./bench-live)")
+
+
+def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
+    configs = run_configs(args)
+    frames, fps = load_frames(args.video)
+    need = max(args.sessions, args.scale or 1)
+    with contextlib.ExitStack() as stack:
+        if args.url:
+            url, pid = args.url, None
+            ws_url(url)  # a malformed URL fails here, before any connection is tried
+            check_server(url)
+        else:
+            # The same identities `avatar serve` would offer: an enrolled one can be measured.
+            url, pid = stack.enter_context(local_server(args.home or default_home(), need))
+        report = asyncio.run(measure(args, url, pid, configs, frames, fps))
+    report["machine"] = machine_info()
+    report["server"] = {"url": url, "local": not args.url}
+    write_reports(report, args.out)
+    print(format_table(report))
+    print(f"report: {args.out / 'report.json'}, {args.out / 'report.html'}, {args.out / 'latency.png'}")
+    return 0
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse settings that cannot make a measurement, before anything starts."""
+    for name in ("sessions", "rounds"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1")
+    if args.duration <= 0 or args.warmup < 0:
+        raise ValueError("--duration must be positive and --warmup not negative")
+    if args.scale is not None and not 1 <= args.scale <= 16:
+        raise ValueError("--scale must be from 1 to 16")
+
+
+def run_configs(args: argparse.Namespace) -> list[RunConfig]:
+    """--compare's two configurations, else the one --identity names."""
+    if not args.compare:
+        return [RunConfig(f"identity={args.identity}", args.identity)]
+    configs = [RunConfig.parse(c) for c in args.compare]
+    if configs[0].label == configs[1].label:  # an A/A run shows the noise floor; keep both
+        configs[1] = dataclasses.replace(configs[1], label=configs[1].label + " (B)")
+    return configs
+
+
+def machine_info() -> dict:
+    import aiortc
+    import av
+
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "aiortc": aiortc.__version__, "av": av.__version__,
+            "backend": "CPU (warp engine)"}

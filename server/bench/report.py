@@ -1,0 +1,138 @@
+"""The benchmark's report: the printed table, report.json, a self-contained report.html
+and its plots (latency.png is the first of them)."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def format_table(report: dict) -> str:
+    """The table `avatar bench live` prints (and report.html shows first)."""
+    lines = [f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; "
+             f"server: {'local' if report['server']['local'] else report['server']['url']}"]
+    head = f"{'run':<22}{'sess':>5}{'p50':>8}{'p95':>8}{'p99':>8}{'max':>8}{'fps/s':>8}{'matched':>9}{'jitter':>8}"
+    lines.append(head + "   (glass-to-glass ms)")
+    rows = [(label, s) for label, s in report["runs"].items()]
+    if "scale" in report:
+        rows = [(f"scale {s['sessions']}" + (" ok" if s["meets_target"] else ""), s) for s in report["scale"]["steps"]]
+    lines += [_row(label, s) for label, s in rows]
+    return "\n".join(lines + _notes(report))
+
+
+def _row(label: str, s: dict) -> str:
+    g = s["glass_to_glass_ms"]
+    fmt = lambda v: f"{v:8.1f}" if v is not None else f"{'-':>8}"  # noqa: E731
+    return (f"{label[:22]:<22}{s['sessions']:>5}{fmt(g['p50'])}{fmt(g['p95'])}{fmt(g['p99'])}"
+            f"{fmt(g['max'])}{s['fps_per_session']:8.1f}{100 * s['matched_ratio']:8.1f}%"
+            f"{fmt(s['jitter_ms'])}")
+
+
+def _notes(report: dict) -> list[str]:
+    """The lines under the table: server stages, B/A, the scale verdict, drift."""
+    lines = []
+    for label, s in report["runs"].items():  # one line per configuration: where B's time goes
+        if s["server_stages_p50_ms"]:
+            lines.append(f"server stages p50 ms{f' ({label})' if len(report['runs']) > 1 else ''}: "
+                         + ", ".join(f"{k} {v:.1f}" for k, v in s["server_stages_p50_ms"].items()))
+    if "compare" in report:
+        c = report["compare"]
+        lines.append(f"B/A ({c['B']} over {c['A']}): " + ", ".join(f"{k} {v}" for k, v in c["ratios_B_over_A"].items()))
+    if "scale" in report:
+        lines.append(f"largest session count meeting p95 <= {report['scale']['target']['p95_ms']} ms at "
+                     f">= {report['scale']['target']['fps']} fps: {report['scale']['max_sessions_meeting_target']}")
+    if report.get("drift"):
+        d = report["drift"]
+        lines.append(f"drift: p95 first {d['window_s']:.0f} s {d['first_p95_ms']} ms, last {d['last_p95_ms']} ms "
+                     f"({100 * d['change']:+.1f}%)")
+    return lines
+
+
+def write_reports(report: dict, out: Path) -> None:
+    """report.json, report.html (plots inlined, so it travels as one file) and latency.png in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    plots = make_plots(report)
+    (out / "latency.png").write_bytes(plots["latency"])
+    imgs = "\n".join(f'<h2>{name}</h2><img alt="{name}" src="data:image/png;base64,'
+                     f'{base64.b64encode(png).decode()}">' for name, png in plots.items())
+    html = (f"<!doctype html><meta charset=utf-8><title>avatar bench live</title>"
+            f"<style>body{{font:14px sans-serif;margin:2em}}pre{{background:#f4f4f4;padding:1em}}"
+            f"img{{max-width:100%}}</style><h1>avatar bench live</h1>"
+            f"<pre>{_escape(format_table(report))}</pre>{imgs}"
+            f"<h2>raw</h2><pre>{_escape(json.dumps({k: v for k, v in report.items() if k != 'sessions_detail'}, indent=2))}</pre>")
+    (out / "report.html").write_text(html)
+
+
+def make_plots(report: dict) -> dict[str, bytes]:
+    """PNGs by name: latency over time, histogram, server stages, fps over time."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    detail = report.get("sessions_detail", {})
+    plots = {}
+    for name, height, draw in (("latency", 4, _latency_plot), ("histogram", 3.5, _histogram_plot),
+                               ("stages", 3.5, _stages_plot), ("fps", 3.5, _fps_plot)):
+        fig, ax = plt.subplots(figsize=(9, height))
+        draw(ax, report, detail)
+        plots[name] = _png(fig)
+    return plots
+
+
+def _latency_plot(ax, report: dict, detail: dict) -> None:
+    for label, sessions in detail.items():
+        for s in sessions:
+            if s["latency_ms"]:
+                t, ms = np.array(s["latency_ms"]).T
+                ax.plot(t, ms, ".", ms=2, label=f"{label} #{s['session']}")
+    ax.set(xlabel="time since warm-up (s)", ylabel="glass-to-glass (ms)", title="latency over time")
+    if detail:
+        ax.legend(fontsize=7, markerscale=4)
+
+
+def _histogram_plot(ax, report: dict, detail: dict) -> None:
+    for label, sessions in detail.items():
+        ms = [v for s in sessions for _, v in s["latency_ms"]]
+        if ms:
+            ax.hist(ms, bins=50, alpha=0.6, label=label)
+    ax.set(xlabel="glass-to-glass (ms)", ylabel="frames", title="latency histogram")
+
+
+def _stages_plot(ax, report: dict, detail: dict) -> None:
+    """Each configuration's server time, stacked by stage."""
+    labels = list(report["runs"])
+    bottom = np.zeros(len(labels))
+    for stage in ("queue", "convert", "landmarks", "retarget", "render"):
+        vals = np.array([report["runs"][l]["server_stages_p50_ms"].get(stage, 0.0) for l in labels])
+        ax.bar(labels, vals, bottom=bottom, label=stage)
+        bottom += vals
+    ax.set(ylabel="ms (p50)", title="server stages")
+    ax.legend(fontsize=8)
+
+
+def _fps_plot(ax, report: dict, detail: dict) -> None:
+    """Matched frames per second of sending, per session."""
+    for label, sessions in detail.items():
+        for s in sessions:
+            if s["latency_ms"]:
+                t = np.array(s["latency_ms"])[:, 0]
+                counts, edges = np.histogram(t, bins=np.arange(0, t.max() + 1.0, 1.0))
+                ax.plot(edges[:-1], counts, label=f"{label} #{s['session']}")
+    ax.set(xlabel="time (s)", ylabel="fps delivered", title="fps over time")
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

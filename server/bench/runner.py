@@ -1,0 +1,241 @@
+"""Running a measurement: the server (a local child or --url), the driving clip, the
+sessions, and the loop that measures one, several (--compare) or more and more (--scale)
+configurations."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .client import AvatarClient, ClientError, ClipTrack
+from .stats import SessionResult, analyse, drift, meets_target, ratios, series, summarize
+
+BUSY_WAIT_S = 15.0
+
+
+@dataclass
+class RunConfig:
+    """One configuration to measure: which identity (and so which engine) serves it."""
+    label: str
+    identity: str = "demo"
+
+    @classmethod
+    def parse(cls, text: str) -> "RunConfig":
+        values = {}
+        for part in filter(None, text.split(",")):
+            key, sep, value = part.partition("=")
+            if not sep or key not in ("identity",):
+                raise ValueError(f"bad configuration {text!r}: use identity=NAME")
+            values[key] = value
+        return cls(label=text, **values)
+
+
+# ---- the server ------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def local_server(home: Path, max_sessions: int):
+    """`avatar serve` in a child process on a free loopback port; stopped on exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "server.cli", "--home", str(home), "serve", "--host", "127.0.0.1",
+           "--port", str(port), "--max-sessions", str(max_sessions)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 60
+        while not _healthy(url):
+            if proc.poll() is not None:
+                raise ClientError(f"the local server exited: {proc.stderr.read()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise ClientError("the local server did not start within 60 s")
+            time.sleep(0.2)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "healthz", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def check_server(url: str) -> None:
+    if not _healthy(url):
+        raise ClientError(f"no avatar server answers at {url} (GET /healthz failed)")
+
+
+def ws_url(url: str) -> str:
+    url = url if url.endswith("/") else url + "/"
+    if url.startswith("https://"):
+        return "wss://" + url[len("https://"):] + "ws"
+    if url.startswith("http://"):
+        return "ws://" + url[len("http://"):] + "ws"
+    raise ClientError(f"--url must start with http:// or https://, got {url!r}")
+
+
+def rss_mb(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+# ---- driving frames --------------------------------------------------------------------
+
+def load_frames(video: Path | None, seconds: float = 8.0) -> tuple[list[np.ndarray], float]:
+    """The driving clip's first seconds as RGB frames, or a synthetic default."""
+    if video is None:
+        return synthetic_frames(seconds), 30.0
+    from engines.video import open_video
+
+    frames = []
+    with open_video(video) as c:
+        stream = c.streams.video[0]
+        fps = float(stream.average_rate or 30)
+        for frame in c.decode(stream):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            if len(frames) >= seconds * fps:
+                break
+    if not frames:
+        raise ClientError(f"{video}: no frames")
+    return frames, fps
+
+
+def synthetic_frames(seconds: float) -> list[np.ndarray]:
+    """A talking, nodding demo face at 512x512, made with the warp engine: a driving
+    clip that needs no data files."""
+    import cv2
+
+    from engines.identity import IdentityStore, identities_dir
+    from engines.warp import WarpRenderer
+
+    demo = IdentityStore(identities_dir()).load("demo")
+    renderer = WarpRenderer(demo.reference, demo.neutral)
+    centre = (demo.neutral[13, 1] + demo.neutral[14, 1]) / 2
+    frames = []
+    for i in range(int(seconds * 30)):
+        t = i / 30
+        pts = demo.neutral.copy()
+        pts[demo.neutral[:, 1] > centre, 1] += 6 * max(0.0, np.sin(2 * np.pi * 1.3 * t))
+        pts[:, 0] += 4 * np.sin(2 * np.pi * 0.4 * t)
+        frames.append(cv2.resize(renderer.render(pts), (512, 512), interpolation=cv2.INTER_LINEAR))
+    return frames
+
+
+# ---- sessions --------------------------------------------------------------------------
+
+async def open_session(url: str, track, token, identity) -> AvatarClient:
+    """A client with a started session. A 'busy' answer is waited out for BUSY_WAIT_S: the
+    sessions of the previous run (--compare, --scale) hold their slots until cleaned up."""
+    deadline = time.monotonic() + BUSY_WAIT_S
+    while True:
+        client = await AvatarClient(ws_url(url)).connect()
+        try:
+            await client.start_session(track, token, identity)
+            return client
+        except ClientError as e:
+            await client.close()
+            if e.code != "busy" or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.2)
+
+
+async def run_sessions(url: str, configs: list[RunConfig], frames, fps, duration, warmup, token,
+                       server_pid=None) -> tuple[list[SessionResult], list]:
+    """One session per entry of `configs`, all at once, for warmup + duration seconds."""
+    memory = []
+    clients, tracks = [], []
+    try:
+        for cfg in configs:
+            track = ClipTrack(frames, fps, loop=True)
+            tracks.append(track)
+            clients.append(await open_session(url, track, token, cfg.identity))
+        start = time.time()
+        while time.time() - start < warmup + duration:
+            await asyncio.sleep(1.0)
+            memory.append((round(time.time() - start, 1), rss_mb(server_pid)))
+    finally:
+        for t in tracks:
+            t.stop()
+        await asyncio.sleep(0.3)
+        for c in clients:
+            await c.close()
+    results = [analyse(cfg.label, i, c, t, start + warmup, start + warmup + duration)
+               for i, (cfg, c, t) in enumerate(zip(configs, clients, tracks))]
+    return results, memory
+
+
+# ---- the measurement loop --------------------------------------------------------------
+
+async def measure(args: argparse.Namespace, url: str, pid: int | None, configs: list[RunConfig],
+                  frames: list[np.ndarray], fps: float) -> dict:
+    """The report's measured part: a scale sweep, an interleaved comparison or one run."""
+    report = {"settings": {"duration_s": args.duration, "warmup_s": args.warmup, "fps_in": fps,
+                           "frames_in": f"{frames[0].shape[1]}x{frames[0].shape[0]}",
+                           "video": str(args.video) if args.video else "synthetic demo face"}}
+    if args.scale:
+        return await _scale(args, url, pid, configs[0], frames, fps, report)
+    if args.compare:
+        return await _compare(args, url, pid, configs, frames, fps, report)
+    results, memory = await run_sessions(url, configs * args.sessions, frames, fps, args.duration,
+                                         args.warmup, args.token, pid)
+    report["runs"] = {configs[0].label: summarize(results, args.duration)}
+    report["sessions_detail"] = {configs[0].label: [series(r) for r in results]}
+    report["server_rss_mb"] = memory
+    report["drift"] = drift(results, args.duration)
+    return report
+
+
+async def _scale(args, url, pid, config: RunConfig, frames, fps, report: dict) -> dict:
+    """1..N sessions of one configuration; the largest count meeting the target."""
+    steps = []
+    for n in range(1, args.scale + 1):
+        results, _ = await run_sessions(url, [config] * n, frames, fps, args.duration, args.warmup,
+                                        args.token, pid)
+        s = summarize(results, args.duration)
+        s["meets_target"] = meets_target(s, args.target_p95, args.target_fps)
+        steps.append(s)
+    ok = [s["sessions"] for s in steps if s["meets_target"]]
+    report["scale"] = {"steps": steps, "target": {"p95_ms": args.target_p95, "fps": args.target_fps},
+                       "max_sessions_meeting_target": max(ok) if ok else 0}
+    report["runs"] = {config.label: steps[0]}
+    return report
+
+
+async def _compare(args, url, pid, configs: list[RunConfig], frames, fps, report: dict) -> dict:
+    """A and B in alternating rounds, so drift hits both alike; B/A ratios."""
+    per = {c.label: [] for c in configs}
+    for _ in range(args.rounds):  # A B A B ...
+        for cfg in configs:
+            results, _ = await run_sessions(url, [cfg] * args.sessions, frames, fps,
+                                            args.duration / args.rounds, args.warmup, args.token, pid)
+            per[cfg.label] += results
+    # Each round measured duration / rounds seconds; the sessions column means at once.
+    report["runs"] = {label: {**summarize(res, args.duration / args.rounds), "sessions": args.sessions,
+                              "rounds": args.rounds} for label, res in per.items()}
+    report["sessions_detail"] = {label: [series(r) for r in res] for label, res in per.items()}
+    a, b = (report["runs"][c.label] for c in configs)
+    report["compare"] = {"A": configs[0].label, "B": configs[1].label, "ratios_B_over_A": ratios(a, b)}
+    return report

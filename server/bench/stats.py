@@ -1,0 +1,110 @@
+"""What a measured run means: per-session results, their summary, drift and B/A ratios."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .client import AvatarClient, ClipTrack, nearest
+
+STAGES = ("queue", "convert", "landmarks", "retarget", "render", "total")
+
+
+@dataclass
+class SessionResult:
+    config: str
+    session: int
+    sent: int = 0
+    received: int = 0
+    matched: int = 0
+    latencies_ms: list = field(default_factory=list)  # (send time offset s, latency ms)
+    arrivals: list = field(default_factory=list)  # receive times (s from start)
+    server_stages: dict = field(default_factory=dict)  # stage -> list of per-second p50
+    error: str | None = None
+
+
+def analyse(label: str, index: int, client: AvatarClient, track: ClipTrack, t0: float,
+            t1: float) -> SessionResult:
+    """The session's frames sent from t0 (after warmup) to t1 (the end of the measured time)."""
+    res = SessionResult(label, index)
+    sent = {p: t for p, t in track.sent_at.items() if t0 <= t < t1}
+    res.sent = len(sent)
+    res.received = sum(1 for _, t, _ in client.received if t0 <= t < t1)
+    matched = client.matched()
+    sent_pts = nearest(list(sent), [p for p, _ in matched]) if sent else []
+    for pts, (_, recv_t) in zip(sent_pts, matched):
+        if pts is not None:
+            res.matched += 1
+            res.latencies_ms.append((round(sent[pts] - t0, 3), round((recv_t - sent[pts]) * 1e3, 2)))
+            res.arrivals.append(recv_t - t0)
+    for s in client.stats:
+        if s.get("time", 0) >= t0:
+            for stage in STAGES:
+                value = (s.get("stages_ms", {}).get(stage) or {}).get("p50")
+                if value is not None:
+                    res.server_stages.setdefault(stage, []).append(value)
+    return res
+
+
+def percentiles(values) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return {"p50": None, "p95": None, "p99": None, "max": None, "n": 0}
+    p50, p95, p99 = np.percentile(v, [50, 95, 99])
+    return {"p50": round(float(p50), 2), "p95": round(float(p95), 2), "p99": round(float(p99), 2),
+            "max": round(float(v.max()), 2), "n": int(v.size)}
+
+
+def summarize(results: list[SessionResult], duration: float) -> dict:
+    """The sessions of one configuration taken together; fps per measured second."""
+    lat = [ms for r in results for _, ms in r.latencies_ms]
+    arrivals = [np.diff(sorted(r.arrivals)) * 1e3 for r in results if len(r.arrivals) > 2]
+    gaps = np.concatenate(arrivals) if arrivals else np.array([])
+    sent, matched = sum(r.sent for r in results), sum(r.matched for r in results)
+    return {
+        "sessions": len(results),
+        "glass_to_glass_ms": percentiles(lat),
+        "fps_per_session": round(matched / max(len(results), 1) / duration, 2),
+        "sent": sent,
+        "matched": matched,
+        "dropped": sent - matched,
+        "matched_ratio": round(matched / sent, 4) if sent else 0.0,
+        "jitter_ms": round(float(np.std(gaps)), 2) if gaps.size else None,
+        "server_stages_p50_ms": {s: round(float(np.mean([v for r in results for v in r.server_stages.get(s, [])])), 2)
+                                 for s in STAGES if any(r.server_stages.get(s) for r in results)},
+    }
+
+
+def meets_target(summary: dict, p95_ms: float, fps: float) -> bool:
+    """Whether a summary's glass-to-glass p95 and fps per session are within the target."""
+    p95 = summary["glass_to_glass_ms"]["p95"]
+    return bool(p95 is not None and p95 <= p95_ms and summary["fps_per_session"] >= fps)
+
+
+def drift(results: list[SessionResult], duration: float) -> dict | None:
+    """p95 of the first and the last minute (or fifth, for runs under five minutes)."""
+    window = 60.0 if duration >= 300 else duration / 5
+    first = [ms for r in results for t, ms in r.latencies_ms if t < window]
+    last = [ms for r in results for t, ms in r.latencies_ms if t >= duration - window]
+    if not first or not last:
+        return None
+    a, b = float(np.percentile(first, 95)), float(np.percentile(last, 95))
+    return {"window_s": window, "first_p95_ms": round(a, 2), "last_p95_ms": round(b, 2),
+            "change": round(b / a - 1, 4)}
+
+
+def ratios(a: dict, b: dict) -> dict:
+    """B/A of glass-to-glass p50 and p95 and of fps per session, for two run summaries."""
+    return {"p50": _ratio(b["glass_to_glass_ms"]["p50"], a["glass_to_glass_ms"]["p50"]),
+            "p95": _ratio(b["glass_to_glass_ms"]["p95"], a["glass_to_glass_ms"]["p95"]),
+            "fps": _ratio(b["fps_per_session"], a["fps_per_session"])}
+
+
+def _ratio(b, a):
+    return round(b / a, 3) if a and b is not None else None
+
+
+def series(r: SessionResult) -> dict:
+    """One session's raw figures, for the report's plots."""
+    return {"session": r.session, "sent": r.sent, "received": r.received, "matched": r.matched,
+            "latency_ms": r.latencies_ms, "server_stages_p50_ms": r.server_stages}
