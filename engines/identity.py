@@ -146,18 +146,21 @@ class IdentityStore:
         if neutral is None:
             raise IdentityError("the face was lost after cropping; try a larger, frontal photo")
         return self.write(name, display_name, "warp", consent, reference, neutral, crop,
-                          {"source": source}, tool="avatar identity create")
+                          {"source": source}, tool="avatar identity create", overwrite=overwrite)
 
     def write(self, name: str, display_name: str, engine: str, consent: Consent, reference: np.ndarray,
               neutral: np.ndarray, crop: Sequence[int], provenance: dict, tool: str,
-              extra: Callable[[Path], tuple[list[str], dict]] | None = None) -> Identity:
+              extra: Callable[[Path], tuple[list[str], dict]] | None = None,
+              overwrite: bool = False) -> Identity:
         """Write a bundle and publish it atomically: the one writer of every identity, so
         every manifest has the same common fields, whichever tool made it.
 
         reference.png and neutral.npy are written first; then `extra(staging)` may add its
         own files to the staging folder and returns their names and its manifest fields
         (the neural engine's model files and "neural" section). `provenance` holds what the
-        bundle was made from; created_at and tool are added here."""
+        bundle was made from; created_at and tool are added here. An existing identity of
+        that name is replaced only with `overwrite`, checked again at the end, as an
+        enrollment's minutes of training leave time for one to appear."""
         with self.new_bundle(name) as staging:
             cv2.imwrite(str(staging / "reference.png"), cv2.cvtColor(reference, cv2.COLOR_RGB2BGR))
             np.save(staging / "neutral.npy", neutral.astype(np.float32))
@@ -175,6 +178,8 @@ class IdentityStore:
                 "provenance": {**provenance, "created_at": _now(), "tool": tool},
                 **extra_fields,
             }
+            if self.exists(name) and not overwrite:
+                raise IdentityError(f"identity {name!r} already exists (use --overwrite to replace it)")
             self.publish(staging, manifest, files + extra_files)
         return self.load(name)
 
@@ -190,13 +195,16 @@ class IdentityStore:
 
     def publish(self, staging: Path, manifest: dict, files: list[str]) -> None:
         """Hash `files`, write the manifest and swap the staging folder in as the identity,
-        so a crash never leaves a half-written bundle under the identity's name."""
+        so a crash never leaves a half-written bundle under the identity's name. Unfinished
+        work on the name (an enrollment checkpoint) goes: the name now holds a finished
+        identity, and a later enrollment must not resume into it."""
         manifest["files"] = {f: sha256(staging / f) for f in files}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         target = self.path(manifest["name"])
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
+        shutil.rmtree(self.work_dir(manifest["name"]), ignore_errors=True)
 
     def ensure_default(self) -> None:
         """The embedded demo identity: NASA's public-domain astronaut portrait (Eileen

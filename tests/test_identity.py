@@ -123,6 +123,13 @@ def test_write_takes_extra_files_and_fields(fresh, demo):
     assert list(m["provenance"]) == ["source", "source_path", "created_at", "tool"]
     assert (ident.path / "model.bin").read_bytes() == b"weights" and ident.engine == "neural"
     assert not [p for p in fresh.root.iterdir() if p.name.startswith(".")]  # no staging left behind
+    again = ("nn", "Other", "warp", CONSENT, demo.reference, demo.neutral, (1, 2, 3, 4), {"source": "b.png"})
+    with pytest.raises(IdentityError, match="already exists .use --overwrite"):
+        fresh.write(*again, tool="test")
+    assert fresh.load("nn").display_name == "NN"
+    fresh.work_dir("nn").mkdir()  # an enrollment checkpoint's folder: publishing finishes it
+    assert fresh.write(*again, tool="test", overwrite=True).display_name == "Other"
+    assert not fresh.work_dir("nn").exists() and not (fresh.path("nn") / "model.bin").exists()
 
 
 def test_points_to_crop_moves_points_with_the_image():

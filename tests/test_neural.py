@@ -210,6 +210,64 @@ def test_enroll_bad_input(tmp_path, capsys):
         assert "--device cuda: no CUDA device" in capsys.readouterr().err
 
 
+def _face_video(path, face, n=20):
+    """A small video of one face drifting a few pixels: enough for a real, tiny enrollment."""
+    import av
+
+    with av.open(str(path), "w") as c:
+        st = c.add_stream("mpeg4", rate=10)
+        st.width = st.height = 320
+        st.pix_fmt, st.bit_rate = "yuv420p", 4_000_000
+        for i in range(n):
+            canvas = np.full((320, 320, 3), 90, np.uint8)
+            dx, dy = 32 + int(8 * np.sin(i / 3)), 32 + int(6 * np.cos(i / 4))
+            canvas[dy:dy + 256, dx:dx + 256] = face
+            c.mux(st.encode(av.VideoFrame.from_ndarray(canvas, format="rgb24")))
+        c.mux(st.encode())
+
+
+def test_enroll_never_replaces_an_identity_without_overwrite(demo, tmp_path, capsys):
+    """Issue #15, item 1: a finished enrollment's checkpoint let a second `avatar enroll` of
+    another video and another consent replace the identity without --overwrite."""
+    from server.cli import main
+
+    a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    _face_video(a, demo.reference)
+    _face_video(b, demo.reference[:, ::-1])
+    run = ["--home", str(tmp_path / "home"), "enroll", "--name", "scan", "--preset", "quick", "--steps", "1",
+           "--max-frames", "20"]
+    assert main(run + [str(a), "--consent", "A agrees"]) == 0
+    s = IdentityStore(tmp_path / "home" / "identities")
+    manifest = (s.path("scan") / "manifest.json").read_text()
+    assert not s.work_dir("scan").exists()  # published: the enrollment is finished, nothing to resume
+    capsys.readouterr()
+    for video, consent in ((b, "B agrees"), (a, "A agrees")):  # another person, or the same one again
+        assert main(run + [str(video), "--consent", consent]) == 2
+        err = capsys.readouterr().err
+        assert "identity 'scan' already exists (use --overwrite to replace it)" in err, err
+    assert (s.path("scan") / "manifest.json").read_text() == manifest
+    assert json.loads(manifest)["consent"]["statement"] == "A agrees"
+
+
+def test_checkpoint_resumes_only_the_same_video_and_consent(tmp_path):
+    from engines.neural.train import enrollment_key, resume, save_checkpoint
+
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"frames")
+    key = enrollment_key(video, None, CONSENT)
+    model = Generator()
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt = tmp_path / "checkpoint.pt"
+    save_checkpoint(ckpt, model, opt, 7, key, 3.0)
+    later = Consent(CONSENT.statement, CONSENT.subject, CONSENT.recorded_by, "2026-02-01T00:00:00+00:00")
+    assert resume(ckpt, enrollment_key(video, None, later), model, opt) == (7, 3.0)  # a rerun, stamped later
+    other = Consent("someone else agrees", "someone else", "pytest", CONSENT.granted_at)
+    assert resume(ckpt, enrollment_key(video, None, other), model, opt) == (0, 0.0)
+    assert resume(ckpt, enrollment_key(video, 100, CONSENT), model, opt) == (0, 0.0)
+    video.write_bytes(b"other frames")
+    assert resume(ckpt, enrollment_key(video, None, CONSENT), model, opt) == (0, 0.0)
+
+
 def test_export_trt_naming_and_missing_tensorrt(tmp_path, monkeypatch, capsys):
     from server.cli import main as avatar
 
@@ -238,15 +296,24 @@ LEARN_STEPS = 150
 
 @pytest.fixture(scope="module")
 def enrolled(tmp_path_factory):
-    """A small enrollment from the first 150 frames of selfscan_a: 6 steps, then resumed to
-    LEARN_STEPS (about 40 s), enough to show learning on the 30 held-out frames."""
-    from engines.neural.enroll import enroll
+    """A small enrollment from the first 150 frames of selfscan_a: 6 steps and interrupted
+    before its bundle was written, then rerun to LEARN_STEPS (about 40 s), which resumes;
+    enough to show learning on the 30 held-out frames."""
+    from engines.neural import enroll as enrollment
 
     clip = shared_clip("selfscan_a.mp4")
     s = IdentityStore(tmp_path_factory.mktemp("nhome") / "identities")
-    first = enroll(s, clip, "scan", CONSENT, steps=6, max_frames=150, progress=False)[1]
-    ident, second = enroll(s, clip, "scan", CONSENT, steps=LEARN_STEPS, max_frames=150, progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(enrollment, "write_bundle", _interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            enrollment.enroll(s, clip, "scan", CONSENT, steps=6, max_frames=150, evaluate=False, progress=False)
+    first = torch.load(s.work_dir("scan") / "checkpoint.pt", weights_only=False)
+    ident, second = enrollment.enroll(s, clip, "scan", CONSENT, steps=LEARN_STEPS, max_frames=150, progress=False)
     return s, first, second
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt  # as Ctrl-C after training, before the bundle is written
 
 
 @pytest.mark.slow
@@ -275,10 +342,10 @@ def test_enrollment_smoke_bundle(enrolled):
 @pytest.mark.slow
 def test_enrollment_resumes(enrolled):
     s, first, second = enrolled
-    assert first["start_step"] == 0 and first["steps"] == 6
+    assert first["step"] == 6 and not s.exists("scan")  # interrupted: a checkpoint, no identity
     assert second["start_step"] == 6 and second["steps"] == LEARN_STEPS
     assert s.load("scan").manifest["neural"]["steps"] == LEARN_STEPS
-    assert (s.root / ".scan.enroll" / "checkpoint.pt").is_file()
+    assert not (s.root / ".scan.enroll").exists()  # published: finished, never resumed
 
 
 @pytest.mark.slow

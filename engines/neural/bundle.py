@@ -48,7 +48,8 @@ def add_int8_model(staging: Path, builder: PairBuilder) -> dict:
 
 
 def write_bundle(store: IdentityStore, name: str, display_name: str, consent: Consent, builder: PairBuilder,
-                 model, info: dict, source: Path, preset_name: str, eval_report: dict | None) -> Identity:
+                 model, info: dict, source: Path, preset_name: str, eval_report: dict | None,
+                 overwrite: bool = False) -> Identity:
     """Publish the enrolled identity: reference and neutral from the scan's reference frame,
     the generator files and the "neural" manifest section (what was trained on what)."""
 
@@ -67,7 +68,7 @@ def write_bundle(store: IdentityStore, name: str, display_name: str, consent: Co
     return store.write(name, display_name, "neural", consent, builder.reference, builder.neutral,
                        crop_corners(*builder.data.box),
                        {"source": source.name, "source_path": str(source.resolve())},
-                       tool="avatar enroll", extra=neural_files)
+                       tool="avatar enroll", extra=neural_files, overwrite=overwrite)
 
 
 def write_generator(staging: Path, model) -> list[str]:

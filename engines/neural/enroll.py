@@ -5,12 +5,13 @@
     ->  bundle.write_bundle (ONNX, weights, int8, eval report, manifest)
 
 Progress is checkpointed to the store's work folder for the name (<root>/.<name>.enroll/)
-about once a minute; rerunning the same command resumes from the checkpoint (a larger
---steps continues training).
+about once a minute; rerunning an interrupted enrollment of the same video with the same
+consent resumes from the checkpoint. An existing identity is never replaced without
+overwrite=True (--overwrite), whatever checkpoint there is; publishing removes the
+checkpoint, so a finished enrollment is never resumed.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ from ..identity import RENDER_SIZE, Consent, IdentityError, IdentityStore, check
 from .bundle import write_bundle
 from .config import CHECKPOINT_FILE, PRESETS
 from .data import PairBuilder, extract
-from .train import bf16_supported, check_device, train, video_key
+from .train import bf16_supported, check_device, enrollment_key, train
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def enroll(store: IdentityStore, video: str | os.PathLike, name: str, consent: C
     n_steps = steps if steps is not None else p.steps
     use_bf16 = bf16_supported() if bf16 is None else bf16
     t_start = time.monotonic()
-    key = video_key(video, max_frames)
+    key = enrollment_key(video, max_frames, consent)
     data = extract(video, max_frames, progress)
     t_extract = time.monotonic() - t_start
     builder = PairBuilder(data)
@@ -57,11 +58,11 @@ def enroll(store: IdentityStore, video: str | os.PathLike, name: str, consent: C
 
         report = evaluate_holdout(builder, TorchRuntime(info["model"]), progress=progress)
     identity = write_bundle(store, name, display_name or name, consent, builder, info["model"], info,
-                            video, preset, report)
+                            video, preset, report, overwrite)
     summary = {k: v for k, v in info.items() if k != "model"}
     summary.update(extract_seconds=round(t_extract, 1), total_seconds=round(time.monotonic() - t_start, 1),
                    bf16=use_bf16, preset=preset, eval=report["summary"] if report else None,
-                   int8=identity.manifest["neural"]["int8"], checkpoint=str(ckpt))
+                   int8=identity.manifest["neural"]["int8"])
     return identity, summary
 
 
@@ -81,8 +82,6 @@ def _check_request(store: IdentityStore, video: str | os.PathLike, name: str, co
     video = Path(video)
     if not video.is_file():
         raise IdentityError(f"{video}: no such file")
-    if store.exists(name) and not overwrite:
-        prev = json.loads((store.path(name) / "manifest.json").read_text())
-        if not (prev.get("engine") == "neural" and (store.work_dir(name) / CHECKPOINT_FILE).is_file()):
-            raise IdentityError(f"identity {name!r} already exists (use --overwrite to replace it)")
+    if store.exists(name) and not overwrite:  # a checkpoint never stands in for --overwrite (issue #15)
+        raise IdentityError(f"identity {name!r} already exists (use --overwrite to replace it)")
     return video

@@ -2,7 +2,9 @@
 be used here.
 
 Progress is checkpointed to the store's work folder for the identity (<root>/.<name>.enroll/)
-about once a minute; rerunning the same enrollment resumes from the checkpoint.
+about once a minute; rerunning an interrupted enrollment (same video, same consent) resumes
+from the checkpoint. Publishing the identity removes the folder: a finished enrollment is
+an identity, and is replaced only on request (--overwrite), by training afresh.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..identity import RENDER_SIZE, IdentityError
+from ..identity import RENDER_SIZE, Consent, IdentityError
 from .config import MODEL_CONFIG, Preset
 from .data import PairBuilder
 
@@ -78,8 +80,16 @@ def check_device(device: str) -> None:
                             "train with --device cpu, or install a CUDA build of torch on a GPU machine")
 
 
-def video_key(video: Path, max_frames: int | None) -> str:
-    """What identifies the frames an enrollment trains on (a checkpoint resumes only for the same)."""
+def enrollment_key(video: Path, max_frames: int | None, consent: Consent) -> dict:
+    """What a checkpoint belongs to: the frames trained on and the consent they were given
+    under. Only the same enrollment resumes; another video or another consent under the
+    same name starts afresh. The consent's granted_at is left out: the CLI stamps every run
+    with its own time."""
+    return {"source": _video_key(video, max_frames),
+            "consent": {k: v for k, v in consent.__dict__.items() if k != "granted_at"}}
+
+
+def _video_key(video: Path, max_frames: int | None) -> str:
     st = video.stat()
     h = hashlib.sha256()
     with open(video, "rb") as f:
@@ -88,7 +98,7 @@ def video_key(video: Path, max_frames: int | None) -> str:
     return h.hexdigest()[:16]
 
 
-def _save_checkpoint(path: Path, model, opt, step: int, key: str, elapsed: float) -> None:
+def save_checkpoint(path: Path, model, opt, step: int, key: dict, elapsed: float) -> None:
     import torch
 
     tmp = path.with_suffix(".tmp")
@@ -97,10 +107,11 @@ def _save_checkpoint(path: Path, model, opt, step: int, key: str, elapsed: float
     os.replace(tmp, path)
 
 
-def train(builder: PairBuilder, preset: Preset, steps: int, ckpt: Path, key: str,
+def train(builder: PairBuilder, preset: Preset, steps: int, ckpt: Path, key: dict,
           bf16: bool, progress: bool = True, seed: int = 0, device: str = "cpu") -> dict:
-    """Train (or resume) to `steps`; returns what happened, with the model on the CPU.
-    Checkpoints every minute. bf16 autocast applies on the CPU only."""
+    """Train (or resume the checkpoint of the same enrollment `key`) to `steps`; returns
+    what happened, with the model on the CPU. Checkpoints every minute. bf16 autocast
+    applies on the CPU only."""
     import torch
     from tqdm import tqdm
 
@@ -109,7 +120,7 @@ def train(builder: PairBuilder, preset: Preset, steps: int, ckpt: Path, key: str
     torch.manual_seed(seed)
     model = Generator(**MODEL_CONFIG).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=preset.lr, weight_decay=1e-4)
-    start, elapsed_before = _resume(ckpt, key, model, opt)
+    start, elapsed_before = resume(ckpt, key, model, opt)
     rng = np.random.default_rng(seed + start)
     model.train()
     t0 = last_save = time.monotonic()
@@ -136,12 +147,12 @@ def train(builder: PairBuilder, preset: Preset, steps: int, ckpt: Path, key: str
             bar.update(1)
             bar.set_postfix(loss=f"{loss_avg:.4f}")
             if time.monotonic() - last_save > CHECKPOINT_SECONDS:
-                _save_checkpoint(ckpt, model, opt, step, key, elapsed_before + time.monotonic() - t0)
+                save_checkpoint(ckpt, model, opt, step, key, elapsed_before + time.monotonic() - t0)
                 last_save = time.monotonic()
     finally:  # interrupted or not: keep what was learnt
         bar.close()
         if step > start:
-            _save_checkpoint(ckpt, model, opt, step, key, elapsed_before + time.monotonic() - t0)
+            save_checkpoint(ckpt, model, opt, step, key, elapsed_before + time.monotonic() - t0)
     model = model.cpu().eval()
     return {"model": model, "start_step": start, "steps": step, "target_steps": steps, "stopped": stopped,
             "train_seconds": round(time.monotonic() - t0, 1),
@@ -163,17 +174,17 @@ def _batch(builder: PairBuilder, preset: Preset, rng: np.random.Generator, devic
     return x, y, w
 
 
-def _resume(ckpt: Path, key: str, model, opt) -> tuple[int, float]:
-    """Load a checkpoint of this same enrollment into model and opt: (its step, its training
-    seconds), or (0, 0.0) to start afresh when there is none or it is for other frames or
-    another model size."""
+def resume(ckpt: Path, key: dict, model, opt) -> tuple[int, float]:
+    """Load a checkpoint of this same enrollment (enrollment_key) into model and opt: (its
+    step, its training seconds), or (0, 0.0) to start afresh when there is none or it is
+    for other frames, another consent or another model size."""
     import torch
 
     if not ckpt.is_file():
         return 0, 0.0
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     if state.get("key") != key or state.get("model_config") != MODEL_CONFIG:
-        log.info("checkpoint %s is for another video or model: starting afresh", ckpt)
+        log.info("checkpoint %s is for another video, consent or model: starting afresh", ckpt)
         return 0, 0.0
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
