@@ -5,14 +5,17 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import os
-import platform
 from pathlib import Path
 
-from engines.identity import default_home
+from engines.identity import IdentityError, IdentityStore, default_home, identities_dir
+from engines.measure import machine_info
 
 from .report import format_table, write_reports
 from .runner import RunConfig, check_server, load_frames, local_server, measure, ws_url
+
+# What renders an identity of each engine (engines/pipeline.py make_renderer).
+ENGINE_BACKENDS = {"warp": "CPU (warp engine)",
+                   "neural": "neural engine, or the warp engine if its model cannot run (the server logs which)"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     configs = run_configs(args)
     frames, fps = load_frames(args.video)
     need = max(args.sessions, args.scale or 1)
+    home = args.home or default_home()
     with contextlib.ExitStack() as stack:
         if args.url:
             url, pid = args.url, None
@@ -48,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
             check_server(url)
         else:
             # The same identities `avatar serve` would offer: an enrolled one can be measured.
-            url, pid = stack.enter_context(local_server(args.home or default_home(), need))
+            url, pid = stack.enter_context(local_server(home, need))
         report = asyncio.run(measure(args, url, pid, configs, frames, fps))
-    report["machine"] = machine_info()
+    report["machine"] = machine_info(backend=served_backend(args.url, home, configs))
     report["server"] = {"url": url, "local": not args.url}
     write_reports(report, args.out)
     print(format_table(report))
@@ -79,16 +83,19 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
     return configs
 
 
-def machine_info() -> dict:
-    import aiortc
-    import av
-
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "aiortc": aiortc.__version__, "av": av.__version__,
-            "backend": "CPU (warp engine)"}
+def served_backend(url: str | None, home: Path, configs: list[RunConfig]) -> str:
+    """What rendered the avatar frames. A local server serves `home`'s identities, each with
+    its manifest's engine; a remote server's engines cannot be seen from here."""
+    if url:
+        return f"as served by {url}"
+    store = IdentityStore(identities_dir(home))
+    backends = {}
+    for cfg in configs:
+        try:
+            engine = store.load(cfg.identity).engine
+            backends[cfg.identity] = ENGINE_BACKENDS.get(engine, f"{engine} engine")
+        except IdentityError:
+            backends[cfg.identity] = "unknown engine"
+    if len(set(backends.values())) == 1:
+        return next(iter(backends.values()))
+    return "; ".join(f"{name}: {backend}" for name, backend in backends.items())

@@ -9,6 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from server.telemetry import STAGES
+
+# The stages one frame's server time is made of, stacked in the stage plot; "total" spans them.
+PARTS = tuple(s for s in STAGES if s != "total")
+
 
 def format_table(report: dict) -> str:
     """The table `avatar bench live` prints (and report.html shows first)."""
@@ -106,7 +111,7 @@ def _stages_plot(ax, report: dict, detail: dict) -> None:
     """Each configuration's server time, stacked by stage."""
     labels = list(report["runs"])
     bottom = np.zeros(len(labels))
-    for stage in ("queue", "convert", "landmarks", "retarget", "render"):
+    for stage in PARTS:
         vals = np.array([report["runs"][l]["server_stages_p50_ms"].get(stage, 0.0) for l in labels])
         ax.bar(labels, vals, bottom=bottom, label=stage)
         bottom += vals

@@ -1,13 +1,18 @@
-"""What a measured run means: per-session results, their summary, drift and B/A ratios."""
+"""What a measured run means: per-session results, their summary, drift and B/A ratios.
+
+Percentiles come from engines/measure.py and stage names from server/telemetry.py, so the
+bench's figures mean what the server's own telemetry and `avatar bench engines` mean.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .client import AvatarClient, ClipTrack, nearest
+from engines.measure import percentiles
+from server.telemetry import STAGES
 
-STAGES = ("queue", "convert", "landmarks", "retarget", "render", "total")
+from .client import AvatarClient, ClipTrack, nearest
 
 
 @dataclass
@@ -46,13 +51,11 @@ def analyse(label: str, index: int, client: AvatarClient, track: ClipTrack, t0: 
     return res
 
 
-def percentiles(values) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return {"p50": None, "p95": None, "p99": None, "max": None, "n": 0}
-    p50, p95, p99 = np.percentile(v, [50, 95, 99])
-    return {"p50": round(float(p50), 2), "p95": round(float(p95), 2), "p99": round(float(p99), 2),
-            "max": round(float(v.max()), 2), "n": int(v.size)}
+def latency_summary(ms) -> dict:
+    """p50/p95/p99/max and the count of glass-to-glass milliseconds (None without any)."""
+    p = percentiles(ms, (50, 95, 99))
+    top = round(float(np.max(ms)), 2) if p["n"] else None
+    return {"p50": p["p50"], "p95": p["p95"], "p99": p["p99"], "max": top, "n": p["n"]}
 
 
 def summarize(results: list[SessionResult], duration: float) -> dict:
@@ -63,7 +66,7 @@ def summarize(results: list[SessionResult], duration: float) -> dict:
     sent, matched = sum(r.sent for r in results), sum(r.matched for r in results)
     return {
         "sessions": len(results),
-        "glass_to_glass_ms": percentiles(lat),
+        "glass_to_glass_ms": latency_summary(lat),
         "fps_per_session": round(matched / max(len(results), 1) / duration, 2),
         "sent": sent,
         "matched": matched,
@@ -88,7 +91,8 @@ def drift(results: list[SessionResult], duration: float) -> dict | None:
     last = [ms for r in results for t, ms in r.latencies_ms if t >= duration - window]
     if not first or not last:
         return None
-    a, b = float(np.percentile(first, 95)), float(np.percentile(last, 95))
+    # Unrounded p95s for the change, rounded ones for people.
+    a, b = (percentiles(v, (95,), digits=9)["p95"] for v in (first, last))
     return {"window_s": window, "first_p95_ms": round(a, 2), "last_p95_ms": round(b, 2),
             "change": round(b / a - 1, 4)}
 
