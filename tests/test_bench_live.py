@@ -13,6 +13,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from engines.identity import Consent, IdentityStore
 from server.bench.client import ClipTrack, nearest
+from server.bench.stats import CHAIN, frame_chain
 
 
 def bench(*args, home, timeout=240):
@@ -38,6 +39,14 @@ def test_short_run_against_a_local_server(tmp_path, demo):
     assert run["sent"] > 100 and run["matched_ratio"] >= 0.9, run
     assert run["fps_per_session"] > 10
     assert run["server_stages_p50_ms"]["landmarks"] > 0
+    # Where the time goes: every part measured, and they add up to glass-to-glass (per frame
+    # exactly; medians of the parts within a few ms of the median of the whole).
+    chain = run["chain_p50_ms"]
+    assert chain["frames"] >= 0.8 * run["matched"], chain
+    assert all(chain[part] >= 0 for part in CHAIN) and chain["landmarks"] > 0, chain
+    assert abs(chain["sum"] - g["p50"]) <= max(5.0, 0.1 * g["p50"]), (chain, g)
+    assert 0 < run["client_cpu_percent_per_session"] <= 200
+    assert "where the time goes" in result.stdout
     assert report["machine"]["cores"] >= 1
     html = (out / "report.html").read_text()
     assert html.startswith("<!doctype html>") and "data:image/png;base64," in html
@@ -116,3 +125,16 @@ async def test_a_peer_receives_the_pts_the_client_sent():
     assert None not in pts, f"received pts {[p for p, _ in got]} are not the sent ones"
     shown = [track.sent[p] for p in pts]
     assert all(abs(grey - 8 * i) < 4 for i, (_, grey) in zip(shown, got)), list(zip(shown, got))
+
+
+def test_frame_chain_parts_add_up_to_glass_to_glass():
+    server = {"recv": 10.040, "done": 10.060, "sent": 10.064,
+              "stages": {"queue": 2.0, "convert": 1.0, "landmarks": 9.0, "retarget": 1.0, "render": 7.0}}
+    chain = frame_chain(sent=10.000, left=10.005, server=server, received=10.100)
+    assert set(chain) == set(CHAIN)
+    assert chain["client_encode"] == pytest.approx(5.0) and chain["server_encode_send"] == pytest.approx(4.0)
+    assert chain["transit_server_decode"] == pytest.approx(35.0)
+    assert chain["transit_client_decode"] == pytest.approx(36.0)
+    assert sum(chain.values()) == pytest.approx(100.0)  # = received - sent
+    # A frame the server has not reported as sent yet has no chain (rather than a wrong one).
+    assert frame_chain(10.0, 10.005, {k: v for k, v in server.items() if k != "sent"}, 10.1) is None

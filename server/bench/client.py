@@ -40,7 +40,8 @@ class ClipTrack(VideoStreamTrack):
     """Plays RGB frames at `fps` in real time, pts = index * 90000 / fps; loops if asked.
 
     sent_at[pts] is the wall-clock time the frame was handed to the encoder: the
-    'glass' end of glass-to-glass latency."""
+    'glass' end of glass-to-glass latency. left_at[pts] is when its packets had all gone
+    out: aiortc's sender calls recv() again only after encoding and sending the frame before."""
 
     def __init__(self, frames: list[np.ndarray], fps: float = 30.0, loop: bool = False):
         super().__init__()
@@ -49,8 +50,13 @@ class ClipTrack(VideoStreamTrack):
         self.start = None
         self.sent: dict[int, int] = {}  # pts -> frame index
         self.sent_at: dict[int, float] = {}  # pts -> time.time()
+        self.left_at: dict[int, float] = {}  # pts -> time.time() once encoded and sent
+        self._in_flight: int | None = None
 
     async def recv(self) -> av.VideoFrame:
+        if self._in_flight is not None:
+            self.left_at[self._in_flight] = time.time()
+            self._in_flight = None
         if self.readyState != "live":
             raise MediaStreamError
         if self.start is None:
@@ -66,6 +72,7 @@ class ClipTrack(VideoStreamTrack):
         frame.time_base = TIME_BASE
         self.sent[frame.pts] = i
         self.sent_at[frame.pts] = time.time()
+        self._in_flight = frame.pts
         self.index += 1
         return frame
 
@@ -78,6 +85,7 @@ class AvatarClient:
         self.keep_frames = keep_frames
         self.received: list[tuple[int, float, np.ndarray | None]] = []  # (rtp pts, time.time(), rgb)
         self.stats: list[dict] = []
+        self.session: dict = {}  # the server's "session" message, once hello succeeded
         self.tasks: list[asyncio.Task] = []
 
     async def connect(self, **headers) -> "AvatarClient":
@@ -103,7 +111,10 @@ class AvatarClient:
         msg = {"v": 1, "type": "hello", "identity": identity}
         if token is not None:
             msg["token"] = token
-        return await self.request(msg)
+        reply = await self.request(msg)
+        if reply.get("type") == "session":
+            self.session = reply
+        return reply
 
     async def start_session(self, track, token=None, identity="demo") -> dict:
         """hello + offer/answer; raises ClientError with the server's error message."""
@@ -151,13 +162,23 @@ class AvatarClient:
     def server_frames(self) -> list[tuple[int, float, float]]:
         """(in_pts, server receive time, server done time) of every output frame the
         server reported in its stats, oldest first."""
-        seen, out = set(), []
+        return [(pts, f["recv"], f["done"]) for pts, f in self.server_reports().items()]
+
+    def server_reports(self) -> dict[int, dict]:
+        """in_pts -> what the server said of that frame: receive, done and sent times (its
+        clock) and ms per stage, from the stats messages (insertion order = oldest first)."""
+        frames: dict[int, dict] = {}
+        names = self.session.get("stages") or ()
         for s in self.stats:
-            for pts, recv_t, done_t, *_ in s.get("recent", []):
-                if pts not in seen:
-                    seen.add(pts)
-                    out.append((pts, recv_t, done_t))
-        return out
+            for pts, recv_t, done_t, *rest in s.get("recent", []):
+                if pts not in frames:
+                    stages = dict(zip(names, rest[0])) if rest and names else {}
+                    frames[pts] = {"recv": recv_t, "done": done_t, "stages": stages}
+        for s in self.stats:
+            for pts, sent_t in s.get("sent", []):
+                if pts in frames:
+                    frames[pts]["sent"] = sent_t
+        return frames
 
     def matched(self) -> list[tuple[int, float]]:
         """(server-reported in_pts, receive time) for avatar frames matched to the camera

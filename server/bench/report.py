@@ -11,8 +11,12 @@ import numpy as np
 
 from server.telemetry import STAGES
 
+from .stats import CHAIN
+
 # The stages one frame's server time is made of, stacked in the stage plot; "total" spans them.
 PARTS = tuple(s for s in STAGES if s != "total")
+CHAIN_LABELS = {"client_encode": "client encode", "transit_server_decode": "transit + server decode",
+                "server_encode_send": "server encode + send", "transit_client_decode": "transit + client decode"}
 
 
 def format_table(report: dict) -> str:
@@ -43,6 +47,8 @@ def _notes(report: dict) -> list[str]:
         if s["server_stages_p50_ms"]:
             lines.append(f"server stages p50 ms{f' ({label})' if len(report['runs']) > 1 else ''}: "
                          + ", ".join(f"{k} {v:.1f}" for k, v in s["server_stages_p50_ms"].items()))
+    for label, s in report["runs"].items():
+        lines += _chain_lines(label if len(report["runs"]) > 1 else "", s)
     if "compare" in report:
         c = report["compare"]
         lines.append(f"B/A ({c['B']} over {c['A']}): " + ", ".join(f"{k} {v}" for k, v in c["ratios_B_over_A"].items()))
@@ -53,6 +59,20 @@ def _notes(report: dict) -> list[str]:
         d = report["drift"]
         lines.append(f"drift: p95 first {d['window_s']:.0f} s {d['first_p95_ms']} ms, last {d['last_p95_ms']} ms "
                      f"({100 * d['change']:+.1f}%)")
+    return lines
+
+
+def _chain_lines(label: str, s: dict) -> list[str]:
+    """Where one configuration's glass-to-glass time goes, and the bench client's own CPU."""
+    lines = []
+    chain = s.get("chain_p50_ms")
+    if chain:
+        parts = ", ".join(f"{CHAIN_LABELS.get(k, k)} {chain[k]:.1f}" for k in CHAIN)
+        lines.append(f"where the time goes, p50 ms{f' ({label})' if label else ''}: {parts}; "
+                     f"sum {chain['sum']:.1f} vs glass-to-glass p50 {s['glass_to_glass_ms']['p50']:.1f}")
+    if s.get("client_cpu_percent_per_session") is not None:
+        lines.append(f"bench client CPU per session: {s['client_cpu_percent_per_session']:.0f}% of a core "
+                     "(it shares the machine with a local server)")
     return lines
 
 
@@ -81,7 +101,8 @@ def make_plots(report: dict) -> dict[str, bytes]:
     detail = report.get("sessions_detail", {})
     plots = {}
     for name, height, draw in (("latency", 4, _latency_plot), ("histogram", 3.5, _histogram_plot),
-                               ("stages", 3.5, _stages_plot), ("fps", 3.5, _fps_plot)):
+                               ("chain", 3.5, _chain_plot), ("stages", 3.5, _stages_plot),
+                               ("fps", 3.5, _fps_plot)):
         fig, ax = plt.subplots(figsize=(9, height))
         draw(ax, report, detail)
         plots[name] = _png(fig)
@@ -105,6 +126,27 @@ def _histogram_plot(ax, report: dict, detail: dict) -> None:
         if ms:
             ax.hist(ms, bins=50, alpha=0.6, label=label)
     ax.set(xlabel="glass-to-glass (ms)", ylabel="frames", title="latency histogram")
+
+
+def _chain_plot(ax, report: dict, detail: dict) -> None:
+    """Each configuration's glass-to-glass median, stacked by where the time goes: transport
+    (encode, transit, decode) against the server's queue and compute."""
+    labels = [label for label, s in report["runs"].items() if s.get("chain_p50_ms")]
+    left = np.zeros(len(labels))
+    colors = {"client_encode": "#9ecae1", "transit_server_decode": "#c6dbef", "queue": "#fdd0a2",
+              "convert": "#fdae6b", "landmarks": "#fd8d3c", "retarget": "#f16913", "render": "#d94801",
+              "server_encode_send": "#6baed6", "transit_client_decode": "#deebf7"}
+    for part in CHAIN:
+        vals = np.array([report["runs"][l]["chain_p50_ms"][part] for l in labels])
+        ax.barh(labels, vals, left=left, label=CHAIN_LABELS.get(part, part), color=colors.get(part),
+                edgecolor="white")
+        left += vals
+    for i, l in enumerate(labels):
+        ax.plot([report["runs"][l]["glass_to_glass_ms"]["p50"]] * 2, [i - 0.4, i + 0.4], "k-", lw=2)
+    ax.set(xlabel="ms (p50 per part; black line: glass-to-glass p50)",
+           title="where the time goes (blue: transport, orange: server compute)")
+    if labels:
+        ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.25))
 
 
 def _stages_plot(ax, report: dict, detail: dict) -> None:

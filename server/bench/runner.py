@@ -173,18 +173,35 @@ async def run_sessions(url: str, configs: list[RunConfig], frames, fps, duration
             tracks.append(track)
             clients.append(await open_session(url, track, token, cfg.identity))
         start = time.time()
+        cpu_start = None
         while time.time() - start < warmup + duration:
             await asyncio.sleep(1.0)
             memory.append((round(time.time() - start, 1), rss_mb(server_pid)))
+            if cpu_start is None and time.time() - start >= warmup:
+                cpu_start = (time.process_time(), time.time())
+        cpu = client_cpu_percent(cpu_start, len(configs))
     finally:
         for t in tracks:
             t.stop()
         await asyncio.sleep(0.3)
         for c in clients:
             await c.close()
-    results = [analyse(cfg.label, i, c, t, start + warmup, start + warmup + duration)
+    # Server-side times can be set against the client's only on one machine's clock.
+    same_clock = server_pid is not None
+    results = [analyse(cfg.label, i, c, t, start + warmup, start + warmup + duration, same_clock)
                for i, (cfg, c, t) in enumerate(zip(configs, clients, tracks))]
+    for r in results:
+        r.client_cpu_percent = cpu
     return results, memory
+
+
+def client_cpu_percent(since: tuple[float, float] | None, sessions: int) -> float | None:
+    """This process's CPU use per session since `since` (process time, wall time), in % of
+    one core: the bench clients encode and decode on the same cores as a local server."""
+    if since is None:
+        return None
+    cpu, wall = time.process_time() - since[0], time.time() - since[1]
+    return round(100 * cpu / max(wall, 1e-6) / max(sessions, 1), 1)
 
 
 # ---- the measurement loop --------------------------------------------------------------

@@ -10,7 +10,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engines.measure import percentiles
-from server.telemetry import STAGES
+from server.telemetry import COMPUTE_STAGES, STAGES
+
+# Where a frame's glass-to-glass time goes, in order; per frame they add up to it exactly.
+# Transit figures compare the client's clock with the server's: only meaningful on one
+# machine (the local server), so they are left out for --url.
+CHAIN = ("client_encode", "transit_server_decode", "queue", *COMPUTE_STAGES, "server_encode_send",
+         "transit_client_decode")
 
 from .client import AvatarClient, ClipTrack, nearest
 
@@ -25,23 +31,46 @@ class SessionResult:
     latencies_ms: list = field(default_factory=list)  # (send time offset s, latency ms)
     arrivals: list = field(default_factory=list)  # receive times (s from start)
     server_stages: dict = field(default_factory=dict)  # stage -> list of per-second p50
+    chain: list = field(default_factory=list)  # per matched frame: CHAIN part -> ms
+    client_cpu_percent: float | None = None  # the bench process's CPU per session, % of a core
     error: str | None = None
 
 
+def frame_chain(sent: float, left: float | None, server: dict | None, received: float) -> dict | None:
+    """One frame's glass-to-glass split into CHAIN parts (ms), or None if a time is missing.
+    sent/left: the client handed the camera frame to its encoder / its packets were out;
+    server: the server's report of that frame (its recv, done and sent times, stage ms)."""
+    if left is None or not server or "sent" not in server or not server.get("stages"):
+        return None
+    ms = lambda a, b: (b - a) * 1e3  # noqa: E731
+    chain = {"client_encode": ms(sent, left), "transit_server_decode": ms(left, server["recv"])}
+    for stage in ("queue", *COMPUTE_STAGES):
+        chain[stage] = server["stages"].get(stage, 0.0)
+    # The server's queue is defined as its total minus compute, so its parts add up too.
+    chain["server_encode_send"] = ms(server["done"], server["sent"])
+    chain["transit_client_decode"] = ms(server["sent"], received)
+    return chain
+
+
 def analyse(label: str, index: int, client: AvatarClient, track: ClipTrack, t0: float,
-            t1: float) -> SessionResult:
-    """The session's frames sent from t0 (after warmup) to t1 (the end of the measured time)."""
+            t1: float, same_clock: bool = True) -> SessionResult:
+    """The session's frames sent from t0 (after warmup) to t1 (the end of the measured time);
+    with same_clock (a local server), each frame's CHAIN too."""
     res = SessionResult(label, index)
+    reports = client.server_reports() if same_clock else {}
     sent = {p: t for p, t in track.sent_at.items() if t0 <= t < t1}
     res.sent = len(sent)
     res.received = sum(1 for _, t, _ in client.received if t0 <= t < t1)
     matched = client.matched()
     sent_pts = nearest(list(sent), [p for p, _ in matched]) if sent else []
-    for pts, (_, recv_t) in zip(sent_pts, matched):
+    for pts, (server_pts, recv_t) in zip(sent_pts, matched):
         if pts is not None:
             res.matched += 1
             res.latencies_ms.append((round(sent[pts] - t0, 3), round((recv_t - sent[pts]) * 1e3, 2)))
             res.arrivals.append(recv_t - t0)
+            chain = frame_chain(sent[pts], track.left_at.get(pts), reports.get(server_pts), recv_t)
+            if chain is not None:
+                res.chain.append(chain)
     for s in client.stats:
         if s.get("time", 0) >= t0:
             for stage in STAGES:
@@ -75,7 +104,25 @@ def summarize(results: list[SessionResult], duration: float) -> dict:
         "jitter_ms": round(float(np.std(gaps)), 2) if gaps.size else None,
         "server_stages_p50_ms": {s: round(float(np.mean([v for r in results for v in r.server_stages.get(s, [])])), 2)
                                  for s in STAGES if any(r.server_stages.get(s) for r in results)},
+        "chain_p50_ms": chain_summary([c for r in results for c in r.chain]),
+        "client_cpu_percent_per_session": _mean([r.client_cpu_percent for r in results]),
     }
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(float(np.mean(values)), 1) if values else None
+
+
+def chain_summary(chains: list[dict]) -> dict | None:
+    """Median ms of each CHAIN part over the frames, and their sum (close to the
+    glass-to-glass median, though medians need not add up exactly)."""
+    if not chains:
+        return None
+    out = {part: percentiles([c[part] for c in chains], (50,))["p50"] for part in CHAIN}
+    out["sum"] = round(sum(out[part] for part in CHAIN), 2)
+    out["frames"] = len(chains)
+    return out
 
 
 def meets_target(summary: dict, p95_ms: float, fps: float) -> bool:
