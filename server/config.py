@@ -73,6 +73,9 @@ class ServerConfig:
                                positive=True, metavar="PER_S")
     auth_burst: int = setting(10, "failed hellos per client address allowed in a burst", minimum=1,
                               metavar="N")
+    marker_completion: bool = setting(True, "hand received video frames to the decoder on their RTP marker "
+                                            "bit (server/jitter.py); --no-marker-completion waits for the next "
+                                            "frame, as aiortc does (one frame interval later)")
     stats_interval: float = setting(1.0, "seconds between stats messages to the client", positive=True,
                                     metavar="SECONDS")
     ice_servers: list[str] = setting(help="STUN/TURN URL for the server side (default: none, host candidates only)",

@@ -18,6 +18,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from engines.pipeline import AvatarPipeline
 from engines.retarget import RetargetControls
+from .jitter import IncompatibleAiortc, install_for_track
 from .media import AvatarTrack, FrameProcessor, LatestFrame, drain
 from .telemetry import SessionStats
 
@@ -78,6 +79,11 @@ class Session:
         return pc.localDescription.sdp
 
     def _on_track(self, track) -> None:
+        if track.kind == "video" and self.state.config.marker_completion:
+            try:
+                install_for_track(self.pc, track)
+            except IncompatibleAiortc as e:  # the session still works, one frame later
+                log.error("session %s: %s", self.id, e)
         if track.kind == "video" and not self.have_video:
             self.have_video = True
             self._spawn(self._receive(track))

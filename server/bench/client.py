@@ -23,6 +23,8 @@ import websockets
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
+from server.jitter import install_for_track
+
 TIME_BASE = fractions.Fraction(1, 90000)
 RTP_WRAP = 2 ** 32
 PTS_TOLERANCE = 90  # 1 ms at 90 kHz: pts conversions along the way round by a tick or two
@@ -78,8 +80,9 @@ class ClipTrack(VideoStreamTrack):
 
 
 class AvatarClient:
-    def __init__(self, ws_url: str, keep_frames: bool = False):
+    def __init__(self, ws_url: str, keep_frames: bool = False, marker_completion: bool = True):
         self.ws_url = ws_url
+        self.marker_completion = marker_completion  # avatar frames leave the buffer on their marker
         self.ws = None
         self.pc: RTCPeerConnection | None = None
         self.keep_frames = keep_frames
@@ -134,12 +137,17 @@ class AvatarClient:
         pc.addTrack(track)
         channel = pc.createDataChannel("stats")
         channel.on("message", lambda m: self.stats.append(json.loads(m)))
-        pc.on("track", lambda t: self.tasks.append(asyncio.ensure_future(self._collect(t))))
+        pc.on("track", self._on_track)
         await pc.setLocalDescription(await pc.createOffer())
         reply = await self.request({"v": 1, "type": "offer", "sdp": pc.localDescription.sdp})
         if reply.get("type") == "answer":
             await pc.setRemoteDescription(RTCSessionDescription(reply["sdp"], "answer"))
         return reply
+
+    def _on_track(self, track) -> None:
+        if track.kind == "video" and self.marker_completion:
+            install_for_track(self.pc, track)
+        self.tasks.append(asyncio.ensure_future(self._collect(track)))
 
     async def _collect(self, track) -> None:
         try:
