@@ -138,3 +138,17 @@ def test_frame_chain_parts_add_up_to_glass_to_glass():
     assert sum(chain.values()) == pytest.approx(100.0)  # = received - sent
     # A frame the server has not reported as sent yet has no chain (rather than a wrong one).
     assert frame_chain(10.0, 10.005, {k: v for k, v in server.items() if k != "sent"}, 10.1) is None
+
+
+def test_compare_configurations_name_identity_and_marker_completion(tmp_path):
+    from server.bench.runner import RunConfig
+
+    cfg = RunConfig.parse("identity=scan,marker=off")
+    assert (cfg.identity, cfg.marker) == ("scan", False) and RunConfig.parse("marker=on").marker
+    for bad in ("marker=maybe", "speed=2", "identity"):
+        with pytest.raises(ValueError):
+            RunConfig.parse(bad)
+    # marker=off is also a server setting: it needs the local server the bench starts.
+    result = bench("--url", "http://127.0.0.1:9/", "--compare", "marker=off", "marker=on", home=tmp_path,
+                   timeout=60)
+    assert result.returncode == 2 and "marker=off needs the local server" in result.stderr

@@ -29,7 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video", type=Path, default=None,
                    help="driving clip (default: a synthetic talking demo face, 512x512 at 30 fps)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
-                   help="two configurations (identity=NAME) measured interleaved in one run; prints B/A")
+                   help="two configurations measured interleaved in one run; prints B/A. Each is "
+                        "identity=NAME and/or marker=on|off (marker=off: frames complete as in plain "
+                        "aiortc, one frame later, on the server and in this client), e.g. "
+                        "--compare marker=off marker=on")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds for --compare (default 4)")
     p.add_argument("--scale", type=int, default=None, metavar="N",
                    help="measure 1..N sessions and report the largest that meets the target")
@@ -52,7 +55,11 @@ def run(args: argparse.Namespace) -> int:
             check_server(url)
         else:
             # The same identities `avatar serve` would offer: an enrolled one can be measured.
-            url, pid = stack.enter_context(local_server(home, need))
+            # One server per marker setting, since it is the server's as well as the client's.
+            servers = {m: stack.enter_context(local_server(home, need, marker=m))
+                       for m in sorted({c.marker for c in configs}, reverse=True)}
+            configs = [dataclasses.replace(c, url=servers[c.marker][0]) for c in configs]
+            url, pid = next(iter(servers.values()))
         report = asyncio.run(measure(args, url, pid, configs, frames, fps))
     report["machine"] = machine_info(backend=served_backend(args.url, home, configs))
     report["server"] = {"url": url, "local": not args.url}
@@ -71,6 +78,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--duration must be positive and --warmup not negative")
     if args.scale is not None and not 1 <= args.scale <= 16:
         raise ValueError("--scale must be from 1 to 16")
+    if args.url and any(not c.marker for c in run_configs(args)):
+        raise ValueError("marker=off needs the local server (it starts one with --no-marker-completion); "
+                         "for --url, start that server with --no-marker-completion yourself")
 
 
 def run_configs(args: argparse.Namespace) -> list[RunConfig]:

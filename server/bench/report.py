@@ -70,6 +70,8 @@ def _chain_lines(label: str, s: dict) -> list[str]:
         parts = ", ".join(f"{CHAIN_LABELS.get(k, k)} {chain[k]:.1f}" for k in CHAIN)
         lines.append(f"where the time goes, p50 ms{f' ({label})' if label else ''}: {parts}; "
                      f"sum {chain['sum']:.1f} vs glass-to-glass p50 {s['glass_to_glass_ms']['p50']:.1f}")
+        tail = s.get("chain_p95_ms") or {}
+        lines.append("  p95 of each part: " + ", ".join(f"{CHAIN_LABELS.get(k, k)} {tail[k]:.1f}" for k in CHAIN))
     if s.get("client_cpu_percent_per_session") is not None:
         lines.append(f"bench client CPU per session: {s['client_cpu_percent_per_session']:.0f}% of a core "
                      "(it shares the machine with a local server)")

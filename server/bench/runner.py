@@ -24,31 +24,41 @@ BUSY_WAIT_S = 15.0
 
 @dataclass
 class RunConfig:
-    """One configuration to measure: which identity (and so which engine) serves it."""
+    """One configuration to measure: which identity (and so which engine) serves it, and
+    whether video frames complete on the RTP marker bit (server/jitter.py) on both receive
+    hops; `url` is the server that serves it, filled in once the servers run."""
     label: str
     identity: str = "demo"
+    marker: bool = True
+    url: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> "RunConfig":
-        values = {}
+        values: dict = {}
         for part in filter(None, text.split(",")):
             key, sep, value = part.partition("=")
-            if not sep or key not in ("identity",):
-                raise ValueError(f"bad configuration {text!r}: use identity=NAME")
-            values[key] = value
+            if sep and key == "identity":
+                values[key] = value
+            elif sep and key == "marker" and value in ("on", "off"):
+                values[key] = value == "on"
+            else:
+                raise ValueError(f"bad configuration {text!r}: use identity=NAME and/or marker=on|off, "
+                                 "e.g. identity=demo,marker=off")
         return cls(label=text, **values)
 
 
 # ---- the server ------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def local_server(home: Path, max_sessions: int):
+def local_server(home: Path, max_sessions: int, marker: bool = True):
     """`avatar serve` in a child process on a free loopback port; stopped on exit."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "server.cli", "--home", str(home), "serve", "--host", "127.0.0.1",
            "--port", str(port), "--max-sessions", str(max_sessions)]
+    if not marker:
+        cmd.append("--no-marker-completion")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -146,14 +156,15 @@ def synthetic_frames(seconds: float) -> list[np.ndarray]:
 
 # ---- sessions --------------------------------------------------------------------------
 
-async def open_session(url: str, track, token, identity) -> AvatarClient:
-    """A client with a started session. A 'busy' answer is waited out for BUSY_WAIT_S: the
-    sessions of the previous run (--compare, --scale) hold their slots until cleaned up."""
+async def open_session(url: str, track, token, cfg: RunConfig) -> AvatarClient:
+    """A client with a started session on cfg's server (else `url`). A 'busy' answer is
+    waited out for BUSY_WAIT_S: the sessions of the previous run (--compare, --scale) hold
+    their slots until cleaned up."""
     deadline = time.monotonic() + BUSY_WAIT_S
     while True:
-        client = await AvatarClient(ws_url(url)).connect()
+        client = await AvatarClient(ws_url(cfg.url or url), marker_completion=cfg.marker).connect()
         try:
-            await client.start_session(track, token, identity)
+            await client.start_session(track, token, cfg.identity)
             return client
         except ClientError as e:
             await client.close()
@@ -171,7 +182,7 @@ async def run_sessions(url: str, configs: list[RunConfig], frames, fps, duration
         for cfg in configs:
             track = ClipTrack(frames, fps, loop=True)
             tracks.append(track)
-            clients.append(await open_session(url, track, token, cfg.identity))
+            clients.append(await open_session(url, track, token, cfg))
         start = time.time()
         cpu_start = None
         while time.time() - start < warmup + duration:
