@@ -29,8 +29,9 @@ from .landmarks import NUM_POINTS, FaceLandmarker
 SCHEMA_VERSION = 1
 RENDER_SIZE = 256
 ENGINES = ("warp", "neural")
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # a plain file inside the bundle
+# Used with fullmatch: `$` alone also matches before a trailing newline ("nl2\n").
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # a plain file inside the bundle
 DEFAULT_IDENTITY = "demo"
 CROP_SCALE = 1.9  # crop side over the landmarks' extent: room for hair and neck
 
@@ -40,7 +41,7 @@ class IdentityError(ValueError):
 
 
 def check_name(name: object) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise IdentityError(
             f"invalid identity name {name!r}: use 1-63 lowercase letters, digits, '-' or '_', "
             "starting with a letter or digit")
@@ -96,7 +97,7 @@ class IdentityStore:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if NAME_RE.match(p.name) and (p / "manifest.json").is_file())
+        return sorted(p.name for p in self.root.iterdir() if NAME_RE.fullmatch(p.name) and (p / "manifest.json").is_file())
 
     def exists(self, name: str) -> bool:
         return (self.path(name) / "manifest.json").is_file()
@@ -313,7 +314,7 @@ def _from_manifest(folder: Path, m: object) -> Identity:
     if not isinstance(files, dict) or not files:
         fail("'files' must map file names to sha256 hashes")
     for fname, digest in files.items():
-        if not FILE_RE.match(fname) or ".." in fname or not isinstance(digest, str):
+        if not FILE_RE.fullmatch(fname) or ".." in fname or not isinstance(digest, str):
             fail(f"file name {fname!r} is not a plain file name")
         f = folder / fname
         if not f.is_file():

@@ -42,7 +42,7 @@ def test_create_list_load_delete(fresh, photo):
     assert fresh.names() == []
 
 
-@pytest.mark.parametrize("name", ["../../etc", "a/b", "", "Upper", ".hidden", "x" * 64, None])
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "", "Upper", ".hidden", "x" * 64, None, "nl2\n", "ok\n"])
 def test_unsafe_names_are_refused(name):
     with pytest.raises(IdentityError, match="invalid identity name"):
         check_name(name)
