@@ -39,12 +39,14 @@ def test_short_run_against_a_local_server(tmp_path, demo):
     assert run["sent"] > 100 and run["matched_ratio"] >= 0.9, run
     assert run["fps_per_session"] > 10
     assert run["server_stages_p50_ms"]["landmarks"] > 0
-    # Where the time goes: every part measured, and they add up to glass-to-glass (per frame
-    # exactly; medians of the parts within a few ms of the median of the whole).
+    # Where the time goes: every part measured, and per frame they add up to glass-to-glass
+    # (to the server's 0.1 ms rounding); the medians of the parts roughly to its median
+    # (medians need not add up: under load the tails of different parts fall on other frames).
     chain = run["chain_p50_ms"]
     assert chain["frames"] >= 0.8 * run["matched"], chain
     assert all(chain[part] >= 0 for part in CHAIN) and chain["landmarks"] > 0, chain
-    assert abs(chain["sum"] - g["p50"]) <= max(5.0, 0.1 * g["p50"]), (chain, g)
+    assert chain["max_frame_residual"] <= 1.0, chain
+    assert abs(chain["sum"] - g["p50"]) <= max(10.0, 0.3 * g["p50"]), (chain, g)
     assert 0 < run["client_cpu_percent_per_session"] <= 200
     assert "where the time goes" in result.stdout
     assert report["machine"]["cores"] >= 1
