@@ -24,8 +24,8 @@ from websockets.http11 import Response
 
 from engines.identity import DEFAULT_IDENTITY
 from .config import ServerConfig, config_from_args
-from .security import ConfigError, host_allowed, is_loopback, origin_allowed
-from .signaling import Connection, client_address
+from .security import ConfigError, client_address, host_allowed, is_loopback, origin_allowed
+from .signaling import Connection
 from .state import ServerState
 from .udp_ports import confine_udp_ports, parse_range
 

@@ -99,6 +99,14 @@ def identity_allowed(allow: frozenset[str] | str, name: str) -> bool:
     return allow == ALL or name in allow
 
 
+def client_address(connection) -> str:
+    """The peer's IP address of a connection (what per-address limits count), or "unknown"."""
+    try:
+        return str(connection.remote_address[0])
+    except (TypeError, IndexError, AttributeError):
+        return "unknown"
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed
 
 from engines.identity import DEFAULT_IDENTITY, IdentityError, check_name
 from engines.retarget import check_gain
-from .security import RateLimiter, check_offer_sdp, identity_allowed, is_number
+from .security import RateLimiter, check_offer_sdp, client_address, identity_allowed, is_number
 from .session import Session
 from .telemetry import STAGES
 
@@ -269,11 +269,3 @@ def unloadable(name: str, error: IdentityError) -> str:
     server's paths (those go to the log)."""
     log.warning("identity %r cannot be loaded: %s", name, error)
     return f"identity {name!r} cannot be loaded on this server"
-
-
-def client_address(ws) -> str:
-    """The peer's IP address (what per-address limits count), or "unknown"."""
-    try:
-        return str(ws.remote_address[0])
-    except (TypeError, IndexError, AttributeError):
-        return "unknown"
