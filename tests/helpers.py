@@ -32,15 +32,9 @@ clip = shared_clip
 def read_frames(path: Path, limit: int | None = None) -> list[np.ndarray]:
     """The clip's first `limit` frames (all without a limit) as RGB arrays, decoded up front
     so a sender never stalls on decoding."""
-    import av
+    from engines.video import read_video
 
-    frames = []
-    with av.open(str(path)) as c:
-        for frame in c.decode(video=0):
-            frames.append(frame.to_ndarray(format="rgb24"))
-            if limit and len(frames) >= limit:
-                break
-    return frames
+    return list(read_video(path, limit))
 
 
 def read_seconds(path: Path, seconds: float) -> list[np.ndarray]:
