@@ -1,4 +1,8 @@
-"""`avatar serve`: one port for the web client (HTTP GET) and signaling (/ws WebSocket).
+"""`avatar serve`: one port (aiohttp) for the web client, signaling (/ws), WHIP/WHEP and /metrics.
+
+Why aiohttp: it carries plain HTTP (every method, HEAD without a body, 405 with Allow, request
+bodies for WHIP/WHEP offers with a size cap) and the signaling WebSocket on one port, and
+it is what aiortc's own examples use, so nothing else comes along.
 
     run(args)              blocks until Ctrl-C; returns an exit code (flags: config.add_arguments)
     start_server(config)   async context manager for tests: `async with start_server(c) as srv`
@@ -9,109 +13,213 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import signal
 import ssl
 import sys
 import time
 from importlib.resources import files
-from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import serve
-from websockets.datastructures import Headers, MultipleValuesError
-from websockets.http11 import Response
+from aiohttp import WSMsgType, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from engines.identity import DEFAULT_IDENTITY
 from .config import ServerConfig, config_from_args
-from .security import ConfigError, client_address, host_allowed, is_loopback, origin_allowed
-from .signaling import Connection
+from .security import ConfigError, host_allowed, is_loopback, origin_allowed
+from .signaling import Closed, Connection
 from .state import ServerState
 from .udp_ports import confine_udp_ports, parse_range
+from . import whip
 
 log = logging.getLogger("avatar.server")
 
 # The web client ships inside the package as `server.web` (pyproject maps it to web/), so
 # an installed `avatar` serves it too, not only a checkout.
 WEB = files("server.web")
-STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
-          "/index.html": ("index.html", "text/html; charset=utf-8"),
-          "/app.js": ("app.js", "text/javascript; charset=utf-8"),
-          "/style.css": ("style.css", "text/css; charset=utf-8")}
-# The page loads nothing from elsewhere; camera needs a secure context (https or localhost).
-SECURITY_HEADERS = [
-    ("Content-Security-Policy", "default-src 'self'; connect-src 'self' ws: wss:; media-src 'self' blob:; "
-                                "img-src 'self' data:; frame-ancestors 'none'"),
-    ("X-Content-Type-Options", "nosniff"),
-    ("Referrer-Policy", "no-referrer"),
-    ("Cache-Control", "no-store"),
-]
+STATIC = {"/": "index.html", "/index.html": "index.html", "/app.js": "app.js",
+          "/viewer.html": "viewer.html", "/viewer.js": "viewer.js", "/style.css": "style.css"}
+CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+# The pages load nothing from elsewhere; camera needs a secure context (https or localhost).
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; media-src 'self' blob:; "
+                               "img-src 'self' data:; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+# Headers the server decides on: two of them is an attack or a broken proxy, never a choice.
+SINGLE_HEADERS = ("Host", "Authorization", "Origin", "Connection", "Content-Type")
+STATE = web.AppKey("state", ServerState)
 
 
-def _response(status: int, body: bytes, content_type: str) -> Response:
-    import http
-    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
-                       ("Connection", "close"), *SECURITY_HEADERS])
-    return Response(status, http.HTTPStatus(status).phrase, headers, body)
+class QuietBadRequests(logging.Filter):
+    """aiohttp answers a malformed request (two Host headers, a broken request line) with 400
+    itself, then logs it at ERROR with a traceback. It is the client's fault, and a probe
+    sends thousands: one warning line each, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.msg, record.args = "malformed HTTP request answered with %s: %s", (error.code, error.message)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
-def _text(status: int, text: str) -> Response:
-    return _response(status, text.encode(), "text/plain; charset=utf-8")
+logging.getLogger("aiohttp.server").addFilter(QuietBadRequests())
 
 
-def make_process_request(state: ServerState):
-    """HTTP routing before the WebSocket handshake: static files, health, metrics."""
-
-    def process_request(connection, request):
-        try:
-            return route(connection, request)
-        except MultipleValuesError as e:  # e.g. two Host or Authorization headers
-            return _text(400, f"duplicate {str(e).strip(chr(39))} header\n")
-
-    def route(connection, request):
-        url = urlsplit(request.path)
-        path = url.path
-        if not host_allowed(request.headers.get("Host"), state.auth.demo_mode, state.config.hosts):
-            state.metrics.reject("bad_host")
-            return _text(421, "this server does not answer to that Host name\n")
-        if path == "/ws":
-            origin = request.headers.get("Origin")
-            if not origin_allowed(origin, request.headers.get("Host"), state.config.origins):
-                state.metrics.reject("bad_origin")
-                return _text(403, f"origin {origin!r} is not allowed\n")
-            return None  # go on with the WebSocket handshake
-        if "upgrade" in request.headers.get("Connection", "").lower():
-            return _text(404, "WebSockets live at /ws\n")
-        if path in STATIC:
-            name, ctype = STATIC[path]
-            try:
-                body = WEB.joinpath(name).read_bytes()
-            except OSError:
-                return _text(404, "web client not found\n")
-            return _response(200, body, ctype)
-        if path == "/healthz":
-            return _text(200, "ok\n")
-        if path == "/metrics":
-            if not (state.config.metrics_public or is_loopback(client_address(connection))
-                    or state.auth.allowed(bearer_token(request, url)) is not None):
-                return _text(401, "metrics: a token, or a loopback client\n")
-            return _response(200, state.metrics.prometheus().encode(), "text/plain; version=0.0.4")
-        if path == "/identities":
-            allow = state.auth.allowed(bearer_token(request, url))
-            if allow is None:
-                return _text(401, "missing or invalid token\n")
-            body = json.dumps({"identities": state.visible_identities(allow)}).encode()
-            return _response(200, body, "application/json")
-        return _text(404, "not found\n")
-
-    return process_request
+def text(status: int, message: str, **headers) -> web.Response:
+    return web.Response(status=status, text=message + "\n", headers=headers)
 
 
-def bearer_token(request, url) -> str | None:
+def client_address(request: web.Request) -> str:
+    """The peer's IP address (what per-address limits count), or "unknown"."""
+    return request.remote or "unknown"
+
+
+def bearer_token(request: web.Request) -> str | None:
     """The Authorization bearer token, else ?token= (the header is better: query strings
     end up in logs)."""
     auth = request.headers.get("Authorization", "")
-    return auth[7:] if auth.startswith("Bearer ") else (parse_qs(url.query).get("token") or [None])[0]
+    return auth[7:] if auth.startswith("Bearer ") else request.query.get("token")
+
+
+@web.middleware
+async def guard(request: web.Request, handler):
+    """Before any route: one of each header that matters, a Host this server answers to;
+    after: the security headers on every response, errors included."""
+    state = request.app[STATE]
+    for name in SINGLE_HEADERS:
+        if len(request.headers.getall(name, ())) > 1:
+            response = text(400, f"duplicate {name} header")
+            break
+    else:
+        if not host_allowed(request.headers.get("Host"), state.auth.demo_mode, state.config.hosts):
+            state.metrics.reject("bad_host")
+            response = text(421, "this server does not answer to that Host name")
+        else:
+            try:
+                response = await handler(request)
+            except web.HTTPException as e:
+                response = e
+    if not response.prepared:  # a WebSocket has sent its headers already
+        response.headers.update({k: v for k, v in SECURITY_HEADERS.items() if k not in response.headers})
+        if response.status in (400, 421):  # a client that sends these is not worth keeping
+            response.force_close()
+    return response
+
+
+async def static(request: web.Request) -> web.Response:
+    name = STATIC[request.path]
+    try:
+        body = WEB.joinpath(name).read_bytes()
+    except OSError:
+        return text(404, "web client not found")
+    ctype = CONTENT_TYPES[name[name.rfind("."):]]
+    return web.Response(body=body, content_type=ctype, charset="utf-8")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return text(200, "ok")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if not (state.config.metrics_public or is_loopback(client_address(request))
+            or state.auth.allowed(bearer_token(request)) is not None):
+        return text(401, "metrics: a token, or a loopback client")
+    body, content_type = state.metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def identities(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    allow = state.auth.allowed(bearer_token(request))
+    if allow is None:
+        return text(401, "missing or invalid token")
+    return web.json_response({"identities": state.visible_identities(allow)})
+
+
+async def rooms(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.auth.role(bearer_token(request)) is None:
+        return text(401, "missing or invalid token")
+    return web.json_response({"rooms": state.rooms.describe()})
+
+
+class Socket:
+    """The signaling Connection's view of an aiohttp WebSocket: recv/send/close, and
+    `Closed` for every way a socket ends."""
+
+    def __init__(self, ws: web.WebSocketResponse, address: str):
+        self.ws, self.address = ws, address
+
+    async def recv(self) -> str | bytes:
+        msg = await self.ws.receive()
+        if msg.type == WSMsgType.TEXT:
+            return msg.data
+        if msg.type == WSMsgType.BINARY:
+            return msg.data
+        raise Closed(str(msg.data or msg.type))  # close, error (e.g. over max_msg_size)
+
+    async def send(self, message: str) -> None:
+        if self.ws.closed:
+            raise Closed("closed")
+        try:
+            await self.ws.send_str(message)
+        except ConnectionError as e:
+            raise Closed(str(e))
+
+    async def close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(ConnectionError):
+            await self.ws.close(code=code, message=reason.encode()[:120])
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    origin = request.headers.get("Origin")
+    if not origin_allowed(origin, request.headers.get("Host"), state.config.origins):
+        state.metrics.reject("bad_origin")
+        return text(403, f"origin {origin!r} is not allowed")
+    ws = web.WebSocketResponse(
+        # Hard cap at the protocol level; the app checks the smaller max_message itself so it
+        # can answer with a "too_large" error instead of just dropping the connection.
+        max_msg_size=4 * state.config.max_message, heartbeat=20,
+        # A flooding client may never read our close frame; do not wait long for it.
+        timeout=2)
+    if not ws.can_prepare(request).ok:
+        return text(426, "this is the signaling WebSocket: connect with a WebSocket client")
+    await ws.prepare(request)
+    state.sockets.add(ws)
+    try:
+        await Connection(Socket(ws, client_address(request)), state).run()
+    finally:
+        state.sockets.discard(ws)
+        if not ws.closed:
+            await ws.close()
+    return ws
+
+
+def make_app(state: ServerState) -> web.Application:
+    # client_max_size bounds every request body: WHIP/WHEP offers are the only bodies.
+    app = web.Application(middlewares=[guard], client_max_size=state.config.max_sdp + 1024)
+    app[STATE] = state
+    for path in STATIC:
+        app.router.add_get(path, static)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/identities", identities)
+    app.router.add_get("/rooms", rooms)
+    app.router.add_get("/ws", websocket)
+    whip.add_routes(app, STATE)
+    app.on_shutdown.append(_close_sockets)
+    return app
+
+
+async def _close_sockets(app: web.Application) -> None:
+    for ws in list(app[STATE].sockets):
+        await ws.close(code=1001, message=b"server stopping")
 
 
 class AcceptErrorLog:
@@ -149,7 +257,7 @@ class AcceptErrorLog:
 @dataclasses.dataclass
 class RunningServer:
     state: ServerState
-    server: object
+    runner: web.AppRunner
     url: str  # http(s)://host:port/
     ws_url: str  # ws(s)://host:port/ws
 
@@ -158,44 +266,34 @@ class RunningServer:
 async def start_server(config: ServerConfig | None = None):
     """Start in this event loop (port 0 picks a free port); close on exit."""
     config = (config or ServerConfig()).validate()
-    if not config.tokens and not is_loopback(config.host):
+    if not (config.tokens or config.viewer_tokens) and not is_loopback(config.host):
         raise ConfigError(f"refusing to serve {config.host} without tokens: set AVATAR_TOKENS or "
                           "--config tokens, or bind 127.0.0.1 for the localhost-only demo mode")
     state = ServerState(config)
+    loop = asyncio.get_running_loop()
     # Make the demo identity now, so the first visitor does not wait for it.
-    await asyncio.get_running_loop().run_in_executor(None, state.store.ensure_default)
+    await loop.run_in_executor(None, state.store.ensure_default)
     tls = None
     if config.cert:
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         tls.load_cert_chain(config.cert, config.key)
-
-    async def handler(ws):
-        await Connection(ws, state).run()
-
-    server = await serve(
-        handler, config.host, config.port, ssl=tls,
-        process_request=make_process_request(state),
-        # Hard cap at the protocol level; the app checks the smaller max_message itself so
-        # it can answer with a "too_large" error instead of just dropping the connection.
-        max_size=4 * config.max_message, max_queue=16,
-        server_header="avatar-server", ping_interval=20, ping_timeout=20,
-        # A flooding client may never read our close frame; do not wait long for it.
-        close_timeout=2,
-    )
-    port = server.sockets[0].getsockname()[1]
-    host = config.host if ":" not in config.host else f"[{config.host}]"
-    scheme = "https" if tls else "http"
-    running = RunningServer(state, server, f"{scheme}://{host}:{port}/",
-                            f"{'wss' if tls else 'ws'}://{host}:{port}/ws")
-    restore_handler = AcceptErrorLog(asyncio.get_running_loop()).install()
-    release_ports = (confine_udp_ports(asyncio.get_running_loop(), parse_range(config.udp_ports))
+    runner = web.AppRunner(make_app(state), handle_signals=False, access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    restore_handler = AcceptErrorLog(loop).install()
+    release_ports = (confine_udp_ports(loop, parse_range(config.udp_ports))
                      if config.udp_ports else lambda: None)
     try:
-        yield running
+        site = web.TCPSite(runner, config.host, config.port, ssl_context=tls)
+        await site.start()
+        port = runner.addresses[0][1]
+        host = config.host if ":" not in config.host else f"[{config.host}]"
+        scheme = "https" if tls else "http"
+        yield RunningServer(state, runner, f"{scheme}://{host}:{port}/",
+                            f"{'wss' if tls else 'ws'}://{host}:{port}/ws")
     finally:
-        server.close()
-        # Closing the sockets ends each handler, whose `finally` closes its session.
-        await server.wait_closed()
+        # Shutdown closes every WebSocket; each handler's `finally` closes its session.
+        await runner.cleanup()
+        await state.close()
         release_ports()
         restore_handler()
 
@@ -205,8 +303,8 @@ async def _serve_until_stopped(config: ServerConfig) -> None:
         if srv.state.auth.demo_mode:
             log.warning("no tokens configured: localhost-only demo mode (any local client may "
                         "connect; set AVATAR_TOKENS or --config to serve other hosts)")
-        print(f"avatar server: open {srv.url}  (identity '{DEFAULT_IDENTITY}' ready; Ctrl-C stops)",
-              flush=True)
+        print(f"avatar server: open {srv.url}  (identity '{DEFAULT_IDENTITY}' ready; viewers watch a "
+              f"room at {srv.url}viewer.html?room=NAME; Ctrl-C stops)", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

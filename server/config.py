@@ -4,7 +4,8 @@ Each ServerConfig field says, in its metadata, its help text and bounds; from th
 the `avatar serve` flags (`--idle-timeout`), the JSON config-file keys (`idle_timeout`),
 their type checks and validation. A new setting is one new field.
 
-Precedence: defaults < config file < AVATAR_TOKENS (tokens only) < flags that were given.
+Precedence: defaults < config file < AVATAR_TOKENS / AVATAR_VIEWER_TOKENS (tokens only) < flags
+that were given.
 """
 from __future__ import annotations
 
@@ -76,6 +77,18 @@ class ServerConfig:
     marker_completion: bool = setting(True, "hand received video frames to the decoder on their RTP marker "
                                             "bit (server/jitter.py); --no-marker-completion waits for the next "
                                             "frame, as aiortc does (one frame interval later)")
+    max_viewers: int = setting(16, "viewers (browser pages and WHEP players) in all rooms together, "
+                                   "separate from --max-sessions: a viewer costs an encode, not a model",
+                               minimum=0, metavar="N")
+    max_viewers_per_room: int = setting(8, "viewers per room", minimum=1, metavar="N")
+    audio_delay: float = setting(0.0, "extra milliseconds the presenter's audio is held on top of the "
+                                      "measured avatar latency (calibration for A/V sync; negative: less)",
+                                 minimum=-200, maximum=500, metavar="MS")
+    janus_url: str | None = setting(None, "publish every live room into this Janus VideoRoom HTTP API, e.g. "
+                                          "http://127.0.0.1:8088/janus (docs/SFU.md); viewers then watch "
+                                          "through Janus", metavar="URL")
+    janus_admin_key: str | None = setting(None, "the VideoRoom admin_key, needed to create rooms in Janus",
+                                          metavar="KEY")
     stats_interval: float = setting(1.0, "seconds between stats messages to the client", positive=True,
                                     metavar="SECONDS")
     ice_servers: list[str] = setting(help="STUN/TURN URL for the server side (default: none, host candidates only)",
@@ -87,6 +100,7 @@ class ServerConfig:
                                            flag=None)
     # Not settings: filled in by code (tokens from AVATAR_TOKENS or the file's "tokens").
     tokens: dict = field(default_factory=dict, metadata={"internal": True})  # token -> names | "*"
+    viewer_tokens: dict = field(default_factory=dict, metadata={"internal": True})  # token -> rooms | "*"
 
     def validate(self) -> "ServerConfig":
         for f in settings():
@@ -148,8 +162,11 @@ def load_config(path: str | None, env: dict | None = None, **overrides) -> Serve
     fields = {f.name: f for f in settings()}
     values: dict = {}
     tokens: dict = {}
+    viewer_tokens: dict = {}
     if env.get("AVATAR_TOKENS"):
         tokens.update(parse_tokens_env(env["AVATAR_TOKENS"]))
+    if env.get("AVATAR_VIEWER_TOKENS"):
+        viewer_tokens.update(parse_tokens_env(env["AVATAR_VIEWER_TOKENS"], "AVATAR_VIEWER_TOKENS", rooms=True))
     if path:
         try:
             data = json.loads(Path(path).read_text())
@@ -160,12 +177,14 @@ def load_config(path: str | None, env: dict | None = None, **overrides) -> Serve
         for key, value in data.items():
             if key == "tokens":
                 tokens.update(parse_tokens_json(value))
+            elif key == "viewer_tokens":
+                viewer_tokens.update(parse_tokens_json(value, key, rooms=True))
             elif key in fields:
                 values[key] = _from_json(fields[key], value, path)
             else:
-                raise ConfigError(f"{path}: unknown key '{key}' (known: tokens, {', '.join(fields)})")
+                raise ConfigError(f"{path}: unknown key '{key}' (known: tokens, viewer_tokens, {', '.join(fields)})")
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return ServerConfig(tokens=tokens, **values).validate()
+    return ServerConfig(tokens=tokens, viewer_tokens=viewer_tokens, **values).validate()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -319,3 +319,21 @@ def install_all(pc, enabled: bool | None = None) -> int:
     addTransceiver); the number installed."""
     receivers = [t.receiver for t in pc.getTransceivers() if t.kind == "video"]
     return sum(install(r, enabled) for r in receivers)
+
+
+def shorten_audio_buffer(pc, track) -> None:
+    """Audio of remote `track` leaves aiortc's receive buffer after one packet, not four.
+
+    aiortc buffers audio with prefetch=4: a 20 ms Opus frame goes to the decoder only once
+    four later frames have arrived, 80 ms after it could. A server that forwards the voice to
+    viewers (rooms.py) gains nothing from that: each viewer's own jitter buffer absorbs
+    network jitter, and the voice must not arrive later than the avatar it goes with. With
+    prefetch 0 a frame leaves when the next packet arrives (reordering is still handled by
+    sequence number). IncompatibleAiortc if the receiver's buffer is not what aiortc 1.16 builds."""
+    check_aiortc()
+    receiver = next((t.receiver for t in pc.getTransceivers() if t.receiver.track is track), None)
+    buffer = getattr(receiver, RECEIVER_BUFFER, None)
+    if type(buffer) is not JitterBuffer or buffer._is_video or not hasattr(buffer, "_prefetch"):
+        raise IncompatibleAiortc(f"no aiortc audio JitterBuffer for this track (found {type(buffer).__name__}): "
+                                 "its prefetch cannot be shortened (server/jitter.py)")
+    buffer._prefetch = 0

@@ -1,9 +1,12 @@
 """Who may connect and what they may send: tokens, Origin check, rate limit, field checks.
 
-Tokens map to an identity allow list. Two sources, merged (the config file wins on clashes):
+Presenter tokens map to an identity allow list; viewer tokens to a room allow list (a
+viewer may watch those rooms, never present or send controls). Two sources each, merged
+(the config file wins on clashes):
 
     AVATAR_TOKENS="tokenA:demo,alice;tokenB:*"      token ':' comma-separated names or '*'
     --config server.json  {"tokens": {"tokenA": ["demo", "alice"], "tokenB": "*"}}
+    AVATAR_VIEWER_TOKENS="v1:main,lobby"            --config {"viewer_tokens": {"v1": ["main"]}}
 
 With no token at all the server runs in localhost-only demo mode: any client is accepted
 and sees every identity, and app.py refuses to bind a non-loopback address.
@@ -17,28 +20,43 @@ import time
 from collections import OrderedDict
 from urllib.parse import urlsplit
 
-from engines.identity import IdentityError, check_name
+from engines.identity import NAME_RE, IdentityError, check_name
 
-ALL = "*"  # allow list meaning "every identity in the store"
+ALL = "*"  # allow list meaning "every identity in the store" (or every room)
 
 
 class ConfigError(ValueError):
     """The server configuration is invalid; the message says why."""
 
 
-def _allow_list(value: object, where: str) -> frozenset[str] | str:
+def check_room(name: object) -> str:
+    """A room name: the same rules as an identity name. ValueError says what is wrong."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ValueError(f"invalid room name {str(name)[:70]!r}: use 1-63 lowercase letters, digits, "
+                         "'-' or '_', starting with a letter or digit")
+    return name
+
+
+def _check_identity(name: object) -> str:
+    try:
+        return check_name(name)
+    except IdentityError as e:
+        raise ValueError(str(e))
+
+
+def _allow_list(value: object, where: str, check=_check_identity) -> frozenset[str] | str:
     if value == ALL:
         return ALL
     if isinstance(value, str):
         value = [v for v in value.split(",") if v.strip()]
     if not isinstance(value, list) or not value:
-        raise ConfigError(f"{where}: expected '*' or a non-empty list of identity names")
+        raise ConfigError(f"{where}: expected '*' or a non-empty list of names")
     names = []
     for name in value:
         name = name.strip() if isinstance(name, str) else name
         try:
-            names.append(check_name(name))
-        except IdentityError as e:
+            names.append(check(name))
+        except ValueError as e:
             raise ConfigError(f"{where}: {e}")
     return frozenset(names)
 
@@ -49,62 +67,79 @@ def _check_token(token: object, where: str) -> str:
     return token
 
 
-def parse_tokens_env(text: str) -> dict[str, frozenset[str] | str]:
-    """'tokenA:demo,alice;tokenB:*' -> {'tokenA': {'demo', 'alice'}, 'tokenB': '*'}."""
+def parse_tokens_env(text: str, variable: str = "AVATAR_TOKENS", rooms: bool = False
+                     ) -> dict[str, frozenset[str] | str]:
+    """'tokenA:demo,alice;tokenB:*' -> {'tokenA': {'demo', 'alice'}, 'tokenB': '*'}
+    (names are identities, or rooms for viewer tokens)."""
     tokens: dict[str, frozenset[str] | str] = {}
     for i, entry in enumerate(e.strip() for e in text.split(";")):
         if not entry:
             continue
         token, sep, names = entry.partition(":")
-        where = f"AVATAR_TOKENS entry {i + 1}"
+        where = f"{variable} entry {i + 1}"
         if not sep:
             raise ConfigError(f"{where}: expected 'token:names' (names: 'a,b' or '*')")
-        tokens[_check_token(token.strip(), where)] = _allow_list(names.strip(), where)
+        tokens[_check_token(token.strip(), where)] = _allow_list(
+            names.strip(), where, check_room if rooms else _check_identity)
     return tokens
 
 
-def parse_tokens_json(value: object) -> dict[str, frozenset[str] | str]:
+def parse_tokens_json(value: object, key: str = "tokens", rooms: bool = False
+                      ) -> dict[str, frozenset[str] | str]:
     if not isinstance(value, dict):
-        raise ConfigError("config 'tokens' must be an object {token: '*' | [names]}")
-    return {_check_token(t, "config tokens"): _allow_list(v, f"config tokens[{t[:4]}...]")
+        raise ConfigError(f"config '{key}' must be an object {{token: '*' | [names]}}")
+    return {_check_token(t, f"config {key}"): _allow_list(v, f"config {key}[{t[:4]}...]",
+                                                          check_room if rooms else _check_identity)
             for t, v in value.items()}
 
 
-class TokenAuth:
-    """Token -> allowed identities, compared in constant time."""
+def _lookup(table: list, token: object):
+    """The value for a token, compared against every entry in constant time, or None."""
+    if not isinstance(token, str) or len(token) > 512:
+        return None
+    given = token.encode("utf-8", "replace")
+    found = None
+    # Compare against every token, without an early exit, so timing says nothing.
+    for known, value in table:
+        if hmac.compare_digest(given, known):
+            found = value
+    return found
 
-    def __init__(self, tokens: dict[str, frozenset[str] | str]):
+
+class TokenAuth:
+    """Presenter token -> allowed identities; viewer token -> rooms it may watch."""
+
+    def __init__(self, tokens: dict[str, frozenset[str] | str], viewer_tokens: dict | None = None):
         self._tokens = [(t.encode(), allow) for t, allow in tokens.items()]
+        self._viewers = [(t.encode(), rooms) for t, rooms in (viewer_tokens or {}).items()]
 
     @property
     def demo_mode(self) -> bool:
-        return not self._tokens
+        return not self._tokens and not self._viewers
 
     def allowed(self, token: object) -> frozenset[str] | str | None:
-        """The allow list for a token, or None if it is not valid."""
-        if self.demo_mode:
+        """A presenter token's identity allow list, or None (invalid, or a viewer token)."""
+        return ALL if self.demo_mode else _lookup(self._tokens, token)
+
+    def rooms(self, token: object) -> frozenset[str] | str | None:
+        """The rooms a token may watch: every room for a presenter token, its list for a
+        viewer token, None for anything else."""
+        if self.allowed(token) is not None:
             return ALL
-        if not isinstance(token, str) or len(token) > 512:
-            return None
-        given = token.encode("utf-8", "replace")
-        found = None
-        # Compare against every token, without an early exit, so timing says nothing.
-        for known, allow in self._tokens:
-            if hmac.compare_digest(given, known):
-                found = allow
-        return found
+        return _lookup(self._viewers, token)
+
+    def role(self, token: object) -> str | None:
+        """'presenter', 'viewer' or None."""
+        if self.allowed(token) is not None:
+            return "presenter"
+        return "viewer" if _lookup(self._viewers, token) is not None else None
 
 
 def identity_allowed(allow: frozenset[str] | str, name: str) -> bool:
     return allow == ALL or name in allow
 
 
-def client_address(connection) -> str:
-    """The peer's IP address of a connection (what per-address limits count), or "unknown"."""
-    try:
-        return str(connection.remote_address[0])
-    except (TypeError, IndexError, AttributeError):
-        return "unknown"
+room_allowed = identity_allowed  # the same rule for a room allow list
 
 
 def is_loopback(host: str) -> bool:
@@ -209,6 +244,19 @@ def check_offer_sdp(sdp: str, max_candidates: int) -> None:
             candidates += 1
             if candidates > max_candidates:
                 raise ValueError(f"at most {max_candidates} ICE candidates per offer")
+
+
+def sending_media(sdp: str) -> list[str]:
+    """The media kinds an offer wants to send (sendrecv or sendonly; sendrecv when unsaid)."""
+    kinds, kind, direction = [], None, None
+    for line in sdp.splitlines() + ["m=end"]:
+        if line.startswith("m="):
+            if kind in ("audio", "video") and direction in ("sendrecv", "sendonly", None):
+                kinds.append(kind)
+            kind, direction = line[2:].split(" ", 1)[0], None
+        elif line[2:] in ("sendrecv", "sendonly", "recvonly", "inactive") and line.startswith("a="):
+            direction = line[2:]
+    return kinds
 
 
 class AddressLimits:

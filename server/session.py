@@ -1,4 +1,5 @@
-"""One client's avatar session: peer connection, pipeline, compute thread, stats.
+"""One presenter's avatar session: peer connection, pipeline, compute threads, stats, and
+(when it names a room) what it publishes there: every avatar frame and its microphone.
 
 Lifecycle: start() loads the identity and builds the pipeline; offer() answers the
 client's SDP and starts the media tasks; close() (idempotent) tears everything down.
@@ -18,7 +19,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from engines.pipeline import AvatarPipeline
 from engines.retarget import RetargetControls
-from .jitter import IncompatibleAiortc, install_for_track
+from .jitter import IncompatibleAiortc, install_for_track, shorten_audio_buffer
 from .media import AvatarTrack, FrameProcessor, LatestFrame, drain
 from .telemetry import SessionStats
 
@@ -26,10 +27,13 @@ log = logging.getLogger("avatar.session")
 
 
 class Session:
-    def __init__(self, state, identity_name: str):
+    role = "session"
+
+    def __init__(self, state, identity_name: str, room=None):
         self.state = state
-        self.id = secrets.token_hex(8)
+        self.id = secrets.token_hex(16)
         self.identity_name = identity_name
+        self.room = room  # rooms.Room this session presents in, or None
         # Two single-thread stages (see FrameProcessor): landmarks, then retarget + render.
         # Each part of the pipeline is only ever used from its own thread.
         self.detect_ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"avatar-{self.id}-lm")
@@ -43,6 +47,7 @@ class Session:
         self.latest = LatestFrame()
         self.paused = False
         self.have_video = False  # the first video track is the camera; others are drained
+        self.have_audio = False  # the first audio track is the microphone (published to the room)
         self.tasks: set[asyncio.Task] = set()
         self.ended = asyncio.Event()
         self.end_reason = ""
@@ -83,11 +88,18 @@ class Session:
             try:
                 install_for_track(self.pc, track)
             except IncompatibleAiortc as e:  # the session still works, one frame later
-                log.error("session %s: %s", self.id, e)
+                log.error("session %s: %s", self.id[:8], e)
         if track.kind == "video" and not self.have_video:
             self.have_video = True
             self._spawn(self._receive(track))
             self._spawn(self._process())
+        elif track.kind == "audio" and not self.have_audio and self.room is not None:
+            self.have_audio = True
+            try:
+                shorten_audio_buffer(self.pc, track)
+            except IncompatibleAiortc as e:  # the voice still goes out, 60 ms later
+                log.error("session %s: %s", self.id[:8], e)
+            self._spawn(self._forward_audio(track))
         else:
             self._spawn(drain(track))
 
@@ -142,6 +154,17 @@ class Session:
         except MediaStreamError:
             self._end("camera track ended")
 
+    async def _forward_audio(self, track) -> None:
+        """The microphone, frame by frame, into the room (which holds it for the avatar)."""
+        try:
+            while True:
+                frame = await track.recv()
+                self.last_activity = time.monotonic()
+                if not self.paused:
+                    self.room.publish_audio(frame)
+        except MediaStreamError:
+            pass
+
     async def _process(self) -> None:
         """Two-stage pipeline: while frame n renders, frame n+1 gets its landmarks."""
         rendering: asyncio.Future | None = None
@@ -171,7 +194,7 @@ class Session:
             return await self._run(executor, fn, *args)
         except Exception:
             # A frame the engines cannot handle must not end the session.
-            log.exception("session %s: frame failed", self.id)
+            log.exception("session %s: frame failed", self.id[:8])
             return None
 
     def _emit(self, result) -> None:
@@ -180,6 +203,8 @@ class Session:
             return
         video, rec = result
         self.out_track.push(video)
+        if self.room is not None:
+            self.room.publish_video(video, rec.recv_time)
         self.stats.add(rec)
         self.state.metrics.frame(rec)
 
@@ -219,6 +244,8 @@ class Session:
             return
         self._closed = True
         self._end("closed")
+        if self.room is not None:
+            self.room.vacate(self)
         current = asyncio.current_task()
         tasks = [t for t in self.tasks if t is not current]
         for task in tasks:
@@ -229,7 +256,7 @@ class Session:
             try:
                 await self.pc.close()  # also stops the remote tracks
             except Exception:
-                log.exception("session %s: closing the peer connection failed", self.id)
+                log.exception("session %s: closing the peer connection failed", self.id[:8])
         if self.pipeline is not None:
             # After any in-flight frame, on the thread that owns the landmarker; the render
             # thread is drained first so nothing touches the pipeline afterwards.
@@ -237,7 +264,7 @@ class Session:
                 await self._run(self.render_ex, lambda: None)
                 await self._run(self.detect_ex, self.pipeline.close)
             except Exception:
-                log.exception("session %s: closing the pipeline failed", self.id)
+                log.exception("session %s: closing the pipeline failed", self.id[:8])
         self.detect_ex.shutdown(wait=False)
         self.render_ex.shutdown(wait=False)
         self.pipeline = self.processor = self.pc = self.stats_channel = None

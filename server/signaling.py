@@ -3,6 +3,11 @@
 Every message is a JSON object {"v": 1, "type": ...}. Errors are replies
 {"v": 1, "type": "error", "code", "message"}; fatal ones are followed by a close.
 Nothing a client sends may raise out of here: each message is checked before use.
+
+Two roles, chosen by hello: a presenter (the default) drives an identity and may publish
+into a room; a viewer (`"role": "viewer"`) watches a room and may only offer, ping and say bye.
+The socket is anything with recv() / send(text) / close(code, reason) that raises Closed
+when the connection is gone (app.Socket wraps aiohttp's).
 """
 from __future__ import annotations
 
@@ -10,12 +15,11 @@ import asyncio
 import json
 import logging
 
-from websockets.exceptions import ConnectionClosed
-
 from engines.identity import DEFAULT_IDENTITY, IdentityError, check_name
 from engines.retarget import check_gain
-from .security import RateLimiter, check_offer_sdp, client_address, identity_allowed, is_number
-from .session import Session
+from .rooms import RoomBusy, RoomFull
+from .security import RateLimiter, check_offer_sdp, check_room, identity_allowed, is_number, room_allowed
+from .state import ServerBusy
 from .telemetry import STAGES
 
 log = logging.getLogger("avatar.signaling")
@@ -35,18 +39,22 @@ class Goodbye(Exception):
     """The client said bye: close normally, no error."""
 
 
+class Closed(Exception):
+    """The socket is closed (by the client, an error, or the server stopping)."""
+
+
 class Connection:
-    """One WebSocket: hello -> session, then offer / control / ping until it closes."""
+    """One WebSocket: hello -> session (or viewer), then offer / control / ping until it closes."""
 
     def __init__(self, ws, state):
         self.ws = ws
         self.state = state
         self.config = state.config
-        self.session: Session | None = None
+        self.session = None  # a Session (presenter) or a Viewer, once hello succeeded
         self.allow = None  # identity allow list once authenticated
         self.limiter = RateLimiter(self.config.rate, self.config.burst)
         self.violations = 0
-        self.address = client_address(ws)
+        self.address = ws.address
         self.pending = False  # counted among the connections that have not said hello
 
     async def run(self) -> None:
@@ -57,7 +65,7 @@ class Connection:
         self.pending = True
         try:
             await self._serve()
-        except ConnectionClosed:
+        except Closed:
             pass
         finally:
             self._end_pending()
@@ -98,7 +106,7 @@ class Connection:
                 if e.fatal:
                     await self.ws.close(1008, e.code)
                     return
-            except (ConnectionClosed, asyncio.CancelledError):
+            except (Closed, asyncio.CancelledError):
                 raise
             except Exception:
                 # A bug or an engine failure: end this connection only, never the server.
@@ -135,6 +143,8 @@ class Connection:
             raise ProtocolError("bad_message", f"send 'hello' before {kind[:40]!r}")
         elif kind == "offer":
             await self._offer(msg)
+        elif kind == "control" and self.session.role == "viewer":
+            raise ProtocolError("forbidden", "viewers cannot send controls")
         elif kind == "control":
             await self._control(msg)
         elif kind == "bye":
@@ -149,29 +159,67 @@ class Connection:
         addresses = self.state.addresses
         if addresses.auth_blocked(self.address):
             raise ProtocolError("rate_limited", "too many failed hellos from this address; wait", fatal=True)
-        allow = self.state.auth.allowed(msg.get("token"))
-        if allow is None:
+        role = msg.get("role", "presenter")
+        if role not in ("presenter", "viewer"):
+            raise ProtocolError("bad_value", "role must be 'presenter' or 'viewer'", fatal=True)
+        room = msg.get("room")
+        if room is not None or role == "viewer":
+            try:
+                check_room(room)
+            except ValueError as e:
+                raise ProtocolError("bad_value", str(e), fatal=True)
+        token = msg.get("token")
+        if self.state.auth.role(token) is None:
             addresses.auth_failed(self.address)
             await asyncio.sleep(FAILED_HELLO_DELAY)
             raise ProtocolError("unauthorized", "missing or invalid token", fatal=True)
-        name = msg.get("identity", DEFAULT_IDENTITY)
+        if role == "viewer":
+            await self._hello_viewer(token, room)
+        else:
+            await self._hello_presenter(token, msg.get("identity", DEFAULT_IDENTITY), room)
+
+    async def _hello_presenter(self, token, name, room) -> None:
+        allow = self.state.auth.allowed(token)
+        if allow is None:
+            raise ProtocolError("forbidden", "a viewer token cannot present; use a presenter token", fatal=True)
         self._check_identity(name, allow, fatal=True)
-        if not self.state.admit():
-            raise ProtocolError("busy", f"the server is at its limit of {self.config.max_sessions} "
-                                        "sessions; try again later", fatal=True)
-        self.allow = allow
-        self._end_pending()
-        self.session = session = Session(self.state, name)
-        self.state.sessions[session.id] = session
         try:
-            await session.start()
+            self.session = session = await self.state.open_session(name, room)
+        except RoomBusy as e:
+            raise ProtocolError("room_busy", f"{e}; pick another room", fatal=True)
+        except ServerBusy as e:
+            raise ProtocolError("busy", str(e), fatal=True)
         except IdentityError as e:
             raise ProtocolError("unknown_identity", unloadable(name, e), fatal=True)
-        await self._send({"type": "session", "id": session.id, "identity": name,
+        self.allow = allow
+        self._end_pending()
+        await self._send({"type": "session", "id": session.id, "identity": name, "room": room,
                           "identities": self.state.visible_identities(allow),
                           "max_message": self.config.max_message, "stats_channel": "stats",
                           "controls": vars(session.pipeline.controls), "stages": list(STAGES)})
-        log.info("session %s started (identity %s)", session.id, name)
+        log.info("session %s started (identity %s, room %s)", session.id[:8], name, room)
+
+    async def _hello_viewer(self, token, room) -> None:
+        if not room_allowed(self.state.auth.rooms(token), room):
+            raise ProtocolError("forbidden", f"this token may not watch room {room!r}", fatal=True)
+        try:
+            self.session = viewer = self.state.open_viewer(room, notify=self._room_changed)
+        except RoomFull as e:
+            raise ProtocolError("busy", str(e), fatal=True)
+        self._end_pending()
+        await self._send({"type": "viewer", "id": viewer.id, "max_message": self.config.max_message,
+                          **viewer.room.describe()})
+        log.info("viewer %s joined room %s", viewer.id[:8], room)
+
+    def _room_changed(self, room) -> None:
+        """The room's presenter came or went: tell this viewer (its page shows it)."""
+        asyncio.ensure_future(self._notice({"type": "room", **room.describe()}))
+
+    async def _notice(self, msg: dict) -> None:
+        try:
+            await self._send(msg)
+        except Closed:
+            pass
 
     async def _offer(self, msg: dict) -> None:
         sdp = msg.get("sdp")
@@ -247,21 +295,13 @@ class Connection:
         self.state.metrics.reject(code)
         try:
             await self._send({"type": "error", "code": code, "message": message})
-        except ConnectionClosed:
+        except Closed:
             pass
 
     async def _release(self) -> None:
         session, self.session = self.session, None
-        if session is None:
-            return
-        # The slot is free at once, before the teardown (~20 ms): a client that reconnects
-        # right after its close must not find its own old session still counted.
-        self.state.sessions.pop(session.id, None)
-        self.state.release()
-        try:
-            await session.close()
-        finally:
-            log.info("session %s ended (%s)", session.id, session.end_reason)
+        if session is not None:
+            await self.state.end(session)
 
 
 def unloadable(name: str, error: IdentityError) -> str:

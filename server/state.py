@@ -1,23 +1,44 @@
-"""What every connection of one server shares: settings, identities, auth, metrics, the
-live sessions, and admission (how many compute-heavy sessions may run at once)."""
+"""What every connection of one server shares: settings, identities, auth, metrics, rooms,
+the live sessions and viewers, and admission (how many compute-heavy sessions may run at once,
+how many viewers may watch).
+
+Presenter sessions and viewers are opened and ended here whichever way they came (signaling
+WebSocket, WHIP, WHEP), so admission and room membership are counted in one place.
+"""
 from __future__ import annotations
+
+import asyncio
+import logging
 
 from engines.identity import DEFAULT_IDENTITY, IdentityStore, identities_dir
 from .config import ServerConfig
+from .rooms import RoomBusy, Rooms
 from .security import AddressLimits, TokenAuth, identity_allowed
+from .session import Session
 from .telemetry import Metrics
+from .viewer import Viewer
+
+log = logging.getLogger("avatar.state")
+
+
+class ServerBusy(Exception):
+    """No session slot left."""
 
 
 class ServerState:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.store = IdentityStore(config.identities_root or identities_dir())
-        self.auth = TokenAuth(config.tokens)
+        self.auth = TokenAuth(config.tokens, config.viewer_tokens)
         self.metrics = Metrics()
-        self.sessions: dict = {}  # id -> Session
+        self.rooms = Rooms(config)
+        self.sessions: dict[str, Session] = {}
+        self.viewers: dict[str, Viewer] = {}
+        self.sockets: set = set()  # open signaling WebSockets, closed on shutdown
         self.addresses = AddressLimits(config.max_pending_per_address, config.address_rate, config.address_burst,
                                        config.auth_rate, config.auth_burst)
         self.pending = 0  # connections that have not said hello yet
+        self.metrics.watch(self)
 
     def visible_identities(self, allow) -> list[str]:
         names = set(self.store.names()) | {DEFAULT_IDENTITY}
@@ -36,6 +57,59 @@ class ServerState:
         """Give back a slot taken by admit()."""
         self.metrics.sessions_active -= 1
 
+    async def open_session(self, identity: str, room_name: str | None = None) -> Session:
+        """A started presenter session, publishing into `room_name` if given. Raises RoomBusy,
+        ServerBusy, or IdentityError (the identity cannot be loaded)."""
+        room = self.rooms.get(room_name) if room_name else None
+        if room is not None and room.presenter is not None:
+            self.rooms.tidy(room)
+            raise RoomBusy(f"room {room_name!r} already has a presenter")
+        if not self.admit():
+            if room is not None:
+                self.rooms.tidy(room)
+            raise ServerBusy(f"the server is at its limit of {self.config.max_sessions} sessions; "
+                             "try again later")
+        session = Session(self, identity, room)
+        self.sessions[session.id] = session
+        if room is not None:
+            room.claim(session)
+        try:
+            await session.start()
+        except BaseException:
+            await self.end(session)
+            raise
+        return session
+
+    def open_viewer(self, room_name: str, notify=None) -> Viewer:
+        """A viewer seated in `room_name` (not yet negotiated). Raises RoomFull."""
+        room = self.rooms.get(room_name)
+        viewer = Viewer(self, room, notify)
+        try:
+            self.rooms.admit_viewer(room, viewer.audience)
+        except Exception:
+            self.rooms.tidy(room)
+            raise
+        self.viewers[viewer.id] = viewer
+        return viewer
+
+    async def end(self, peer) -> None:
+        """End a session or viewer (idempotent). The slot is free at once, before the
+        teardown (~20 ms): a client that reconnects right after its close must not find its
+        own old session still counted."""
+        if isinstance(peer, Session):
+            if self.sessions.pop(peer.id, None) is None:
+                return
+            self.release()
+        elif self.viewers.pop(peer.id, None) is None:
+            return
+        room = peer.room
+        try:
+            await peer.close()
+        finally:
+            if room is not None:
+                self.rooms.tidy(room)
+            log.info("%s %s ended (%s)", peer.role, peer.id[:8], peer.end_reason)
+
     # ---- connections before hello: bounded in all and per address ----------------------
     def open_pending(self, address: str) -> bool:
         """Count a connection that has not said hello; False when over either bound."""
@@ -47,3 +121,8 @@ class ServerState:
     def close_pending(self, address: str) -> None:
         self.pending -= 1
         self.addresses.close_pending(address)
+
+    async def close(self) -> None:
+        """End everything still open (WHIP/WHEP peers have no socket that ends them)."""
+        peers = [*self.sessions.values(), *self.viewers.values()]
+        await asyncio.gather(*(self.end(p) for p in peers), return_exceptions=True)

@@ -1,10 +1,13 @@
-"""Per-frame stage timings: rolling summaries for the client, Prometheus text for /metrics."""
+"""Per-frame stage timings: rolling summaries for the client; counters and histograms for /metrics."""
 from __future__ import annotations
 
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from engines.measure import percentiles
 
@@ -84,17 +87,29 @@ class SessionStats:
 
 
 class Metrics:
-    """Process-wide counters. Thread-safe: compute threads add stage samples."""
+    """Process-wide counters and stage latencies, exposed in the Prometheus format by
+    prometheus_client (one registry per server, so servers in one process stay apart).
+    The admission counts are plain attributes (admission reads and writes them with no await
+    in between); a collector reads them at scrape time. Thread-safe: compute threads add samples."""
 
-    def __init__(self, window: int = 1000):
+    def __init__(self):
         self._lock = threading.Lock()
         self.sessions_active = 0
         self.sessions_total = 0
         self.rejected: dict[str, int] = {}
         self.frames_processed = 0
         self.frames_dropped = 0
-        self._samples = {s: deque(maxlen=window) for s in STAGES}
-        self._sums = {s: 0.0 for s in STAGES}
+        self._state = None
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_Counts(self))
+        self._stages = Histogram("avatar_stage_seconds", "Per-frame stage latency.", ["stage"],
+                                 buckets=STAGE_BUCKETS, registry=self.registry)
+        for s in STAGES:  # every stage listed from the first scrape, not after its first frame
+            self._stages.labels(s)
+
+    def watch(self, state) -> None:
+        """Also report the server's rooms and viewers."""
+        self._state = state
 
     def reject(self, code: str) -> None:
         with self._lock:
@@ -103,44 +118,42 @@ class Metrics:
     def frame(self, rec: FrameRecord) -> None:
         with self._lock:
             self.frames_processed += 1
-            for s in STAGES:
-                v = rec.stages.get(s, 0.0)
-                self._samples[s].append(v)
-                self._sums[s] += v
+        for s in STAGES:
+            self._stages.labels(s).observe(rec.stages.get(s, 0.0) / 1e3)
 
     def dropped(self, n: int = 1) -> None:
         with self._lock:
             self.frames_dropped += n
 
-    def prometheus(self) -> str:
-        with self._lock:
-            lines = [
-                "# HELP avatar_sessions_active Sessions currently open.",
-                "# TYPE avatar_sessions_active gauge",
-                f"avatar_sessions_active {self.sessions_active}",
-                "# HELP avatar_sessions_total Sessions admitted since start.",
-                "# TYPE avatar_sessions_total counter",
-                f"avatar_sessions_total {self.sessions_total}",
-                "# HELP avatar_errors_total Errors sent to clients, by code.",
-                "# TYPE avatar_errors_total counter",
-            ]
-            lines += [f'avatar_errors_total{{code="{c}"}} {n}' for c, n in sorted(self.rejected.items())]
-            lines += [
-                "# HELP avatar_frames_processed_total Avatar frames produced.",
-                "# TYPE avatar_frames_processed_total counter",
-                f"avatar_frames_processed_total {self.frames_processed}",
-                "# HELP avatar_frames_dropped_total Stale camera frames skipped to bound latency.",
-                "# TYPE avatar_frames_dropped_total counter",
-                f"avatar_frames_dropped_total {self.frames_dropped}",
-                "# HELP avatar_stage_seconds Per-frame stage latency (recent window quantiles).",
-                "# TYPE avatar_stage_seconds summary",
-            ]
-            for s in STAGES:
-                p50, p95 = _quantiles(self._samples[s])
-                lines += [
-                    f'avatar_stage_seconds{{stage="{s}",quantile="0.5"}} {p50 / 1e3:.6f}',
-                    f'avatar_stage_seconds{{stage="{s}",quantile="0.95"}} {p95 / 1e3:.6f}',
-                    f'avatar_stage_seconds_sum{{stage="{s}"}} {self._sums[s] / 1e3:.6f}',
-                    f'avatar_stage_seconds_count{{stage="{s}"}} {self.frames_processed}',
-                ]
-        return "\n".join(lines) + "\n"
+    def exposition(self) -> tuple[bytes, str]:
+        """The scrape body and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.045, 0.06, 0.1, 0.2, 0.5, 1.0)
+
+
+class _Counts:
+    """A prometheus_client collector over Metrics' plain counters and the live rooms."""
+
+    def __init__(self, metrics: Metrics):
+        self.m = metrics
+
+    def collect(self):
+        m = self.m
+        with m._lock:
+            rejected = dict(m.rejected)
+            processed, dropped = m.frames_processed, m.frames_dropped
+        yield GaugeMetricFamily("avatar_sessions_active", "Presenter sessions currently open.", m.sessions_active)
+        yield CounterMetricFamily("avatar_sessions", "Presenter sessions admitted since start.", m.sessions_total)
+        errors = CounterMetricFamily("avatar_errors", "Errors sent to clients, by code.", labels=["code"])
+        for code, n in sorted(rejected.items()):
+            errors.add_metric([code], n)
+        yield errors
+        yield CounterMetricFamily("avatar_frames_processed", "Avatar frames produced.", processed)
+        yield CounterMetricFamily("avatar_frames_dropped", "Stale camera frames skipped to bound latency.", dropped)
+        state = m._state
+        if state is not None:
+            yield GaugeMetricFamily("avatar_viewers_active", "Viewers watching, all rooms.", len(state.viewers))
+            live = sum(1 for r in state.rooms.rooms.values() if r.presenter is not None)
+            yield GaugeMetricFamily("avatar_rooms_live", "Rooms with a presenter.", live)

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fractions
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
 
 from server.bench.client import AvatarClient, ClipTrack  # noqa: F401  (for the tests)
 
@@ -67,3 +70,35 @@ async def wait_for(predicate, timeout: float, what: str):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+class SineTrack(MediaStreamTrack):
+    """A microphone that hums: 48 kHz mono s16, 20 ms frames of a 440 Hz sine, in real time."""
+
+    kind = "audio"
+
+    def __init__(self, amplitude: float = 0.3):
+        super().__init__()
+        self.amplitude = amplitude
+        self.samples = 0
+        self.start = None
+
+    async def recv(self):
+        import av
+
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self.start is None:
+            self.start = time.monotonic()
+        await asyncio.sleep(max(0.0, self.start + self.samples / 48000 - time.monotonic()))
+        t = (self.samples + np.arange(960)) / 48000
+        pcm = (self.amplitude * 32767 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = 48000, self.samples, fractions.Fraction(1, 48000)
+        self.samples += 960
+        return frame
+
+
+def rms(frame) -> float:
+    """Loudness of a decoded audio frame, 0..1."""
+    return float(np.sqrt(np.mean((frame.to_ndarray().astype(np.float64) / 32768) ** 2)))

@@ -143,8 +143,11 @@ async def test_corrupt_bundle_error_names_the_identity_not_a_path(tmp_path, monk
 
 
 async def raw_http(url: str, head: str) -> tuple[int, str]:
-    """Send a hand-written request head (duplicate headers, odd Host names); status and body."""
+    """Send a hand-written request head (duplicate headers, odd Host names); status and body.
+    Asks the server to close after its response unless the head names a Connection itself."""
     host, port = url.split("//")[1].strip("/").rsplit(":", 1)
+    if "\nconnection:" not in head.lower():
+        head += "Connection: close\n"
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(head.replace("\n", "\r\n").encode() + b"\r\n")
     await writer.drain()

@@ -17,14 +17,15 @@ from server.app import start_server
 from helpers import running_server
 
 
-async def http_get(url: str, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
-    """A tiny HTTP/1.1 GET (the server closes after each response)."""
+async def http_get(url: str, path: str, headers: dict | None = None, method: str = "GET"
+                   ) -> tuple[int, dict, bytes]:
+    """A tiny HTTP/1.1 request that asks the server to close after its response."""
     host, port = url.split("//")[1].rstrip("/").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
-    lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}"]
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close", "Content-Length: 0"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
-    data = await reader.read()
+    data = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     head, _, body = data.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode().split("\r\n")
@@ -41,8 +42,9 @@ async def test_static_health_metrics_identities(tmp_path, monkeypatch):
             assert status == 200 and headers["content-type"].startswith(ctype)
         assert (await http_get(srv.url, "/healthz"))[:3:2] == (200, b"ok\n")
         status, headers, body = await http_get(srv.url, "/metrics")
-        assert status == 200 and b"avatar_sessions_active 0" in body
-        assert b'avatar_stage_seconds{stage="render",quantile="0.95"}' in body
+        assert status == 200 and headers["content-type"].startswith("text/plain; version=")
+        assert b"avatar_sessions_active 0.0" in body and b"avatar_viewers_active 0.0" in body
+        assert b'avatar_stage_seconds_bucket{le="0.01",stage="render"} 0.0' in body
         assert (await http_get(srv.url, "/identities"))[0] == 401
         status, _, body = await http_get(srv.url, "/identities?token=tok")
         assert status == 200 and json.loads(body) == {"identities": ["demo"]}
@@ -50,6 +52,13 @@ async def test_static_health_metrics_identities(tmp_path, monkeypatch):
         assert status == 200 and json.loads(body) == {"identities": ["demo"]}
         assert (await http_get(srv.url, "/../../etc/passwd"))[0] == 404
         assert (await http_get(srv.url, "/nope"))[0] == 404
+        # Methods: HEAD is GET without a body; anything else on a GET route is 405 with Allow.
+        status, headers, body = await http_get(srv.url, "/", method="HEAD")
+        assert status == 200 and body == b"" and int(headers["content-length"]) > 100
+        for method in ("POST", "PUT", "DELETE", "PATCH"):
+            status, headers, _ = await http_get(srv.url, "/healthz", method=method)
+            assert status == 405 and "GET" in headers["allow"], method
+        assert (await http_get(srv.url, "/ws"))[0] == 426  # plain GET on the WebSocket route
 
 
 async def test_websocket_origin_check(tmp_path, monkeypatch):

@@ -4,7 +4,8 @@
 
 const $ = (id) => document.getElementById(id);
 // Errors after which reconnecting cannot help: the user has to change something.
-const FINAL_ERRORS = new Set(["unauthorized", "forbidden_identity", "unknown_identity", "bad_value", "bad_version"]);
+const FINAL_ERRORS = new Set(["unauthorized", "forbidden", "forbidden_identity", "unknown_identity", "bad_value",
+  "bad_version", "room_busy"]);
 
 // Exposed for tests and debugging (window.avatar).
 const state = {
@@ -31,13 +32,14 @@ async function start() {
       fail("This page needs a secure context (https or localhost) to use the camera.");
       return;
     }
-    say("Asking for the camera…");
+    say(room() ? "Asking for the camera and microphone…" : "Asking for the camera…");
     try {
+      // The microphone only when presenting in a room: its viewers hear it, the server nothing else.
       state.camera = await navigator.mediaDevices.getUserMedia({
-        video: { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 30 } }, audio: false });
+        video: { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 30 } }, audio: !!room() });
     } catch (e) {
       const denied = e.name === "NotAllowedError" || e.name === "SecurityError";
-      fail(denied ? "Camera access was denied. Allow the camera for this site and press Start again."
+      fail(denied ? "Camera (or microphone) access was denied. Allow it for this site and press Start again."
         : e.name === "NotFoundError" ? "No camera was found." : `Cannot open the camera: ${e.message}`);
       return;
     }
@@ -73,7 +75,16 @@ function teardown() {
   if (state.ws) { state.ws.onclose = null; state.ws.close(); }
   state.pc = state.ws = state.session = null;
   $("avatar").srcObject = null;
+  $("share").hidden = true;
   setSessionControls(false);
+}
+
+// Presenting in a room: the link viewers open (no token in it; a viewer brings their own).
+function showShareLink(name) {
+  if (!name) return;
+  const url = `${location.origin}/viewer.html?room=${encodeURIComponent(name)}`;
+  $("viewer-link").href = $("viewer-link").textContent = url;
+  $("share").hidden = false;
 }
 
 function scheduleReconnect(why) {
@@ -90,12 +101,16 @@ function token() {
   return $("token").value.trim() || undefined;
 }
 
+function room() {
+  return $("room").value.trim() || undefined;
+}
+
 function connect() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   const ws = new WebSocket(`${scheme}//${location.host}/ws`);
   state.ws = ws;
   say("Connecting…");
-  ws.onopen = () => send({ type: "hello", token: token(), identity: $("identity").value || "demo" });
+  ws.onopen = () => send({ type: "hello", token: token(), identity: $("identity").value || "demo", room: room() });
   ws.onmessage = (ev) => {
     let msg;
     try { msg = JSON.parse(ev.data); } catch { return; }
@@ -113,6 +128,7 @@ async function onMessage(msg) {
     case "session":
       state.session = msg;
       fillIdentities(msg.identities, msg.identity);
+      showShareLink(msg.room);
       await negotiate();
       break;
     case "answer":
@@ -155,13 +171,14 @@ function lowestPlayoutDelay(receiver) {
 async function negotiate() {
   const pc = new RTCPeerConnection();
   state.pc = pc;
-  state.camera.getVideoTracks().forEach((t) => pc.addTrack(t, state.camera));
+  // Camera, and the microphone when there is one (presenting in a room).
+  state.camera.getTracks().forEach((t) => pc.addTrack(t, state.camera));
   // The client creates the "stats" channel so it is part of the single offer.
   const stats = pc.createDataChannel("stats");
   stats.onmessage = (ev) => showStats(JSON.parse(ev.data));
   pc.ontrack = (ev) => {
     lowestPlayoutDelay(ev.receiver);
-    $("avatar").srcObject = ev.streams[0] || new MediaStream([ev.track]);
+    if (ev.track.kind === "video") $("avatar").srcObject = new MediaStream([ev.track]);
   };
   pc.onconnectionstatechange = () => {
     if (pc !== state.pc) return;
@@ -220,6 +237,8 @@ $("pause").addEventListener("click", () => send({ type: "control", pause: $("pau
 $("identity").addEventListener("change", () => send({ type: "control", identity: $("identity").value }));
 $("connect-form").addEventListener("submit", (ev) => { ev.preventDefault(); start(); });
 $("stop").addEventListener("click", stop);
+$("copy-link").addEventListener("click", () => navigator.clipboard.writeText($("viewer-link").href)
+  .then(() => say("Viewer link copied.", "ok"), () => say("Copy the link by hand: the clipboard is not available.", "warn")));
 
 // ---- stats overlay -------------------------------------------------------------------
 function showStats(s) {
@@ -254,6 +273,7 @@ function showStats(s) {
 (function init() {
   const params = new URLSearchParams(location.search);
   if (params.get("token")) $("token").value = params.get("token");
+  if (params.get("room")) $("room").value = params.get("room");
   fetch("/identities", { headers: token() ? { Authorization: `Bearer ${token()}` } : {} })
     .then((r) => (r.ok ? r.json() : null))
     .then((body) => { if (body) fillIdentities(body.identities, params.get("identity") || "demo"); })

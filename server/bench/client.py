@@ -87,6 +87,7 @@ class AvatarClient:
         self.pc: RTCPeerConnection | None = None
         self.keep_frames = keep_frames
         self.received: list[tuple[int, float, np.ndarray | None]] = []  # (rtp pts, time.time(), rgb)
+        self.audio: list[tuple[float, av.AudioFrame]] = []  # (time.time(), frame) as audio arrives
         self.stats: list[dict] = []
         self.session: dict = {}  # the server's "session" message, once hello succeeded
         self.tasks: list[asyncio.Task] = []
@@ -110,31 +111,36 @@ class AvatarClient:
         await self.send(msg)
         return await self.recv(timeout)
 
-    async def hello(self, token=None, identity="demo") -> dict:
+    async def hello(self, token=None, identity="demo", room=None) -> dict:
         msg = {"v": 1, "type": "hello", "identity": identity}
         if token is not None:
             msg["token"] = token
+        if room is not None:
+            msg["room"] = room
         reply = await self.request(msg)
         if reply.get("type") == "session":
             self.session = reply
         return reply
 
-    async def start_session(self, track, token=None, identity="demo") -> dict:
-        """hello + offer/answer; raises ClientError with the server's error message."""
-        reply = await self.hello(token, identity)
+    async def start_session(self, track, token=None, identity="demo", room=None, audio=None) -> dict:
+        """hello + offer/answer; raises ClientError with the server's error message. With a
+        room, the avatar (and `audio`, a microphone track) go to the room's viewers."""
+        reply = await self.hello(token, identity, room)
         if reply.get("type") != "session":
             raise ClientError(f"server refused the session: {reply.get('code')}: {reply.get('message')}",
                               reply.get("code"))
-        answer = await self.start_media(track)
+        answer = await self.start_media(track, audio)
         if answer.get("type") != "answer":
             raise ClientError(f"server refused the offer: {answer.get('code')}: {answer.get('message')}",
                               answer.get("code"))
         return reply
 
-    async def start_media(self, track) -> dict:
-        """Offer the camera track + a 'stats' data channel; apply the answer."""
+    async def start_media(self, track, audio=None) -> dict:
+        """Offer the camera track (+ a microphone track) + a 'stats' data channel; apply the answer."""
         self.pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         pc.addTrack(track)
+        if audio is not None:
+            pc.addTrack(audio)
         channel = pc.createDataChannel("stats")
         channel.on("message", lambda m: self.stats.append(json.loads(m)))
         pc.on("track", self._on_track)
@@ -153,10 +159,38 @@ class AvatarClient:
         try:
             while True:
                 frame = await track.recv()
+                if track.kind == "audio":
+                    self.audio.append((time.time(), frame))
+                    continue
                 rgb = frame.to_ndarray(format="rgb24") if self.keep_frames else None
                 self.received.append((frame.pts, time.time(), rgb))
         except MediaStreamError:
             pass
+
+    async def watch(self, room: str, token=None) -> dict:
+        """Join `room` as a viewer (receive-only video + audio); the server's "viewer" message.
+        Raises ClientError if refused. Received frames land in `received` and `audio`."""
+        msg = {"v": 1, "type": "hello", "role": "viewer", "room": room}
+        if token is not None:
+            msg["token"] = token
+        reply = await self.request(msg)
+        if reply.get("type") != "viewer":
+            raise ClientError(f"server refused the viewer: {reply.get('code')}: {reply.get('message')}",
+                              reply.get("code"))
+        self.session = reply
+        self.pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver("video", direction="recvonly")
+        pc.addTransceiver("audio", direction="recvonly")
+        pc.on("track", self._on_track)
+        await pc.setLocalDescription(await pc.createOffer())
+        answer = await self.request({"v": 1, "type": "offer", "sdp": pc.localDescription.sdp})
+        while answer.get("type") == "room":  # a presenter came or went meanwhile
+            answer = await self.recv()
+        if answer.get("type") != "answer":
+            raise ClientError(f"server refused the offer: {answer.get('code')}: {answer.get('message')}",
+                              answer.get("code"))
+        await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+        return reply
 
     async def close(self) -> None:
         for t in self.tasks:

@@ -1,0 +1,277 @@
+"""Rooms: a presenter's avatar video and voice, fanned out to the people watching.
+
+A room has at most one presenter (a Session that named the room in its hello, or a WHIP
+publisher) and up to max_viewers_per_room viewers (viewer pages, WHEP players). The
+presenter publishes every avatar frame and every microphone frame into its room; each
+viewer has its own outgoing tracks fed from it. aiortc encodes once per peer connection,
+so a direct viewer costs this server an encode: past a few viewers, rooms are published
+into an SFU instead (server/sfu.py, docs/SFU.md), which costs one encode whatever the
+audience.
+
+A/V sync: the microphone reaches the server about as fast as the camera, but the avatar
+frame leaves later by the compute time. So each audio frame is held, from its arrival, for
+the current avatar latency (median over the last second of camera frame received -> avatar
+frame published, plus --audio-delay as a calibration), and avatar and voice leave together.
+Every outgoing track stamps its own timestamps from the wall clock at which it hands a frame
+to the encoder; aiortc's RTCP sender reports map those to the send time, so a receiver that
+syncs by them (every browser) plays what left together, together. `avatar bench live
+--viewer` measures the offset a viewer ends up with.
+
+Rooms live while someone is in them: created on first use, dropped when the last person
+leaves. Viewers waiting in an empty room get a notice when a presenter arrives and pick the
+stream up from the next frame (a new presenter's first frame is a keyframe for every viewer).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import fractions
+import logging
+import statistics
+import time
+
+import av
+import numpy as np
+from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
+
+from .media import LatestFrame
+
+log = logging.getLogger("avatar.rooms")
+VIDEO_CLOCK = 90000
+AUDIO_QUEUE = 25  # 0.5 s of 20 ms frames per viewer; a viewer that falls further behind loses the oldest
+LATENCY_WINDOW = 30  # avatar frames in the latency median (one second at 30 fps)
+MAX_AUDIO_HOLD = 0.5  # seconds: never hold audio longer than this, whatever the latency says
+
+
+class RoomBusy(Exception):
+    """The room already has a presenter."""
+
+
+class RoomFull(Exception):
+    """No viewer slot left (in the room or on the server)."""
+
+
+class ViewerVideoTrack(MediaStreamTrack):
+    """A viewer's outgoing video: the room's newest avatar frame, stamped on this track's clock."""
+
+    kind = "video"
+
+    def __init__(self):
+        super().__init__()
+        self._latest = LatestFrame()
+        self._start: float | None = None
+        self._last_pts = -1
+
+    def push(self, image: np.ndarray) -> None:
+        """An RGB image shared with every viewer: read, never written."""
+        self._latest.put(image)
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        image = await self._latest.get()
+        if image is None or self.readyState != "live":
+            raise MediaStreamError
+        # Its own frame object: each sender encodes (and PyAV reformats, with a converter
+        # cached on the frame) in a thread of its own, so no frame may be shared.
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        now = time.monotonic()
+        self._start = now if self._start is None else self._start
+        self._last_pts = max(self._last_pts + 1, round((now - self._start) * VIDEO_CLOCK))
+        frame.pts, frame.time_base = self._last_pts, fractions.Fraction(1, VIDEO_CLOCK)
+        return frame
+
+    def stop(self) -> None:
+        if self.readyState == "live":
+            self._latest.put(None)  # wake a pending recv()
+        super().stop()
+
+
+class ViewerAudioTrack(MediaStreamTrack):
+    """A viewer's outgoing audio: the presenter's voice, a bounded queue of frames stamped
+    continuously on this track's clock (jumping ahead over a silence gap)."""
+
+    kind = "audio"
+
+    def __init__(self):
+        super().__init__()
+        self._queue: collections.deque = collections.deque(maxlen=AUDIO_QUEUE)
+        self._ready = asyncio.Event()
+        self._start: float | None = None
+        self._next_pts = 0
+        self.dropped = 0
+
+    def push(self, item) -> None:
+        """item: (samples int16 array shaped (1, n*channels), layout, sample_rate)."""
+        if len(self._queue) == self._queue.maxlen:
+            self.dropped += 1
+        self._queue.append(item)
+        self._ready.set()
+
+    async def recv(self) -> av.AudioFrame:
+        while not self._queue:
+            if self.readyState != "live":
+                raise MediaStreamError
+            self._ready.clear()
+            await self._ready.wait()
+        if self.readyState != "live":
+            raise MediaStreamError
+        samples, layout, rate = self._queue.popleft()
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout=layout)
+        frame.sample_rate = rate
+        now = time.monotonic()
+        self._start = now if self._start is None else self._start
+        wall = round((now - self._start) * rate)
+        if wall - self._next_pts > rate // 10:  # more than 100 ms of nothing: a gap, not jitter
+            self._next_pts = wall
+        frame.pts, frame.time_base = self._next_pts, fractions.Fraction(1, rate)
+        self._next_pts += frame.samples
+        return frame
+
+    def stop(self) -> None:
+        super().stop()
+        self._ready.set()
+
+
+class Audience:
+    """What a viewer is to a room: its two tracks and a notice callback."""
+
+    def __init__(self, notify=None):
+        self.video = ViewerVideoTrack()
+        self.audio = ViewerAudioTrack()
+        self.notify = notify  # notify(room) when the room's presenter changes
+
+    def stop(self) -> None:
+        self.video.stop()
+        self.audio.stop()
+
+
+class Room:
+    def __init__(self, name: str, config):
+        self.name = name
+        self.config = config
+        self.presenter = None  # the publishing Session, or None
+        self.audience: set[Audience] = set()
+        self.sfu_audience: Audience | None = None  # the SFU publisher's feed, not a viewer
+        self._latency: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+        self._loop = asyncio.get_running_loop()
+
+    # ---- who is in the room --------------------------------------------------------------
+    def claim(self, presenter) -> None:
+        """Make `presenter` the room's presenter; RoomBusy if there is one. No await: the
+        check and the claim cannot be split by another client."""
+        if self.presenter is not None:
+            raise RoomBusy(f"room {self.name!r} already has a presenter")
+        self.presenter = presenter
+        self._latency.clear()
+        self._notify()
+
+    def vacate(self, presenter) -> None:
+        if self.presenter is presenter:
+            self.presenter = None
+            self._notify()
+
+    def join(self, audience: Audience) -> None:
+        self.audience.add(audience)
+
+    def leave(self, audience: Audience) -> None:
+        self.audience.discard(audience)
+        audience.stop()
+
+    @property
+    def empty(self) -> bool:
+        return self.presenter is None and not self.audience
+
+    def describe(self) -> dict:
+        p = self.presenter
+        return {"room": self.name, "presenter": None if p is None else {"identity": p.identity_name},
+                "viewers": len(self.audience), "sfu": self.sfu_audience is not None}
+
+    def _notify(self) -> None:
+        for a in list(self.audience):
+            if a.notify is not None:
+                a.notify(self)
+
+    def _feeds(self):
+        if self.sfu_audience is not None:
+            yield self.sfu_audience
+        yield from self.audience
+
+    # ---- media from the presenter ----------------------------------------------------------
+    def publish_video(self, frame: av.VideoFrame, received: float) -> None:
+        """An avatar frame, made from the camera frame that arrived at `received` (time.time())."""
+        self._latency.append(max(0.0, time.time() - received))
+        feeds = list(self._feeds())
+        if feeds:
+            # One copy for all, read on this thread: the presenter's own sender may be
+            # encoding `frame` in a worker thread right now.
+            image = frame.to_ndarray() if frame.format.name == "rgb24" else frame.to_ndarray(format="rgb24")
+            for a in feeds:
+                a.video.push(image)
+
+    def audio_hold(self) -> float:
+        """Seconds to hold an audio frame so it leaves with its avatar frame."""
+        latency = statistics.median(self._latency) if self._latency else 0.0
+        return min(MAX_AUDIO_HOLD, max(0.0, latency + self.config.audio_delay / 1e3))
+
+    def publish_audio(self, frame: av.AudioFrame) -> None:
+        """A microphone frame, just received: fanned out once the avatar has caught up."""
+        if not self.audience and self.sfu_audience is None:
+            return
+        item = (packed_s16(frame), frame.layout.name, frame.sample_rate)
+        hold = self.audio_hold()
+        if hold <= 0:
+            self._deliver_audio(item)
+        else:
+            self._loop.call_later(hold, self._deliver_audio, item)
+
+    def _deliver_audio(self, item) -> None:
+        for a in self._feeds():
+            a.audio.push(item)
+
+
+def packed_s16(frame: av.AudioFrame) -> np.ndarray:
+    """The frame's samples as packed (interleaved) s16, shape (1, samples * channels)."""
+    if frame.format.name != "s16":
+        frame = av.AudioResampler(format="s16", layout=frame.layout.name, rate=frame.sample_rate).resample(frame)[0]
+    data = frame.to_ndarray()
+    return np.ascontiguousarray(data.reshape(1, -1), dtype=np.int16)
+
+
+class Rooms:
+    """Every live room by name, and the viewer count they share."""
+
+    def __init__(self, config):
+        self.config = config
+        self.rooms: dict[str, Room] = {}
+
+    def get(self, name: str) -> Room:
+        room = self.rooms.get(name)
+        if room is None:
+            room = self.rooms[name] = Room(name, self.config)
+        return room
+
+    def live(self, name: str) -> Room | None:
+        """The room if it has a presenter."""
+        room = self.rooms.get(name)
+        return room if room is not None and room.presenter is not None else None
+
+    def viewers(self) -> int:
+        return sum(len(r.audience) for r in self.rooms.values())
+
+    def admit_viewer(self, room: Room, audience: Audience) -> None:
+        """Seat a viewer, or RoomFull. No await between the check and the seat."""
+        if self.viewers() >= self.config.max_viewers:
+            raise RoomFull(f"the server is at its limit of {self.config.max_viewers} viewers")
+        if len(room.audience) >= self.config.max_viewers_per_room:
+            raise RoomFull(f"room {room.name!r} is at its limit of {self.config.max_viewers_per_room} viewers")
+        room.join(audience)
+
+    def tidy(self, room: Room) -> None:
+        """Forget a room nobody is in."""
+        if room.empty and room.sfu_audience is None and self.rooms.get(room.name) is room:
+            del self.rooms[room.name]
+
+    def describe(self) -> list[dict]:
+        return [r.describe() for r in sorted(self.rooms.values(), key=lambda r: r.name)]

@@ -1,0 +1,79 @@
+"""One viewer's peer connection: the room's avatar video and presenter audio, send-only.
+
+The same for a viewer page (signaling over /ws) and a WHEP player (HTTP, server/whip.py).
+Lifecycle mirrors Session: offer() answers, `ended` is set when the peer connection fails,
+close() (idempotent) leaves the room and tears down.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+
+from .rooms import Audience, Room
+from .security import sending_media
+
+log = logging.getLogger("avatar.viewer")
+
+
+class Viewer:
+    role = "viewer"
+
+    def __init__(self, state, room: Room, notify=None):
+        self.state = state
+        self.id = secrets.token_hex(16)
+        self.room = room
+        self.audience = Audience(notify)
+        self.pc: RTCPeerConnection | None = None
+        self.ended = asyncio.Event()
+        self.end_reason = ""
+        self._closed = False
+
+    async def offer(self, sdp: str) -> str:
+        """Answer a receive-only offer. ValueError if the SDP is unusable."""
+        if self.pc is not None:
+            raise RuntimeError("already negotiated")
+        sending = sending_media(sdp)
+        if sending:
+            raise ValueError(f"a viewer only receives: offer {' and '.join(sending)} as recvonly")
+        servers = [RTCIceServer(u) for u in self.state.config.ice_servers]
+        self.pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
+        pc.on("connectionstatechange", self._on_state)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            kinds = {t.kind for t in pc.getTransceivers()}
+            if not kinds & {"video", "audio"}:
+                raise ValueError("the offer asks for neither video nor audio")
+            for track in (self.audience.video, self.audience.audio):
+                if track.kind in kinds:
+                    pc.addTrack(track)
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as e:
+            self.pc = None
+            await pc.close()
+            raise ValueError(str(e) or type(e).__name__) from None
+        return pc.localDescription.sdp
+
+    async def _on_state(self) -> None:
+        if self.pc is not None and self.pc.connectionState in ("failed", "closed"):
+            self._end(f"peer connection {self.pc.connectionState}")
+
+    def _end(self, reason: str) -> None:
+        if not self.ended.is_set():
+            self.end_reason = reason
+            self.ended.set()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._end("closed")
+        self.room.leave(self.audience)
+        if self.pc is not None:
+            try:
+                await self.pc.close()
+            except Exception:
+                log.exception("viewer %s: closing the peer connection failed", self.id[:8])
+        self.pc = None

@@ -1,0 +1,151 @@
+"""Rooms: a presenter's avatar and voice reach viewers (signaling viewers and WHEP players);
+WHIP presenters; who may do what; every refusal is a clear error and the room keeps streaming."""
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+from aiortc import RTCPeerConnection, RTCSessionDescription
+
+from helpers import (AvatarClient, ClipTrack, SineTrack, clip, read_seconds, rms, running_server,
+                     wait_for)
+
+TOKENS = {"tokens": {"pres": "*"}, "viewer_tokens": {"watch": frozenset({"main"})}}
+
+
+def drive() -> ClipTrack:
+    return ClipTrack(read_seconds(clip("drive_expressive.mp4"), 2.0), loop=True)
+
+
+async def present(srv, room="main", token=None, audio=True) -> AvatarClient:
+    c = await AvatarClient(srv.ws_url).connect()
+    await c.start_session(drive(), token=token, room=room, audio=SineTrack() if audio else None)
+    return c
+
+
+async def streaming(client: AvatarClient, frames: int = 10, timeout: float = 20) -> None:
+    """Wait until `client` has received `frames` more video frames."""
+    n = len(client.received)
+    await wait_for(lambda: len(client.received) >= n + frames, timeout, f"{frames} more frames")
+
+
+async def test_viewer_sees_the_avatar_and_hears_the_presenter(tmp_path, monkeypatch):
+    async with running_server(tmp_path, monkeypatch) as srv:
+        viewer = await AvatarClient(srv.ws_url).connect()
+        hello = await viewer.watch("main")
+        assert hello["room"] == "main" and hello["presenter"] is None  # waiting, clearly
+        presenter = await present(srv)
+        try:
+            # The waiting viewer is told, and picks the stream up by itself.
+            notice = await viewer.recv()
+            assert notice["type"] == "room" and notice["presenter"] == {"identity": "demo"}
+            await streaming(viewer, 20)
+            await wait_for(lambda: len(viewer.audio) > 50, 10, "audio at the viewer")
+            loud = [rms(f) for _, f in viewer.audio[-25:]]
+            assert min(loud) > 0.05, loud  # the hum, not silence
+            assert srv.state.rooms.describe() == [{"room": "main", "presenter": {"identity": "demo"},
+                                                   "viewers": 1, "sfu": False}]
+            # The presenter leaves: the viewer is told and stays, then a new presenter streams to it.
+            await presenter.close()
+            assert (await viewer.recv())["presenter"] is None
+            presenter = await present(srv)
+            assert (await viewer.recv())["presenter"] == {"identity": "demo"}
+            await streaming(viewer, 10)
+        finally:
+            await presenter.close()
+            await viewer.close()
+        await wait_for(lambda: not srv.state.rooms.rooms and not srv.state.viewers, 5, "the room to go")
+
+
+async def test_roles_and_limits(tmp_path, monkeypatch):
+    async with running_server(tmp_path, monkeypatch, max_viewers_per_room=1, **TOKENS) as srv:
+        presenter = await present(srv, token="pres")
+        try:
+            second = await AvatarClient(srv.ws_url).connect()
+            assert (await second.hello(token="pres", room="main"))["code"] == "room_busy"
+            await second.close()
+            c = await AvatarClient(srv.ws_url).connect()  # a viewer token cannot present
+            assert (await c.hello(token="watch", room="other"))["code"] == "forbidden"
+            await c.close()
+            c = await AvatarClient(srv.ws_url).connect()
+            with pytest.raises(Exception, match="forbidden"):  # nor watch rooms not on its list
+                await c.watch("other", token="watch")
+            await c.close()
+            viewer = await AvatarClient(srv.ws_url).connect()
+            await viewer.watch("main", token="watch")
+            reply = await viewer.request({"v": 1, "type": "control", "identity": "demo"})
+            assert reply["code"] == "forbidden"  # a viewer never drives
+            full = await AvatarClient(srv.ws_url).connect()
+            with pytest.raises(Exception, match="busy"):
+                await full.watch("main", token="pres")  # the room's one seat is taken
+            await full.close()
+            await streaming(viewer, 10)
+            await viewer.close()
+        finally:
+            await presenter.close()
+
+
+async def whip_offer(pc: RTCPeerConnection) -> str:
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc.localDescription.sdp
+
+
+async def post(http, url, sdp, token, ctype="application/sdp"):
+    headers = {"Content-Type": ctype, **({"Authorization": f"Bearer {token}"} if token else {})}
+    async with http.post(url, data=sdp.encode(), headers=headers) as r:
+        return r.status, dict(r.headers), await r.text()
+
+
+async def test_whip_presenter_and_whep_player(tmp_path, monkeypatch):
+    async with running_server(tmp_path, monkeypatch, **TOKENS) as srv, aiohttp.ClientSession() as http:
+        base = srv.url.rstrip("/")
+        camera = RTCPeerConnection()
+        camera.addTrack(drive())
+        camera.addTrack(SineTrack())
+        status, headers, answer = await post(http, f"{base}/whip/main", await whip_offer(camera), "pres")
+        assert status == 201 and headers["Content-Type"] == "application/sdp", (status, answer)
+        location = headers["Location"]
+        assert location.startswith("/whip/main/")
+        await camera.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+
+        player = AvatarClient(srv.ws_url)  # its frame collection, over WHEP instead of /ws
+        player.pc = pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="recvonly")
+        pc.addTransceiver("audio", direction="recvonly")
+        pc.on("track", player._on_track)
+        status, headers, answer = await post(http, f"{base}/whep/main", await whip_offer(pc), "watch")
+        assert status == 201, answer
+        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        try:
+            await streaming(player, 20)
+            await wait_for(lambda: len(player.audio) > 25, 10, "audio at the WHEP player")
+            assert max(rms(f) for _, f in player.audio[-25:]) > 0.05
+
+            # Refusals: each a clear HTTP error while the room keeps streaming.
+            sdp = await whip_offer(RTCPeerConnection())
+            assert (await post(http, f"{base}/whep/main", sdp, "nope"))[0] == 401
+            assert (await post(http, f"{base}/whip/main", sdp, "watch"))[0] == 403
+            assert (await post(http, f"{base}/whip/main", sdp, "pres"))[0] == 409  # one presenter
+            assert (await post(http, f"{base}/whep/empty", sdp, "pres"))[0] == 404
+            assert (await post(http, f"{base}/whep/Bad..Room", sdp, "pres"))[0] == 400
+            assert (await post(http, f"{base}/whep/main", sdp, "pres", "text/plain"))[0] == 415
+            assert (await post(http, f"{base}/whep/main", "v=0\r\n" + "a=x\r\n" * 20000, "pres"))[0] == 413
+            assert (await post(http, f"{base}/whep/main", "hello", "pres"))[0] == 400
+            async with http.patch(base + location, headers={"Authorization": "Bearer pres"}) as r:
+                assert r.status == 405  # no trickle
+            async with http.delete(base + location, headers={"Authorization": "Bearer watch"}) as r:
+                assert r.status == 404  # not the token that made it
+            async with http.delete(base + location.replace("/main/", "/other/"),
+                                   headers={"Authorization": "Bearer pres"}) as r:
+                assert r.status == 404
+            await streaming(player, 10)
+
+            async with http.delete(base + location, headers={"Authorization": "Bearer pres"}) as r:
+                assert r.status == 200
+            await wait_for(lambda: srv.state.rooms.live("main") is None, 5, "the WHIP session to end")
+            assert srv.state.metrics.sessions_active == 0
+        finally:
+            await camera.close()
+            await player.close()
+        await wait_for(lambda: not srv.state.viewers, 10, "the WHEP player to be gone")

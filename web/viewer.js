@@ -1,0 +1,167 @@
+// Viewer page: watch a room's avatar and hear its presenter. Receive-only WebRTC.
+// Signaling protocol v1 (docs/PROTOCOL.md), hello with role "viewer", on the same host and port.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const FINAL_ERRORS = new Set(["unauthorized", "forbidden", "bad_value", "bad_version"]);
+
+// Exposed for tests and debugging (window.viewer).
+const state = {
+  wanted: false, ws: null, pc: null, room: null, presenter: null,
+  retryDelay: 1000, retryTimer: null, pingTimer: null, lastError: null,
+};
+window.viewer = state;
+
+function say(text, kind = "info") {
+  $("message").textContent = text;
+  $("message").className = kind;
+}
+
+function watch() {
+  state.wanted = true;
+  $("watch").disabled = true;
+  $("leave").disabled = false;
+  connect();
+}
+
+function leave() {
+  state.wanted = false;
+  clearTimeout(state.retryTimer);
+  send({ type: "bye" });
+  teardown();
+  $("watch").disabled = false;
+  $("leave").disabled = true;
+  say("Left the room.");
+}
+
+function fail(text) {
+  state.wanted = false;
+  teardown();
+  $("watch").disabled = false;
+  $("leave").disabled = true;
+  say(text, "error");
+}
+
+function teardown() {
+  clearInterval(state.pingTimer);
+  if (state.pc) state.pc.close();
+  if (state.ws) { state.ws.onclose = null; state.ws.close(); }
+  state.pc = state.ws = state.room = null;
+  $("stream").srcObject = null;
+}
+
+function scheduleReconnect(why) {
+  teardown();
+  if (!state.wanted) return;
+  const delay = state.retryDelay;
+  state.retryDelay = Math.min(state.retryDelay * 2, 15000);
+  say(`${why} Reconnecting in ${Math.round(delay / 1000)} s…`, "warn");
+  state.retryTimer = setTimeout(connect, delay);
+}
+
+function connect() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const ws = new WebSocket(`${scheme}//${location.host}/ws`);
+  state.ws = ws;
+  say("Connecting…");
+  ws.onopen = () => send({ type: "hello", role: "viewer", room: $("room").value.trim(),
+    token: $("token").value.trim() || undefined });
+  ws.onmessage = (ev) => {
+    let msg;
+    try { msg = JSON.parse(ev.data); } catch { return; }
+    onMessage(msg).catch((e) => scheduleReconnect(`Error: ${e.message}.`));
+  };
+  ws.onclose = () => { if (state.ws === ws) scheduleReconnect("Lost the connection to the server."); };
+}
+
+function send(msg) {
+  if (state.ws && state.ws.readyState === WebSocket.OPEN) state.ws.send(JSON.stringify({ v: 1, ...msg }));
+}
+
+async function onMessage(msg) {
+  switch (msg.type) {
+    case "viewer":
+      state.room = msg.room;
+      showRoom(msg);
+      await negotiate();
+      break;
+    case "room":  // the presenter came or went; media resumes on the same connection
+      showRoom(msg);
+      break;
+    case "answer":
+      await state.pc.setRemoteDescription({ type: "answer", sdp: msg.sdp });
+      break;
+    case "error":
+      state.lastError = msg;
+      if (msg.code === "busy") scheduleReconnect("The room is full.");
+      else if (FINAL_ERRORS.has(msg.code)) {
+        fail(msg.code === "unauthorized" ? "The server did not accept the token." : `Refused: ${msg.message}`);
+      } else say(`Server says: ${msg.message} (${msg.code})`, "warn");
+      break;
+  }
+}
+
+function showRoom(msg) {
+  state.presenter = msg.presenter;
+  if (msg.presenter) {
+    say(`Live in room “${msg.room}”: ${msg.presenter.identity}.`, "ok");
+    $("caption").textContent = `${msg.presenter.identity} — live`;
+  } else {
+    say(`Waiting for the presenter of room “${msg.room}”… the stream starts by itself.`, "info");
+    $("caption").textContent = "No presenter yet";
+  }
+}
+
+// Live, not a film: play each frame as soon as it is decoded (see app.js).
+function lowestPlayoutDelay(receiver) {
+  try {
+    if ("jitterBufferTarget" in receiver) receiver.jitterBufferTarget = 0;
+    else if ("playoutDelayHint" in receiver) receiver.playoutDelayHint = 0;
+  } catch (e) {
+    console.warn("cannot lower the playout delay:", e);
+  }
+}
+
+async function negotiate() {
+  const pc = new RTCPeerConnection();
+  state.pc = pc;
+  const stream = new MediaStream();
+  pc.addTransceiver("video", { direction: "recvonly" });
+  pc.addTransceiver("audio", { direction: "recvonly" });
+  pc.ontrack = (ev) => {
+    if (ev.track.kind === "video") lowestPlayoutDelay(ev.receiver);
+    stream.addTrack(ev.track);
+    $("stream").srcObject = stream;
+    $("stream").play().catch(() => {  // autoplay with sound needs a click on some pages
+      $("stream").muted = true;
+      $("unmute").hidden = false;
+      $("stream").play().catch(() => {});
+    });
+  };
+  pc.onconnectionstatechange = () => {
+    if (pc !== state.pc) return;
+    if (pc.connectionState === "connected") state.retryDelay = 1000;
+    else if (pc.connectionState === "failed") scheduleReconnect("The media connection failed.");
+  };
+  await pc.setLocalDescription(await pc.createOffer());
+  // The server does not take trickled candidates: wait for gathering, send one offer.
+  await new Promise((resolve) => {
+    if (pc.iceGatheringState === "complete") return resolve();
+    pc.addEventListener("icegatheringstatechange", () => { if (pc.iceGatheringState === "complete") resolve(); });
+    setTimeout(resolve, 3000);
+  });
+  send({ type: "offer", sdp: pc.localDescription.sdp });
+  clearInterval(state.pingTimer);
+  state.pingTimer = setInterval(() => send({ type: "ping" }), 10000);
+}
+
+$("watch-form").addEventListener("submit", (ev) => { ev.preventDefault(); watch(); });
+$("leave").addEventListener("click", leave);
+$("unmute").addEventListener("click", () => { $("stream").muted = false; $("unmute").hidden = true; });
+
+(function init() {
+  const params = new URLSearchParams(location.search);
+  if (params.get("room")) $("room").value = params.get("room");
+  if (params.get("token")) $("token").value = params.get("token");
+  if (params.get("autostart") === "1" && $("room").value) watch();
+})();
