@@ -18,6 +18,7 @@ from engines.neural.runtime import PREFERENCES as BACKEND_CHOICES  # noqa: E402
 
 EPILOG = """examples:
   avatar serve                                   web client + signaling on http://127.0.0.1:8080
+  avatar rooms                                   who presents and who watches on a running server
   avatar render drive.mp4 -o out.mp4 --side-by-side
   avatar identity create --image me.jpg --name me --consent "I, Jo Doe, agree to ..."
   avatar identity list
@@ -57,11 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="data folder (default: $AVATAR_HOME or ~/.local/share/avatar)")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="serve the web client and WebRTC avatar sessions",
-                           description="Serve the web client and the signaling WebSocket on one port.")
+    serve = sub.add_parser(
+        "serve", help="serve the web client and WebRTC avatar sessions",
+        description="Serve the web client, the signaling WebSocket, WHIP (/whip/ROOM) and WHEP "
+        "(/whep/ROOM) on one port. A presenter who names a room is watched there by viewers "
+        "(/viewer.html?room=ROOM, or any WHEP player); viewer tokens come from AVATAR_VIEWER_TOKENS "
+        "('token:room1,room2;...') or the config file's viewer_tokens.")
     serve.set_defaults(func=cmd_serve)
     from server import config
     config.add_arguments(serve)
+
+    rooms = sub.add_parser("rooms", help="list the live rooms of a running server",
+                           description="List a running server's rooms: presenter identity, viewer count, "
+                           "SFU publishing. Reads GET /rooms.")
+    rooms.add_argument("--url", default="http://127.0.0.1:8080/", help="the server (default: %(default)s)")
+    rooms.add_argument("--token", default=os.environ.get("AVATAR_TOKEN"),
+                       help="a presenter or viewer token (default: $AVATAR_TOKEN; none in demo mode)")
+    rooms.add_argument("--json", action="store_true", help="print the JSON as the server sent it")
+    rooms.set_defaults(func=cmd_rooms)
 
     render = sub.add_parser("render", help="reenact a driving video offline",
                             description="Reenact a driving video with an identity. Keeps the audio "
@@ -170,6 +184,31 @@ def store(args) -> IdentityStore:
 def cmd_serve(args) -> int:
     from server import app
     return app.run(args)
+
+
+def cmd_rooms(args) -> int:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(args.url.rstrip("/") + "/rooms",
+                                     headers={"Authorization": f"Bearer {args.token}"} if args.token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = json.load(response)
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"{args.url} refused: {e.code} {e.read().decode(errors='replace').strip()}")
+    except (urllib.error.URLError, OSError) as e:
+        raise RuntimeError(f"cannot reach an avatar server at {args.url}: {getattr(e, 'reason', e)}")
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    rooms = body.get("rooms", [])
+    if not rooms:
+        print("no live rooms")
+    for r in rooms:
+        who = r["presenter"]["identity"] if r["presenter"] else "(no presenter)"
+        print(f"{r['room']:<20} {who:<20} {r['viewers']} viewer(s){'  + SFU' if r.get('sfu') else ''}")
+    return 0
 
 
 def cmd_render(args) -> int:
