@@ -207,7 +207,8 @@ def cmd_rooms(args) -> int:
         print("no live rooms")
     for r in rooms:
         who = r["presenter"]["identity"] if r["presenter"] else "(no presenter)"
-        print(f"{r['room']:<20} {who:<20} {r['viewers']} viewer(s){'  + SFU' if r.get('sfu') else ''}")
+        sfu = f"  SFU: {r['sfu']}" if r.get("sfu") else ""
+        print(f"{r['room']:<20} {who:<20} {r['viewers']} direct viewer(s){sfu}")
     return 0
 
 

@@ -148,12 +148,14 @@ class Audience:
 
 
 class Room:
-    def __init__(self, name: str, config):
+    def __init__(self, name: str, config, on_presenter=None):
         self.name = name
         self.config = config
+        self.on_presenter = on_presenter  # on_presenter(room) after the presenter came or went
         self.presenter = None  # the publishing Session, or None
         self.audience: set[Audience] = set()
         self.sfu_audience: Audience | None = None  # the SFU publisher's feed, not a viewer
+        self.sfu_state: str | None = None  # None (no SFU), "connecting", "live", "failed: ..."
         self._latency: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
         self._loop = asyncio.get_running_loop()
 
@@ -186,9 +188,11 @@ class Room:
     def describe(self) -> dict:
         p = self.presenter
         return {"room": self.name, "presenter": None if p is None else {"identity": p.identity_name},
-                "viewers": len(self.audience), "sfu": self.sfu_audience is not None}
+                "viewers": len(self.audience), "sfu": self.sfu_state}
 
     def _notify(self) -> None:
+        if self.on_presenter is not None:
+            self.on_presenter(self)
         for a in list(self.audience):
             if a.notify is not None:
                 a.notify(self)
@@ -240,17 +244,38 @@ def packed_s16(frame: av.AudioFrame) -> np.ndarray:
 
 
 class Rooms:
-    """Every live room by name, and the viewer count they share."""
+    """Every live room by name, the viewer count they share, and (with --janus-url) the task
+    that publishes each live room into the SFU."""
 
     def __init__(self, config):
         self.config = config
         self.rooms: dict[str, Room] = {}
+        self.sfu_tasks: dict[str, asyncio.Task] = {}
 
     def get(self, name: str) -> Room:
         room = self.rooms.get(name)
         if room is None:
-            room = self.rooms[name] = Room(name, self.config)
+            room = self.rooms[name] = Room(name, self.config, self._presenter_changed)
         return room
+
+    def _presenter_changed(self, room: Room) -> None:
+        if not self.config.janus_url:
+            return
+        from .sfu import publish_room
+
+        task = self.sfu_tasks.pop(room.name, None)
+        if task is not None:
+            task.cancel()
+        if room.presenter is not None:
+            self.sfu_tasks[room.name] = asyncio.get_running_loop().create_task(publish_room(room, self.config))
+
+    async def close(self) -> None:
+        """Stop SFU publishing (each unpublishes from Janus on its way out)."""
+        tasks = list(self.sfu_tasks.values())
+        self.sfu_tasks.clear()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def live(self, name: str) -> Room | None:
         """The room if it has a presenter."""
@@ -269,8 +294,8 @@ class Rooms:
         room.join(audience)
 
     def tidy(self, room: Room) -> None:
-        """Forget a room nobody is in."""
-        if room.empty and room.sfu_audience is None and self.rooms.get(room.name) is room:
+        """Forget a room nobody is in (its SFU task, if any, is already cancelled)."""
+        if room.empty and self.rooms.get(room.name) is room:
             del self.rooms[room.name]
 
     def describe(self) -> list[dict]:

@@ -126,3 +126,4 @@ class ServerState:
         """End everything still open (WHIP/WHEP peers have no socket that ends them)."""
         peers = [*self.sessions.values(), *self.viewers.values()]
         await asyncio.gather(*(self.end(p) for p in peers), return_exceptions=True)
+        await self.rooms.close()

@@ -7,6 +7,7 @@ the end. Media is synthetic: a moving colour pattern (320x240 @ 30 fps) and a 44
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fractions
 import math
 import re
@@ -42,16 +43,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def janus_url(tmp_path_factory):
-    """A running Janus with the repository's config on a free port; its API URL."""
-    folder = tmp_path_factory.mktemp("janus") / "conf"
+@contextlib.contextmanager
+def running_janus(folder: Path, session_timeout: int | None = SESSION_TIMEOUT):
+    """A running Janus with the repository's config (copied to `folder`) on a free port; its
+    API URL. session_timeout: shortened for the keepalive tests, None keeps the config's."""
     shutil.copytree(DEPLOY, folder)
     port = free_port()
     http = folder / "janus.transport.http.jcfg"
     http.write_text(re.sub(r"\bport = 8088\b", f"port = {port}", http.read_text(), count=1))
-    core = folder / "janus.jcfg"
-    core.write_text(re.sub(r"\bsession_timeout = \d+", f"session_timeout = {SESSION_TIMEOUT}", core.read_text()))
+    if session_timeout is not None:
+        core = folder / "janus.jcfg"
+        core.write_text(re.sub(r"\bsession_timeout = \d+", f"session_timeout = {session_timeout}",
+                               core.read_text()))
     log_path = folder.parent / "janus.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(["janus", "--configs-folder", str(folder), "--disable-colors"],
@@ -79,6 +82,12 @@ def janus_url(tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def janus_url(tmp_path_factory):
+    with running_janus(tmp_path_factory.mktemp("janus") / "conf") as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)

@@ -45,7 +45,7 @@ async def test_viewer_sees_the_avatar_and_hears_the_presenter(tmp_path, monkeypa
             loud = [rms(f) for _, f in viewer.audio[-25:]]
             assert min(loud) > 0.05, loud  # the hum, not silence
             assert srv.state.rooms.describe() == [{"room": "main", "presenter": {"identity": "demo"},
-                                                   "viewers": 1, "sfu": False}]
+                                                   "viewers": 1, "sfu": None}]
             # The presenter leaves: the viewer is told and stays, then a new presenter streams to it.
             await presenter.close()
             assert (await viewer.recv())["presenter"] is None

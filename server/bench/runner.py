@@ -50,8 +50,9 @@ class RunConfig:
 # ---- the server ------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def local_server(home: Path, max_sessions: int, marker: bool = True):
-    """`avatar serve` in a child process on a free loopback port; stopped on exit."""
+def local_server(home: Path, max_sessions: int, marker: bool = True, extra: tuple[str, ...] = ()):
+    """`avatar serve` in a child process on a free loopback port (more flags in `extra`);
+    stopped on exit."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -59,6 +60,7 @@ def local_server(home: Path, max_sessions: int, marker: bool = True):
            "--port", str(port), "--max-sessions", str(max_sessions)]
     if not marker:
         cmd.append("--no-marker-completion")
+    cmd += extra
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/"
     try:
