@@ -23,7 +23,7 @@ import websockets
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
-from server.jitter import install_for_track
+from server.jitter import install_for_track, shorten_audio_buffer
 
 TIME_BASE = fractions.Fraction(1, 90000)
 RTP_WRAP = 2 ** 32
@@ -88,6 +88,7 @@ class AvatarClient:
         self.keep_frames = keep_frames
         self.received: list[tuple[int, float, np.ndarray | None]] = []  # (rtp pts, time.time(), rgb)
         self.audio: list[tuple[float, av.AudioFrame]] = []  # (time.time(), frame) as audio arrives
+        self.on_video = None  # on_video(frame, time.time()) for every video frame, if set
         self.stats: list[dict] = []
         self.session: dict = {}  # the server's "session" message, once hello succeeded
         self.tasks: list[asyncio.Task] = []
@@ -153,6 +154,8 @@ class AvatarClient:
     def _on_track(self, track) -> None:
         if track.kind == "video" and self.marker_completion:
             install_for_track(self.pc, track)
+        if track.kind == "audio":  # as the server does: no 80 ms prefetch a browser would not add
+            shorten_audio_buffer(self.pc, track)
         self.tasks.append(asyncio.ensure_future(self._collect(track)))
 
     async def _collect(self, track) -> None:
@@ -162,8 +165,11 @@ class AvatarClient:
                 if track.kind == "audio":
                     self.audio.append((time.time(), frame))
                     continue
+                now = time.time()
                 rgb = frame.to_ndarray(format="rgb24") if self.keep_frames else None
-                self.received.append((frame.pts, time.time(), rgb))
+                self.received.append((frame.pts, now, rgb))
+                if self.on_video is not None:
+                    self.on_video(frame, now)
         except MediaStreamError:
             pass
 

@@ -36,6 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds for --compare (default 4)")
     p.add_argument("--scale", type=int, default=None, metavar="N",
                    help="measure 1..N sessions and report the largest that meets the target")
+    p.add_argument("--avsync", action="store_true",
+                   help="A/V sync at a viewer: the session presents in a room with a tone that follows "
+                        "the clip's mouth as its microphone; a viewer of the room measures how much the "
+                        "avatar's mouth lags the sound (p50/p95 ms per 10 s window, drift). Not with "
+                        "--compare, --scale or --sessions")
     p.add_argument("--target-p95", type=float, default=150.0, help="target glass-to-glass p95 ms (150)")
     p.add_argument("--target-fps", type=float, default=20.0, help="target fps per session (20)")
     p.add_argument("--out", type=Path, default=Path("bench-live"),
@@ -78,6 +83,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--duration must be positive and --warmup not negative")
     if args.scale is not None and not 1 <= args.scale <= 16:
         raise ValueError("--scale must be from 1 to 16")
+    if args.avsync and (args.compare or args.scale or args.sessions != 1):
+        raise ValueError("--avsync measures one presenter and one viewer: not with --compare, --scale or --sessions")
+    if args.avsync and args.duration < 10:
+        raise ValueError("--avsync needs --duration of at least 10 s (the offset is measured per 10 s window)")
     if args.url and any(not c.marker for c in run_configs(args)):
         raise ValueError("marker=off needs the local server (it starts one with --no-marker-completion); "
                          "for --url, start that server with --no-marker-completion yourself")

@@ -55,11 +55,24 @@ def _notes(report: dict) -> list[str]:
     if "scale" in report:
         lines.append(f"largest session count meeting p95 <= {report['scale']['target']['p95_ms']} ms at "
                      f">= {report['scale']['target']['fps']} fps: {report['scale']['max_sessions_meeting_target']}")
+    if report.get("avsync"):
+        lines.append(_avsync_line(report["avsync"]))
     if report.get("drift"):
         d = report["drift"]
         lines.append(f"drift: p95 first {d['window_s']:.0f} s {d['first_p95_ms']} ms, last {d['last_p95_ms']} ms "
                      f"({100 * d['change']:+.1f}%)")
     return lines
+
+
+def _avsync_line(a: dict) -> str:
+    if not a["windows"]:
+        return ("A/V offset at a viewer: no measurable window (the avatar's mouth did not move "
+                f"enough, or nothing arrived: {a['viewer_video_frames']} frames, {a['viewer_audio_frames']} audio)")
+    o = a["offset_ms"]
+    drift = "" if a["drift_ms_per_min"] is None else f", drift {a['drift_ms_per_min']:+.1f} ms/min"
+    return (f"A/V offset at a viewer (+: video late), {a['windows']} windows of 10 s: p50 {o['p50']:+.1f} ms, "
+            f"p95 {o['p95']:+.1f}, range {o['min']:+.1f}..{o['max']:+.1f}{drift}; "
+            f"within +-{a['target_ms']:.0f} ms: {'yes' if a['within_target'] else 'no'}")
 
 
 def _chain_lines(label: str, s: dict) -> list[str]:
@@ -108,6 +121,13 @@ def make_plots(report: dict) -> dict[str, bytes]:
         fig, ax = plt.subplots(figsize=(9, height))
         draw(ax, report, detail)
         plots[name] = _png(fig)
+    if (report.get("avsync") or {}).get("series"):
+        fig, ax = plt.subplots(figsize=(9, 3))
+        t, ms = np.array(report["avsync"]["series"]).T
+        ax.plot(t, ms, "o-")
+        ax.axhspan(-report["avsync"]["target_ms"], report["avsync"]["target_ms"], color="#dfd", zorder=0)
+        ax.set(xlabel="window start (s)", ylabel="offset (ms, + video late)", title="A/V offset at a viewer")
+        plots["avsync"] = _png(fig)
     return plots
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import secrets
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .avsync import MouthMeter, ToneTrack, loudness, mouth_series, summary, windowed_offsets
 from .client import AvatarClient, ClientError, ClipTrack
 from .stats import SessionResult, analyse, drift, meets_target, ratios, series, summarize
 
@@ -158,7 +160,7 @@ def synthetic_frames(seconds: float) -> list[np.ndarray]:
 
 # ---- sessions --------------------------------------------------------------------------
 
-async def open_session(url: str, track, token, cfg: RunConfig) -> AvatarClient:
+async def open_session(url: str, track, token, cfg: RunConfig, **publish) -> AvatarClient:
     """A client with a started session on cfg's server (else `url`). A 'busy' answer is
     waited out for BUSY_WAIT_S: the sessions of the previous run (--compare, --scale) hold
     their slots until cleaned up."""
@@ -166,7 +168,7 @@ async def open_session(url: str, track, token, cfg: RunConfig) -> AvatarClient:
     while True:
         client = await AvatarClient(ws_url(cfg.url or url), marker_completion=cfg.marker).connect()
         try:
-            await client.start_session(track, token, cfg.identity)
+            await client.start_session(track, token, cfg.identity, **publish)
             return client
         except ClientError as e:
             await client.close()
@@ -208,6 +210,42 @@ async def run_sessions(url: str, configs: list[RunConfig], frames, fps, duration
     return results, memory
 
 
+async def run_avsync(url: str, cfg: RunConfig, frames, fps, duration, warmup, token, server_pid=None
+                     ) -> tuple[SessionResult, dict]:
+    """One session presenting in a room with a tone that follows the clip's mouth as its
+    microphone, and one viewer of that room measuring the A/V offset it gets (avsync.py).
+    The session's own glass-to-glass is measured as usual."""
+    mouth = await asyncio.to_thread(mouth_series, frames)
+    room = f"bench-{secrets.token_hex(3)}"
+    track = ClipTrack(frames, fps, loop=True)
+    tone = ToneTrack(mouth, fps, lambda: track.start)
+    meter = MouthMeter()
+    viewer = await AvatarClient(ws_url(cfg.url or url), marker_completion=cfg.marker).connect()
+    presenter = None
+    try:
+        await viewer.watch(room, token)
+        viewer.on_video = meter.submit
+        presenter = await open_session(url, track, token, cfg, room=room, audio=tone)
+        start = time.time()
+        await asyncio.sleep(warmup + duration)
+    finally:
+        track.stop()
+        tone.stop()
+        await asyncio.sleep(0.3)
+        for client in (presenter, viewer):
+            if client is not None:
+                await client.close()
+        meter.close()
+    t0 = start + warmup
+    result = analyse(cfg.label, 0, presenter, track, t0, t0 + duration, server_pid is not None)
+    video = [(t, m) for t, m in meter.results if t >= t0]
+    audio = [(t, loudness(f)) for t, f in viewer.audio if t >= t0]
+    figure = summary(windowed_offsets(*zip(*video), *zip(*audio)) if video and audio else [])
+    figure.update(viewer_video_frames=len(video), viewer_audio_frames=len(audio),
+                  frames_not_measured=meter.skipped)
+    return result, figure
+
+
 def client_cpu_percent(since: tuple[float, float] | None, sessions: int) -> float | None:
     """This process's CPU use per session since `since` (process time, wall time), in % of
     one core: the bench clients encode and decode on the same cores as a local server."""
@@ -227,6 +265,13 @@ async def measure(args: argparse.Namespace, url: str, pid: int | None, configs: 
                            "video": str(args.video) if args.video else "synthetic demo face"}}
     if args.scale:
         return await _scale(args, url, pid, configs[0], frames, fps, report)
+    if args.avsync:
+        result, figure = await run_avsync(url, configs[0], frames, fps, args.duration, args.warmup,
+                                          args.token, pid)
+        report["runs"] = {configs[0].label: summarize([result], args.duration)}
+        report["sessions_detail"] = {configs[0].label: [series(result)]}
+        report["avsync"] = figure
+        return report
     if args.compare:
         return await _compare(args, url, pid, configs, frames, fps, report)
     results, memory = await run_sessions(url, configs * args.sessions, frames, fps, args.duration,
