@@ -337,3 +337,23 @@ def shorten_audio_buffer(pc, track) -> None:
         raise IncompatibleAiortc(f"no aiortc audio JitterBuffer for this track (found {type(buffer).__name__}): "
                                  "its prefetch cannot be shortened (server/jitter.py)")
     buffer._prefetch = 0
+
+
+def tap_encoded(pc, track, callback) -> None:
+    """callback(codec, frame) with every encoded frame of remote `track` (an aiortc JitterFrame:
+    `data` bytes, `timestamp` mapped), on the event loop, just before aiortc queues it for
+    decoding: lets the server forward a codec's packets untouched (rooms.py forwards Opus).
+    The callback must not raise. IncompatibleAiortc if the receiver has no decoder queue."""
+    check_aiortc()
+    receiver = next((t.receiver for t in pc.getTransceivers() if t.receiver.track is track), None)
+    decoder_queue = getattr(receiver, RECEIVER_QUEUE, None)
+    if not isinstance(decoder_queue, queue.Queue):
+        raise IncompatibleAiortc(f"no {RECEIVER_QUEUE} queue for this track: encoded frames cannot be tapped")
+    put = decoder_queue.put  # maybe already wrapped (video: _decode_all_ready); keep it
+
+    def tapped(item, block=True, timeout=None):
+        if item is not None:
+            callback(*item)
+        put(item, block, timeout)
+
+    decoder_queue.put = tapped

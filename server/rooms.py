@@ -29,6 +29,7 @@ import fractions
 import logging
 import statistics
 import time
+from dataclasses import dataclass
 
 import av
 import numpy as np
@@ -88,9 +89,37 @@ class ViewerVideoTrack(MediaStreamTrack):
         super().stop()
 
 
+@dataclass(frozen=True)
+class AudioChunk:
+    """20 ms or so of the presenter's voice: its Opus packet as received (forwarded untouched),
+    or decoded samples when the presenter's codec is not Opus."""
+    samples: int  # per channel, at `rate`
+    rate: int = 48000
+    opus: bytes | None = None
+    pcm: np.ndarray | None = None  # packed s16, shape (1, samples * channels)
+    layout: str = "stereo"
+
+
+def opus_samples(packet: bytes) -> int:
+    """Samples per channel at 48 kHz in an Opus packet, from its TOC byte (RFC 6716, 3.1)."""
+    if not packet:
+        return 0
+    config, code = packet[0] >> 3, packet[0] & 3
+    if config < 12:  # SILK: 10, 20, 40, 60 ms
+        ms = (10, 20, 40, 60)[config % 4]
+    elif config < 16:  # hybrid: 10, 20 ms
+        ms = (10, 20)[config % 2]
+    else:  # CELT: 2.5, 5, 10, 20 ms
+        ms = (2.5, 5, 10, 20)[config % 4]
+    frames = 1 if code == 0 else 2 if code in (1, 2) else (packet[1] & 0x3F if len(packet) > 1 else 0)
+    return int(frames * ms * 48)
+
+
 class ViewerAudioTrack(MediaStreamTrack):
-    """A viewer's outgoing audio: the presenter's voice, a bounded queue of frames stamped
-    continuously on this track's clock (jumping ahead over a silence gap)."""
+    """A viewer's outgoing audio: the presenter's voice, a bounded queue stamped continuously
+    on this track's clock (jumping ahead over a gap). Opus packets go out as they came when
+    this viewer's connection uses Opus (aiortc's sender packetizes an av.Packet without
+    encoding); otherwise they are decoded here and aiortc encodes for this viewer's codec."""
 
     kind = "audio"
 
@@ -100,33 +129,61 @@ class ViewerAudioTrack(MediaStreamTrack):
         self._ready = asyncio.Event()
         self._start: float | None = None
         self._next_pts = 0
+        self._decoder = None
+        self._samples = 960  # of the chunk being sent
+        self.opus_out = True  # this viewer's negotiated codec is Opus (viewer.py says otherwise)
         self.dropped = 0
+        self.forwarded = 0  # Opus packets sent untouched
+        self.encoded = 0  # frames handed to aiortc to encode
 
-    def push(self, item) -> None:
-        """item: (samples int16 array shaped (1, n*channels), layout, sample_rate)."""
+    def push(self, chunk: AudioChunk) -> None:
         if len(self._queue) == self._queue.maxlen:
             self.dropped += 1
-        self._queue.append(item)
+        self._queue.append(chunk)
         self._ready.set()
 
-    async def recv(self) -> av.AudioFrame:
-        while not self._queue:
+    async def recv(self) -> av.AudioFrame | av.Packet:
+        while True:
+            while not self._queue:
+                if self.readyState != "live":
+                    raise MediaStreamError
+                self._ready.clear()
+                await self._ready.wait()
             if self.readyState != "live":
                 raise MediaStreamError
-            self._ready.clear()
-            await self._ready.wait()
-        if self.readyState != "live":
-            raise MediaStreamError
-        samples, layout, rate = self._queue.popleft()
-        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout=layout)
-        frame.sample_rate = rate
+            out = self._convert(self._queue.popleft())
+            if out is not None:
+                break
         now = time.monotonic()
         self._start = now if self._start is None else self._start
+        rate = 48000 if isinstance(out, av.Packet) else out.sample_rate
         wall = round((now - self._start) * rate)
         if wall - self._next_pts > rate // 10:  # more than 100 ms of nothing: a gap, not jitter
             self._next_pts = wall
-        frame.pts, frame.time_base = self._next_pts, fractions.Fraction(1, rate)
-        self._next_pts += frame.samples
+        out.pts, out.time_base = self._next_pts, fractions.Fraction(1, rate)
+        self._next_pts += self._samples
+        return out
+
+    def _convert(self, chunk: AudioChunk):
+        """What goes to the sender: the packet itself, or a frame to encode (None: nothing yet)."""
+        self._samples = chunk.samples
+        if chunk.opus is not None and self.opus_out:
+            self.forwarded += 1
+            return av.Packet(chunk.opus)
+        if chunk.opus is not None:
+            if self._decoder is None:
+                self._decoder = av.CodecContext.create("opus", "r")
+            frames = self._decoder.decode(av.Packet(chunk.opus))
+            if not frames:
+                return None
+            frame = frames[0].to_ndarray() if frames[0].format.name == "s16" else None
+            chunk = AudioChunk(frames[0].samples, frames[0].sample_rate,
+                               pcm=frame if frame is not None else packed_s16(frames[0]),
+                               layout=frames[0].layout.name)
+            self._samples = chunk.samples
+        frame = av.AudioFrame.from_ndarray(chunk.pcm.reshape(1, -1), format="s16", layout=chunk.layout)
+        frame.sample_rate = chunk.rate
+        self.encoded += 1
         return frame
 
     def stop(self) -> None:
@@ -219,16 +276,24 @@ class Room:
         latency = statistics.median(self._latency) if self._latency else 0.0
         return min(MAX_AUDIO_HOLD, max(0.0, latency + self.config.audio_delay / 1e3))
 
+    def publish_opus(self, packet: bytes) -> None:
+        """An Opus packet of the microphone, just received: forwarded as it is."""
+        self._publish_audio(AudioChunk(opus_samples(packet), opus=packet))
+
     def publish_audio(self, frame: av.AudioFrame) -> None:
-        """A microphone frame, just received: fanned out once the avatar has caught up."""
+        """A decoded microphone frame (the presenter's codec is not Opus)."""
+        self._publish_audio(AudioChunk(frame.samples, frame.sample_rate, pcm=packed_s16(frame),
+                                       layout=frame.layout.name))
+
+    def _publish_audio(self, chunk: AudioChunk) -> None:
+        """Fanned out once the avatar has caught up."""
         if not self.audience and self.sfu_audience is None:
             return
-        item = (packed_s16(frame), frame.layout.name, frame.sample_rate)
         hold = self.audio_hold()
         if hold <= 0:
-            self._deliver_audio(item)
+            self._deliver_audio(chunk)
         else:
-            self._loop.call_later(hold, self._deliver_audio, item)
+            self._loop.call_later(hold, self._deliver_audio, chunk)
 
     def _deliver_audio(self, item) -> None:
         for a in self._feeds():

@@ -19,7 +19,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from engines.pipeline import AvatarPipeline
 from engines.retarget import RetargetControls
-from .jitter import IncompatibleAiortc, install_for_track, shorten_audio_buffer
+from .jitter import IncompatibleAiortc, install_for_track, shorten_audio_buffer, tap_encoded
 from .media import AvatarTrack, FrameProcessor, LatestFrame, drain
 from .telemetry import SessionStats
 
@@ -48,6 +48,7 @@ class Session:
         self.paused = False
         self.have_video = False  # the first video track is the camera; others are drained
         self.have_audio = False  # the first audio track is the microphone (published to the room)
+        self.opus_in = False  # its packets are Opus and go to the room untouched
         self.tasks: set[asyncio.Task] = set()
         self.ended = asyncio.Event()
         self.end_reason = ""
@@ -97,7 +98,8 @@ class Session:
             self.have_audio = True
             try:
                 shorten_audio_buffer(self.pc, track)
-            except IncompatibleAiortc as e:  # the voice still goes out, 60 ms later
+                tap_encoded(self.pc, track, self._on_encoded_audio)
+            except IncompatibleAiortc as e:  # the voice still goes out: later, or re-encoded
                 log.error("session %s: %s", self.id[:8], e)
             self._spawn(self._forward_audio(track))
         else:
@@ -154,13 +156,21 @@ class Session:
         except MediaStreamError:
             self._end("camera track ended")
 
+    def _on_encoded_audio(self, codec, frame) -> None:
+        """Each microphone packet as it arrives (jitter.tap_encoded): Opus goes to the room as is."""
+        if codec.mimeType.lower() == "audio/opus":
+            self.opus_in = True
+            if not self.paused and frame.data:
+                self.room.publish_opus(bytes(frame.data))
+
     async def _forward_audio(self, track) -> None:
-        """The microphone, frame by frame, into the room (which holds it for the avatar)."""
+        """The decoded microphone: keeps the session active, and goes to the room (which holds
+        it for the avatar) only when the codec is not Opus (then it is re-encoded)."""
         try:
             while True:
                 frame = await track.recv()
                 self.last_activity = time.monotonic()
-                if not self.paused:
+                if not self.paused and not self.opus_in:
                     self.room.publish_audio(frame)
         except MediaStreamError:
             pass

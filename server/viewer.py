@@ -18,6 +18,18 @@ from .security import sending_media
 log = logging.getLogger("avatar.viewer")
 
 
+def audio_codec(sdp: str) -> str | None:
+    """The codec name of an SDP's first audio payload type (what is sent), or None."""
+    payload = None
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            fields = line[2:].split()
+            payload = fields[3] if fields[0] == "audio" and len(fields) > 3 else None
+        elif payload and line.startswith(f"a=rtpmap:{payload} "):
+            return line.split(" ", 1)[1].split("/", 1)[0].lower()
+    return None
+
+
 class Viewer:
     role = "viewer"
 
@@ -50,6 +62,7 @@ class Viewer:
                 if track.kind in kinds:
                     pc.addTrack(track)
             await pc.setLocalDescription(await pc.createAnswer())
+            self.audience.audio.opus_out = audio_codec(pc.localDescription.sdp) in (None, "opus")
         except Exception as e:
             self.pc = None
             await pc.close()

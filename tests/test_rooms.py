@@ -44,6 +44,8 @@ async def test_viewer_sees_the_avatar_and_hears_the_presenter(tmp_path, monkeypa
             await wait_for(lambda: len(viewer.audio) > 50, 10, "audio at the viewer")
             loud = [rms(f) for _, f in viewer.audio[-25:]]
             assert min(loud) > 0.05, loud  # the hum, not silence
+            sent = next(iter(srv.state.viewers.values())).audience.audio
+            assert sent.forwarded > 50 and sent.encoded == 0  # Opus forwarded, not re-encoded
             assert srv.state.rooms.describe() == [{"room": "main", "presenter": {"identity": "demo"},
                                                    "viewers": 1, "sfu": None}]
             # The presenter leaves: the viewer is told and stays, then a new presenter streams to it.
@@ -56,6 +58,43 @@ async def test_viewer_sees_the_avatar_and_hears_the_presenter(tmp_path, monkeypa
             await presenter.close()
             await viewer.close()
         await wait_for(lambda: not srv.state.rooms.rooms and not srv.state.viewers, 5, "the room to go")
+
+
+def test_opus_packet_durations():
+    from server.rooms import opus_samples
+
+    assert opus_samples(bytes([(31 << 3) | 0, 0])) == 960  # CELT 20 ms, one frame
+    assert opus_samples(bytes([(1 << 3) | 1, 0])) == 1920  # SILK 20 ms, two frames
+    assert opus_samples(bytes([(16 << 3) | 3, 4])) == 480  # CELT 2.5 ms, four frames (code 3)
+    assert opus_samples(b"") == 0
+
+
+async def test_a_viewer_without_opus_gets_the_voice_re_encoded(tmp_path, monkeypatch):
+    from aiortc import RTCRtpSender
+
+    async with running_server(tmp_path, monkeypatch) as srv:
+        presenter = await present(srv)
+        viewer = AvatarClient(srv.ws_url)
+        await viewer.connect()
+        original = RTCPeerConnection.addTransceiver
+
+        def pcmu_only(pc, kind, direction="sendrecv"):
+            t = original(pc, kind, direction=direction)
+            if kind == "audio":
+                t.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("audio").codecs
+                                       if c.mimeType == "audio/PCMU"])
+            return t
+
+        monkeypatch.setattr(RTCPeerConnection, "addTransceiver", pcmu_only)
+        try:
+            await viewer.watch("main")
+            await wait_for(lambda: len(viewer.audio) > 50, 15, "PCMU audio at the viewer")
+            assert min(rms(f) for _, f in viewer.audio[-25:]) > 0.05
+            sent = next(iter(srv.state.viewers.values())).audience.audio
+            assert sent.opus_out is False and sent.encoded > 50 and sent.forwarded == 0
+        finally:
+            await viewer.close()
+            await presenter.close()
 
 
 async def test_roles_and_limits(tmp_path, monkeypatch):
