@@ -131,8 +131,11 @@ async function negotiate() {
   pc.ontrack = (ev) => {
     if (ev.track.kind === "video") lowestPlayoutDelay(ev.receiver);
     stream.addTrack(ev.track);
+    if ($("stream").srcObject === stream) return;  // one element source: a new one would abort play()
     $("stream").srcObject = stream;
-    $("stream").play().catch(() => {  // autoplay with sound needs a click on some pages
+    $("stream").play().catch((e) => {
+      if (e.name !== "NotAllowedError") return;
+      // Autoplay with sound needs a click on this page: play muted, offer the click.
       $("stream").muted = true;
       $("unmute").hidden = false;
       $("stream").play().catch(() => {});
