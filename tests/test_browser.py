@@ -92,14 +92,15 @@ PAGE_STATE = """(() => {
 
 
 @contextlib.asynccontextmanager
-async def browser_page(url: str, y4m: Path, profile: Path):
-    """Chromium with a fake camera playing y4m, opened on url; yields its DevTools session."""
+async def browser_page(url: str, y4m: Path, profile: Path, *flags: str):
+    """Chromium with a fake camera playing y4m, opened on url (more command-line `flags`);
+    yields its DevTools session."""
     proc = subprocess.Popen([
         CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run", "--mute-audio",
         "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
         f"--use-file-for-fake-video-capture={y4m}", f"--user-data-dir={profile}",
-        "--remote-debugging-port=0", "--window-size=1280,900", url,
+        "--remote-debugging-port=0", "--window-size=1280,900", *flags, url,
     ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         port_file = profile / "DevToolsActivePort"
