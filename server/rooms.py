@@ -9,9 +9,11 @@ into an SFU instead (server/sfu.py, docs/SFU.md), which costs one encode whateve
 audience.
 
 A/V sync: the microphone reaches the server about as fast as the camera, but the avatar
-frame leaves later by the compute time. So each audio frame is held, from its arrival, for
-the current avatar latency (median over the last second of camera frame received -> avatar
-frame published, plus --audio-delay as a calibration), and avatar and voice leave together.
+frame leaves later by the compute time and its VP8 encode. So each audio frame is held, from
+its arrival, for the current avatar latency: the median over the last second of camera frame
+received -> avatar frame published, plus the median of published -> its packets sent to the
+viewers (the Opus packet is forwarded, not encoded), plus --audio-delay as a calibration; and
+avatar and voice leave together.
 Every outgoing track stamps its own timestamps from the wall clock at which it hands a frame
 to the encoder; aiortc's RTCP sender reports map those to the send time, so a receiver that
 syncs by them (every browser) plays what left together, together. `avatar bench live
@@ -63,17 +65,24 @@ class ViewerVideoTrack(MediaStreamTrack):
         self._latest = LatestFrame()
         self._start: float | None = None
         self._last_pts = -1
+        self._in_flight: float | None = None  # when the frame being encoded was published
+        self.on_sent = None  # on_sent(seconds from publish to its packets sent)
 
     def push(self, image: np.ndarray) -> None:
         """An RGB image shared with every viewer: read, never written."""
-        self._latest.put(image)
+        self._latest.put((image, time.monotonic()))
 
     async def recv(self) -> av.VideoFrame:
+        # aiortc calls recv() again once the previous frame is encoded and sent.
+        if self._in_flight is not None and self.on_sent is not None:
+            self.on_sent(time.monotonic() - self._in_flight)
+        self._in_flight = None
         if self.readyState != "live":
             raise MediaStreamError
-        image = await self._latest.get()
-        if image is None or self.readyState != "live":
+        item = await self._latest.get()
+        if item is None or self.readyState != "live":
             raise MediaStreamError
+        image, self._in_flight = item
         # Its own frame object: each sender encodes (and PyAV reformats, with a converter
         # cached on the frame) in a thread of its own, so no frame may be shared.
         frame = av.VideoFrame.from_ndarray(image, format="rgb24")
@@ -214,6 +223,7 @@ class Room:
         self.sfu_audience: Audience | None = None  # the SFU publisher's feed, not a viewer
         self.sfu_state: str | None = None  # None (no SFU), "connecting", "live", "failed: ..."
         self._latency: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+        self._sending: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
         self._loop = asyncio.get_running_loop()
 
     # ---- who is in the room --------------------------------------------------------------
@@ -224,6 +234,7 @@ class Room:
             raise RoomBusy(f"room {self.name!r} already has a presenter")
         self.presenter = presenter
         self._latency.clear()
+        self._sending.clear()
         self._notify()
 
     def vacate(self, presenter) -> None:
@@ -232,7 +243,12 @@ class Room:
             self._notify()
 
     def join(self, audience: Audience) -> None:
+        audience.video.on_sent = self.note_sent
         self.audience.add(audience)
+
+    def note_sent(self, seconds: float) -> None:
+        """One avatar frame took `seconds` from published to its packets sent (to one viewer)."""
+        self._sending.append(seconds)
 
     def leave(self, audience: Audience) -> None:
         self.audience.discard(audience)
@@ -274,7 +290,8 @@ class Room:
     def audio_hold(self) -> float:
         """Seconds to hold an audio frame so it leaves with its avatar frame."""
         latency = statistics.median(self._latency) if self._latency else 0.0
-        return min(MAX_AUDIO_HOLD, max(0.0, latency + self.config.audio_delay / 1e3))
+        sending = statistics.median(self._sending) if self._sending else 0.0
+        return min(MAX_AUDIO_HOLD, max(0.0, latency + sending + self.config.audio_delay / 1e3))
 
     def publish_opus(self, packet: bytes) -> None:
         """An Opus packet of the microphone, just received: forwarded as it is."""

@@ -28,6 +28,7 @@ def janus_room_id(name: str) -> int:
 async def publish_room(room, config) -> None:
     """Publish `room` into Janus until cancelled (the presenter left or the server stops)."""
     audience = Audience()
+    audience.video.on_sent = room.note_sent
     room.sfu_audience = audience
     room.sfu_state = "connecting"
     try:
