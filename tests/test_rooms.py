@@ -188,3 +188,19 @@ async def test_whip_presenter_and_whep_player(tmp_path, monkeypatch):
             await camera.close()
             await player.close()
         await wait_for(lambda: not srv.state.viewers, 10, "the WHEP player to be gone")
+
+
+async def test_avatar_rooms_lists_who_presents(tmp_path, monkeypatch, capsys):
+    from server.cli import main
+
+    async with running_server(tmp_path, monkeypatch, **TOKENS) as srv:
+        presenter = await present(srv, token="pres", audio=False)
+        try:
+            code = await asyncio.to_thread(main, ["rooms", "--url", srv.url, "--token", "watch"])
+            assert code == 0 and "main" in capsys.readouterr().out
+            code = await asyncio.to_thread(main, ["rooms", "--url", srv.url, "--token", "wrong"])
+            assert code == 2 and "401" in capsys.readouterr().err
+        finally:
+            await presenter.close()
+    code = await asyncio.to_thread(main, ["rooms", "--url", srv.url])
+    assert code == 2 and "cannot reach" in capsys.readouterr().err
