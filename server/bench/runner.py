@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .avsync import MouthMeter, ToneTrack, loudness, mouth_series, summary, windowed_offsets
+from .avsync import MouthMeter, ToneTrack, audio_series, mouth_series, summary, windowed_offsets
 from .client import AvatarClient, ClientError, ClipTrack
 from .stats import SessionResult, analyse, drift, meets_target, ratios, series, summarize
 
@@ -220,6 +220,8 @@ async def run_avsync(url: str, cfg: RunConfig, frames, fps, duration, warmup, to
     track = ClipTrack(frames, fps, loop=True)
     tone = ToneTrack(mouth, fps, lambda: track.start)
     meter = MouthMeter()
+    await asyncio.to_thread(meter.measure, frames[0])  # mediapipe loads now, not on the first frames
+    meter.results.clear()
     viewer = await AvatarClient(ws_url(cfg.url or url), marker_completion=cfg.marker).connect()
     presenter = None
     try:
@@ -239,9 +241,9 @@ async def run_avsync(url: str, cfg: RunConfig, frames, fps, duration, warmup, to
     t0 = start + warmup
     result = analyse(cfg.label, 0, presenter, track, t0, t0 + duration, server_pid is not None)
     video = [(t, m) for t, m in meter.results if t >= t0]
-    audio = [(t, loudness(f)) for t, f in viewer.audio if t >= t0]
-    figure = summary(windowed_offsets(*zip(*video), *zip(*audio)) if video and audio else [])
-    figure.update(viewer_video_frames=len(video), viewer_audio_frames=len(audio),
+    audio_t, audio_v = audio_series([(t, f) for t, f in viewer.audio if t >= t0])  # timed mid-frame
+    figure = summary(windowed_offsets(*zip(*video), audio_t, audio_v) if video and len(audio_t) else [])
+    figure.update(viewer_video_frames=len(video), viewer_audio_frames=len(audio_t),
                   frames_not_measured=meter.skipped)
     return result, figure
 
