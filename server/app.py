@@ -37,7 +37,7 @@ log = logging.getLogger("avatar.server")
 # an installed `avatar` serves it too, not only a checkout.
 WEB = files("server.web")
 STATIC = {"/": "index.html", "/index.html": "index.html", "/app.js": "app.js",
-          "/viewer.html": "viewer.html", "/viewer.js": "viewer.js", "/style.css": "style.css"}
+          "/viewer.html": "viewer.html", "/viewer.js": "viewer.js", "/common.js": "common.js", "/style.css": "style.css"}
 CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 # The pages load nothing from elsewhere; camera needs a secure context (https or localhost).
 SECURITY_HEADERS = {

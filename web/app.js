@@ -2,7 +2,6 @@
 // Signaling protocol v1 (docs/PROTOCOL.md) over a WebSocket on the same host and port.
 "use strict";
 
-const $ = (id) => document.getElementById(id);
 // Errors after which reconnecting cannot help: the user has to change something.
 const FINAL_ERRORS = new Set(["unauthorized", "forbidden", "forbidden_identity", "unknown_identity", "bad_value",
   "bad_version", "room_busy"]);
@@ -15,12 +14,6 @@ const state = {
   statsCount: 0, lastStats: null, lastError: null,
 };
 window.avatar = state;
-
-function say(text, kind = "info") {
-  const el = $("message");
-  el.textContent = text;
-  el.className = kind;
-}
 
 // ---- start / stop --------------------------------------------------------------------
 async function start() {
@@ -106,8 +99,7 @@ function room() {
 }
 
 function connect() {
-  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const ws = new WebSocket(`${scheme}//${location.host}/ws`);
+  const ws = new WebSocket(signalingUrl());
   state.ws = ws;
   say("Connecting…");
   ws.onopen = () => send({ type: "hello", token: token(), identity: $("identity").value || "demo", room: room() });
@@ -156,18 +148,6 @@ function onError(msg) {
   }
 }
 
-// The avatar is live: ask the browser to play each frame as soon as it is decoded rather
-// than buffering for smoothness. jitterBufferTarget (ms) is the standard; Chromium also
-// knows the older playoutDelayHint (s). Browsers with neither keep their default.
-function lowestPlayoutDelay(receiver) {
-  try {
-    if ("jitterBufferTarget" in receiver) receiver.jitterBufferTarget = 0;
-    else if ("playoutDelayHint" in receiver) receiver.playoutDelayHint = 0;
-  } catch (e) {
-    console.warn("cannot lower the playout delay:", e);
-  }
-}
-
 async function negotiate() {
   const pc = new RTCPeerConnection();
   state.pc = pc;
@@ -191,13 +171,7 @@ async function negotiate() {
     }
   };
   await pc.setLocalDescription(await pc.createOffer());
-  // The server does not take trickled candidates: wait for gathering, send one offer.
-  await new Promise((resolve) => {
-    if (pc.iceGatheringState === "complete") return resolve();
-    const done = () => { if (pc.iceGatheringState === "complete") resolve(); };
-    pc.addEventListener("icegatheringstatechange", done);
-    setTimeout(resolve, 3000);
-  });
+  await iceGathered(pc);
   send({ type: "offer", sdp: pc.localDescription.sdp });
   clearInterval(state.pingTimer);
   state.pingTimer = setInterval(() => send({ type: "ping" }), 10000);

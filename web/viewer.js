@@ -2,7 +2,6 @@
 // Signaling protocol v1 (docs/PROTOCOL.md), hello with role "viewer", on the same host and port.
 "use strict";
 
-const $ = (id) => document.getElementById(id);
 const FINAL_ERRORS = new Set(["unauthorized", "forbidden", "bad_value", "bad_version"]);
 
 // Exposed for tests and debugging (window.viewer).
@@ -11,11 +10,6 @@ const state = {
   retryDelay: 1000, retryTimer: null, pingTimer: null, lastError: null,
 };
 window.viewer = state;
-
-function say(text, kind = "info") {
-  $("message").textContent = text;
-  $("message").className = kind;
-}
 
 function watch() {
   state.wanted = true;
@@ -60,8 +54,7 @@ function scheduleReconnect(why) {
 }
 
 function connect() {
-  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const ws = new WebSocket(`${scheme}//${location.host}/ws`);
+  const ws = new WebSocket(signalingUrl());
   state.ws = ws;
   say("Connecting…");
   ws.onopen = () => send({ type: "hello", role: "viewer", room: $("room").value.trim(),
@@ -112,16 +105,6 @@ function showRoom(msg) {
   }
 }
 
-// Live, not a film: play each frame as soon as it is decoded (see app.js).
-function lowestPlayoutDelay(receiver) {
-  try {
-    if ("jitterBufferTarget" in receiver) receiver.jitterBufferTarget = 0;
-    else if ("playoutDelayHint" in receiver) receiver.playoutDelayHint = 0;
-  } catch (e) {
-    console.warn("cannot lower the playout delay:", e);
-  }
-}
-
 async function negotiate() {
   const pc = new RTCPeerConnection();
   state.pc = pc;
@@ -147,12 +130,7 @@ async function negotiate() {
     else if (pc.connectionState === "failed") scheduleReconnect("The media connection failed.");
   };
   await pc.setLocalDescription(await pc.createOffer());
-  // The server does not take trickled candidates: wait for gathering, send one offer.
-  await new Promise((resolve) => {
-    if (pc.iceGatheringState === "complete") return resolve();
-    pc.addEventListener("icegatheringstatechange", () => { if (pc.iceGatheringState === "complete") resolve(); });
-    setTimeout(resolve, 3000);
-  });
+  await iceGathered(pc);
   send({ type: "offer", sdp: pc.localDescription.sdp });
   clearInterval(state.pingTimer);
   state.pingTimer = setInterval(() => send({ type: "ping" }), 10000);
