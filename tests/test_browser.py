@@ -87,7 +87,9 @@ PAGE_STATE = """(() => {
             const r = window.avatar.pc && window.avatar.pc.getReceivers().find((x) => x.track.kind === 'video');
             return r ? (r.jitterBufferTarget ?? r.playoutDelayHint ?? null) : null;
           })(),
-          stages: window.avatar.session && window.avatar.session.stages};
+          stages: window.avatar.session && window.avatar.session.stages,
+          // Without a room there is no viewer link to show.
+          shareShown: getComputedStyle(document.getElementById('share')).display !== 'none'};
 })()"""
 
 
@@ -160,6 +162,7 @@ async def test_browser_shows_avatar_and_stats(tmp_path, monkeypatch):
         assert srv.state.metrics.frames_processed > 30
         assert state.get("playout") == 0, f"the avatar receiver keeps a playout delay: {state}"
         assert state.get("stages") == list(STAGES), state  # the overlay's names come from the server
+        assert state.get("shareShown") is False, state
 
 
 @pytest.mark.slow
