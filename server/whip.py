@@ -28,6 +28,7 @@ from aiohttp import web
 from engines.identity import DEFAULT_IDENTITY, IdentityError, check_name
 from .rooms import RoomBusy, RoomFull
 from .security import check_offer_sdp, check_room, identity_allowed, room_allowed
+from .state import ServerBusy
 
 log = logging.getLogger("avatar.whip")
 SDP = "application/sdp"
@@ -78,7 +79,7 @@ class Endpoints:
             except IdentityError:
                 log.warning("identity %r cannot be loaded", identity)
                 raise Refused(fail(500, f"identity {identity!r} cannot be loaded on this server"))
-            except Exception as e:  # ServerBusy
+            except ServerBusy as e:
                 raise Refused(fail(503, str(e), **{"Retry-After": "10"}))
         except Refused as r:
             return r.response

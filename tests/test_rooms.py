@@ -204,3 +204,17 @@ async def test_avatar_rooms_lists_who_presents(tmp_path, monkeypatch, capsys):
             await presenter.close()
     code = await asyncio.to_thread(main, ["rooms", "--url", srv.url])
     assert code == 2 and "cannot reach" in capsys.readouterr().err
+
+
+async def test_whip_when_every_session_slot_is_taken(tmp_path, monkeypatch):
+    async with running_server(tmp_path, monkeypatch, max_sessions=1) as srv, aiohttp.ClientSession() as http:
+        presenter = await present(srv, audio=False)
+        try:
+            camera = RTCPeerConnection()
+            camera.addTrack(drive())
+            status, headers, body = await post(http, f"{srv.url}whip/other", await whip_offer(camera), None)
+            assert status == 503 and headers["Retry-After"] and "limit of 1" in body, (status, body)
+            await camera.close()
+            await streaming(presenter, 5)  # the presenter is unaffected
+        finally:
+            await presenter.close()
