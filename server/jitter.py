@@ -308,10 +308,15 @@ def is_installed(receiver) -> bool:
 def install_for_track(pc, track, enabled: bool | None = None) -> bool:
     """install() on the receiver of remote video `track` of peer connection `pc` (call it from
     the "track" event, which aiortc fires before any media arrives)."""
+    return install(receiver_of(pc, track), enabled)
+
+
+def receiver_of(pc, track):
+    """The RTCRtpReceiver of remote `track` of peer connection `pc`."""
     receiver = next((t.receiver for t in pc.getTransceivers() if t.receiver.track is track), None)
     if receiver is None:
         raise IncompatibleAiortc("no transceiver of the peer connection receives this track")
-    return install(receiver, enabled)
+    return receiver
 
 
 def install_all(pc, enabled: bool | None = None) -> int:
@@ -331,7 +336,7 @@ def shorten_audio_buffer(pc, track) -> None:
     prefetch 0 a frame leaves when the next packet arrives (reordering is still handled by
     sequence number). IncompatibleAiortc if the receiver's buffer is not what aiortc 1.16 builds."""
     check_aiortc()
-    receiver = next((t.receiver for t in pc.getTransceivers() if t.receiver.track is track), None)
+    receiver = receiver_of(pc, track)
     buffer = getattr(receiver, RECEIVER_BUFFER, None)
     if type(buffer) is not JitterBuffer or buffer._is_video or not hasattr(buffer, "_prefetch"):
         raise IncompatibleAiortc(f"no aiortc audio JitterBuffer for this track (found {type(buffer).__name__}): "
@@ -345,7 +350,7 @@ def tap_encoded(pc, track, callback) -> None:
     decoding: lets the server forward a codec's packets untouched (rooms.py forwards Opus).
     The callback must not raise. IncompatibleAiortc if the receiver has no decoder queue."""
     check_aiortc()
-    receiver = next((t.receiver for t in pc.getTransceivers() if t.receiver.track is track), None)
+    receiver = receiver_of(pc, track)
     decoder_queue = getattr(receiver, RECEIVER_QUEUE, None)
     if not isinstance(decoder_queue, queue.Queue):
         raise IncompatibleAiortc(f"no {RECEIVER_QUEUE} queue for this track: encoded frames cannot be tapped")

@@ -17,7 +17,7 @@ avatar and voice leave together.
 Every outgoing track stamps its own timestamps from the wall clock at which it hands a frame
 to the encoder; aiortc's RTCP sender reports map those to the send time, so a receiver that
 syncs by them (every browser) plays what left together, together. `avatar bench live
---viewer` measures the offset a viewer ends up with.
+--avsync` measures the offset a viewer ends up with.
 
 Rooms live while someone is in them: created on first use, dropped when the last person
 leaves. Viewers waiting in an empty room get a notice when a presenter arrives and pick the
@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import fractions
-import logging
 import statistics
 import time
 from dataclasses import dataclass
@@ -40,7 +39,6 @@ from aiortc.mediastreams import MediaStreamError
 
 from .media import LatestFrame
 
-log = logging.getLogger("avatar.rooms")
 VIDEO_CLOCK = 90000
 AUDIO_QUEUE = 25  # 0.5 s of 20 ms frames per viewer; a viewer that falls further behind loses the oldest
 LATENCY_WINDOW = 30  # avatar frames in the latency median (one second at 30 fps)
@@ -139,7 +137,6 @@ class ViewerAudioTrack(MediaStreamTrack):
         self._start: float | None = None
         self._next_pts = 0
         self._decoder = None
-        self._samples = 960  # of the chunk being sent
         self.opus_out = True  # this viewer's negotiated codec is Opus (viewer.py says otherwise)
         self.dropped = 0
         self.forwarded = 0  # Opus packets sent untouched
@@ -160,7 +157,7 @@ class ViewerAudioTrack(MediaStreamTrack):
                 await self._ready.wait()
             if self.readyState != "live":
                 raise MediaStreamError
-            out = self._convert(self._queue.popleft())
+            out, samples = self._convert(self._queue.popleft())
             if out is not None:
                 break
         now = time.monotonic()
@@ -170,30 +167,27 @@ class ViewerAudioTrack(MediaStreamTrack):
         if wall - self._next_pts > rate // 10:  # more than 100 ms of nothing: a gap, not jitter
             self._next_pts = wall
         out.pts, out.time_base = self._next_pts, fractions.Fraction(1, rate)
-        self._next_pts += self._samples
+        self._next_pts += samples
         return out
 
-    def _convert(self, chunk: AudioChunk):
-        """What goes to the sender: the packet itself, or a frame to encode (None: nothing yet)."""
-        self._samples = chunk.samples
+    def _convert(self, chunk: AudioChunk) -> tuple[av.Packet | av.AudioFrame | None, int]:
+        """What goes to the sender and its samples: the packet itself, or a frame for aiortc to
+        encode (None: the decoder has nothing yet)."""
         if chunk.opus is not None and self.opus_out:
             self.forwarded += 1
-            return av.Packet(chunk.opus)
+            return av.Packet(chunk.opus), chunk.samples
         if chunk.opus is not None:
             if self._decoder is None:
                 self._decoder = av.CodecContext.create("opus", "r")
-            frames = self._decoder.decode(av.Packet(chunk.opus))
-            if not frames:
-                return None
-            frame = frames[0].to_ndarray() if frames[0].format.name == "s16" else None
-            chunk = AudioChunk(frames[0].samples, frames[0].sample_rate,
-                               pcm=frame if frame is not None else packed_s16(frames[0]),
-                               layout=frames[0].layout.name)
-            self._samples = chunk.samples
+            decoded = self._decoder.decode(av.Packet(chunk.opus))
+            if not decoded:
+                return None, 0
+            chunk = AudioChunk(decoded[0].samples, decoded[0].sample_rate, pcm=packed_s16(decoded[0]),
+                               layout=decoded[0].layout.name)
         frame = av.AudioFrame.from_ndarray(chunk.pcm.reshape(1, -1), format="s16", layout=chunk.layout)
         frame.sample_rate = chunk.rate
         self.encoded += 1
-        return frame
+        return frame, chunk.samples
 
     def stop(self) -> None:
         super().stop()

@@ -43,4 +43,6 @@ async def publish_room(room, config) -> None:
         log.error("room %s: cannot publish into Janus at %s: %s", room.name, config.janus_url, e)
     finally:
         room.sfu_audience = None
+        if not room.sfu_state.startswith("failed"):
+            room.sfu_state = None  # unpublished: GET /rooms must not say "live"
         audience.stop()
