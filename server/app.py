@@ -271,6 +271,7 @@ async def start_server(config: ServerConfig | None = None):
                           "--config tokens, or bind 127.0.0.1 for the localhost-only demo mode")
     state = ServerState(config)
     loop = asyncio.get_running_loop()
+    await state.audit.open()  # what a killed server left open is recorded as ended abnormally
     # Make the demo identity now, so the first visitor does not wait for it.
     await loop.run_in_executor(None, state.store.ensure_default)
     tls = None

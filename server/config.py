@@ -95,6 +95,8 @@ class ServerConfig:
                                      factory=list, repeat="ice-server", metavar="URL")
     udp_ports: str | None = setting(None, "UDP port range for WebRTC media, e.g. 40000-40100 (default: any)",
                                     metavar="MIN-MAX", check=parse_range)
+    audit_retention_days: int = setting(0, "days the audit log (<home>/audit.db, `avatar audit`) keeps a use "
+                                           "after it ended; 0 keeps every use forever", minimum=0, metavar="DAYS")
     # Set by the top-level --home flag; the config file may name a folder too.
     identities_root: Path | None = setting(None, "identities folder (default: $AVATAR_HOME/identities)",
                                            flag=None)

@@ -184,7 +184,8 @@ class Connection:
             raise ProtocolError("forbidden", "a viewer token cannot present; use a presenter token", fatal=True)
         self._check_identity(name, allow, fatal=True)
         try:
-            self.session = session = await self.state.open_session(name, room)
+            self.session = session = await self.state.open_session(name, room, who=self.state.who(token),
+                                                                   address=self.address)
         except RoomBusy as e:
             raise ProtocolError("room_busy", f"{e}; pick another room", fatal=True)
         except ServerBusy as e:
@@ -203,7 +204,8 @@ class Connection:
         if not room_allowed(self.state.auth.rooms(token), room):
             raise ProtocolError("forbidden", f"this token may not watch room {room!r}", fatal=True)
         try:
-            self.session = viewer = self.state.open_viewer(room, notify=self._room_changed)
+            self.session = viewer = await self.state.open_viewer(room, notify=self._room_changed,
+                                                                 who=self.state.who(token), address=self.address)
         except RoomFull as e:
             raise ProtocolError("busy", str(e), fatal=True)
         self._end_pending()
@@ -266,6 +268,7 @@ class Connection:
                 await session.set_controls(**gains)
             if "identity" in changes and changes["identity"] != session.identity_name:
                 await session.set_identity(changes["identity"])
+                await self.state.switched(session)
         except IdentityError as e:
             raise ProtocolError("unknown_identity", unloadable(changes["identity"], e))
         except ValueError as e:

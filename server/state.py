@@ -3,7 +3,8 @@ the live sessions and viewers, and admission (how many compute-heavy sessions ma
 how many viewers may watch).
 
 Presenter sessions and viewers are opened and ended here whichever way they came (signaling
-WebSocket, WHIP, WHEP), so admission and room membership are counted in one place.
+WebSocket, WHIP, WHEP), so admission, room membership and the audit log (server/audit.py:
+who used which identity, from where, when) are kept in one place.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import asyncio
 import logging
 
 from engines.identity import DEFAULT_IDENTITY, IdentityStore, identities_dir
+from .audit import AuditLog, AuditThread, audit_path, token_id
 from .config import ServerConfig
 from .rooms import RoomBusy, Rooms
 from .security import AddressLimits, TokenAuth, identity_allowed
@@ -39,6 +41,13 @@ class ServerState:
                                        config.auth_rate, config.auth_burst)
         self.pending = 0  # connections that have not said hello yet
         self.metrics.watch(self)
+        # Next to the identities: <home>/audit.db. open() (at start) ends what a killed server left open.
+        home = config.identities_root.parent if config.identities_root else None
+        self.audit = AuditThread(AuditLog(audit_path(home)), config.audit_retention_days)
+
+    def who(self, token) -> str:
+        """The audit log's name for a client: its token's id (never the token), or 'demo'."""
+        return "demo" if self.auth.demo_mode else token_id(token)
 
     def visible_identities(self, allow) -> list[str]:
         names = set(self.store.names()) | {DEFAULT_IDENTITY}
@@ -57,9 +66,12 @@ class ServerState:
         """Give back a slot taken by admit()."""
         self.metrics.sessions_active -= 1
 
-    async def open_session(self, identity: str, room_name: str | None = None) -> Session:
-        """A started presenter session, publishing into `room_name` if given. Raises RoomBusy,
-        ServerBusy, or IdentityError (the identity cannot be loaded)."""
+    async def open_session(self, identity: str, room_name: str | None = None, *, who: str,
+                           address: str | None = None) -> Session:
+        """A started presenter session, publishing into `room_name` if given, on record in the
+        audit log as used by `who` (ServerState.who) from `address`. Raises RoomBusy,
+        ServerBusy, IdentityError (the identity cannot be loaded), or the audit log's error
+        (a use that cannot be recorded is refused)."""
         room = self.rooms.get(room_name) if room_name else None
         if room is not None and room.presenter is not None:
             self.rooms.tidy(room)
@@ -74,14 +86,17 @@ class ServerState:
         if room is not None:
             room.claim(session)
         try:
+            await self.audit.start("session", who, identity, address=address, room=room_name, use_id=session.id)
             await session.start()
-        except BaseException:
-            await self.end(session)
+        except BaseException as e:
+            await self.end(session, error=f"start failed: {type(e).__name__}: {e}")
             raise
         return session
 
-    def open_viewer(self, room_name: str, notify=None) -> Viewer:
-        """A viewer seated in `room_name` (not yet negotiated). Raises RoomFull."""
+    async def open_viewer(self, room_name: str, notify=None, *, who: str,
+                          address: str | None = None) -> Viewer:
+        """A viewer seated in `room_name` (not yet negotiated), on record in the audit log.
+        Raises RoomFull, or the audit log's error."""
         room = self.rooms.get(room_name)
         viewer = Viewer(self, room, notify)
         try:
@@ -90,12 +105,23 @@ class ServerState:
             self.rooms.tidy(room)
             raise
         self.viewers[viewer.id] = viewer
+        watched = room.presenter.identity_name if room.presenter is not None else None
+        try:
+            await self.audit.start("viewer", who, watched, address=address, room=room_name, use_id=viewer.id)
+        except BaseException as e:
+            await self.end(viewer, error=f"start failed: {type(e).__name__}: {e}")
+            raise
         return viewer
 
-    async def end(self, peer) -> None:
-        """End a session or viewer (idempotent). The slot is free at once, before the
-        teardown (~20 ms): a client that reconnects right after its close must not find its
-        own old session still counted."""
+    async def switched(self, session: Session) -> None:
+        """The session now shows another identity: on record."""
+        await self.audit.switched(session.id, session.identity_name)
+
+    async def end(self, peer, error: str | None = None) -> None:
+        """End a session or viewer (idempotent), and record it in the audit log: frames produced,
+        why it ended (status 'error' with `error` if it never got going). The slot is free at
+        once, before the teardown (~20 ms): a client that reconnects right after its close must
+        not find its own old session still counted."""
         if isinstance(peer, Session):
             if self.sessions.pop(peer.id, None) is None:
                 return
@@ -109,6 +135,9 @@ class ServerState:
             if room is not None:
                 self.rooms.tidy(room)
             log.info("%s %s ended (%s)", peer.role, peer.id[:8], peer.end_reason)
+            stats = getattr(peer, "stats", None)
+            await self.audit.end(peer.id, stats.frames if stats is not None else None,
+                                 "error" if error else "ok", error or peer.end_reason)
 
     # ---- connections before hello: bounded in all and per address ----------------------
     def open_pending(self, address: str) -> bool:
@@ -127,3 +156,4 @@ class ServerState:
         peers = [*self.sessions.values(), *self.viewers.values()]
         await asyncio.gather(*(self.end(p) for p in peers), return_exceptions=True)
         await self.rooms.close()
+        await self.audit.close()

@@ -73,7 +73,7 @@ class Endpoints:
             if identity not in state.visible_identities(allow):
                 raise Refused(fail(404, f"no identity named {identity!r}"))
             try:
-                peer = await state.open_session(identity, room)
+                peer = await state.open_session(identity, room, who=state.who(token), address=request.remote)
             except RoomBusy as e:
                 raise Refused(fail(409, f"{e}; end it first or pick another room"))
             except IdentityError:
@@ -94,7 +94,7 @@ class Endpoints:
             if state.rooms.live(room) is None:
                 raise Refused(fail(404, f"no presenter is live in room {room!r}; try again when one is"))
             try:
-                peer = state.open_viewer(room)
+                peer = await state.open_viewer(room, who=state.who(token), address=request.remote)
             except RoomFull as e:
                 raise Refused(fail(503, str(e), **{"Retry-After": "10"}))
         except Refused as r:
@@ -137,7 +137,7 @@ class Endpoints:
         try:
             answer = await peer.offer(sdp)
         except (ValueError, RuntimeError) as e:
-            await state.end(peer)
+            await state.end(peer, error=f"bad offer: {str(e)[:200]}")
             return fail(400, f"cannot use this offer: {str(e)[:200]}")
         self.owners[peer.id] = digest(token)
         asyncio.get_running_loop().create_task(self._end_when_done(state, peer))
