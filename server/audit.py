@@ -100,6 +100,7 @@ CREATE TABLE events (
 )""",
     # one start and one end per use: the database itself refuses a second
     "CREATE UNIQUE INDEX events_once ON events (use_id, event) WHERE event IN ('start', 'end')",
+    "CREATE INDEX events_use ON events (use_id, event)",  # what joins and lookups use
     "CREATE INDEX events_at ON events (at)",
     *_TRIGGERS.values(), """
 CREATE VIEW uses AS
@@ -186,8 +187,9 @@ class AuditLog:
     """The audit log in one SQLite file. Safe to share between threads: each thread gets a
     connection of its own. The first write makes this process a run (see the module doc)."""
 
-    def __init__(self, path: str | os.PathLike, clock=_utcnow):
+    def __init__(self, path: str | os.PathLike, program: str | None = None, clock=_utcnow):
         self.path = Path(path)
+        self.program = program or Path(sys.argv[0]).name  # what the runs table says ran, e.g. "avatar serve"
         self.clock = clock
         self.run_id: str | None = None
         self._lock_file = None
@@ -245,7 +247,7 @@ class AuditLog:
                 with self._write() as db:
                     db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?)",
                                (run_id, os.getpid(), socket.gethostname(), _stamp(self.clock()),
-                                " ".join([Path(sys.argv[0]).name, *sys.argv[1:3]])[:200]))
+                                self.program[:100]))
                 self._lock_file, self.run_id = lock, run_id
             return self.run_id
 
@@ -307,35 +309,39 @@ class AuditLog:
         self.end(use.id, use.frames, "ok", use.reason)
 
     def recover(self) -> int:
-        """End every open use of a run that is no longer alive (status 'abnormal'); how many.
-        The server calls it at start."""
+        """End every open use of a run that is no longer alive (status 'abnormal'), and remove
+        dead runs' lock files; how many uses were ended. The server calls it at start."""
         db = self._db()
-        runs = [r[0] for r in db.execute(
+        open_uses = ("SELECT use_id FROM events s WHERE s.event = 'start' AND s.run_id = ? AND NOT EXISTS "
+                     "(SELECT 1 FROM events e WHERE e.use_id = s.use_id AND e.event = 'end')")
+        runs = {r[0] for r in db.execute(
             "SELECT DISTINCT s.run_id FROM events s WHERE s.event = 'start' AND NOT EXISTS "
-            "(SELECT 1 FROM events e WHERE e.use_id = s.use_id AND e.event = 'end')")]
+            "(SELECT 1 FROM events e WHERE e.use_id = s.use_id AND e.event = 'end')")}
+        # Lock files left by runs that died with nothing open. Only runs on record: a run's row
+        # is written once its lock is held, so a lock file without a row may be one being made.
+        folder = self._lock_path("x").parent
+        if folder.is_dir():
+            known = {r[0] for r in db.execute("SELECT run_id FROM runs")}
+            runs |= {p.stem for p in folder.glob("*.lock")} & known
         ended = 0
-        for run_id in runs:
-            if run_id == self.run_id:
-                continue
+        for run_id in sorted(runs - {self.run_id}):
             path = self._lock_path(run_id)
             try:
-                lock = open(path, "a")
-            except OSError:
-                lock = None  # no lock file: nobody holds it
+                lock = open(path, "rb")
+            except FileNotFoundError:
+                lock = None  # no lock file: no process holds it
             try:
                 if lock is not None:
                     try:
                         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError:
                         continue  # that process is alive: its uses are not ours to end
-                me = self._run()
-                with self._write(db):
-                    for (use_id,) in db.execute(
-                            "SELECT use_id FROM events s WHERE s.run_id = ? AND s.event = 'start' AND NOT EXISTS "
-                            "(SELECT 1 FROM events e WHERE e.use_id = s.use_id AND e.event = 'end')",
-                            (run_id,)).fetchall():
-                        ended += self._append(db, use_id, "end", me, status="abnormal",
-                                              reason=ABNORMAL)
+                stranded = [r[0] for r in db.execute(open_uses, (run_id,))]
+                if stranded:
+                    me = self._run()
+                    with self._write(db):
+                        for use_id in stranded:
+                            ended += self._append(db, use_id, "end", me, status="abnormal", reason=ABNORMAL)
                 with contextlib.suppress(OSError):
                     path.unlink()
             finally:
@@ -366,11 +372,16 @@ class AuditLog:
         return gone
 
     # ---- reading -------------------------------------------------------------------------
-    def query(self, identity: str | None = None, since: str | None = None, kind: str | None = None,
+    def query(self, identity: str | None = None, since: str | datetime | None = None, kind: str | None = None,
               id_prefix: str | None = None) -> list[dict]:
         """One dict per use, oldest first. identity: uses that showed it (at start or after a
-        switch); since: a timestamp (parse_since) — uses active at or after it; id_prefix: the
-        use id starts with it (watermarks carry a session id prefix)."""
+        switch); since: uses active at or after then (a datetime, or text parse_since reads:
+        '7d', '2026-11-01'); id_prefix: the use id starts with it (watermarks carry a session
+        id prefix). ValueError for a `since` it cannot read."""
+        if isinstance(since, datetime):
+            since = _stamp(since if since.tzinfo else since.replace(tzinfo=timezone.utc))
+        elif since is not None:
+            since = parse_since(since, self.clock())
         where, args = [], []
         if kind is not None:
             where.append("kind = ?")

@@ -43,7 +43,7 @@ class ServerState:
         self.metrics.watch(self)
         # Next to the identities: <home>/audit.db. open() (at start) ends what a killed server left open.
         home = config.identities_root.parent if config.identities_root else None
-        self.audit = AuditThread(AuditLog(audit_path(home)), config.audit_retention_days)
+        self.audit = AuditThread(AuditLog(audit_path(home), "avatar serve"), config.audit_retention_days)
 
     def who(self, token) -> str:
         """The audit log's name for a client: its token's id (never the token), or 'demo'."""

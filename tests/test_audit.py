@@ -88,6 +88,9 @@ def test_uses_start_end_and_filters(audit, clock):
     # since: uses active at or after it (the open viewer is still active)
     assert [u["use_id"] for u in audit.query(since=parse_since("1d", now=clock.now))] == [v, r]
     assert [u["use_id"] for u in audit.query(since="2026-11-01T09:05:00.000Z")] == [s, v, r]
+    assert [u["use_id"] for u in audit.query(since="1d")] == [v, r]  # text as --since takes it
+    with pytest.raises(ValueError):
+        audit.query(since="last week")
 
 
 def test_token_id_is_stable_and_not_the_token():
@@ -141,15 +144,22 @@ def test_recover_ends_the_uses_of_dead_runs_only(tmp_path):
     dead.end(done, frames=5)
     dead._lock_file.close()  # as when its process is killed: the kernel drops the lock
     dead._lock_file = None
+    quiet = AuditLog(path)  # died with nothing open: only its lock file is left
+    rendered = quiet.start("render", "local:jo", "demo")
+    quiet.end(rendered)
+    quiet._lock_file.close()
+    quiet._lock_file = None
     try:
         assert server.recover() == 1
         assert server.recover() == 0  # once
+        locks = {p.stem for p in (tmp_path / "audit.runs").glob("*.lock")}
+        assert locks == {alive.run_id, server.run_id}, "dead runs' lock files are removed, live ones kept"
         status = {u["use_id"]: (u["status"], u["reason"]) for u in server.query()}
-        assert status == {a: ("open", None), d: ("abnormal", ABNORMAL), done: ("ok", "")}
+        assert status == {a: ("open", None), d: ("abnormal", ABNORMAL), done: ("ok", ""), rendered: ("ok", "")}
         alive.end(a, frames=1)
         assert server.query(id_prefix=a)[0]["status"] == "ok"
     finally:
-        for log in (alive, dead, server):
+        for log in (alive, dead, quiet, server):
             log.close()
 
 
