@@ -40,6 +40,19 @@ class IdentityError(ValueError):
     """An identity cannot be created or loaded; the message says why."""
 
 
+class ConsentError(IdentityError):
+    """The identity's consent does not cover this use (scope, expiry, or revoked)."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code  # consent_revoked, consent_expired or consent_scope
+
+
+# What a consent's scope may name; "demo" (the embedded public-domain face) covers them all.
+USES = ("live-avatar", "offline-render", "enrollment")
+DEMO_SCOPE = "demo"
+
+
 def check_name(name: object) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise IdentityError(
@@ -54,7 +67,24 @@ class Consent:
     subject: str  # who is depicted
     recorded_by: str  # who recorded the consent
     granted_at: str  # ISO 8601
-    scope: list[str] = field(default_factory=lambda: ["live-avatar", "offline-render"])
+    scope: list[str] = field(default_factory=lambda: list(USES))
+    expires_at: str | None = None  # ISO 8601; no use after it
+    revoked_at: str | None = None  # set by `avatar identity revoke`: the record stays, its use stops
+    revoked_by: str | None = None
+    revoke_reason: str | None = None
+
+    def check(self, use: str, now: dt.datetime | None = None) -> None:
+        """Raise ConsentError unless this consent covers `use` (one of USES) now."""
+        now = now or dt.datetime.now(dt.timezone.utc)
+        if self.revoked_at:
+            raise ConsentError(f"consent for {self.subject!r} was revoked on {self.revoked_at}"
+                               f" by {self.revoked_by}" + (f" ({self.revoke_reason})" if self.revoke_reason else ""),
+                               "consent_revoked")
+        if self.expires_at and now >= _aware(dt.datetime.fromisoformat(self.expires_at)):
+            raise ConsentError(f"consent for {self.subject!r} expired on {self.expires_at}", "consent_expired")
+        if use not in self.scope and DEMO_SCOPE not in self.scope:
+            raise ConsentError(f"consent for {self.subject!r} does not cover {use!r} "
+                               f"(it covers: {', '.join(self.scope)})", "consent_scope")
 
     @classmethod
     def from_dict(cls, d: object) -> "Consent":
@@ -70,7 +100,19 @@ class Consent:
         scope = d.get("scope", [])
         if not isinstance(scope, list) or not scope or not all(isinstance(s, str) for s in scope):
             raise IdentityError("consent.scope must be a non-empty list of strings")
-        return cls(d["statement"], d["subject"], d["recorded_by"], d["granted_at"], scope)
+        optional = {}
+        for key in ("expires_at", "revoked_at", "revoked_by", "revoke_reason"):
+            value = d.get(key)
+            if value is not None and not isinstance(value, str):
+                raise IdentityError(f"consent.{key} must be a string")
+            optional[key] = value
+        for key in ("expires_at", "revoked_at"):
+            if optional[key]:
+                try:
+                    dt.datetime.fromisoformat(optional[key])
+                except ValueError:
+                    raise IdentityError(f"consent.{key} is not an ISO 8601 time: {optional[key]!r}")
+        return cls(d["statement"], d["subject"], d["recorded_by"], d["granted_at"], scope, **optional)
 
 
 @dataclass
@@ -83,6 +125,11 @@ class Identity:
     consent: Consent
     path: Path
     manifest: dict
+
+    @property
+    def label_viewers(self) -> bool:
+        """Whether viewers see the visible "AI avatar" badge (on unless its owner turned it off)."""
+        return self.manifest.get("visible_label", True) is not False
 
 
 class IdentityStore:
@@ -115,6 +162,40 @@ class IdentityStore:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise IdentityError(f"{manifest_path}: not valid JSON ({e})")
         return _from_manifest(folder, manifest)
+
+    def revoke(self, name: str, by: str, reason: str = "") -> Consent:
+        """Mark the identity's consent revoked: every use stops (a running server ends live
+        sessions within a second), the record and the bundle stay."""
+        def change(m: dict) -> None:
+            if m["consent"].get("revoked_at"):
+                raise IdentityError(f"consent for identity {name!r} was already revoked on {m['consent']['revoked_at']}")
+            m["consent"].update(revoked_at=_now(), revoked_by=by, revoke_reason=reason or None)
+        return self.update_manifest(name, change).consent
+
+    def set_label(self, name: str, viewers: bool) -> None:
+        """Show (or not) the visible "AI avatar" badge to the identity's viewers."""
+        self.update_manifest(name, lambda m: m.update(visible_label=viewers))
+
+    def update_manifest(self, name: str, change: Callable[[dict], None]) -> Identity:
+        """Apply `change` to the manifest of a valid identity and replace it atomically."""
+        if name == DEFAULT_IDENTITY and not self.exists(name):
+            self.ensure_default()
+        self.load(name)  # refuse to edit a broken bundle
+        path = self.path(name) / "manifest.json"
+        manifest = json.loads(path.read_text())
+        change(manifest)
+        staged = path.with_name(".manifest.json.tmp")
+        staged.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(staged, path)
+        return self.load(name)
+
+    def consent_stamp(self, name: str) -> float:
+        """Changes whenever the manifest is rewritten (cheap: one stat), so a live session
+        can notice a revocation without reloading the bundle every second."""
+        try:
+            return (self.path(name) / "manifest.json").stat().st_mtime_ns
+        except OSError:
+            return -1
 
     def delete(self, name: str) -> None:
         folder = self.path(name)
@@ -159,9 +240,11 @@ class IdentityStore:
         reference.png and neutral.npy are written first; then `extra(staging)` may add its
         own files to the staging folder and returns their names and its manifest fields
         (the neural engine's model files and "neural" section). `provenance` holds what the
-        bundle was made from; created_at and tool are added here. An existing identity of
+        bundle was made from; created_at and tool are added here. The consent must cover
+        enrollment (ConsentError otherwise). An existing identity of
         that name is replaced only with `overwrite`, checked again at the end, as an
         enrollment's minutes of training leave time for one to appear."""
+        consent.check("enrollment")
         with self.new_bundle(name) as staging:
             cv2.imwrite(str(staging / "reference.png"), cv2.cvtColor(reference, cv2.COLOR_RGB2BGR))
             np.save(staging / "neutral.npy", neutral.astype(np.float32))
@@ -283,6 +366,10 @@ def crop_with_box(rgb: np.ndarray, x0: float, y0: float, side: float) -> np.ndar
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _aware(t: dt.datetime) -> dt.datetime:
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
 def _now() -> str:

@@ -16,12 +16,14 @@ import numpy as np
 from tqdm import tqdm
 
 from .identity import Identity
+from .label import draw_label
 from .measure import timing_summary
 from .pipeline import AvatarPipeline
 from .retarget import RetargetControls
 from .video import open_video
+from .watermark import Marker
 
-STAGES = ("decode_ms", "landmarks_ms", "retarget_ms", "render_ms", "encode_ms")
+STAGES = ("decode_ms", "landmarks_ms", "retarget_ms", "render_ms", "mark_ms", "encode_ms")
 
 
 class RenderError(RuntimeError):
@@ -39,14 +41,17 @@ class RenderSummary:
 
 def render_video(driving: str | os.PathLike, identity: Identity, output: str | os.PathLike,
                  side_by_side: bool = False, controls: RetargetControls | None = None,
-                 progress: bool = True) -> RenderSummary:
+                 progress: bool = True, marker: Marker | None = None, label: bool = False) -> RenderSummary:
+    """Render `driving` with `identity` into `output`. Every avatar frame gets `marker`'s
+    invisible watermark, and the visible badge with `label`; the driver's half of a
+    side-by-side view is left as it was."""
     output = Path(output)
     if output.suffix.lower() not in (".mp4", ".mov", ".mkv"):
         raise RenderError(f"{output}: output must end in .mp4, .mov or .mkv")
     source = open_video(driving)
     partial = output.with_name(f".{output.name}.partial{output.suffix}")
     try:
-        summary = _render(source, identity, partial, side_by_side, controls, progress)
+        summary = _render(source, identity, partial, side_by_side, controls, progress, marker, label)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -57,7 +62,7 @@ def render_video(driving: str | os.PathLike, identity: Identity, output: str | o
     return summary
 
 
-def _render(source, identity, output: Path, side_by_side, controls, progress) -> RenderSummary:
+def _render(source, identity, output: Path, side_by_side, controls, progress, marker, label) -> RenderSummary:
     video_in = source.streams.video[0]
     audio_in = source.streams.audio[0] if source.streams.audio else None
     fps = Fraction(video_in.average_rate or 30)
@@ -87,6 +92,12 @@ def _render(source, identity, output: Path, side_by_side, controls, progress) ->
             for frame in decoded:
                 rgb = frame.to_ndarray(format="rgb24")
                 out, st = pipeline.process(rgb, frames / float(fps))
+                t0 = _now()
+                if label:  # before the watermark: a badge drawn over it would erase it
+                    out = draw_label(out)
+                if marker is not None:
+                    out = marker(out)
+                st["mark"] = _now() - t0
                 faces += pipeline.face_found
                 if side_by_side:
                     out = np.concatenate([_fit_square(rgb, size), out], axis=1)

@@ -5,6 +5,8 @@ import argparse
 import json
 import logging
 import os
+import secrets
+import socket
 import sys
 from pathlib import Path
 
@@ -12,8 +14,8 @@ from pathlib import Path
 os.environ.setdefault("GLOG_minloglevel", "2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from engines.identity import (DEFAULT_IDENTITY, Consent, IdentityError, IdentityStore,  # noqa: E402
-                              identities_dir)
+from engines.identity import (DEFAULT_IDENTITY, USES, Consent, IdentityError, IdentityStore,  # noqa: E402
+                              default_home, identities_dir)
 from engines.neural.runtime import PREFERENCES as BACKEND_CHOICES  # noqa: E402
 
 EPILOG = """examples:
@@ -87,9 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--expression-gain", type=float, default=1.0, help="0..2 (default: 1)")
     render.add_argument("--head-gain", type=float, default=1.0, help="0..2 (default: 1)")
     render.add_argument("--freeze-head", action="store_true", help="keep the identity's head still")
+    render.add_argument("--label", action=argparse.BooleanOptionalAction, default=None,
+                        help="draw the visible \"AI avatar\" badge (default: the identity's setting, "
+                        "on unless its owner turned it off)")
+    render.add_argument("--c2pa-cert", type=Path, default=os.environ.get("AVATAR_C2PA_CERT"),
+                        help="PEM certificate chain that signs the render's C2PA manifest (default: "
+                        "$AVATAR_C2PA_CERT, else a local certificate made once under the home)")
+    render.add_argument("--c2pa-key", type=Path, default=os.environ.get("AVATAR_C2PA_KEY"),
+                        help="its private key, PEM (default: $AVATAR_C2PA_KEY)")
     render.add_argument("--timings", type=Path, default=None,
                         help="where to write the timing JSON (default: OUTPUT with .timings.json)")
     render.set_defaults(func=cmd_render)
+
+    verify = sub.add_parser(
+        "verify", help="does a video or image carry the avatar watermark?",
+        description="Look for the invisible watermark every avatar frame carries (and a signed "
+        "C2PA manifest on renders); print the payload (server id and the use id that `avatar "
+        "audit --id` finds) and a confidence: the share of 2-second segments that carry it. "
+        "Exit status: 0 marked, 1 not marked, 2 error.")
+    verify.add_argument("file", type=Path, help="a video (any format FFmpeg reads) or an image")
+    verify.add_argument("--json", action="store_true", help="print the full report as JSON")
+    verify.set_defaults(func=cmd_verify)
 
     enroll = sub.add_parser("enroll", help="train a neural identity from a self-scan video",
                             description="Train a person's generator from a self-scan video (about "
@@ -139,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     from server.bench import command as bench_live
     bench_live.add_arguments(live)
     live.set_defaults(func=cmd_bench_live)
+    from server.bench import watermark as bench_watermark
+    bw = bsub.add_parser("watermark", help="does the invisible mark survive codecs and scaling; cost; PSNR",
+                         description=bench_watermark.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_watermark.add_arguments(bw)
+    bw.set_defaults(func=bench_watermark.run)
     bench.set_defaults(func=lambda a: bench.print_help() or 2)
 
     from engines.neural import tensorrt_build
@@ -147,7 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     tensorrt_build.add_arguments(trt)
     trt.set_defaults(func=cmd_export_trt)
 
-    ident = sub.add_parser("identity", help="create, list, show or delete identities")
+    from server import audit
+    aud = sub.add_parser("audit", help="who used which identity, when (sessions, viewers, renders, enrollments)",
+                         description="Read the append-only audit log ($AVATAR_HOME/audit.db): one row per "
+                         "use, with the token id (never the token), identity, client address, start, end, "
+                         "frames and how it ended. A watermark's use id finds its row with --id.")
+    audit.add_arguments(aud)
+    aud.set_defaults(func=lambda a: audit.run(a, a.home))
+
+    ident = sub.add_parser("identity", help="create, list, show, revoke, label or delete identities")
     isub = ident.add_subparsers(title="identity commands", metavar="ACTION")
     create = isub.add_parser("create", help="create an identity from one photo (warp engine)")
     create.add_argument("--image", type=Path, required=True, help="a frontal photo of one person")
@@ -157,6 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     show = isub.add_parser("show", help="print an identity's manifest")
     show.add_argument("name")
     show.set_defaults(func=cmd_identity_show)
+    revoke = isub.add_parser("revoke", help="revoke an identity's consent: every use stops, the record stays",
+                             description="Mark the identity's consent revoked. New sessions, renders and "
+                             "enrollments are refused; live sessions using it end within a second "
+                             "(error consent_revoked). The bundle and its consent record are kept.")
+    revoke.add_argument("name")
+    revoke.add_argument("--reason", default="", help="why (kept with the record)")
+    revoke.add_argument("--by", default=os.environ.get("USER", "operator"), help="who revokes (default: $USER)")
+    revoke.set_defaults(func=cmd_identity_revoke)
+    label = isub.add_parser("label", help="show viewers the visible \"AI avatar\" badge, or not",
+                            description="Turn the visible badge on or off for this identity's viewers and "
+                            "renders (on by default). The invisible watermark stays either way.")
+    label.add_argument("name")
+    label.add_argument("state", choices=("on", "off"))
+    label.set_defaults(func=cmd_identity_label)
     delete = isub.add_parser("delete", help="delete an identity and its files")
     delete.add_argument("name")
     delete.set_defaults(func=cmd_identity_delete)
@@ -173,8 +220,10 @@ def add_identity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subject", default=None, help="who is depicted (default: the display name)")
     parser.add_argument("--recorded-by", default=os.environ.get("USER", "operator"),
                         help="who recorded the consent (default: $USER)")
-    parser.add_argument("--scope", default="live-avatar,offline-render",
-                        help="comma-separated uses consented to (default: %(default)s)")
+    parser.add_argument("--scope", default=",".join(USES),
+                        help="comma-separated uses consented to, of: " + ", ".join(USES) + " (default: all)")
+    parser.add_argument("--expires", default=None, metavar="DATE",
+                        help="the consent ends then (ISO 8601 date or time, UTC); no use after it")
 
 
 def store(args) -> IdentityStore:
@@ -215,18 +264,86 @@ def cmd_rooms(args) -> int:
 def cmd_render(args) -> int:
     from engines.retarget import RetargetControls
     from engines.video import open_video
+    from engines.c2pa_sign import sign_file
     from engines.render import format_summary, render_video, write_summary
+    from engines.watermark import Marker, Payload
+    from server.audit import AuditLog, audit_path, local_user
 
     open_video(args.driving).close()  # fail on a bad input before loading anything else
     controls = RetargetControls(args.expression_gain, args.head_gain, args.freeze_head).validated()
     identity = store(args).load(args.identity)
-    summary = render_video(args.driving, identity, args.output, args.side_by_side, controls,
-                           progress=True)
+    identity.consent.check("offline-render")
+    signer = _c2pa_signer(args)  # a bad certificate fails before minutes of rendering
+    log = AuditLog(audit_path(args.home), "avatar render")
+    try:
+        with log.use("render", local_user(), identity.name, address="local") as use:
+            marker = Marker(Payload.for_use(socket.gethostname(), use.id))
+            label = identity.label_viewers if args.label is None else args.label
+            summary = render_video(args.driving, identity, args.output, args.side_by_side, controls,
+                                   progress=True, marker=marker, label=label)
+            use.frames = summary.frames
+            if signer is not None:
+                sign_file(args.output, identity_name=identity.name, consent=identity.consent.__dict__,
+                          signer=signer, payload=str(marker.payload))
+    finally:
+        log.close()
     timings = args.timings or args.output.with_suffix(".timings.json")
     write_summary(summary, timings)
     print(format_summary(summary))
     print(f"timings written to {timings}")
+    print(f"watermark: {marker.payload} (`avatar audit --id {use.id[:8]}`)" +
+          ("; C2PA manifest signed" if signer is not None else
+           f"; no C2PA manifest ({args.output.suffix} cannot carry one: render to .mp4 or .mov)"))
     return 0
+
+
+def _c2pa_signer(args):
+    """The signer for render manifests, or None for a container C2PA cannot sign."""
+    from engines.c2pa_sign import FORMATS, load_signer, local_signer
+
+    if args.output.suffix.lower() not in FORMATS:
+        return None
+    if (args.c2pa_cert is None) != (args.c2pa_key is None):
+        raise IdentityError("--c2pa-cert and --c2pa-key go together")
+    if args.c2pa_cert is not None:
+        return load_signer(args.c2pa_cert, args.c2pa_key)
+    return local_signer(Path(args.home or default_home()) / "c2pa")
+
+
+def cmd_verify(args) -> int:
+    from engines.verify import verify_file
+
+    from engines.c2pa_sign import FORMATS, read_provenance
+
+    verdict = verify_file(args.file)
+    report = verdict.as_dict()
+    c2pa = read_provenance(args.file) if args.file.suffix.lower() in FORMATS else None
+    report["c2pa"] = c2pa
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        marked = sum(s.payload is not None for s in verdict.segments)
+        where = "segment" if verdict.kind == "video" else "image"
+        if verdict.found:
+            print(f"{args.file}: avatar watermark FOUND: {verdict.payload} "
+                  f"(confidence {verdict.confidence:.0%}: {marked} of {len(verdict.segments)} {where}s)")
+        else:
+            print(f"{args.file}: no avatar watermark ({verdict.frames} frames, {len(verdict.segments)} {where}s checked)")
+        print(_describe_c2pa(c2pa))
+    return 0 if verdict.found or (c2pa is not None and c2pa["valid"]) else 1
+
+
+def _describe_c2pa(c2pa: dict | None) -> str:
+    if c2pa is None:
+        return "C2PA manifest: none"
+    if not c2pa["valid"]:
+        problems = "; ".join(f"{p['code']}: {p['explanation']}" for p in c2pa["problems"])
+        return f"C2PA manifest: INVALID, the file was changed after signing or the signature is bad ({problems})"
+    who = c2pa.get("identity") or {}
+    trust = "trusted signer" if c2pa["trusted"] else "signer not in any trust list (a local certificate)"
+    return (f"C2PA manifest: valid, {trust}: {c2pa['signer'].get('common_name')}; made by {c2pa['generator']}"
+            + (", AI-generated" if c2pa["ai_generated"] else "")
+            + (f"; identity {who.get('identity')!r}, consent of {who.get('consent_subject')!r}" if who else ""))
 
 
 def cmd_identity_create(args) -> int:
@@ -245,9 +362,29 @@ def _consent(args) -> Consent:
         recorded_by=args.recorded_by,
         granted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         scope=[s.strip() for s in args.scope.split(",") if s.strip()],
+        expires_at=_expiry(args.expires),
     )
+    unknown = set(consent.scope) - set(USES)
+    if unknown:
+        raise IdentityError(f"--scope: unknown use(s) {', '.join(sorted(unknown))} (known: {', '.join(USES)})")
     Consent.from_dict(consent.__dict__)
     return consent
+
+
+def _expiry(text: str | None) -> str | None:
+    from datetime import datetime, timezone
+
+    if text is None:
+        return None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise IdentityError(f"--expires: not an ISO 8601 date or time: {text!r} (e.g. 2027-06-30)")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    if when <= datetime.now(timezone.utc):
+        raise IdentityError(f"--expires: {text} is in the past")
+    return when.isoformat(timespec="seconds")
 
 
 def cmd_bench_live(args) -> int:
@@ -258,12 +395,20 @@ def cmd_bench_live(args) -> int:
 def cmd_enroll(args) -> int:
     from engines.neural.enroll import enroll
 
+    from server.audit import AuditLog, audit_path, local_user
+
     consent = _consent(args)
-    identity, summary = enroll(store(args), args.video, args.name, consent, args.display_name,
-                               preset=args.preset, steps=args.steps, max_frames=args.max_frames,
-                               overwrite=args.overwrite, fresh=args.fresh,
-                               bf16=False if args.no_bf16 else None, device=args.device,
-                               resolution=args.resolution)
+    consent.check("enrollment")  # before minutes of training, not after
+    log = AuditLog(audit_path(args.home), "avatar enroll")
+    try:
+        with log.use("enroll", local_user(), args.name, address="local"):
+            identity, summary = enroll(store(args), args.video, args.name, consent, args.display_name,
+                                       preset=args.preset, steps=args.steps, max_frames=args.max_frames,
+                                       overwrite=args.overwrite, fresh=args.fresh,
+                                       bf16=False if args.no_bf16 else None, device=args.device,
+                                       resolution=args.resolution)
+    finally:
+        log.close()
     print(json.dumps(summary, indent=2))
     print(f"enrolled neural identity {identity.name!r} in {identity.path}"
           + (f" (evaluation: {identity.path / 'eval.html'})" if summary.get("eval") else ""))
@@ -321,6 +466,19 @@ def cmd_identity_list(args) -> int:
 
 def cmd_identity_show(args) -> int:
     print(json.dumps(store(args).load(args.name).manifest, indent=2))
+    return 0
+
+
+def cmd_identity_revoke(args) -> int:
+    consent = store(args).revoke(args.name, args.by, args.reason)
+    print(f"consent for identity {args.name!r} revoked at {consent.revoked_at}; a running server ends "
+          "its live sessions within a second")
+    return 0
+
+
+def cmd_identity_label(args) -> int:
+    store(args).set_label(args.name, args.state == "on")
+    print(f"identity {args.name!r}: visible badge {args.state} for viewers and renders")
     return 0
 
 

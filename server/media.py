@@ -17,7 +17,9 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 from engines.measure import StageTimer
+from engines.label import draw_label
 from engines.pipeline import AvatarPipeline
+from engines.watermark import Marker
 from .telemetry import COMPUTE_STAGES, FrameRecord
 
 MAX_INPUT = (1920, 1080)  # larger camera frames are scaled down first
@@ -116,14 +118,15 @@ class FrameProcessor:
     """The two compute stages of a frame. Each stage runs on its own single thread:
 
       detect() on the landmarks thread: camera frame -> RGB -> landmarks
-      finish() on the render thread:    landmarks -> retarget -> render -> output frame
+      finish() on the render thread:    landmarks -> retarget -> render -> watermark -> output frame
 
     so landmarks of frame n+1 overlap the render of frame n. The pipeline is not
     thread-safe, but the stages touch disjoint parts of it (landmarker vs retargeter and
     renderer), and every other call on it goes to the thread that owns that part."""
 
-    def __init__(self, pipeline: AvatarPipeline):
+    def __init__(self, pipeline: AvatarPipeline, marker: Marker):
         self.pipeline = pipeline
+        self.marker = marker  # every frame that leaves carries the session's watermark
         self.source_size: tuple[int, int] | None = None
         self.t0 = time.monotonic()
 
@@ -139,7 +142,10 @@ class FrameProcessor:
         return Detected(pts, frame.time_base or VIDEO_TIME_BASE, (frame.width, frame.height),
                         recv_time, points, timer)
 
-    def finish(self, d: Detected) -> tuple[av.VideoFrame, FrameRecord]:
+    def finish(self, d: Detected, viewer_label: bool = False) -> tuple[av.VideoFrame, FrameRecord, np.ndarray | None]:
+        """The output frame and its record; with `viewer_label`, also the viewers' copy: the
+        visible badge drawn first and then marked, as a badge drawn over a watermark
+        would erase it."""
         if d.size != self.source_size:
             # New camera resolution: the neutral pose was measured in other pixels.
             if self.source_size is not None:
@@ -148,6 +154,8 @@ class FrameProcessor:
         timer = d.timer
         target = timer.run("retarget", self.pipeline.retarget, d.points, time.monotonic() - self.t0)
         out = timer.run("render", self.pipeline.render, target)
+        labelled = timer.run("mark", self._mark_labelled, out) if viewer_label else None
+        out = timer.run("mark", self.marker, out)
         video = timer.run("convert", av.VideoFrame.from_ndarray, np.ascontiguousarray(out), "rgb24")
         # Keep the input's timestamp so each output frame names the camera frame it shows.
         video.pts, video.time_base = d.pts, d.time_base
@@ -156,7 +164,10 @@ class FrameProcessor:
         stages["total"] = (done - d.recv_time) * 1e3
         # Whatever is not compute was waiting: for a thread, or for the previous frame.
         stages["queue"] = max(0.0, stages["total"] - sum(timer.ms.values()))
-        return video, FrameRecord(d.pts, d.recv_time, done, d.points is not None, stages)
+        return video, FrameRecord(d.pts, d.recv_time, done, d.points is not None, stages), labelled
+
+    def _mark_labelled(self, rgb: np.ndarray) -> np.ndarray:
+        return self.marker(draw_label(rgb))
 
 
 async def drain(track: MediaStreamTrack) -> None:

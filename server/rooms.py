@@ -270,14 +270,17 @@ class Room:
         yield from self.audience
 
     # ---- media from the presenter ----------------------------------------------------------
-    def publish_video(self, frame: av.VideoFrame, received: float) -> None:
-        """An avatar frame, made from the camera frame that arrived at `received` (time.time())."""
+    def publish_video(self, frame: av.VideoFrame, received: float, image: np.ndarray | None = None) -> None:
+        """An avatar frame, made from the camera frame that arrived at `received` (time.time()).
+        Viewers get `image` if given (the frame with the visible "AI avatar" badge), else
+        the frame itself (the identity's owner turned the badge off)."""
         self._latency.append(max(0.0, time.time() - received))
         feeds = list(self._feeds())
         if feeds:
             # One copy for all, read on this thread: the presenter's own sender may be
             # encoding `frame` in a worker thread right now.
-            image = frame.to_ndarray() if frame.format.name == "rgb24" else frame.to_ndarray(format="rgb24")
+            if image is None:
+                image = frame.to_ndarray() if frame.format.name == "rgb24" else frame.to_ndarray(format="rgb24")
             for a in feeds:
                 a.video.push(image)
 

@@ -11,14 +11,17 @@ import asyncio
 import json
 import logging
 import secrets
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+from engines.identity import IdentityError
 from engines.pipeline import AvatarPipeline
 from engines.retarget import RetargetControls
+from engines.watermark import Marker, Payload
 from .jitter import IncompatibleAiortc, install_for_track, shorten_audio_buffer, tap_encoded
 from .media import AvatarTrack, FrameProcessor, LatestFrame, drain
 from .telemetry import SessionStats
@@ -52,14 +55,16 @@ class Session:
         self.tasks: set[asyncio.Task] = set()
         self.ended = asyncio.Event()
         self.end_reason = ""
+        self.end_code = "session_ended"  # the signaling error code the client gets at the end
+        self.consent_stamp, self.consent, self.label_viewers = None, None, True  # set by _load()
         self.last_activity = time.monotonic()  # last camera frame: idle means no media
         self._closed = False
 
     # ---- setup -------------------------------------------------------------------------
     async def start(self) -> None:
-        identity = await self._run(self.render_ex, self.state.store.load, self.identity_name)
+        identity = await self._run(self.render_ex, self._load, self.identity_name)
         self.pipeline = await self._run(self.render_ex, AvatarPipeline, identity)
-        self.processor = FrameProcessor(self.pipeline)
+        self.processor = FrameProcessor(self.pipeline, Marker(Payload.for_use(socket.gethostname(), self.id)))
         self._spawn(self._watchdog())
 
     async def offer(self, sdp: str) -> str:
@@ -126,9 +131,29 @@ class Session:
         await self._run(self.render_ex, self.pipeline.set_controls, controls)
 
     async def set_identity(self, name: str) -> None:
-        identity = await self._run(None, self.state.store.load, name)  # file I/O: off the stages
+        identity = await self._run(None, self._load, name)  # file I/O: off the stages
         await self._run(self.render_ex, self.pipeline.set_identity, identity)
         self.identity_name = name
+
+    def _load(self, name: str):
+        """The identity, if its consent covers live use now (ConsentError otherwise); notes
+        its manifest's stamp, so the watchdog sees a revocation."""
+        stamp = self.state.store.consent_stamp(name)
+        identity = self.state.store.load(name)
+        identity.consent.check("live-avatar")
+        self.consent_stamp, self.consent, self.label_viewers = stamp, identity.consent, identity.label_viewers
+        return identity
+
+    def _consent_problem(self) -> IdentityError | None:
+        """Why the identity may no longer be used live (revoked, expired, bundle gone), or
+        None. One stat per call unless the manifest changed."""
+        try:
+            if self.state.store.consent_stamp(self.identity_name) != self.consent_stamp:
+                self._load(self.identity_name)
+            self.consent.check("live-avatar")  # expiry, while nothing changed on disk
+        except IdentityError as e:
+            return e
+        return None
 
     def set_paused(self, paused: bool) -> None:
         """Paused: camera frames are still received (and dropped), no avatar frames go out."""
@@ -197,7 +222,8 @@ class Session:
 
     async def _render(self, detected) -> None:
         # Sends its frame as soon as it is ready, not when the next camera frame arrives.
-        self._emit(await self._stage(self.render_ex, self.processor.finish, detected))
+        viewer_label = self.room is not None and self.label_viewers
+        self._emit(await self._stage(self.render_ex, self.processor.finish, detected, viewer_label))
 
     async def _stage(self, executor, fn, *args):
         try:
@@ -211,10 +237,10 @@ class Session:
         if result is None:
             self.stats.rejected += 1
             return
-        video, rec = result
+        video, rec, labelled = result
         self.out_track.push(video)
         if self.room is not None:
-            self.room.publish_video(video, rec.recv_time)
+            self.room.publish_video(video, rec.recv_time, labelled)
         self.stats.add(rec)
         self.state.metrics.frame(rec)
 
@@ -237,6 +263,12 @@ class Session:
             if time.monotonic() - self.last_activity > timeout:
                 self._end("idle timeout")
                 return
+            problem = await self._run(None, self._consent_problem)
+            if problem is not None:
+                log.warning("session %s: ending, identity %r may no longer be used: %s",
+                            self.id[:8], self.identity_name, problem)
+                self._end(str(problem), getattr(problem, "code", "identity_unavailable"))
+                return
 
     # ---- teardown ----------------------------------------------------------------------
     def _spawn(self, coro) -> None:
@@ -244,9 +276,9 @@ class Session:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def _end(self, reason: str) -> None:
+    def _end(self, reason: str, code: str = "session_ended") -> None:
         if not self.ended.is_set():
-            self.end_reason = reason
+            self.end_reason, self.end_code = reason, code
             self.ended.set()
 
     async def close(self) -> None:

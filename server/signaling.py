@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 
-from engines.identity import DEFAULT_IDENTITY, IdentityError, check_name
+from engines.identity import DEFAULT_IDENTITY, ConsentError, IdentityError, check_name
 from engines.retarget import check_gain
 from .rooms import RoomBusy, RoomFull
 from .security import RateLimiter, check_offer_sdp, check_room, identity_allowed, is_number, room_allowed
@@ -92,7 +92,7 @@ class Connection:
             await asyncio.gather(*pending, return_exceptions=True)
             if recv not in done:
                 reason = self.session.end_reason if self.session else "no hello in time"
-                await self._send_error("session_ended" if self.session else "timeout", reason)
+                await self._send_error(self.session.end_code if self.session else "timeout", reason)
                 await self.ws.close(1000, reason[:100])
                 return
             try:
@@ -190,6 +190,8 @@ class Connection:
             raise ProtocolError("room_busy", f"{e}; pick another room", fatal=True)
         except ServerBusy as e:
             raise ProtocolError("busy", str(e), fatal=True)
+        except ConsentError as e:
+            raise ProtocolError(e.code, str(e), fatal=True)
         except IdentityError as e:
             raise ProtocolError("unknown_identity", unloadable(name, e), fatal=True)
         self.allow = allow
@@ -269,6 +271,8 @@ class Connection:
             if "identity" in changes and changes["identity"] != session.identity_name:
                 await session.set_identity(changes["identity"])
                 await self.state.switched(session)
+        except ConsentError as e:
+            raise ProtocolError(e.code, str(e))
         except IdentityError as e:
             raise ProtocolError("unknown_identity", unloadable(changes["identity"], e))
         except ValueError as e:

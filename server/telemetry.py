@@ -15,7 +15,7 @@ from engines.measure import percentiles
 # the stats messages, /metrics, the web client (sent in the session message) and the
 # benchmark all read it. queue: waiting for a thread or the previous frame; total:
 # camera frame received -> avatar frame handed to the sender.
-COMPUTE_STAGES = ("convert", "landmarks", "retarget", "render")
+COMPUTE_STAGES = ("convert", "landmarks", "retarget", "render", "mark")  # mark: the invisible watermark
 STAGES = ("queue", *COMPUTE_STAGES, "total")
 
 

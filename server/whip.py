@@ -25,7 +25,7 @@ import logging
 
 from aiohttp import web
 
-from engines.identity import DEFAULT_IDENTITY, IdentityError, check_name
+from engines.identity import DEFAULT_IDENTITY, ConsentError, IdentityError, check_name
 from .rooms import RoomBusy, RoomFull
 from .security import check_offer_sdp, check_room, identity_allowed, room_allowed
 from .state import ServerBusy
@@ -76,6 +76,8 @@ class Endpoints:
                 peer = await state.open_session(identity, room, who=state.who(token), address=request.remote)
             except RoomBusy as e:
                 raise Refused(fail(409, f"{e}; end it first or pick another room"))
+            except ConsentError as e:
+                raise Refused(fail(403, f"{e.code}: {e}"))
             except IdentityError:
                 log.warning("identity %r cannot be loaded", identity)
                 raise Refused(fail(500, f"identity {identity!r} cannot be loaded on this server"))

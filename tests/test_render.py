@@ -44,6 +44,17 @@ def test_render_follows_the_driver(tmp_path, store):
     assert timings["stages"]["render_ms"]["median_ms"] > 0
     with av.open(str(out)) as c:
         assert c.streams.audio, "the driving video's audio track must be kept"
+    # Provenance: every segment marked, a valid signed manifest, and the render on record.
+    verify = run_cli("verify", str(out), "--json", home=store.root.parent)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    report = json.loads(verify.stdout)
+    assert report["confidence"] == 1.0, report["segments"]
+    assert report["c2pa"]["valid"] and report["c2pa"]["ai_generated"]
+    assert report["c2pa"]["identity"]["watermark_payload"] == report["payload"]
+    audit = run_cli("audit", "--kind", "render", "--json", home=store.root.parent)
+    rows = [json.loads(line) for line in audit.stdout.splitlines()]
+    assert any(r["status"] == "ok" and r["frames"] == timings["frames"] and
+               report["payload"].endswith(r["use_id"][:6]) for r in rows), rows
     driver, avatar = read_frames(clip), read_frames(out)
     assert len(avatar) == len(driver)
     with FaceLandmarker() as a, FaceLandmarker() as b:
