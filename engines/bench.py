@@ -37,7 +37,9 @@ def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: boo
     from .neural.model import Generator, contour_map, export_onnx, make_input, param_count
     from .neural.runtime import ORT_PROVIDERS, OrtRuntime, TorchRuntime, bundle_file
     from .retarget import Retargeter
+    from .label import draw_label
     from .warp import WarpRenderer
+    from .watermark import Marker, Payload
 
     stages: dict = {}
     with FaceLandmarker(static=False) as lm:
@@ -53,6 +55,10 @@ def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: boo
     stages["warp"] = _time(lambda: warp.render(targets[next(k) % len(targets)]), n)
     stages["contour_map"] = _time(lambda: contour_map(targets[next(k) % len(targets)]), n)
     stages["rigid_warp"] = _time(lambda: warp.render_rigid(targets[next(k) % len(targets)]), n)
+    rendered = [warp.render(t) for t in targets[:10]]
+    marker = Marker(Payload(0, 0))
+    stages["watermark"] = _time(lambda: marker(rendered[next(k) % len(rendered)]), n)  # budget: 2 ms
+    stages["badge"] = _time(lambda: draw_label(rendered[next(k) % len(rendered)]), n)
     x = make_input(warp.render(targets[0]), warp.render_rigid(targets[0]), contour_map(targets[0]), None)
 
     neural = identity.manifest.get("neural") or {}
