@@ -15,7 +15,7 @@ TEXT = "AI avatar"
 @lru_cache(maxsize=8)
 def _badge(width: int, text: str) -> tuple[np.ndarray, np.ndarray]:
     """(colour patch, alpha) for a frame `width` pixels wide: white text on dark grey."""
-    scale = max(0.35, width / 640)
+    scale = max(0.42, width / 600)
     thick = max(1, round(scale * 1.5))
     (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
     pad = max(3, round(th * 0.4))

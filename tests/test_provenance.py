@@ -249,3 +249,25 @@ async def test_live_frames_are_marked_and_revocation_ends_the_session(tmp_path, 
                 await again.close()
         finally:
             await client.close()
+
+
+async def test_viewers_see_the_badge_and_the_mark(tmp_path, monkeypatch):
+    frames = read_seconds(clip("drive_wink.mp4"), 2.0)
+    async with running_server(tmp_path, monkeypatch) as srv:
+        presenter, viewer = Client(srv.ws_url), Client(srv.ws_url)
+        try:
+            await presenter.connect()
+            reply = await presenter.start_session(ClipTrack(frames, loop=True), room="main")
+            await viewer.connect()
+            await viewer.watch("main")
+            await wait_for(lambda: len(viewer.received) >= 40 and len(presenter.received) >= 40, 30,
+                           "frames at the viewer and the presenter")
+            seen = [rgb for *_, rgb in viewer.received[-30:]]
+            own = [rgb for *_, rgb in presenter.received[-30:]]
+            detection = decoded(seen)
+            assert detection.found and detection.payload.use == int(reply["id"][:6], 16), detection
+            corner = lambda fs: np.mean([f[4:18, 4:70].astype(float).std() for f in fs])  # noqa: E731
+            assert corner(seen) > 2 * corner(own), "the viewers' badge, and none on the presenter's own view"
+        finally:
+            await viewer.close()
+            await presenter.close()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import read_frames, shared_clip
+from test_c2pa import top_boxes
 from engines.landmarks import FaceLandmarker, eye_openness, mouth_openness
 from server.cli import main
 
@@ -51,6 +52,13 @@ def test_render_follows_the_driver(tmp_path, store):
     assert report["confidence"] == 1.0, report["segments"]
     assert report["c2pa"]["valid"] and report["c2pa"]["ai_generated"]
     assert report["c2pa"]["identity"]["watermark_payload"] == report["payload"]
+    data = bytearray(out.read_bytes())
+    _, offset, size, header = next(b for b in top_boxes(data) if b[0] == "mdat")
+    data[offset + header + (size - header) // 2] ^= 0xFF
+    tampered = tmp_path / "tampered.mp4"
+    tampered.write_bytes(data)
+    changed = run_cli("verify", str(tampered), home=store.root.parent)
+    assert "C2PA manifest: INVALID" in changed.stdout and "bmffHash.mismatch" in changed.stdout, changed.stdout
     audit = run_cli("audit", "--kind", "render", "--json", home=store.root.parent)
     rows = [json.loads(line) for line in audit.stdout.splitlines()]
     assert any(r["status"] == "ok" and r["frames"] == timings["frames"] and
