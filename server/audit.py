@@ -241,7 +241,7 @@ class AuditLog:
             if self.run_id is None:
                 run_id = secrets.token_hex(8)
                 folder = self.path.parent / (self.path.stem + ".runs")
-                folder.mkdir(exist_ok=True)
+                folder.mkdir(parents=True, exist_ok=True)
                 lock = open(folder / f"{run_id}.lock", "w")
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # before the row: never seen unlocked
                 with self._write() as db:
