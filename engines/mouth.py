@@ -1,13 +1,18 @@
 """Mouth interior for the warp engine.
 
 A warp can only stretch the pixels it has: opening a closed mouth smears the lips into
-the gap. Where the target mouth opens wider than the reference's, this paints a plausible
-interior in the mouth's own frame (so it follows a tilted head): upper teeth under the
-upper lip, a darker cavity, a tongue and lower teeth towards the chin, in colours taken
-from the identity's own lips.
+the gap. Where the target mouth opens wider than the reference's, this paints an interior
+in the mouth's own frame (so it follows a tilted head):
+
+- the identity's own, when its photo shows an open mouth: its teeth stay the size they
+  are, the upper ones under the upper lip and the lower ones above the lower lip, and the
+  extra opening between them is a dark cavity over a tongue, in its lips' colours;
+- else a painted one: upper teeth under the upper lip, a darker cavity, a tongue and lower
+  teeth towards the chin, in colours taken from the identity's own lips.
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from .landmarks import inter_ocular
@@ -15,8 +20,9 @@ from .mesh import MOUTH_LOWER, MOUTH_UPPER
 from .paint import paint_inside
 
 OUTER_LIPS = [61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 146, 91, 181, 84, 17, 314, 405, 321, 375]
-TEETH = np.array([222, 214, 198], np.float32)
-UPPER_TEETH, LOWER_TEETH = 0.10, 0.05  # visible tooth height, in inter-ocular distances
+TEETH = np.array([236, 226, 208], np.float32)
+UPPER_TEETH, LOWER_TEETH = 0.09, 0.05  # visible tooth height, in inter-ocular distances
+OWN_MIN_GAP = 0.05  # a reference mouth open this wide (inter-ocular distances) shows its own interior
 
 
 def lip_gap(points: np.ndarray) -> float:
@@ -32,7 +38,9 @@ class MouthPainter:
         xy = np.clip(np.round(neutral[OUTER_LIPS, :2]).astype(int), 0, [w - 1, h - 1])
         lips = np.median(reference[xy[:, 1], xy[:, 0]].astype(np.float32), axis=0)
         self.cavity = lips * 0.22
-        self.tongue = lips * 0.75 + np.array([20, 0, 0], np.float32)
+        self.tongue = lips * 0.5 + np.array([90, 38, 40], np.float32)  # pinker than pale lips
+        self.own = (_OwnInterior(reference, neutral, self.cavity, self.tongue)
+                    if self.reference_gap >= OWN_MIN_GAP else None)
 
     def strength(self, target: np.ndarray) -> float:
         """0 where the reference's own mouth shows enough, 1 once the target opens clearly wider."""
@@ -46,7 +54,11 @@ class MouthPainter:
         upper, lower = target[MOUTH_UPPER, :2], target[MOUTH_LOWER, :2]
         outline = np.concatenate([upper, lower[-2:0:-1]])
         iod = inter_ocular(target)
-        paint_inside(image, outline, lambda *box: self._interior(upper, lower, iod, *box), strength)
+        if self.own is not None:
+            layer = lambda *box: self.own.layer(upper, lower, iod, *box)  # noqa: E731
+        else:
+            layer = lambda *box: self._interior(upper, lower, iod, *box)  # noqa: E731
+        paint_inside(image, outline, layer, strength)
 
     def _interior(self, upper, lower, iod, x0, y0, x1, y1) -> np.ndarray:
         # The mouth's frame: u along the line between the corners, v across it (downwards).
@@ -66,14 +78,71 @@ class MouthPainter:
         opening = np.maximum(bottom - top, 1e-3)
         width = max(uu[-1], 1e-3)
         centred = np.clip(1 - np.abs(2 * u / width - 1), 0, 1)  # 1 mid-mouth, 0 at the corners
-        shade = (0.55 + 0.45 * centred)[..., None]
+        shade = (0.7 + 0.3 * centred)[..., None]
         color = np.broadcast_to(self.cavity, u.shape + (3,)).copy()
         tongue = (above_bottom < 0.35 * opening) & (centred > 0.25)
         color[tongue] = self.tongue * (0.6 + 0.4 * (1 - above_bottom[tongue] / (0.35 * opening[tongue])))[..., None]
-        lower_teeth = above_bottom < LOWER_TEETH * iod * np.clip(opening / (0.3 * iod), 0, 1)
-        color[lower_teeth] = TEETH * 0.8
-        color[below_top < UPPER_TEETH * iod] = TEETH
+        lower_h = np.minimum(LOWER_TEETH * iod * np.clip(opening / (0.3 * iod), 0, 1), 0.2 * opening)
+        upper_h = np.minimum(UPPER_TEETH * iod, 0.4 * opening)  # a narrow opening is not all teeth
+        # Teeth, not a band: a faint gap between neighbours (about 0.1 inter-ocular wide, the
+        # middle two centred), the lip's shadow along the top, dimmer towards the edge.
+        phase = (u - width / 2) / (0.1 * iod)
+        gaps = 1 - 0.18 * np.exp(-(((phase - np.round(phase)) / 0.06) ** 2))
+        lower_teeth = above_bottom < lower_h
+        color[lower_teeth] = TEETH * 0.75 * gaps[lower_teeth, None]
+        upper = below_top < upper_h
+        lit = (0.7 + 0.3 * np.clip(below_top / (0.3 * upper_h), 0, 1)) * gaps
+        color[upper] = TEETH * 0.92 * lit[upper, None]
         return color * shade
+
+
+class _OwnInterior:
+    """The reference photo's own mouth interior, sampled in the mouth's frame."""
+
+    def __init__(self, reference: np.ndarray, neutral: np.ndarray, cavity: np.ndarray, tongue: np.ndarray):
+        self.reference, self.cavity, self.tongue = reference, cavity, tongue
+        upper, lower = neutral[MOUTH_UPPER, :2], neutral[MOUTH_LOWER, :2]
+        self.origin, self.axis, self.normal = _axes(upper)
+        self.uu, self.uv = _frame(upper, self.origin, self.axis, self.normal)
+        self.lu, self.lv = _frame(lower, self.origin, self.axis, self.normal)
+        self.iod = inter_ocular(neutral)
+
+    def layer(self, upper, lower, iod, x0, y0, x1, y1) -> np.ndarray:
+        origin, axis, normal = _axes(upper)
+        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        rel = np.stack([xs - origin[0], ys - origin[1]], -1)
+        u, v = rel @ axis, rel @ normal
+        uu, uv = _frame(upper, origin, axis, normal)
+        lu, lv = _frame(lower, origin, axis, normal)
+        top, bottom = np.interp(u, uu, uv), np.interp(u, lu, lv)
+        scale = self.iod / max(iod, 1e-6)  # target pixels -> reference pixels
+        ur = np.clip(u / max(uu[-1], 1e-3), 0, 1) * self.uu[-1]
+        rtop, rbottom = np.interp(ur, self.uu, self.uv), np.interp(ur, self.lu, self.lv)
+        ropen = np.maximum(rbottom - rtop, 0.0)
+        below_top, above_bottom = (v - top) * scale, (bottom - v) * scale
+        squeeze = (bottom - top) * scale <= ropen  # opening no wider than the photo's: compress
+        vr = np.where(squeeze, rtop + (v - top) / np.maximum(bottom - top, 1e-3) * ropen,
+                      np.where(below_top < ropen / 2, rtop + below_top, rbottom - above_bottom))
+        gap = np.where(squeeze, 0.0, np.minimum(below_top, above_bottom) - ropen / 2)  # > 0: past the teeth
+        map_x = (self.origin[0] + ur * self.axis[0] + vr * self.normal[0]).astype(np.float32)
+        map_y = (self.origin[1] + ur * self.axis[1] + vr * self.normal[1]).astype(np.float32)
+        own = cv2.remap(self.reference, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        # Past the teeth: dark under the upper teeth, the tongue rising towards the lower ones.
+        depth = np.clip((v - top) / np.maximum(bottom - top, 1e-3), 0, 1)[..., None]
+        tongue = np.clip((depth - 0.45) / 0.35, 0, 1)
+        back_color = self.cavity * (1 - tongue) + self.tongue * tongue * 0.8
+        back = np.clip(gap / (0.06 * self.iod), 0, 1)[..., None]  # fade into the back over a few pixels
+        return own.astype(np.float32) * (1 - back) + back_color * back
+
+
+def _axes(upper: np.ndarray):
+    """The mouth's frame: origin at the left corner, u towards the right one, v downwards."""
+    corner_l, corner_r = upper[0], upper[-1]
+    axis = (corner_r - corner_l) / max(np.linalg.norm(corner_r - corner_l), 1e-6)
+    normal = np.array([-axis[1], axis[0]])
+    if normal[1] < 0:
+        normal = -normal
+    return corner_l, axis, normal
 
 
 def _frame(chain, origin, axis, normal):
