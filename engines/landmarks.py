@@ -14,6 +14,11 @@ LEFT_EYE_OUTER, LEFT_EYE_INNER = 263, 362  # subject's left eye (image right)
 RIGHT_EYE_OUTER, RIGHT_EYE_INNER = 33, 133
 LEFT_EYE_TOP, LEFT_EYE_BOTTOM = 386, 374
 RIGHT_EYE_TOP, RIGHT_EYE_BOTTOM = 159, 145
+RIGHT_IRIS = [468, 469, 470, 471, 472]  # subject's right eye (image left, corners 33/133): centre, then its ring
+LEFT_IRIS = [473, 474, 475, 476, 477]  # subject's left eye (image right, corners 362/263)
+IRISES = np.array([RIGHT_IRIS, LEFT_IRIS])
+# Per eye (right, left, as in IRISES): the image-left corner, then the image-right corner.
+EYE_CORNERS = np.array([[RIGHT_EYE_OUTER, RIGHT_EYE_INNER], [LEFT_EYE_INNER, LEFT_EYE_OUTER]])
 MOUTH_TOP, MOUTH_BOTTOM = 13, 14  # inner lips
 MOUTH_LEFT, MOUTH_RIGHT = 308, 78  # inner lip corners
 FACE_LEFT, FACE_RIGHT = 454, 234  # cheek extremes
@@ -45,6 +50,41 @@ def eye_openness(points: np.ndarray) -> float:
         return gap / max(np.linalg.norm(points[a, :2] - points[b, :2]), 1e-6)
     return float((one(LEFT_EYE_TOP, LEFT_EYE_BOTTOM, LEFT_EYE_OUTER, LEFT_EYE_INNER)
                   + one(RIGHT_EYE_TOP, RIGHT_EYE_BOTTOM, RIGHT_EYE_OUTER, RIGHT_EYE_INNER)) / 2)
+
+
+def eye_frames(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each eye's frame, per eye as in IRISES: the corners' midpoint (2, 2), the unit axis
+    from the image-left to the image-right corner (2, 2), and the eye's width (2,)."""
+    a, b = points[EYE_CORNERS[:, 0], :2].astype(np.float64), points[EYE_CORNERS[:, 1], :2].astype(np.float64)
+    axis = b - a
+    width = np.maximum(np.hypot(axis[:, 0], axis[:, 1]), 1e-6)
+    return (a + b) / 2, axis / width[:, None], width
+
+
+def iris_centres(points: np.ndarray) -> np.ndarray:
+    """(2, 2): each iris's centre, the mean of its five points (right eye first)."""
+    return points[IRISES, :2].astype(np.float64).mean(1)
+
+
+def iris_offsets(points: np.ndarray) -> np.ndarray:
+    """(2, 2) gaze measure, per eye (right, left): the iris centre relative to the midpoint of
+    the eye corners, along the corner axis (x, towards image right) and across it (y,
+    downwards), in eye widths. Scale- and roll-free; about +-0.25 at the extremes in x."""
+    mid, axis, width = eye_frames(points)
+    d = iris_centres(points) - mid
+    across = np.stack([-axis[:, 1], axis[:, 0]], 1)
+    return np.stack([(d * axis).sum(1), (d * across).sum(1)], 1) / width[:, None]
+
+
+def iris_reach(points: np.ndarray, margin: float = 0.03) -> np.ndarray:
+    """(2,): how far each iris centre of this face may go along its eye from the middle, in
+    eye widths, so that the iris's edge stops `margin` eye widths short of the corner (and
+    never less than where it is in `points`)."""
+    _, _, width = eye_frames(points)
+    ring = points[IRISES[:, 1:], :2].astype(np.float64) - iris_centres(points)[:, None]
+    radius = np.hypot(ring[..., 0], ring[..., 1]).mean(1) / width
+    rest = np.abs(iris_offsets(points)[:, 0])
+    return np.maximum(0.5 - radius - margin, rest + 0.01)
 
 
 class FaceLandmarker:

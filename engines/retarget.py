@@ -5,6 +5,11 @@ and expression (what is left once the pose is undone, relative to the driver's o
 neutral). The expression is carried over into the identity's frame and added to the
 identity's neutral shape, then the identity is posed the way the driver moved. A driver
 with a wide face therefore moves a narrow identity without widening it.
+
+Gaze is carried over in each eye's own frame: the driver's iris offset from its eye
+corners, in eye widths, relative to the driver's neutral (one turn for both eyes, most of
+it from the more open one), is added to the identity's own offset and the identity's irises are
+placed there, kept inside the eye opening.
 """
 from __future__ import annotations
 
@@ -14,7 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import geometry
-from .landmarks import RIGID, inter_ocular
+from .landmarks import IRISES, LEFT_IRIS, RIGHT_IRIS, RIGID, inter_ocular, iris_offsets, iris_reach
+from .mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
+
+# Per eye (as in IRISES): its upper and lower lid, each from the image-left to the image-right
+# corner, then its iris.
+EYE_POINTS = np.array([RIGHT_EYE_UPPER + RIGHT_EYE_LOWER + RIGHT_IRIS,
+                       LEFT_EYE_UPPER[::-1] + LEFT_EYE_LOWER[::-1] + LEFT_IRIS])
 
 
 GAIN_RANGE = (0.0, 2.0)  # 0: no motion, 1: the driver's, 2: exaggerated
@@ -77,6 +88,37 @@ class OneEuroFilter:
         return self._x.astype(x.dtype)
 
 
+def eye_geometry(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Both eyes (as in IRISES) in their own frames: from the corners' midpoint, in eye widths,
+    along the eye (towards image right) and across it (downwards). Returns per eye the lids
+    (2, 2 lids, 9 points, 2) and the iris centre (2, 2: what iris_offsets measures), and
+    the way back to pixels (2, 3, 2): rows mid, a, b with pixel = mid + along * a + across * b."""
+    p = points[EYE_POINTS, :2].astype(np.float64)  # (2 eyes, 23 points, 2)
+    mid = (p[:, 0] + p[:, 8]) * 0.5
+    to_px = np.empty((2, 3, 2))
+    to_px[:, 0] = mid
+    to_px[:, 1] = p[:, 8] - p[:, 0]  # along: the corner-to-corner vector, one eye width long
+    to_px[:, 2, 0], to_px[:, 2, 1] = -to_px[:, 1, 1], to_px[:, 1, 0]  # across: it, turned to point down
+    to_eye = to_px[:, 1:].transpose(0, 2, 1) / (to_px[:, 1] ** 2).sum(1)[:, None, None]
+    local = (p - mid[:, None]) @ to_eye
+    return local[:, :18].reshape(2, 2, 9, 2), local[:, 18:].sum(1) * 0.2, to_px
+
+
+def place_irises(points: np.ndarray, offsets: np.ndarray, reach: np.ndarray) -> np.ndarray:
+    """Move each iris (its five points together) of `points` (in place) so that its centre
+    sits at `offsets` (per eye, as iris_offsets measures them) in points' own eyes, kept
+    inside the eye opening: along the eye within +-reach, across it between the lids."""
+    lids, now, to_px = eye_geometry(points)
+    want = np.empty((2, 2))
+    for k, ((x, y), r) in enumerate(zip(offsets.tolist(), reach.tolist())):
+        x = min(max(x, -r), r)
+        top, bottom = (float(np.interp(x, np.maximum.accumulate(lid[:, 0]), lid[:, 1])) for lid in lids[k])
+        want[k] = x, (min(max(y, top), bottom) if top <= bottom else (top + bottom) * 0.5)
+    shift = ((want - now)[:, None] @ to_px[:, 1:])[:, 0]
+    points[IRISES, :2] += shift[:, None]
+    return points
+
+
 class Retargeter:
     """Turns a stream of driver landmarks into target landmarks for one identity.
 
@@ -89,6 +131,7 @@ class Retargeter:
     def __init__(self, identity_neutral: np.ndarray, controls: RetargetControls | None = None,
                  calibration_frames: int = 10, ease_seconds: float = 0.4, smoothing: bool = True):
         self.identity_neutral = identity_neutral.astype(np.float64)
+        self._identity_gaze, self._reach = iris_offsets(self.identity_neutral), iris_reach(self.identity_neutral)
         self.controls = (controls or RetargetControls()).validated()
         self.calibration_frames = calibration_frames
         self.ease_seconds = ease_seconds
@@ -99,6 +142,7 @@ class Retargeter:
     def recalibrate(self) -> None:
         self._calib: list[np.ndarray] = []
         self._driver_neutral: np.ndarray | None = None
+        self._driver_gaze: np.ndarray | None = None
         self._to_identity: np.ndarray | None = None
         self._last: np.ndarray | None = None
         self._last_t: float | None = None
@@ -112,6 +156,7 @@ class Retargeter:
     def set_identity(self, identity_neutral: np.ndarray) -> None:
         """Switch identity, keeping the driver's calibration."""
         self.identity_neutral = identity_neutral.astype(np.float64)
+        self._identity_gaze, self._reach = iris_offsets(self.identity_neutral), iris_reach(self.identity_neutral)
         self._center = self.identity_neutral[RIGID].mean(0)
         self._to_identity = None if self._driver_neutral is None else self._fit_to_identity()
         self._last = None
@@ -134,6 +179,7 @@ class Retargeter:
             pts = geometry.apply(geometry.fit_similarity(pts[RIGID], self._calib[0][RIGID]), pts)
         self._calib.append(pts)
         self._driver_neutral = np.mean(self._calib, axis=0)
+        self._driver_gaze = iris_offsets(self._driver_neutral)
         self._to_identity = self._fit_to_identity()
 
     def _fit_to_identity(self) -> np.ndarray:
@@ -145,12 +191,30 @@ class Retargeter:
         expression = geometry.apply(np.linalg.inv(pose), pts) - neutral
         expression_id = expression @ to_id[:3, :3].T * c.expression_gain
         shape = self.identity_neutral + expression_id
-        if c.freeze_head:
-            return shape
-        pose_id = to_id @ pose @ np.linalg.inv(to_id)  # the same head motion, in identity space
-        if c.head_gain != 1.0:
-            pose_id = geometry.scale_motion(pose_id, self._center, c.head_gain)
-        return geometry.apply(pose_id, shape)
+        if not c.freeze_head:
+            pose_id = to_id @ pose @ np.linalg.inv(to_id)  # the same head motion, in identity space
+            if c.head_gain != 1.0:
+                pose_id = geometry.scale_motion(pose_id, self._center, c.head_gain)
+            shape = geometry.apply(pose_id, shape)
+        # Gaze, in the eyes' own frames: the expression above moved the irises with the
+        # identity's head scale, not its eye size, and could push them onto the lids.
+        return place_irises(shape, self._identity_gaze + self._gaze_change(pts) * c.expression_gain, self._reach)
+
+    def _gaze_change(self, pts: np.ndarray) -> np.ndarray:
+        """(2, 2): how far the driver's eyes turned from its neutral, in eye widths. Open eyes
+        turn together: both take the mean turn (apart, landmark noise would make them squint),
+        weighted by how open each is (lid gap over width, ~0.3 open, under 0.1 shut), so a
+        winking eye's iris, a guess under the lid, does not count. Only when both are shut
+        does each keep its own (hidden under the lids anyway)."""
+        lids, iris, _ = eye_geometry(pts)
+        (rx, ry), (lx, ly) = (iris - self._driver_gaze).tolist()
+        gap = np.sqrt(((lids[:, 0, 1:-1] - lids[:, 1, 1:-1]) ** 2).sum(-1)).sum(1) / 7
+        right, left = (min(max((g - 0.08) / 0.15, 0.0), 1.0) + 1e-6 for g in gap.tolist())
+        together = max(right, left)
+        share = together / (right + left)
+        bx, by = (rx * right + lx * left) * share, (ry * right + ly * left) * share
+        own = 1.0 - together
+        return np.array([[rx * own + bx, ry * own + by], [lx * own + bx, ly * own + by]])
 
     def _ease_to_neutral(self, t: float) -> np.ndarray:
         """Face lost: glide back to the identity's neutral instead of freezing or jumping."""
