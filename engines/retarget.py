@@ -7,9 +7,9 @@ identity's neutral shape, then the identity is posed the way the driver moved. A
 with a wide face therefore moves a narrow identity without widening it.
 
 Gaze is carried over in each eye's own frame: the driver's iris offset from its eye
-corners, in eye widths, relative to the driver's neutral (one turn for both eyes, most of
-it from the more open one), is added to the identity's own offset and the identity's irises are
-placed there, kept inside the eye opening.
+corners, in eye widths, relative to the driver's neutral (a winking eye takes the open
+eye's), is added to the identity's own offset and the identity's irises are placed
+there, kept inside the eye opening.
 """
 from __future__ import annotations
 
@@ -201,20 +201,18 @@ class Retargeter:
         return place_irises(shape, self._identity_gaze + self._gaze_change(pts) * c.expression_gain, self._reach)
 
     def _gaze_change(self, pts: np.ndarray) -> np.ndarray:
-        """(2, 2): how far the driver's eyes turned from its neutral, in eye widths. Open eyes
-        turn together: both take the mean turn (apart, landmark noise would make them squint),
-        weighted by how open each is (lid gap over width, ~0.3 open, under 0.1 shut), so a
-        winking eye's iris, a guess under the lid, does not count. Only when both are shut
-        does each keep its own (hidden under the lids anyway)."""
+        """(2, 2): how far each of the driver's eyes turned from its neutral, in eye widths.
+        Each eye its own (a driver may cross their eyes), except that an eye much less open
+        than the other (a wink: lid gap over width ~0.3 open, under 0.1 shut) takes the other
+        eye's turn instead of its own, which is a guess under the lid."""
         lids, iris, _ = eye_geometry(pts)
-        (rx, ry), (lx, ly) = (iris - self._driver_gaze).tolist()
+        change = iris - self._driver_gaze
         gap = np.sqrt(((lids[:, 0, 1:-1] - lids[:, 1, 1:-1]) ** 2).sum(-1)).sum(1) / 7
-        right, left = (min(max((g - 0.08) / 0.15, 0.0), 1.0) + 1e-6 for g in gap.tolist())
-        together = max(right, left)
-        share = together / (right + left)
-        bx, by = (rx * right + lx * left) * share, (ry * right + ly * left) * share
-        own = 1.0 - together
-        return np.array([[rx * own + bx, ry * own + by], [lx * own + bx, ly * own + by]])
+        right, left = (min(max((g - 0.08) / 0.15, 0.0), 1.0) for g in gap.tolist())
+        if right == left:
+            return change
+        borrow = np.array([[max(left - right, 0.0)], [max(right - left, 0.0)]])
+        return change + borrow * (change[::-1] - change)
 
     def _ease_to_neutral(self, t: float) -> np.ndarray:
         """Face lost: glide back to the identity's neutral instead of freezing or jumping."""
