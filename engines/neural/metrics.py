@@ -1,6 +1,11 @@
 """Quality metrics of rendered faces, one definition each (evaluation and the int8 check).
 
     psnr, ssim, l1     against the ground-truth crop (self-reenactment on held-out frames)
+    mouth_psnr,        psnr and ssim inside the mouth box: the outer lip contour of the
+    mouth_ssim         ground-truth frame's landmarks, padded by a quarter of the mouth width
+                       on every side, clipped to the frame (the same box for every engine)
+    eyes_psnr,         likewise inside one box around both eyes' lid contours, padded by a
+    eyes_ssim          quarter of an eye's width
     akd                landmarks re-extracted from the output: mean 2-D distance to the
                        driving landmarks over the inter-ocular distance (lower is better)
     mouth_corr,        Pearson correlation of the output's mouth / eye openness with the
@@ -13,7 +18,16 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from ..landmarks import FaceLandmarker, eye_openness, inter_ocular, mouth_openness
+from ..landmarks import (LEFT_EYE_INNER, LEFT_EYE_OUTER, RIGHT_EYE_INNER, RIGHT_EYE_OUTER, FaceLandmarker,
+                         eye_openness, inter_ocular, mouth_openness)
+from ..mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
+from ..mouth import OUTER_LIPS
+
+REGION_PAD = 0.25  # padding of a region box on every side, in widths of the feature (mouth, one eye)
+EYES = sorted(set(RIGHT_EYE_UPPER + RIGHT_EYE_LOWER + LEFT_EYE_UPPER + LEFT_EYE_LOWER))
+REGIONS = ("mouth", "eyes")
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1 and y1 exclusive
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -21,15 +35,73 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
 
 
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Wang et al.'s SSIM (11x11 Gaussian, sigma 1.5), mean over pixels and RGB channels."""
+def ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Wang et al.'s SSIM (11x11 Gaussian, sigma 1.5) at every pixel and channel."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     blur = lambda t: cv2.GaussianBlur(t, (11, 11), 1.5)  # noqa: E731
     mu_a, mu_b = blur(a), blur(b)
     va, vb, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
-    m = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (va + vb + c2))
-    return float(m.mean())
+    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (va + vb + c2))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM, mean over pixels and RGB channels."""
+    return float(ssim_map(a, b).mean())
+
+
+def region_box(points: np.ndarray, indices, pad: float, shape: tuple) -> Box | None:
+    """The bounding box of points[indices], `pad` pixels wider on every side, clipped to an
+    image of `shape`; None if nothing of it is inside."""
+    xy = np.asarray(points, np.float64)[indices, :2]
+    lo, hi = xy.min(axis=0) - pad, xy.max(axis=0) + pad
+    h, w = shape[:2]
+    x0, y0 = max(0, int(np.floor(lo[0]))), max(0, int(np.floor(lo[1])))
+    x1, y1 = min(w, int(np.ceil(hi[0]))), min(h, int(np.ceil(hi[1])))
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
+def mouth_box(points: np.ndarray, shape: tuple, pad: float = REGION_PAD) -> Box | None:
+    """The outer lip contour's box, padded by `pad` mouth widths, clipped to the frame."""
+    xs = np.asarray(points)[OUTER_LIPS, 0]
+    return region_box(points, OUTER_LIPS, pad * float(xs.max() - xs.min()), shape)
+
+
+def eyes_box(points: np.ndarray, shape: tuple, pad: float = REGION_PAD) -> Box | None:
+    """One box around both eyes' lid contours, padded by `pad` eye widths (corner to corner,
+    the mean of both eyes), clipped to the frame."""
+    p = np.asarray(points)[:, :2]
+    eye_w = (np.linalg.norm(p[LEFT_EYE_OUTER] - p[LEFT_EYE_INNER])
+             + np.linalg.norm(p[RIGHT_EYE_OUTER] - p[RIGHT_EYE_INNER])) / 2
+    return region_box(points, EYES, pad * float(eye_w), shape)
+
+
+def region_boxes(points: list[np.ndarray], shape: tuple) -> dict[str, list[Box | None]]:
+    """Every region's box for each frame's landmarks: {"mouth": [...], "eyes": [...]}."""
+    return {"mouth": [mouth_box(p, shape) for p in points], "eyes": [eyes_box(p, shape) for p in points]}
+
+
+def frame_scores(out: np.ndarray, truth: np.ndarray, boxes: dict[str, Box | None] | None = None) -> dict:
+    """psnr, ssim, l1 of one output against its ground truth, and <region>_psnr and
+    <region>_ssim inside each box (None where the box is None). SSIM inside a box is the
+    whole frame's SSIM map averaged over the box, so windows at its edge see their
+    surroundings as they do in the whole-frame figure."""
+    smap = ssim_map(out, truth)
+    s = {"psnr": psnr(out, truth), "ssim": float(smap.mean()),
+         "l1": float(np.abs(out.astype(np.float32) - truth).mean() / 255)}
+    for name, box in (boxes or {}).items():
+        if box is None:
+            s[f"{name}_psnr"] = s[f"{name}_ssim"] = None
+            continue
+        x0, y0, x1, y1 = box
+        s[f"{name}_psnr"] = psnr(out[y0:y1, x0:x1], truth[y0:y1, x0:x1])
+        s[f"{name}_ssim"] = float(smap[y0:y1, x0:x1].mean())
+    return s
+
+
+def _mean(values: list) -> float | None:
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if v else None
 
 
 def _corr(a: list, b: list) -> float | None:
@@ -40,13 +112,21 @@ def _corr(a: list, b: list) -> float | None:
 
 
 def engine_metrics(outputs: list[np.ndarray], driving: list[np.ndarray], truth: list[np.ndarray] | None,
-                   consecutive: list[bool], landmarker: FaceLandmarker) -> dict:
-    """Every metric above for one engine's outputs; psnr, ssim and l1 only with `truth`."""
+                   consecutive: list[bool], landmarker: FaceLandmarker,
+                   boxes: dict[str, list[Box | None]] | None = None) -> dict:
+    """Every metric above for one engine's outputs, as means over the frames; the scores
+    against `truth` (psnr, ssim, l1 and the regions') only with it, frame by frame as well
+    under "per_frame". `boxes` are the regions' boxes per frame (region_boxes), by default
+    those of the driving landmarks: in self-reenactment, the ground-truth frame's own."""
     m: dict = {}
     if truth is not None:
-        m["psnr"] = float(np.mean([psnr(o, t) for o, t in zip(outputs, truth)]))
-        m["ssim"] = float(np.mean([ssim(o, t) for o, t in zip(outputs, truth)]))
-        m["l1"] = float(np.mean([np.abs(o.astype(np.float32) - t).mean() / 255 for o, t in zip(outputs, truth)]))
+        if boxes is None:
+            boxes = region_boxes(driving, truth[0].shape)
+        per = [frame_scores(o, t, {k: b[i] for k, b in boxes.items()})
+               for i, (o, t) in enumerate(zip(outputs, truth))]
+        keys = list(per[0]) if per else ["psnr", "ssim", "l1"]
+        m.update({k: _mean([f[k] for f in per]) for k in keys})
+        m["per_frame"] = {k: [f[k] for f in per] for k in keys}
     m.update(_landmark_metrics(outputs, driving, landmarker))
     m["flicker"] = flicker(outputs, truth, consecutive)
     return m
