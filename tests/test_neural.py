@@ -331,6 +331,9 @@ def test_enrollment_smoke_bundle(enrolled):
     assert ident.manifest["neural"]["train_frames"][1] < ident.manifest["neural"]["holdout_frames"][0]
     report = json.loads((ident.path / "eval.json").read_text())
     assert report["frames"] >= 25 and "psnr" in report["neural"] and "psnr" in report["warp"]
+    for k in ("mouth_psnr", "mouth_ssim", "eyes_psnr", "eyes_ssim"):
+        assert report["neural"][k] > 0 and report["warp"][k] > 0, k
+    assert len(report["per_frame"]["neural"]["mouth_psnr"]) == report["frames"]
     int8 = ident.manifest["neural"]["int8"]
     assert int8["model"] == "generator.int8.onnx" and int8["model"] in ident.manifest["files"], int8
     assert int8["checked_on"] == "held-out frames" and int8["frames"] >= 25 and int8["loss_db"] <= 0.1
@@ -356,6 +359,8 @@ def test_short_training_beats_warp_on_held_out_frames(enrolled):
     e = enrolled[2]["eval"]
     assert e["psnr_gain_db"] > 0.5, e
     assert e["neural_ssim"] > e["warp_ssim"] and e["neural_akd"] < e["warp_akd"], e
+    assert e["mouth_psnr_gain_db"] == pytest.approx(e["neural_mouth_psnr"] - e["warp_mouth_psnr"])
+    assert e["mouth_psnr_gain_db"] > 0, e  # the loss weighs the mouth 5x: it learns there first
 
 
 @pytest.mark.slow
@@ -367,9 +372,10 @@ def test_eval_and_bench_cli(enrolled, tmp_path, capsys):
     out = tmp_path / "rep"
     assert main(["--home", home, "eval", "scan", "--max-frames", "8", "-o", str(out)]) == 0
     report = json.loads((tmp_path / "rep.json").read_text())
-    assert report["frames"] >= 5 and report["neural"]["psnr"] > 10
-    html = (tmp_path / "rep.html").read_text()
-    assert html.count("data:image/png;base64,") >= 2
+    assert report["frames"] >= 5 and report["neural"]["psnr"] > 10 and report["neural"]["mouth_psnr"] > 10
+    assert report["summary"]["mouth_psnr_gain_db"] is not None and len(report["per_frame"]["frame"]) == report["frames"]
+    html = (tmp_path / "rep.html").read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") == 6 * min(6, report["frames"])  # 3 frame rows, 3 mouth rows
     assert main(["--home", home, "bench", "engines", "--identity", "scan", "-n", "3",
                  "--json", str(tmp_path / "b.json")]) == 0
     bench = json.loads((tmp_path / "b.json").read_text())
