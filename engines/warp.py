@@ -15,7 +15,7 @@ from . import geometry
 from .landmarks import RIGID
 from .mesh import (border_points, face_triangles, hole_triangles,
                    ring_points, skirt_triangles)
-from .eyes import EyelidPainter
+from .eyes import EyelidPainter, IrisPainter
 from .mouth import MouthPainter
 
 MAP_SCALE = 2  # the warp map is built at 1/MAP_SCALE resolution
@@ -46,20 +46,25 @@ class WarpRenderer:
         self._map_shape = (mh, mw)
         self._ids = np.zeros(self._map_shape, np.int32)
         self.mouth = MouthPainter(self.reference, self.neutral)
+        self.irises = IrisPainter(self.reference, self.neutral)
         self.eyelids = EyelidPainter(self.reference, self.neutral)
 
     def render(self, target: np.ndarray) -> np.ndarray:
-        dst = self._target_points(target)
+        head = self._head_similarity(target[:, :2].astype(np.float64))
+        dst = self._target_points(target, head)
         affine = self._affines(dst)  # (T, 2, 3): target pixel -> source pixel
         ids = self._rasterize(dst, target)
         a = affine[ids.ravel()]
         src = np.einsum("nij,nj->ni", a, self._grid).reshape(*self._map_shape, 2)
         if MAP_SCALE != 1:
             src = cv2.resize(src, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
-        out = cv2.remap(self.reference, src[..., 0], src[..., 1], cv2.INTER_LINEAR,
+        # The face without its irises (their whites filled in), which are drawn next where the
+        # target looks: the mesh has no iris points, so the warp would pin them to the lids.
+        out = cv2.remap(self.irises.white, src[..., 0], src[..., 1], cv2.INTER_LINEAR,
                         borderMode=cv2.BORDER_REPLICATE)
         self.mouth.paint(out, target)
-        self.eyelids.paint(out, target)
+        self.irises.paint(out, target, head)
+        self.eyelids.paint(out, target, head)
         return out
 
     def render_rigid(self, target: np.ndarray) -> np.ndarray:
@@ -72,10 +77,9 @@ class WarpRenderer:
     def _head_similarity(self, t2d: np.ndarray) -> np.ndarray:
         return geometry.fit_similarity(self.neutral[RIGID, :2], t2d[RIGID])
 
-    def _target_points(self, target: np.ndarray) -> np.ndarray:
-        t2d = target[:, :2].astype(np.float64)
-        ring = geometry.apply(self._head_similarity(t2d), ring_points(self.neutral[:, :2]))
-        return np.concatenate([t2d, ring, self._border])
+    def _target_points(self, target: np.ndarray, head: np.ndarray) -> np.ndarray:
+        ring = geometry.apply(head, ring_points(self.neutral[:, :2]))
+        return np.concatenate([target[:, :2].astype(np.float64), ring, self._border])
 
     def _affines(self, dst: np.ndarray) -> np.ndarray:
         """Per triangle, the affine map taking target corners onto source corners:
