@@ -379,7 +379,7 @@ def test_eval_and_bench_cli(enrolled, tmp_path, capsys):
     assert main(["--home", home, "bench", "engines", "--identity", "scan", "-n", "3",
                  "--json", str(tmp_path / "b.json")]) == 0
     bench = json.loads((tmp_path / "b.json").read_text())
-    for stage in ("landmarks", "retarget", "warp", "generator[torch-fp32]", "generator[torch-bf16]",
+    for stage in ("landmarks", "retarget", "warp", "generator[torch-fp32]", 
                   "generator[ort-fp32-cpu]", "generator[ort-int8-cpu]"):
         assert bench["stages"][stage]["median_ms"] > 0
     assert main(["--home", home, "eval", "scan", "--driving", str(tmp_path / "none.mp4")]) == 2
