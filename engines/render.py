@@ -16,7 +16,6 @@ import numpy as np
 from tqdm import tqdm
 
 from .identity import Identity
-from .label import draw_label
 from .measure import timing_summary
 from .pipeline import AvatarPipeline
 from .retarget import RetargetControls
@@ -41,7 +40,7 @@ class RenderSummary:
 
 def render_video(driving: str | os.PathLike, identity: Identity, output: str | os.PathLike,
                  side_by_side: bool = False, controls: RetargetControls | None = None,
-                 progress: bool = True, marker: Marker | None = None, label: bool = False) -> RenderSummary:
+                 progress: bool = True, *, marker: Marker, label: bool = False) -> RenderSummary:
     """Render `driving` with `identity` into `output`. Every avatar frame gets `marker`'s
     invisible watermark, and the visible badge with `label`; the driver's half of a
     side-by-side view is left as it was."""
@@ -93,10 +92,7 @@ def _render(source, identity, output: Path, side_by_side, controls, progress, ma
                 rgb = frame.to_ndarray(format="rgb24")
                 out, st = pipeline.process(rgb, frames / float(fps))
                 t0 = _now()
-                if label:  # before the watermark: a badge drawn over it would erase it
-                    out = draw_label(out)
-                if marker is not None:
-                    out = marker(out)
+                out = marker(out, badge=label)
                 st["mark"] = _now() - t0
                 faces += pipeline.face_found
                 if side_by_side:

@@ -32,11 +32,14 @@ from __future__ import annotations
 
 import binascii
 import hashlib
+import socket
 from dataclasses import dataclass
 from functools import lru_cache
 
 import cv2
 import numpy as np
+
+from .label import draw_label
 
 GRID = 128
 SYNC = 0xA5  # 8 bits
@@ -58,6 +61,11 @@ class Payload:
     def for_use(cls, server_name: str, use_id: str) -> "Payload":
         digest = hashlib.sha256(server_name.encode()).digest()
         return cls(int.from_bytes(digest[:2], "big"), int(use_id[:6], 16))
+
+    @classmethod
+    def here(cls, use_id: str) -> "Payload":
+        """The payload of use `use_id` on this machine (server id: its host name)."""
+        return cls.for_use(socket.gethostname(), use_id)
 
     def __str__(self) -> str:
         return f"server {self.server:04x} use {self.use:06x}"
@@ -134,8 +142,11 @@ class Marker:
         self.strength = strength
         self.max_rms = max_rms
 
-    def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        """A marked copy of an RGB uint8 frame."""
+    def __call__(self, rgb: np.ndarray, badge: bool = False) -> np.ndarray:
+        """A marked copy of an RGB uint8 frame; with `badge`, the visible "AI avatar" badge
+        is drawn first (a badge drawn over the mark would erase some of its bits)."""
+        if badge:
+            rgb = draw_label(rgb)
         h, w = rgb.shape[:2]
         y = luma(rgb)
         current = project(y) * self.signs

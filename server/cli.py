@@ -5,8 +5,6 @@ import argparse
 import json
 import logging
 import os
-import secrets
-import socket
 import sys
 from pathlib import Path
 
@@ -277,7 +275,7 @@ def cmd_render(args) -> int:
     log = AuditLog(audit_path(args.home), "avatar render")
     try:
         with log.use("render", local_user(), identity.name, address="local") as use:
-            marker = Marker(Payload.for_use(socket.gethostname(), use.id))
+            marker = Marker(Payload.here(use.id))
             label = identity.label_viewers if args.label is None else args.label
             summary = render_video(args.driving, identity, args.output, args.side_by_side, controls,
                                    progress=True, marker=marker, label=label)

@@ -17,7 +17,6 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 from engines.measure import StageTimer
-from engines.label import draw_label
 from engines.pipeline import AvatarPipeline
 from engines.watermark import Marker
 from .telemetry import COMPUTE_STAGES, FrameRecord
@@ -154,7 +153,7 @@ class FrameProcessor:
         timer = d.timer
         target = timer.run("retarget", self.pipeline.retarget, d.points, time.monotonic() - self.t0)
         out = timer.run("render", self.pipeline.render, target)
-        labelled = timer.run("mark", self._mark_labelled, out) if viewer_label else None
+        labelled = timer.run("mark", self.marker, out, True) if viewer_label else None
         out = timer.run("mark", self.marker, out)
         video = timer.run("convert", av.VideoFrame.from_ndarray, np.ascontiguousarray(out), "rgb24")
         # Keep the input's timestamp so each output frame names the camera frame it shows.
@@ -165,9 +164,6 @@ class FrameProcessor:
         # Whatever is not compute was waiting: for a thread, or for the previous frame.
         stages["queue"] = max(0.0, stages["total"] - sum(timer.ms.values()))
         return video, FrameRecord(d.pts, d.recv_time, done, d.points is not None, stages), labelled
-
-    def _mark_labelled(self, rgb: np.ndarray) -> np.ndarray:
-        return self.marker(draw_label(rgb))
 
 
 async def drain(track: MediaStreamTrack) -> None:

@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import secrets
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -64,7 +63,7 @@ class Session:
     async def start(self) -> None:
         identity = await self._run(self.render_ex, self._load, self.identity_name)
         self.pipeline = await self._run(self.render_ex, AvatarPipeline, identity)
-        self.processor = FrameProcessor(self.pipeline, Marker(Payload.for_use(socket.gethostname(), self.id)))
+        self.processor = FrameProcessor(self.pipeline, Marker(Payload.here(self.id)))
         self._spawn(self._watchdog())
 
     async def offer(self, sdp: str) -> str:

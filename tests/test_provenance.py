@@ -14,7 +14,6 @@ from skimage.data import astronaut
 
 from engines import watermark
 from engines.identity import Consent, ConsentError, IdentityError, IdentityStore
-from engines.label import draw_label
 from helpers import CLIPS, Client, ClipTrack, clip, read_seconds, running_server, shared_clip, wait_for
 
 PAYLOAD = watermark.Payload.for_use("test-server", "c0ffee12")
@@ -63,7 +62,7 @@ def test_soft_decoding_recovers_a_weak_wrong_bit(portrait):
 
 
 def test_badge_then_mark_keeps_both(portrait):
-    labelled = watermark.Marker(PAYLOAD)(draw_label(portrait))
+    labelled = watermark.Marker(PAYLOAD)(portrait, badge=True)
     assert decoded([labelled]).payload == PAYLOAD
     corner = np.abs(labelled[:20, :80].astype(int) - portrait[:20, :80]).mean()
     rest = np.abs(labelled[100:].astype(int) - portrait[100:]).mean()
