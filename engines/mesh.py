@@ -61,10 +61,13 @@ def hole_triangles() -> np.ndarray:
                            zip_chains(LEFT_EYE_UPPER, LEFT_EYE_LOWER)])
 
 
-def ring_points(points2d: np.ndarray) -> np.ndarray:
-    oval = points2d[FACE_OVAL]
-    center = oval.mean(0)
-    return center + (oval - center) * RING_SCALE
+def ring_points(points: np.ndarray) -> np.ndarray:
+    """The skirt's inner ring: the face outline widened about its centre in the image plane.
+    Given 3-D points, the ring keeps the outline's depth, so it turns with the head."""
+    ring = points[FACE_OVAL].copy()
+    center = ring[:, :2].mean(0)
+    ring[:, :2] = center + (ring[:, :2] - center) * RING_SCALE
+    return ring
 
 
 def border_points(width: int, height: int) -> np.ndarray:

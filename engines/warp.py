@@ -19,6 +19,12 @@ from .eyes import EyelidPainter, IrisPainter
 from .mouth import MouthPainter
 
 MAP_SCALE = 2  # the warp map is built at 1/MAP_SCALE resolution
+# Where neighbouring pixels sample places of the reference more than JUMP times their own
+# distance apart, the warp is discontinuous: a turned head's silhouette over what lies behind
+# it, the nose over the far cheek. Those edges are softened over SEAM_SIGMA pixels, as a
+# camera would see them, instead of showing the half-resolution map's stair steps.
+JUMP = 3.0
+SEAM_SIGMA = 1.2
 
 
 class WarpRenderer:
@@ -32,7 +38,8 @@ class WarpRenderer:
         self.height, self.width = reference.shape[:2]
         src2d = self.neutral[:, :2]
         self._border = border_points(self.width, self.height)
-        src = np.concatenate([src2d, ring_points(src2d), self._border])
+        self._ring = ring_points(self.neutral)
+        src = np.concatenate([src2d, self._ring[:, :2], self._border])
         self._face_tris = np.concatenate([face_triangles(), hole_triangles()])
         self._skirt_tris = skirt_triangles(src2d, self.width, self.height)
         self._tris = np.concatenate([self._skirt_tris, self._face_tris])
@@ -56,12 +63,14 @@ class WarpRenderer:
         ids = self._rasterize(dst, target)
         a = affine[ids.ravel()]
         src = np.einsum("nij,nj->ni", a, self._grid).reshape(*self._map_shape, 2)
+        seams = seam_mask(src, JUMP * MAP_SCALE / _scale(head))
         if MAP_SCALE != 1:
             src = cv2.resize(src, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
         # The face without its irises (their whites filled in), which are drawn next where the
         # target looks: the mesh has no iris points, so the warp would pin them to the lids.
         out = cv2.remap(self.irises.white, src[..., 0], src[..., 1], cv2.INTER_LINEAR,
                         borderMode=cv2.BORDER_REPLICATE)
+        soften(out, seams)
         self.mouth.paint(out, target)
         self.irises.paint(out, target, head)
         self.eyelids.paint(out, target, head)
@@ -74,11 +83,14 @@ class WarpRenderer:
         return cv2.warpAffine(self.reference, head[:2], (self.width, self.height), flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_REPLICATE)
 
+    def _head_pose(self, target: np.ndarray) -> np.ndarray:
+        return geometry.fit_similarity(self.neutral[RIGID], target[RIGID].astype(np.float64))
+
     def _head_similarity(self, t2d: np.ndarray) -> np.ndarray:
         return geometry.fit_similarity(self.neutral[RIGID, :2], t2d[RIGID])
 
     def _target_points(self, target: np.ndarray, head: np.ndarray) -> np.ndarray:
-        ring = geometry.apply(head, ring_points(self.neutral[:, :2]))
+        ring = geometry.apply(self._head_pose(target), self._ring)[:, :2]
         return np.concatenate([target[:, :2].astype(np.float64), ring, self._border])
 
     def _affines(self, dst: np.ndarray) -> np.ndarray:
@@ -110,3 +122,40 @@ class WarpRenderer:
         for i in order:
             fill(ids, corners[i], int(i), lineType=cv2.LINE_8, shift=4)
         return ids
+
+
+def _scale(similarity: np.ndarray) -> float:
+    return float(np.sqrt(abs(np.linalg.det(similarity[:2, :2]))))
+
+
+def seam_mask(src: np.ndarray, jump: float) -> np.ndarray:
+    """uint8 mask of the map pixels beside a discontinuity: a neighbour's source point is more
+    than `jump` reference pixels away on either axis. (Per axis: a max over the last axis of
+    size 2 costs ten times as much in numpy.)"""
+    mask = np.zeros(src.shape[:2], np.uint8)
+    for axis in (0, 1):
+        step = (np.abs(np.diff(src[..., 0], axis=axis)) > jump) | (np.abs(np.diff(src[..., 1], axis=axis)) > jump)
+        if axis == 0:
+            mask[1:] |= step
+            mask[:-1] |= step
+        else:
+            mask[:, 1:] |= step
+            mask[:, :-1] |= step
+    return mask
+
+
+def soften(image: np.ndarray, seams: np.ndarray) -> None:
+    """Blend `image` in place towards its blur along `seams` (a mask of the warp map, whose
+    pixel i stands for image pixel i*MAP_SCALE + (MAP_SCALE-1)/2), within their bounding box."""
+    ys, xs = np.nonzero(seams)
+    if not len(ys):
+        return
+    pad = int(np.ceil(3 * SEAM_SIGMA / MAP_SCALE)) + 1
+    y0, y1 = max(ys.min() - pad, 0), min(ys.max() + 1 + pad, seams.shape[0])
+    x0, x1 = max(xs.min() - pad, 0), min(xs.max() + 1 + pad, seams.shape[1])
+    alpha = cv2.GaussianBlur(seams[y0:y1, x0:x1].astype(np.float32) * 1.5, (0, 0), SEAM_SIGMA / MAP_SCALE)
+    s = MAP_SCALE
+    roi = image[y0 * s:y1 * s, x0 * s:x1 * s]
+    alpha = np.minimum(cv2.resize(alpha, (roi.shape[1], roi.shape[0]), interpolation=cv2.INTER_LINEAR), 1.0)
+    blurred = cv2.GaussianBlur(roi, (0, 0), SEAM_SIGMA)
+    roi[:] = cv2.blendLinear(blurred, roi, alpha, 1.0 - alpha)
