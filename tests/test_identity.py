@@ -5,7 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from engines.identity import Consent, IdentityError, IdentityStore, check_name, crop_matrix, points_to_crop
+from engines.identity import (Consent, IdentityError, IdentityStore, check_name, crop_matrix, crop_with_box,
+                             points_to_crop)
 
 CONSENT = Consent("I agree to be used as a live avatar.", "Test Person", "tester", "2026-11-22T00:00:00+00:00")
 
@@ -139,3 +140,14 @@ def test_points_to_crop_moves_points_with_the_image():
     assert q.dtype == np.float32 and q.shape == p.shape
     assert np.allclose(q[0], [[0, 0, 1.0], [256, 256, -2.0]])
     assert np.allclose(q[0, :, :2], p[0, :, :2] @ crop_matrix(x0, y0, side)[:, :2].T + crop_matrix(x0, y0, side)[:, 2])
+
+
+def test_crop_past_the_frame_edge_is_padded_with_the_edge_not_black():
+    # A self-scan whose face sits at the frame edge gets a crop box that reaches past it
+    # (issue #13 saw a black band there): enrollment and photo crops share crop_with_box.
+    frame = np.full((240, 320, 3), 180, np.uint8)
+    frame[:, :8] = (200, 150, 120)  # the left edge's own colour
+    crop = crop_with_box(frame, -120.0, -40.0, 300.0)  # 120 px past the left, 40 past the top
+    assert crop.shape == (256, 256, 3)
+    assert crop.min() >= 120
+    assert np.abs(crop[:, :60].reshape(-1, 3).mean(0) - (200, 150, 120)).max() < 2
