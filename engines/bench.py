@@ -52,7 +52,7 @@ def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: boo
     k = iter(range(10 ** 9))
     stages["retarget"] = _time(lambda: rt.update(pts[(i := next(k)) % len(pts)], i / 30), n)
     targets = [rt.update(p, 100 + i / 30) for i, p in enumerate(pts)]
-    warp = WarpRenderer(identity.reference, identity.neutral)
+    warp = WarpRenderer.for_identity(identity)
     stages["warp"] = _time(lambda: warp.render(targets[next(k) % len(targets)]), n)
     stages["contour_map"] = _time(lambda: contour_map(targets[next(k) % len(targets)]), n)
     stages["rigid_warp"] = _time(lambda: warp.render_rigid(targets[next(k) % len(targets)]), n)

@@ -126,6 +126,19 @@ class Identity:
     path: Path
     manifest: dict
 
+    def mouth_memory(self):
+        """Its own open mouths (engines.mouth.MouthMemory) when the bundle has them, else None.
+        The file is listed in the manifest, so its hash was checked at load."""
+        name = self.manifest.get("mouth_memory")
+        if name is None:
+            return None
+        from .mouth import MouthMemory
+
+        try:
+            return MouthMemory.load(self.path / name)
+        except (OSError, KeyError, ValueError) as e:
+            raise IdentityError(f"identity {self.name!r}: {name} is not a mouth memory ({e})") from None
+
     @property
     def label_viewers(self) -> bool:
         """Whether viewers see the visible "AI avatar" badge (on unless its owner turned it off)."""
@@ -411,6 +424,8 @@ def _from_manifest(folder: Path, m: object) -> Identity:
     for key in ("reference_image", "neutral_landmarks"):
         if m[key] not in files:
             fail(f"{key} {m[key]!r} is not listed in 'files'")
+    if "mouth_memory" in m and m["mouth_memory"] not in files:
+        fail(f"mouth_memory {m['mouth_memory']!r} is not listed in 'files'")
     bgr = cv2.imread(str(folder / m["reference_image"]), cv2.IMREAD_COLOR)
     if bgr is None:
         fail(f"{m['reference_image']} is not a readable image")

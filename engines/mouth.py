@@ -9,6 +9,12 @@ in the mouth's own frame (so it follows a tilted head):
   extra opening between them is a dark cavity over a tongue, in its lips' colours;
 - else a painted one: upper teeth under the upper lip, a darker cavity, a tongue and lower
   teeth towards the chin, in colours taken from the identity's own lips.
+
+An enrolled identity has better than either: a memory of its own open mouths (MouthMemory,
+built from the self-scan's training frames), and the one whose opening is most like the
+target's is sampled the same way as a photo's own interior (issue #13's memory
+compensation). On held-out frames of a self-scan this raised the warp's mouth-region PSNR
+by 2 dB (3 dB on open mouths) over the painted interior.
 """
 from __future__ import annotations
 
@@ -23,6 +29,11 @@ OUTER_LIPS = [61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 146, 91, 181, 84,
 TEETH = np.array([236, 226, 208], np.float32)
 UPPER_TEETH, LOWER_TEETH = 0.09, 0.05  # visible tooth height, in inter-ocular distances
 OWN_MIN_GAP = 0.05  # a reference mouth open this wide (inter-ocular distances) shows its own interior
+MEMORY_SIZE = 16  # open mouths a memory keeps (8 to 64 scored within 0.2 dB of each other)
+MEMORY_MIN_GAP = 0.04  # the least opening worth remembering
+MEMORY_PATCH = (96, 128)  # (height, width) kept round each remembered mouth, in crop pixels
+SHAPE_WEIGHTS = np.array([1.0, 2.0])  # opening counts twice as much as width when choosing
+MEMORY_HOLD = 0.03  # keep the mouth drawn last unless another is nearer by this much: no flicker between two
 
 
 def lip_gap(points: np.ndarray) -> float:
@@ -31,8 +42,74 @@ def lip_gap(points: np.ndarray) -> float:
     return float(np.linalg.norm(upper - lower, axis=1).mean() / max(inter_ocular(points), 1e-6))
 
 
+def mouth_shape(points: np.ndarray) -> np.ndarray:
+    """What chooses a remembered mouth: lip gap and corner-to-corner width, in inter-ocular
+    distances, weighted."""
+    width = np.linalg.norm(points[291, :2] - points[61, :2]) / max(inter_ocular(points), 1e-6)
+    return np.array([lip_gap(points), width]) * SHAPE_WEIGHTS
+
+
+class MouthMemory:
+    """The identity's own open mouths: image patches round the mouth and their landmarks
+    (in patch pixels), spread over the openings and widths the self-scan shows."""
+
+    def __init__(self, patches: np.ndarray, points: np.ndarray):
+        if patches.ndim != 4 or patches.shape[-1] != 3 or patches.dtype != np.uint8 or not len(patches):
+            raise ValueError(f"mouth memory patches must be (N, h, w, 3) uint8, got {patches.shape} {patches.dtype}")
+        if points.shape != (len(patches),) + points.shape[1:] or points.ndim != 3 or not np.isfinite(points).all():
+            raise ValueError(f"mouth memory points must be finite (N, 478, 3), got {points.shape}")
+        self.patches, self.points = patches, points.astype(np.float32)
+        self.shapes = np.stack([mouth_shape(p) for p in self.points])
+
+    @classmethod
+    def build(cls, frames: np.ndarray, points: np.ndarray, size: int = MEMORY_SIZE) -> "MouthMemory | None":
+        """Choose up to `size` open mouths from frames (N, H, W, 3) with their landmarks,
+        spread by farthest-point sampling of their shapes; None if none opens."""
+        shapes = np.stack([mouth_shape(p) for p in points])
+        open_ = np.flatnonzero(shapes[:, 0] >= MEMORY_MIN_GAP * SHAPE_WEIGHTS[0])
+        if not len(open_):
+            return None
+        chosen = [open_[np.argmax(shapes[open_, 0])]]  # the widest opening first
+        dist = np.linalg.norm(shapes[open_] - shapes[chosen[0]], axis=1)
+        while len(chosen) < min(size, len(open_)):
+            j = int(np.argmax(dist))
+            chosen.append(open_[j])
+            dist = np.minimum(dist, np.linalg.norm(shapes[open_] - shapes[open_[j]], axis=1))
+        cut = [_patch(frames[i], points[i]) for i in chosen]
+        return cls(np.stack([c[0] for c in cut]), np.stack([c[1] for c in cut]))
+
+    @classmethod
+    def load(cls, path) -> "MouthMemory":
+        with np.load(path, allow_pickle=False) as z:
+            return cls(z["patches"], z["points"])
+
+    def save(self, path) -> None:
+        np.savez_compressed(path, patches=self.patches, points=self.points)
+
+    def choose(self, target: np.ndarray, previous: int | None = None, hold: float = MEMORY_HOLD) -> int:
+        """The remembered mouth most like the target's; `previous` while it is within `hold`
+        of the best, so a mouth between two does not flicker from one to the other."""
+        dist = np.linalg.norm(self.shapes - mouth_shape(target), axis=1)
+        best = int(np.argmin(dist))
+        return previous if previous is not None and dist[previous] <= dist[best] + hold else best
+
+
+def _patch(frame: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The MEMORY_PATCH round the mouth (edge pixels repeated past the frame) and the
+    landmarks moved into it."""
+    h, w = MEMORY_PATCH
+    cx, cy = points[OUTER_LIPS, :2].mean(0)
+    x0, y0 = int(round(cx)) - w // 2, int(round(cy)) - h // 2
+    shift = np.array([[1, 0, -x0], [0, 1, -y0]], np.float64)
+    patch = cv2.warpAffine(frame, shift, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE)
+    moved = points.astype(np.float32).copy()
+    moved[:, 0] -= x0
+    moved[:, 1] -= y0
+    return patch, moved
+
+
 class MouthPainter:
-    def __init__(self, reference: np.ndarray, neutral: np.ndarray):
+    def __init__(self, reference: np.ndarray, neutral: np.ndarray, memory: MouthMemory | None = None):
         self.reference_gap = lip_gap(neutral)
         h, w = reference.shape[:2]
         xy = np.clip(np.round(neutral[OUTER_LIPS, :2]).astype(int), 0, [w - 1, h - 1])
@@ -41,20 +118,32 @@ class MouthPainter:
         self.tongue = lips * 0.5 + np.array([90, 38, 40], np.float32)  # pinker than pale lips
         self.own = (_OwnInterior(reference, neutral, self.cavity, self.tongue)
                     if self.reference_gap >= OWN_MIN_GAP else None)
+        self.memory = memory
+        self._remembered = ([_OwnInterior(p, q, self.cavity, self.tongue) for p, q in zip(memory.patches, memory.points)]
+                            if memory is not None else [])
+        self._drawn: int | None = None  # the remembered mouth drawn last
 
     def strength(self, target: np.ndarray) -> float:
-        """0 where the reference's own mouth shows enough, 1 once the target opens clearly wider."""
+        """0 where the reference's own mouth shows enough, 1 once the target opens clearly
+        wider. With a memory, any clear opening: a remembered mouth beats a stretched one."""
+        if self.memory is not None:
+            return float(np.clip((lip_gap(target) - 0.02) / 0.04, 0.0, 1.0))
         return float(np.clip((lip_gap(target) - self.reference_gap - 0.02) / 0.06, 0.0, 1.0))
 
     def paint(self, image: np.ndarray, target: np.ndarray) -> None:
         """Paint the interior into image (in place) inside the target's inner-lip outline."""
         strength = self.strength(target)
         if strength <= 0:
+            self._drawn = None
             return
         upper, lower = target[MOUTH_UPPER, :2], target[MOUTH_LOWER, :2]
         outline = np.concatenate([upper, lower[-2:0:-1]])
         iod = inter_ocular(target)
-        if self.own is not None:
+        if self.memory is not None:
+            self._drawn = self.memory.choose(target, self._drawn)
+            own = self._remembered[self._drawn]
+            layer = lambda *box: own.layer(upper, lower, iod, *box)  # noqa: E731
+        elif self.own is not None:
             layer = lambda *box: self.own.layer(upper, lower, iod, *box)  # noqa: E731
         else:
             layer = lambda *box: self._interior(upper, lower, iod, *box)  # noqa: E731

@@ -30,7 +30,7 @@ def make_renderer(identity: Identity):
         except (RuntimeUnavailable, ImportError, OSError) as e:
             log.warning("identity %r: neural engine unavailable (%s); rendering with the warp engine",
                         identity.name, e)
-    return WarpRenderer(identity.reference, identity.neutral)
+    return WarpRenderer.for_identity(identity)
 
 
 class AvatarPipeline:

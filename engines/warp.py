@@ -16,7 +16,7 @@ from .landmarks import RIGID
 from .mesh import (border_points, face_triangles, hole_triangles,
                    ring_points, skirt_triangles)
 from .eyes import EyelidPainter, IrisPainter
-from .mouth import MouthPainter
+from .mouth import MouthMemory, MouthPainter
 
 MAP_SCALE = 2  # the warp map is built at 1/MAP_SCALE resolution
 # Where neighbouring pixels sample places of the reference more than JUMP times their own
@@ -30,7 +30,7 @@ SEAM_SIGMA = 1.2
 class WarpRenderer:
     """render(target_points) -> RGB image of the identity with the target's pose and expression."""
 
-    def __init__(self, reference: np.ndarray, neutral: np.ndarray):
+    def __init__(self, reference: np.ndarray, neutral: np.ndarray, mouth_memory: MouthMemory | None = None):
         if reference.ndim != 3 or reference.shape[2] != 3:
             raise ValueError(f"reference must be an RGB image, got shape {reference.shape}")
         self.reference = np.ascontiguousarray(reference)
@@ -52,9 +52,14 @@ class WarpRenderer:
         self._grid = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size, np.float32)], 1)
         self._map_shape = (mh, mw)
         self._ids = np.zeros(self._map_shape, np.int32)
-        self.mouth = MouthPainter(self.reference, self.neutral)
+        self.mouth = MouthPainter(self.reference, self.neutral, mouth_memory)
         self.irises = IrisPainter(self.reference, self.neutral)
         self.eyelids = EyelidPainter(self.reference, self.neutral)
+
+    @classmethod
+    def for_identity(cls, identity) -> "WarpRenderer":
+        """The warp of an identity, with the memory of its own open mouths if its bundle has one."""
+        return cls(identity.reference, identity.neutral, identity.mouth_memory())
 
     def render(self, target: np.ndarray) -> np.ndarray:
         head = self._head_similarity(target[:, :2].astype(np.float64))

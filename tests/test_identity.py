@@ -151,3 +151,16 @@ def test_crop_past_the_frame_edge_is_padded_with_the_edge_not_black():
     assert crop.shape == (256, 256, 3)
     assert crop.min() >= 120
     assert np.abs(crop[:, :60].reshape(-1, 3).mean(0) - (200, 150, 120)).max() < 2
+
+
+def test_mouth_memory_must_be_a_listed_file(store, tmp_path):
+    assert store.load("demo").mouth_memory() is None  # a photo identity has none
+    shutil.copytree(store.path("demo"), tmp_path / "demo")
+    copy = IdentityStore(tmp_path)
+    ident = copy.load("demo")
+    manifest = json.loads((ident.path / "manifest.json").read_text())
+    manifest["mouth_memory"] = "mouths.npz"
+    (ident.path / "mouths.npz").write_bytes(b"not listed")
+    (ident.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IdentityError, match="mouth_memory 'mouths.npz' is not listed"):
+        copy.load("demo")

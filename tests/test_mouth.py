@@ -3,7 +3,7 @@
 import numpy as np
 
 from engines.mesh import MOUTH_LOWER, MOUTH_UPPER
-from engines.mouth import OWN_MIN_GAP, MouthPainter, lip_gap
+from engines.mouth import MEMORY_MIN_GAP, OWN_MIN_GAP, MouthMemory, MouthPainter, lip_gap
 from test_warp import jaw_drop
 
 
@@ -54,3 +54,55 @@ def test_closed_mouth_photo_gets_painted_teeth_not_a_band(demo):
         x0, x1 = int(target[78, 0]) + 4, int(target[308, 0]) - 4
         row = image[y, x0:x1].astype(float) @ [0.299, 0.587, 0.114]
         assert row.max() - row.min() > 15
+
+
+def green_mouth_frame(demo, target):
+    """A frame whose open mouth (inside the inner lips of `target`) is pure green."""
+    import cv2
+
+    frame = demo.reference.copy()
+    inner = np.concatenate([target[MOUTH_UPPER, :2], target[MOUTH_LOWER[-2:0:-1], :2]])
+    cv2.fillPoly(frame, [np.round(inner).astype(np.int32)], (0, 200, 0))
+    return frame
+
+
+def test_memory_keeps_spread_open_mouths_and_round_trips(demo, tmp_path):
+    shut = closed(demo.neutral)
+    points = np.stack([shut] * 5 + [jaw_drop(demo.neutral, d) for d in (4, 8, 12, 16, 20)])
+    frames = np.stack([demo.reference] * len(points))
+    memory = MouthMemory.build(frames, points, size=3)
+    # Three of the five open mouths, the widest first, spread over the openings; no closed one.
+    gaps = [lip_gap(p) for p in memory.points]
+    assert len(memory.patches) == 3 and gaps[0] == max(gaps) and min(gaps) >= MEMORY_MIN_GAP
+    assert max(gaps) - min(gaps) > 0.5 * (lip_gap(points[-1]) - lip_gap(points[5]))
+    memory.save(tmp_path / "m.npz")
+    again = MouthMemory.load(tmp_path / "m.npz")
+    assert np.array_equal(again.patches, memory.patches) and np.allclose(again.points, memory.points)
+    assert MouthMemory.build(frames[:5], points[:5]) is None  # nothing opens: no memory
+
+
+def test_open_mouth_is_drawn_from_the_identitys_memory(demo):
+    # The remembered mouth opening like the target's is the one drawn: its green interior.
+    wide = jaw_drop(demo.neutral, 16)
+    narrow = jaw_drop(demo.neutral, 6)
+    frames = np.stack([green_mouth_frame(demo, wide), demo.reference])
+    memory = MouthMemory.build(frames, np.stack([wide, narrow]))
+    target = jaw_drop(demo.neutral, 15)
+    with_memory, without = demo.reference.copy(), demo.reference.copy()
+    MouthPainter(demo.reference, demo.neutral, memory).paint(with_memory, target)
+    MouthPainter(demo.reference, demo.neutral).paint(without, target)
+    cx = int(round((target[13, 0] + target[14, 0]) / 2))
+    mid = slice(int(target[13, 1]) + 3, int(target[14, 1]) - 2)
+    green = lambda img: (img[mid, cx, 1].astype(int) - img[mid, cx, 0]).mean()  # noqa: E731
+    assert green(with_memory) > 120 and green(without) < 30
+
+
+def test_memory_choice_holds_between_two_mouths(demo):
+    narrow, wide = jaw_drop(demo.neutral, 8), jaw_drop(demo.neutral, 16)
+    memory = MouthMemory.build(np.stack([demo.reference] * 2), np.stack([narrow, wide]))
+    i_narrow, i_wide = memory.choose(narrow), memory.choose(wide)
+    assert i_narrow != i_wide
+    between = jaw_drop(demo.neutral, 12)  # as near to either: keep whichever was drawn
+    assert memory.choose(between, previous=i_narrow) == i_narrow
+    assert memory.choose(between, previous=i_wide) == i_wide
+    assert memory.choose(wide, previous=i_narrow) == i_wide  # clearly nearer: switch

@@ -23,6 +23,7 @@ WEIGHTS_FILE = "generator.pt"
 INT8_FILE = "generator.int8.onnx"
 EVAL_FILE, EVAL_HTML = "eval.json", "eval.html"
 CHECKPOINT_FILE = "checkpoint.pt"
+MOUTH_MEMORY_FILE = "mouth_memory.npz"
 
 
 @dataclass

@@ -224,7 +224,7 @@ class NeuralRenderer:
                                      f"(generator input {neural.get('input')}); enroll it again")
         self.runtime = select_runtime(identity.path / neural["model"], bundle_file(identity, neural.get("weights")),
                                       prefer, int8_path=bundle_file(identity, (neural.get("int8") or {}).get("model")))
-        self.warp = WarpRenderer(identity.reference, identity.neutral)
+        self.warp = WarpRenderer.for_identity(identity)
         self.last_warp: np.ndarray | None = None  # the warp render under the last output, for comparisons
         self._prev = None
 
