@@ -1,7 +1,8 @@
 """Neural engine against warp engine on the same frames: self-reenactment on an
 enrollment's held-out frames (with ground truth), or cross-reenactment of another driving
-video (without). The metrics are metrics.py's; this module picks the frames, runs both
-engines and writes the JSON + HTML report with a frame strip.
+video (without). A warp identity (the demo) is evaluated alone, on a driving video. The
+metrics are metrics.py's; this module picks the frames, runs the engines and writes the
+JSON + HTML report with a frame strip.
 """
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ import cv2
 import numpy as np
 
 from ..landmarks import FaceLandmarker
-from .metrics import REGION_PAD, REGIONS, engine_metrics, region_boxes
+from .metrics import IDENTITY_EVERY, REGION_PAD, REGIONS, engine_metrics, identity_distances, region_boxes
 
 STRIP_FRAMES = 6  # evenly spaced frames shown in the HTML report
 CLOSEUP_WIDTH = 256  # mouth close-ups are scaled to this width
 SCORES = ("psnr", "ssim", "mouth_psnr", "mouth_ssim", "eyes_psnr", "eyes_ssim", "l1", "akd", "mouth_corr",
-          "eye_corr", "flicker")
+          "eye_corr", "flicker", "identity_distance", "driver_distance")
 BOX_COLOUR = (255, 220, 0)
+IDENTITY_GOAL, DRIVER_GOAL = 0.40, 0.6  # issue #13: the avatar is the identity, not the driver
 
 
 def _png64(rgb: np.ndarray) -> str:
@@ -40,34 +42,48 @@ def _round(v):
 
 
 def evaluate_frames(warps, neurals, driving_pts, truth, consecutive, drivers=None, progress=False,
-                    frame_ids=None) -> dict:
-    """Metrics of both engines, frame by frame and in summary, plus a frame strip for the
-    HTML (ground truth or driver / warp / neural, and mouth close-ups).
+                    frame_ids=None, reference=None) -> dict:
+    """Metrics of both engines (the warp alone when `neurals` is None), frame by frame and in
+    summary, plus a frame strip for the HTML (ground truth or driver / warp / neural, and
+    mouth close-ups).
 
     With `truth` (self-reenactment) `driving_pts` are the ground-truth frames' own
     landmarks: the mouth and eye boxes come from them, the same boxes for both engines.
     `frame_ids` name the frames in the report (the video's frame numbers); by default 0..n-1.
+    With `reference` (the identity's image) the identity distances are measured too.
     """
     n = len(warps)
     frame_ids = list(range(n)) if frame_ids is None else [int(i) for i in frame_ids]
+    engines = {"warp": warps} if neurals is None else {"warp": warps, "neural": neurals}
     boxes = region_boxes(driving_pts, warps[0].shape)
     with FaceLandmarker(static=True) as lm:
-        report = {
-            "frames": n,
-            "warp": engine_metrics(warps, driving_pts, truth, consecutive, lm, boxes),
-            "neural": engine_metrics(neurals, driving_pts, truth, consecutive, lm, boxes),
-        }
-    w, nn = report["warp"], report["neural"]
+        report = {"frames": n, **{name: engine_metrics(out, driving_pts, truth, consecutive, lm, boxes)
+                                  for name, out in engines.items()}}
     per = {"frame": frame_ids, **{f"{r}_box": [None if b is None else list(b) for b in boxes[r]] for r in REGIONS}}
-    for name, m in (("warp", w), ("neural", nn)):
-        if "per_frame" in m:
-            per[name] = {k: [_round(v) for v in vals] for k, vals in m.pop("per_frame").items()}
+    for name in engines:
+        if "per_frame" in report[name]:
+            per[name] = {k: [_round(v) for v in vals] for k, vals in report[name].pop("per_frame").items()}
     report["per_frame"] = per
-    s = {"frames": n}
+    if reference is not None:
+        report["identity_distances"] = _identity_figures(report, reference, engines, drivers, frame_ids)
+    report["summary"] = _summary(report, engines, truth is not None)
+    report["strip"] = _strip(engines, truth, drivers, boxes["mouth"], frame_ids, per)
+    return report
+
+
+def _summary(report: dict, engines: dict, with_truth: bool) -> dict:
+    """The figures side by side (neural_X, warp_X), neural's gains and the goals it meets."""
+    s = {"frames": report["frames"]}
     for k in SCORES:
-        if k in nn:
-            s[f"neural_{k}"], s[f"warp_{k}"] = nn[k], w[k]
-    if truth is not None:
+        for name in engines:
+            if k in report[name]:
+                s[f"{name}_{k}"] = report[name][k]
+    fig = report.get("identity_distances")
+    if fig is not None:
+        s["driver_to_identity_distance"] = fig.get("driver_to_identity")
+        s["identity_distance_note"] = fig["note"]
+    if with_truth and "neural" in engines:
+        nn, w = report["neural"], report["warp"]
         s["psnr_gain_db"] = nn["psnr"] - w["psnr"]
         for r in REGIONS:
             s[f"{r}_psnr_gain_db"] = _gain(nn[f"{r}_psnr"], w[f"{r}_psnr"])
@@ -76,20 +92,45 @@ def evaluate_frames(warps, neurals, driving_pts, truth, consecutive, drivers=Non
                                   "akd": None if nn["akd"] is None or w["akd"] is None else nn["akd"] < w["akd"],
                                   "mouth_psnr_by_4db": None if s["mouth_psnr_gain_db"] is None
                                   else s["mouth_psnr_gain_db"] >= 4.0}
-    report["summary"] = s
-    report["strip"] = _strip(warps, neurals, truth, drivers, boxes["mouth"], frame_ids, per)
-    return report
+    return s
 
 
-def _strip(warps, neurals, truth, drivers, mouth_boxes, frame_ids, per) -> dict:
+def _identity_figures(report: dict, reference, engines: dict, drivers, frame_ids) -> dict:
+    """metrics.identity_distances, its medians copied into each engine's figures, and a note
+    saying what they mean here; without dlib, only the note."""
+    from ..identity_distance import EXTRA_HINT, available
+
+    if not available():
+        return {"measured": False, "note": f"identity distance: not measured ({EXTRA_HINT})"}
+    fig = identity_distances(reference, engines, drivers)
+    fig["frames"] = [frame_ids[i] for i in fig.pop("picks")]
+    for name in engines:
+        report[name].update({k: fig[name][k] for k in ("identity_distance", "driver_distance")})
+    return {"measured": True, **fig, "note": _identity_note(fig)}
+
+
+def _identity_note(fig: dict) -> str:
+    base = fig["driver_to_identity"]
+    note = (f"dlib 128-D face descriptors, median over {len(fig['frames'])} frames (every {IDENTITY_EVERY}th); "
+            f"goal: identity distance <= {IDENTITY_GOAL:.2f}, driver distance >= {DRIVER_GOAL}")
+    if not fig["reference_found"]:
+        return note + "; no face found in the identity's reference image: nothing to measure"
+    if base is not None and base < DRIVER_GOAL:
+        note += (f"; the driver and the identity are {base:.2f} apart, under dlib's same-person threshold "
+                 f"{DRIVER_GOAL}: a driver distance >= {DRIVER_GOAL} cannot be expected here")
+    return note
+
+
+def _strip(engines, truth, drivers, mouth_boxes, frame_ids, per) -> dict:
     """STRIP_FRAMES evenly spaced frames: rows of base64 PNGs with a caption each.
     The ground truth shows its mouth box; the close-up rows are that box, enlarged."""
+    warps = engines["warp"]
     picks = np.linspace(0, len(warps) - 1, min(STRIP_FRAMES, len(warps))).round().astype(int)
     size = warps[0].shape[1::-1]
     first = "ground truth" if truth is not None else "driver"
-    rows = {first: [], "warp": [], "neural": []}
+    rows = {first: [], **{name: [] for name in engines}}
     close = {"ground truth mouth": []} if truth is not None else {}  # a driver is another video's geometry
-    close.update({"warp mouth": [], "neural mouth": []})
+    close.update({f"{name} mouth": [] for name in engines})
     for i in picks:
         top = truth[i] if truth is not None else (np.zeros_like(warps[0]) if drivers is None
                                                   else cv2.resize(drivers[i], size, interpolation=cv2.INTER_AREA))
@@ -99,9 +140,10 @@ def _strip(warps, neurals, truth, drivers, mouth_boxes, frame_ids, per) -> dict:
             cv2.rectangle(marked, box[:2], (box[2] - 1, box[3] - 1), BOX_COLOUR, 1)
         cap = f"frame {frame_ids[i]}"
         rows[first].append((_png64(marked), cap + (", mouth box" if box is not None and truth is not None else "")))
-        for name, img in (("warp", warps[i]), ("neural", neurals[i])):
-            rows[name].append((_png64(img), _caption(per, name, i)))
-        for name, img in (("ground truth mouth", top), ("warp mouth", warps[i]), ("neural mouth", neurals[i])):
+        for name, out in engines.items():
+            rows[name].append((_png64(out[i]), _caption(per, name, i)))
+        images = {"ground truth mouth": top, **{f"{name} mouth": out[i] for name, out in engines.items()}}
+        for name, img in images.items():
             if name not in close:
                 continue
             if box is None:
@@ -154,12 +196,6 @@ def write_report(report: dict, json_path: Path, html_path: Path, title: str) -> 
     data = {k: v for k, v in report.items() if k not in ("strip", "strip_png_base64")}
     json_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     s = data["summary"]
-    scores = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{_fmt(s.get(f'warp_{k}'))}</td><td>{_fmt(s.get(f'neural_{k}'))}</td>"
-        f"<td>{_fmt(_gain(s.get(f'neural_{k}'), s.get(f'warp_{k}')))}</td></tr>"
-        for k in SCORES if f"neural_{k}" in s)
-    rest = "".join(f"<tr><th>{html.escape(k)}</th><td colspan=3>{_fmt(v)}</td></tr>" for k, v in s.items()
-                   if not k.startswith(("neural_", "warp_")) or k == "neural_beats_warp")
     pad = f"{REGION_PAD:.0%}"
     head = "".join(f"<th>frame {f}</th>" for f in strip.get("frames", []))
     body = "".join(f"<tr><th>{html.escape(name)}</th>{''.join(_cell(c, name) for c in cells)}</tr>"
@@ -173,14 +209,30 @@ def write_report(report: dict, json_path: Path, html_path: Path, title: str) -> 
     html_path.write_text(
         "<!doctype html><meta charset=utf-8><title>" + html.escape(title) + "</title>"
         "<style>body{font:14px sans-serif;margin:2em}td,th{padding:2px 10px;text-align:left;vertical-align:top}"
-        "table.scores td{text-align:right;font-variant-numeric:tabular-nums}"
+        "table.scores td{text-align:right;font-variant-numeric:tabular-nums}table.scores td[colspan]{text-align:left}"
         "figure{margin:0}img{display:block;max-width:256px}figcaption{font-size:12px;color:#444}</style>"
         f"<h1>{html.escape(title)}</h1><p>{html.escape(str(data.get('kind', '')))}; "
         f"{data['frames']} frames; runtime {html.escape(str(data.get('runtime')))}</p>"
-        "<table class=scores><tr><th>metric</th><th>warp</th><th>neural</th><th>neural − warp</th></tr>"
-        f"{scores}{rest}</table>"
+        f"{_scores_table(s)}"
         f"{note}"
         f"<h2>frames</h2><table class=strip><tr><th></th>{head}</tr>{body}</table>\n", encoding="utf-8")
+
+
+def _scores_table(s: dict) -> str:
+    """The summary as a table: one column per engine (and neural's gain over the warp when
+    both ran), then the figures that belong to neither."""
+    both = any(k.startswith("neural_") for k in s)
+    head = ("warp", "neural", "neural − warp") if both else ("warp",)
+    rows = ""
+    for k in SCORES:
+        if f"warp_{k}" in s:
+            w, n = s[f"warp_{k}"], s.get(f"neural_{k}")
+            cells = (w, n, _gain(n, w)) if both else (w,)
+            rows += f"<tr><th>{html.escape(k)}</th>{''.join(f'<td>{_fmt(v)}</td>' for v in cells)}</tr>"
+    rows += "".join(f"<tr><th>{html.escape(k)}</th><td colspan={len(head)}>{_fmt(v)}</td></tr>"
+                    for k, v in s.items() if not k.startswith(("neural_", "warp_")) or k == "neural_beats_warp")
+    return (f"<table class=scores><tr><th>metric</th>{''.join(f'<th>{h}</th>' for h in head)}</tr>"
+            f"{rows}</table>")
 
 
 def _cell(c, row: str) -> str:
@@ -192,14 +244,14 @@ def _cell(c, row: str) -> str:
 
 
 def _fmt(v) -> str:
-    return html.escape(f"{v:.4f}" if isinstance(v, float) else json.dumps(v))
+    return html.escape(f"{v:.4f}" if isinstance(v, float) else v if isinstance(v, str) else json.dumps(v))
 
 
 @dataclass
 class Rendered:
     """Both engines' outputs for the same frames, with what drove them."""
     warps: list = field(default_factory=list)
-    neurals: list = field(default_factory=list)
+    neurals: list | None = field(default_factory=list)  # None: a warp identity, no neural engine
     points: list = field(default_factory=list)  # the target landmarks of each frame
     truth: list | None = field(default_factory=list)  # None without ground truth
     consecutive: list = field(default_factory=list)  # frame follows the previous one without a gap
@@ -209,16 +261,21 @@ class Rendered:
 
 
 def evaluate_identity(identity, driving: Path | None = None, max_frames: int | None = None,
-                      backend: str = "auto", progress: bool = True) -> dict:
+                      backend: str = "auto", progress: bool = True, identity_distance: bool = True) -> dict:
     """Evaluate a neural identity: on its enrollment video's held-out frames (self-reenactment,
-    with ground truth), or reenacting another driving video (no ground truth)."""
+    with ground truth), or reenacting another driving video (no ground truth). A warp
+    identity has no held-out frames: it is evaluated alone, on a driving video.
+    `identity_distance`: also measure how much the avatar looks like the identity and not
+    like the driver (dlib, when installed)."""
     from ..identity import IdentityError
+    from ..warp import WarpRenderer
     from .runtime import NeuralRenderer
 
-    if identity.engine != "neural":
-        raise IdentityError(f"identity {identity.name!r} uses the {identity.engine} engine; "
-                            "eval compares a neural identity against the warp")
-    renderer = NeuralRenderer(identity, prefer=backend)
+    neural = identity.engine == "neural"
+    if not neural and driving is None:
+        raise IdentityError(f"identity {identity.name!r} uses the {identity.engine} engine and has no held-out "
+                            "frames: evaluate it on a driving video (--driving VIDEO)")
+    renderer = NeuralRenderer(identity, prefer=backend) if neural else WarpRenderer.for_identity(identity)
     if driving is None:
         r = _render_holdout(identity, renderer, max_frames, progress)
     else:
@@ -226,9 +283,9 @@ def evaluate_identity(identity, driving: Path | None = None, max_frames: int | N
     if len(r.warps) < 2:
         raise IdentityError("fewer than 2 frames with a face to evaluate")
     report = evaluate_frames(r.warps, r.neurals, r.points, r.truth, r.consecutive, drivers=r.drivers,
-                             frame_ids=r.frame_ids)
+                             frame_ids=r.frame_ids, reference=identity.reference if identity_distance else None)
     report["kind"] = r.kind
-    report["runtime"] = renderer.runtime.name
+    report["runtime"] = renderer.runtime.name if neural else "warp engine"
     report["identity"] = identity.name
     return report
 
@@ -275,13 +332,17 @@ def _render_holdout(identity, renderer, max_frames: int | None, progress: bool) 
 
 
 def _render_driven(identity, renderer, driving: Path, max_frames: int | None, progress: bool) -> Rendered:
-    """Another video's motion retargeted onto the identity, as a live session does (no ground truth)."""
+    """Another video's motion retargeted onto the identity, as a live session does (no ground
+    truth). A WarpRenderer renders the warp alone (no neural frames)."""
     from tqdm import tqdm
 
     from ..retarget import Retargeter
+    from ..warp import WarpRenderer
     from .data import read_frames
 
-    r = Rendered(truth=None, kind=f"cross-reenactment driven by {driving.name} (no ground truth)")
+    warp_only = isinstance(renderer, WarpRenderer)
+    r = Rendered(truth=None, neurals=None if warp_only else [],
+                 kind=f"cross-reenactment driven by {driving.name} (no ground truth)")
     retarget = Retargeter(identity.neutral)
     last_ok = False
     with FaceLandmarker(static=False) as lm:
@@ -290,11 +351,16 @@ def _render_driven(identity, renderer, driving: Path, max_frames: int | None, pr
             p = lm(rgb)
             target = retarget.update(p, i / 30.0)
             if p is None:
-                renderer.reset()
+                if not warp_only:
+                    renderer.reset()  # the generator sees its previous frame: not across a gap
                 last_ok = False
                 continue
             r.consecutive.append(last_ok)
             last_ok = True
-            r.neurals.append(renderer.render(target)), r.warps.append(renderer.last_warp)
+            out = renderer.render(target)
+            if warp_only:
+                r.warps.append(out)
+            else:
+                r.neurals.append(out), r.warps.append(renderer.last_warp)
             r.points.append(target), r.drivers.append(rgb), r.frame_ids.append(i)
     return r

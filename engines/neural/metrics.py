@@ -12,6 +12,10 @@
     eye_corr           driver's, over the frames
     flicker            mean |(out_t - out_t-1) - (gt_t - gt_t-1)| in 0..255 grey levels
                        (without ground truth: mean |out_t - out_t-1|)
+    identity_distance  dlib face-descriptor distance of the output to the identity's reference
+                       image, median over sampled frames (lower: more the identity; < 0.6 is
+                       dlib's "same person")
+    driver_distance    likewise to the driving frame's face (higher: less of the driver leaks in)
 """
 from __future__ import annotations
 
@@ -26,6 +30,9 @@ from ..mouth import OUTER_LIPS
 REGION_PAD = 0.25  # padding of a region box on every side, in widths of the feature (mouth, one eye)
 EYES = sorted(set(RIGHT_EYE_UPPER + RIGHT_EYE_LOWER + LEFT_EYE_UPPER + LEFT_EYE_LOWER))
 REGIONS = ("mouth", "eyes")
+
+# Identity distances: every 5th frame, at most 60 (a dlib descriptor costs ~0.13 s on this CPU).
+IDENTITY_EVERY, IDENTITY_FRAMES = 5, 60
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1 and y1 exclusive
 
@@ -158,3 +165,30 @@ def flicker(outputs: list[np.ndarray], truth: list[np.ndarray] | None, consecuti
             do -= truth[t].astype(np.float32) - truth[t - 1]
         flick.append(np.abs(do).mean())
     return float(np.mean(flick)) if flick else None
+
+
+def _median(values) -> float | None:
+    v = [x for x in values if x is not None]
+    return float(np.median(v)) if v else None
+
+
+def identity_distances(reference: np.ndarray, outputs: dict[str, list[np.ndarray]],
+                       drivers: list[np.ndarray] | None) -> dict:
+    """identity_distance and driver_distance of each engine's outputs (see above), on every
+    IDENTITY_EVERY-th frame; `driver_to_identity`: the same distance between the driving
+    frames and the reference, the baseline a driver distance can be judged by. `picks` are
+    the positions of the sampled frames, `faces` the share where dlib found the face."""
+    from ..identity_distance import descriptor, distance
+
+    n = len(next(iter(outputs.values())))
+    picks = list(range(0, n, IDENTITY_EVERY))[:IDENTITY_FRAMES]
+    ref = descriptor(reference)
+    drv = [descriptor(drivers[i]) if drivers is not None else None for i in picks]
+    fig = {"picks": picks, "reference_found": ref is not None,
+           "driver_to_identity": _median(distance(d, ref) for d in drv)}
+    for name, frames in outputs.items():
+        out = [descriptor(frames[i]) for i in picks]
+        fig[name] = {"identity_distance": _median(distance(o, ref) for o in out),
+                     "driver_distance": _median(distance(o, d) for o, d in zip(out, drv)),
+                     "faces": sum(o is not None for o in out) / max(len(picks), 1)}
+    return fig
