@@ -393,3 +393,15 @@ def test_delete_removes_checkpoint(enrolled):
     s, _, _ = enrolled
     s.delete("scan")
     assert not s.exists("scan") and not (s.root / ".scan.enroll").exists()
+
+
+def test_reference_frame_prefers_eyes_looking_ahead(demo):
+    # The reference's gaze is the avatar's resting gaze (a converged, screen-reading frame of
+    # a self-scan made every avatar cross-eyed): among equally frontal frames, eyes ahead win.
+    from engines.neural.data import frontal_score
+    from engines.retarget import eye_geometry, place_irises
+
+    ahead = place_irises(demo.neutral.astype(np.float64).copy(), np.zeros((2, 2)), np.full(2, 0.3))
+    converged = place_irises(ahead.copy(), np.array([[0.08, 0.0], [-0.08, 0.0]]), np.full(2, 0.3))
+    assert np.abs(eye_geometry(converged)[1][:, 0]).sum() > 0.15
+    assert frontal_score(converged) > frontal_score(ahead) + 0.5

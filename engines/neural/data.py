@@ -50,14 +50,19 @@ def read_frames(video: Path, limit: int | None = None) -> Iterator[np.ndarray]:
 
 
 def frontal_score(p: np.ndarray) -> float:
-    """Lower is better: head turned (cheek asymmetry, eye depth difference), mouth open, eyes shut."""
+    """Lower is better: head turned (cheek asymmetry, eye depth difference), mouth open, eyes
+    shut, eyes not looking ahead. The reference's gaze is the avatar's resting gaze: a
+    self-scan frame where the eyes converge on the phone's screen made every avatar cross-eyed."""
+    from ..retarget import eye_geometry
+
     io = max(inter_ocular(p), 1e-6)
     nose = p[1, :2]
     yaw = abs(np.linalg.norm(p[FACE_LEFT, :2] - nose) - np.linalg.norm(p[FACE_RIGHT, :2] - nose)) / io
     depth = abs(p[LEFT_EYE_OUTER, 2] - p[RIGHT_EYE_OUTER, 2]) / io
     roll = abs(math.atan2(p[LEFT_EYE_OUTER, 1] - p[RIGHT_EYE_OUTER, 1],
                           p[LEFT_EYE_OUTER, 0] - p[RIGHT_EYE_OUTER, 0]))
-    return yaw + depth + roll + 3.0 * mouth_openness(p) + max(0.0, 0.25 - eye_openness(p)) * 4.0
+    gaze = float(np.abs(eye_geometry(p)[1][:, 0]).sum())  # irises off their eyes' middles, in eye widths
+    return yaw + depth + roll + 3.0 * mouth_openness(p) + max(0.0, 0.25 - eye_openness(p)) * 4.0 + 4.0 * gaze
 
 
 def extract(video: Path, max_frames: int | None = None, progress: bool = True) -> ScanData:
