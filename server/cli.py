@@ -423,6 +423,7 @@ def cmd_eval(args) -> int:
     if args.driving is not None and not args.driving.is_file():
         raise IdentityError(f"{args.driving}: no such file")
     identity = store(args).load(args.name)
+    identity.consent.check("offline-render")  # the report shows rendered frames of the person
     report = evaluate_identity(identity, args.driving, args.max_frames, args.backend,
                                identity_distance=not args.no_identity_distance)
     base = args.output or Path(f"eval-{identity.name}")

@@ -186,6 +186,11 @@ def test_revoke_keeps_the_record_and_blocks_renders(tmp_path, store):
                             capture_output=True, text=True, timeout=120)
     assert render.returncode == 2 and "revoked" in render.stderr
     assert not (tmp_path / "o.mp4").exists()
+    report = tmp_path / "eval"  # eval's report shows rendered frames of the person too
+    evaluated = subprocess.run(cli + ["eval", "jo", "--driving", str(drive), "-o", str(report)],
+                               capture_output=True, text=True, timeout=120)
+    assert evaluated.returncode == 2 and "revoked" in evaluated.stderr
+    assert not report.with_suffix(".html").exists()
 
 
 def test_bad_scope_and_past_expiry_are_refused(tmp_path, portrait):
