@@ -10,7 +10,8 @@ skin, and never stretched as the lids open or close.
 Closing an eye by warping drags the lashes down over the eyeball: a dark smear, not a
 lid. Where the target eye is more closed than the reference's, EyelidPainter paints lid
 skin (sampled just above the reference's eye) between where the open lid would be and
-the lower lid, with a lash line where the lids meet.
+the lower lid, with a lash line where the lids meet. An enrolled identity's own closing
+eyes (EyeMemory, from its self-scan's blinks) are drawn instead: real lids and lashes.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from . import geometry
 from .landmarks import EYE_CORNERS, IRISES, RIGID, eye_frames, iris_centres, iris_reach
+from .memory import Memory, nearest
 from .paint import paint_inside
 from .mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
 
@@ -32,8 +34,40 @@ def _gap(points, upper, lower) -> float:
     return float(np.linalg.norm(points[upper[1:-1], :2] - points[lower[1:-1], :2], axis=1).mean())
 
 
+EYE_MEMORY_SIZE = 8
+EYE_MEMORY_HOLD = 0.04  # in openness (lid gap over eye width)
+
+
+def eye_shape(points: np.ndarray) -> np.ndarray:
+    """Each eye's openness (as in EYES): mean lid gap over the eye's width."""
+    width = eye_frames(points)[2]
+    return np.array([_gap(points, upper, lower) for upper, lower in EYES]) / width
+
+
+class EyeMemory(Memory):
+    """The identity's own closing and closed eyes (both eyes in one patch), chosen per eye."""
+
+    PATCH = (64, 176)
+    CENTRE = EYE_CORNERS.ravel().tolist()
+    KIND = "eye memory"
+    shape = staticmethod(eye_shape)
+
+    @classmethod
+    def worth_keeping(cls, shapes: np.ndarray) -> np.ndarray:
+        return shapes.min(1) < 0.6 * np.median(shapes)  # a blink or a squint, not an open eye
+
+    @classmethod
+    def build(cls, frames: np.ndarray, points: np.ndarray, size: int = EYE_MEMORY_SIZE) -> "EyeMemory | None":
+        return super().build(frames, points, size)
+
+    def choose(self, eye: int, openness: float, previous: int | None = None, hold: float = EYE_MEMORY_HOLD) -> int:
+        return nearest(np.abs(self.shapes[:, eye] - openness), previous, hold)
+
+
 class EyelidPainter:
-    def __init__(self, reference: np.ndarray, neutral: np.ndarray):
+    def __init__(self, reference: np.ndarray, neutral: np.ndarray, memory: EyeMemory | None = None):
+        self.memory = memory
+        self._drawn: list[int | None] = [None, None]  # per eye, the remembered eye drawn last
         self.neutral = neutral.astype(np.float64)
         h, w = reference.shape[:2]
         self.skin, self.lash = [], []
@@ -48,29 +82,53 @@ class EyelidPainter:
         if head is None:
             head = geometry.fit_similarity(self.neutral[RIGID, :2], target[RIGID, :2].astype(np.float64))
         scale = float(np.sqrt(abs(np.linalg.det(head[:2, :2]))))
-        for (upper, lower), skin, lash in zip(EYES, self.skin, self.lash):
+        openness = eye_shape(target) if self.memory is not None else None
+        for k, ((upper, lower), skin, lash) in enumerate(zip(EYES, self.skin, self.lash)):
             open_gap = _gap(self.neutral, upper, lower) * scale
             closure = 1.0 - _gap(target, upper, lower) / max(open_gap, 1e-6)
             strength = float(np.clip((closure - 0.25) / 0.4, 0.0, 1.0))
-            if strength > 0:
-                self._paint_one(image, target, upper, lower, open_gap, skin, lash, strength)
+            if strength <= 0:
+                self._drawn[k] = None
+                continue
+            if self.memory is not None:
+                self._drawn[k] = self.memory.choose(k, float(openness[k]), self._drawn[k])
+                layer = self._remembered(target, upper, lower, self._drawn[k])
+            else:
+                layer = self._painted(target[upper, :2].astype(np.float64), skin, lash)
+            paint_inside(image, self._lid_outline(target, upper, lower, open_gap), layer, strength, feather=5)
 
     @staticmethod
-    def _paint_one(image, target, upper, lower, open_gap, skin, lash, strength):
+    def _lid_outline(target, upper, lower, open_gap) -> np.ndarray:
+        """Where the open eye would be: the upper lid raised to the open gap, down to the lower lid."""
         lid = target[upper, :2].astype(np.float64)
         bottom = target[lower, :2].astype(np.float64)
         raised = lid.copy()
         raised[1:-1, 1] = np.minimum(lid[1:-1, 1], bottom[1:-1, 1] - open_gap * 1.15)
-        outline = np.concatenate([raised, bottom[-2:0:-1]])
+        return np.concatenate([raised, bottom[-2:0:-1]])
 
+    @staticmethod
+    def _painted(lid, skin, lash):
         def lid_layer(x0, y0, x1, y1):
             layer = np.empty((y1 - y0, x1 - x0, 3), np.float32)
             layer[:] = skin
             lash_line = np.round((lid - (x0, y0)) * 16).astype(np.int32)
             cv2.polylines(layer, [lash_line], False, lash.tolist(), 1, cv2.LINE_AA, shift=4)
             return layer
+        return lid_layer
 
-        paint_inside(image, outline, lid_layer, strength, feather=5)
+    def _remembered(self, target, upper, lower, entry: int):
+        """The remembered eye, moved by the similarity that best lays its lids on the target's."""
+        lids = upper + lower[1:-1]
+        to_patch = geometry.fit_similarity(target[lids, :2].astype(np.float64),
+                                           self.memory.points[entry][lids, :2].astype(np.float64))
+        patch = self.memory.patches[entry]
+
+        def eye_layer(x0, y0, x1, y1):
+            m = to_patch[:2].copy()
+            m[:, 2] += m[:, :2] @ (x0, y0)  # box pixel -> target pixel -> patch pixel
+            return cv2.warpAffine(patch, m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                  borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+        return eye_layer
 
 
 IRIS_DISC = 1.2  # the iris disc moved, in iris radii: a little white around it goes along

@@ -31,6 +31,7 @@ RENDER_SIZE = 256
 ENGINES = ("warp", "neural")
 # Used with fullmatch: `$` alone also matches before a trailing newline ("nl2\n").
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+MEMORIES = ("mouth_memory", "eye_memory")  # optional manifest fields naming a bundle's remembered appearances
 FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # a plain file inside the bundle
 DEFAULT_IDENTITY = "demo"
 CROP_SCALE = 1.9  # crop side over the landmarks' extent: room for hair and neck
@@ -126,18 +127,20 @@ class Identity:
     path: Path
     manifest: dict
 
-    def mouth_memory(self):
-        """Its own open mouths (engines.mouth.MouthMemory) when the bundle has them, else None.
-        The file is listed in the manifest, so its hash was checked at load."""
-        name = self.manifest.get("mouth_memory")
+    def memory(self, kind: str):
+        """Its remembered appearances of one kind ("mouth_memory": engines.mouth.MouthMemory,
+        "eye_memory": engines.eyes.EyeMemory) when the bundle has them, else None. The file
+        is listed in the manifest, so its hash was checked at load."""
+        name = self.manifest.get(kind)
         if name is None:
             return None
+        from .eyes import EyeMemory
         from .mouth import MouthMemory
 
         try:
-            return MouthMemory.load(self.path / name)
+            return {"mouth_memory": MouthMemory, "eye_memory": EyeMemory}[kind].load(self.path / name)
         except (OSError, KeyError, ValueError) as e:
-            raise IdentityError(f"identity {self.name!r}: {name} is not a mouth memory ({e})") from None
+            raise IdentityError(f"identity {self.name!r}: {name} is not a {kind.replace('_', ' ')} ({e})") from None
 
     @property
     def label_viewers(self) -> bool:
@@ -424,8 +427,9 @@ def _from_manifest(folder: Path, m: object) -> Identity:
     for key in ("reference_image", "neutral_landmarks"):
         if m[key] not in files:
             fail(f"{key} {m[key]!r} is not listed in 'files'")
-    if "mouth_memory" in m and m["mouth_memory"] not in files:
-        fail(f"mouth_memory {m['mouth_memory']!r} is not listed in 'files'")
+    for key in MEMORIES:
+        if key in m and m[key] not in files:
+            fail(f"{key} {m[key]!r} is not listed in 'files'")
     bgr = cv2.imread(str(folder / m["reference_image"]), cv2.IMREAD_COLOR)
     if bgr is None:
         fail(f"{m['reference_image']} is not a readable image")

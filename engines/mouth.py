@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from .landmarks import inter_ocular
+from .memory import Memory, nearest
 from .mesh import MOUTH_LOWER, MOUTH_UPPER
 from .paint import paint_inside
 
@@ -49,63 +50,25 @@ def mouth_shape(points: np.ndarray) -> np.ndarray:
     return np.array([lip_gap(points), width]) * SHAPE_WEIGHTS
 
 
-class MouthMemory:
-    """The identity's own open mouths: image patches round the mouth and their landmarks
-    (in patch pixels), spread over the openings and widths the self-scan shows."""
+class MouthMemory(Memory):
+    """The identity's own open mouths, spread over the openings and widths the self-scan shows."""
 
-    def __init__(self, patches: np.ndarray, points: np.ndarray):
-        if patches.ndim != 4 or patches.shape[-1] != 3 or patches.dtype != np.uint8 or not len(patches):
-            raise ValueError(f"mouth memory patches must be (N, h, w, 3) uint8, got {patches.shape} {patches.dtype}")
-        if points.shape != (len(patches),) + points.shape[1:] or points.ndim != 3 or not np.isfinite(points).all():
-            raise ValueError(f"mouth memory points must be finite (N, 478, 3), got {points.shape}")
-        self.patches, self.points = patches, points.astype(np.float32)
-        self.shapes = np.stack([mouth_shape(p) for p in self.points])
+    PATCH = MEMORY_PATCH
+    CENTRE = OUTER_LIPS
+    KIND = "mouth memory"
+    shape = staticmethod(mouth_shape)
+
+    @classmethod
+    def worth_keeping(cls, shapes: np.ndarray) -> np.ndarray:
+        return shapes[:, 0] >= MEMORY_MIN_GAP * SHAPE_WEIGHTS[0]
 
     @classmethod
     def build(cls, frames: np.ndarray, points: np.ndarray, size: int = MEMORY_SIZE) -> "MouthMemory | None":
-        """Choose up to `size` open mouths from frames (N, H, W, 3) with their landmarks,
-        spread by farthest-point sampling of their shapes; None if none opens."""
-        shapes = np.stack([mouth_shape(p) for p in points])
-        open_ = np.flatnonzero(shapes[:, 0] >= MEMORY_MIN_GAP * SHAPE_WEIGHTS[0])
-        if not len(open_):
-            return None
-        chosen = [open_[np.argmax(shapes[open_, 0])]]  # the widest opening first
-        dist = np.linalg.norm(shapes[open_] - shapes[chosen[0]], axis=1)
-        while len(chosen) < min(size, len(open_)):
-            j = int(np.argmax(dist))
-            chosen.append(open_[j])
-            dist = np.minimum(dist, np.linalg.norm(shapes[open_] - shapes[open_[j]], axis=1))
-        cut = [_patch(frames[i], points[i]) for i in chosen]
-        return cls(np.stack([c[0] for c in cut]), np.stack([c[1] for c in cut]))
-
-    @classmethod
-    def load(cls, path) -> "MouthMemory":
-        with np.load(path, allow_pickle=False) as z:
-            return cls(z["patches"], z["points"])
-
-    def save(self, path) -> None:
-        np.savez_compressed(path, patches=self.patches, points=self.points)
+        return super().build(frames, points, size)
 
     def choose(self, target: np.ndarray, previous: int | None = None, hold: float = MEMORY_HOLD) -> int:
-        """The remembered mouth most like the target's; `previous` while it is within `hold`
-        of the best, so a mouth between two does not flicker from one to the other."""
-        dist = np.linalg.norm(self.shapes - mouth_shape(target), axis=1)
-        best = int(np.argmin(dist))
-        return previous if previous is not None and dist[previous] <= dist[best] + hold else best
-
-
-def _patch(frame: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The MEMORY_PATCH round the mouth (edge pixels repeated past the frame) and the
-    landmarks moved into it."""
-    h, w = MEMORY_PATCH
-    cx, cy = points[OUTER_LIPS, :2].mean(0)
-    x0, y0 = int(round(cx)) - w // 2, int(round(cy)) - h // 2
-    shift = np.array([[1, 0, -x0], [0, 1, -y0]], np.float64)
-    patch = cv2.warpAffine(frame, shift, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE)
-    moved = points.astype(np.float32).copy()
-    moved[:, 0] -= x0
-    moved[:, 1] -= y0
-    return patch, moved
+        """The remembered mouth most like the target's (held while another is not clearly nearer)."""
+        return nearest(np.linalg.norm(self.shapes - mouth_shape(target), axis=1), previous, hold)
 
 
 class MouthPainter:

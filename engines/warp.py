@@ -15,7 +15,7 @@ from . import geometry
 from .landmarks import RIGID
 from .mesh import (border_points, face_triangles, hole_triangles,
                    ring_points, skirt_triangles)
-from .eyes import EyelidPainter, IrisPainter
+from .eyes import EyelidPainter, EyeMemory, IrisPainter
 from .mouth import MouthMemory, MouthPainter
 
 MAP_SCALE = 2  # the warp map is built at 1/MAP_SCALE resolution
@@ -30,7 +30,8 @@ SEAM_SIGMA = 1.2
 class WarpRenderer:
     """render(target_points) -> RGB image of the identity with the target's pose and expression."""
 
-    def __init__(self, reference: np.ndarray, neutral: np.ndarray, mouth_memory: MouthMemory | None = None):
+    def __init__(self, reference: np.ndarray, neutral: np.ndarray, mouth_memory: MouthMemory | None = None,
+                 eye_memory: EyeMemory | None = None):
         if reference.ndim != 3 or reference.shape[2] != 3:
             raise ValueError(f"reference must be an RGB image, got shape {reference.shape}")
         self.reference = np.ascontiguousarray(reference)
@@ -54,12 +55,12 @@ class WarpRenderer:
         self._ids = np.zeros(self._map_shape, np.int32)
         self.mouth = MouthPainter(self.reference, self.neutral, mouth_memory)
         self.irises = IrisPainter(self.reference, self.neutral)
-        self.eyelids = EyelidPainter(self.reference, self.neutral)
+        self.eyelids = EyelidPainter(self.reference, self.neutral, eye_memory)
 
     @classmethod
     def for_identity(cls, identity) -> "WarpRenderer":
-        """The warp of an identity, with the memory of its own open mouths if its bundle has one."""
-        return cls(identity.reference, identity.neutral, identity.mouth_memory())
+        """The warp of an identity, with the memories of its own mouth and eyes if its bundle has them."""
+        return cls(identity.reference, identity.neutral, identity.memory("mouth_memory"), identity.memory("eye_memory"))
 
     def render(self, target: np.ndarray) -> np.ndarray:
         head = self._head_similarity(target[:, :2].astype(np.float64))

@@ -154,7 +154,7 @@ def test_crop_past_the_frame_edge_is_padded_with_the_edge_not_black():
 
 
 def test_mouth_memory_must_be_a_listed_file(store, tmp_path):
-    assert store.load("demo").mouth_memory() is None  # a photo identity has none
+    assert store.load("demo").memory("mouth_memory") is None  # a photo identity has none
     shutil.copytree(store.path("demo"), tmp_path / "demo")
     copy = IdentityStore(tmp_path)
     ident = copy.load("demo")

@@ -341,7 +341,7 @@ def test_enrollment_smoke_bundle(enrolled):
     assert isinstance(r, NeuralRenderer) and r.runtime.name == "ort-int8-cpu"
     # Its own open mouths from the training frames, which its warp input now draws on.
     assert ident.manifest["mouth_memory"] in ident.manifest["files"]
-    assert len(ident.mouth_memory().patches) > 1 and r.warp.mouth.memory is not None
+    assert len(ident.memory("mouth_memory").patches) > 1 and r.warp.mouth.memory is not None
     out = r.render(ident.neutral)
     assert out.shape == (256, 256, 3) and out.dtype == np.uint8
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from ..identity import RENDER_SIZE, Consent, Identity, IdentityStore, crop_corners
-from .config import (EVAL_FILE, EVAL_HTML, IN_CHANNELS, INT8_FILE, MODEL_CONFIG, MODEL_FILE, MOUTH_MEMORY_FILE,
-                     WEIGHTS_FILE)
+from .config import (EVAL_FILE, EVAL_HTML, EYE_MEMORY_FILE, IN_CHANNELS, INT8_FILE, MODEL_CONFIG, MODEL_FILE,
+                     MOUTH_MEMORY_FILE, WEIGHTS_FILE)
 from .data import PairBuilder
 
 log = logging.getLogger(__name__)
@@ -65,16 +65,20 @@ def write_bundle(store: IdentityStore, name: str, display_name: str, consent: Co
             write_report(eval_report, staging / EVAL_FILE, staging / EVAL_HTML, f"{name}: enrollment evaluation")
             files += [EVAL_FILE, EVAL_HTML]
         fields = {"neural": neural_manifest(builder, info, preset_name, eval_report is not None, int8)}
-        if builder.memory is not None:  # its own open mouths, which its warp input was trained with
-            builder.memory.save(staging / MOUTH_MEMORY_FILE)
-            files.append(MOUTH_MEMORY_FILE)
-            fields["mouth_memory"] = MOUTH_MEMORY_FILE
+        for kind, memory in builder.memories.items():  # its own mouths and eyes, which its warp input drew on
+            if memory is not None:
+                memory.save(staging / MEMORY_FILES[kind])
+                files.append(MEMORY_FILES[kind])
+                fields[kind] = MEMORY_FILES[kind]
         return files, fields
 
     return store.write(name, display_name, "neural", consent, builder.reference, builder.neutral,
                        crop_corners(*builder.data.box),
                        {"source": source.name, "source_path": str(source.resolve())},
                        tool="avatar enroll", extra=neural_files, overwrite=overwrite)
+
+
+MEMORY_FILES = {"mouth_memory": MOUTH_MEMORY_FILE, "eye_memory": EYE_MEMORY_FILE}
 
 
 def write_generator(staging: Path, model) -> list[str]:

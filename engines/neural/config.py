@@ -24,6 +24,7 @@ INT8_FILE = "generator.int8.onnx"
 EVAL_FILE, EVAL_HTML = "eval.json", "eval.html"
 CHECKPOINT_FILE = "checkpoint.pt"
 MOUTH_MEMORY_FILE = "mouth_memory.npz"
+EYE_MEMORY_FILE = "eye_memory.npz"
 
 
 @dataclass

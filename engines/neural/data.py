@@ -117,6 +117,7 @@ class PairBuilder:
     """Network inputs and targets for scan frames (warps computed once and cached)."""
 
     def __init__(self, data: ScanData):
+        from ..eyes import EyeMemory
         from ..mouth import MouthMemory
         from ..warp import WarpRenderer
         from .model import contour_map
@@ -126,8 +127,9 @@ class PairBuilder:
         self.reference = data.crops[ref]
         self.neutral = data.points[ref]
         # Training frames only: a held-out frame's own mouth must not be in its memory.
-        self.memory = MouthMemory.build(data.crops[:data.n_train], data.points[:data.n_train])
-        self.warp = warp = WarpRenderer(self.reference, self.neutral, self.memory)
+        frames, points = data.crops[:data.n_train], data.points[:data.n_train]
+        self.memories = {"mouth_memory": MouthMemory.build(frames, points), "eye_memory": EyeMemory.build(frames, points)}
+        self.warp = warp = WarpRenderer(self.reference, self.neutral, *self.memories.values())
         self.warps = np.stack([warp.render(p) for p in data.points])
         self.rigids = np.stack([warp.render_rigid(p) for p in data.points])
         self.maps = np.stack([(contour_map(p) * 255).astype(np.uint8) for p in data.points])
