@@ -108,12 +108,18 @@ class EyelidPainter:
 
     @staticmethod
     def _painted(lid, skin, lash):
+        """Lid skin with a lash line along a smooth curve through the lid: a closed lid's
+        landmarks zig-zag, and OpenCV draws anti-aliased lines on 8-bit images only, so the
+        line is drawn as an 8-bit coverage mask with a soft shadow, then blended."""
+        curve = _smooth_lid(lid)
+
         def lid_layer(x0, y0, x1, y1):
-            layer = np.empty((y1 - y0, x1 - x0, 3), np.float32)
-            layer[:] = skin
-            lash_line = np.round((lid - (x0, y0)) * 16).astype(np.int32)
-            cv2.polylines(layer, [lash_line], False, lash.tolist(), 1, cv2.LINE_AA, shift=4)
-            return layer
+            cover = np.zeros((y1 - y0, x1 - x0), np.uint8)
+            cv2.polylines(cover, [np.round((curve - (x0, y0)) * 16).astype(np.int32)], False, 255, 1,
+                          cv2.LINE_AA, shift=4)
+            shadow = cv2.GaussianBlur(cover, (0, 0), 1.2).astype(np.float32) / 255 * 0.5
+            a = np.maximum(cover.astype(np.float32) / 255, shadow)[..., None]
+            return skin * (1 - a) + lash * a
         return lid_layer
 
     def _remembered(self, target, upper, lower, entry: int):
@@ -129,6 +135,18 @@ class EyelidPainter:
             return cv2.warpAffine(patch, m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                                   borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
         return eye_layer
+
+
+def _smooth_lid(lid: np.ndarray, n: int = 24) -> np.ndarray:
+    """A quadratic through the lid points in the frame of its corners, sampled at n points
+    from corner to corner."""
+    a, b = lid[0], lid[-1]
+    axis = (b - a) / max(np.linalg.norm(b - a), 1e-6)
+    normal = np.array([-axis[1], axis[0]])
+    u, v = (lid - a) @ axis, (lid - a) @ normal
+    coef = np.polyfit(u, v, 2) if np.ptp(u) > 1e-6 else np.zeros(3)
+    us = np.linspace(u[0], u[-1], n)
+    return a + us[:, None] * axis + np.polyval(coef, us)[:, None] * normal
 
 
 IRIS_DISC = 1.2  # the iris disc moved, in iris radii: a little white around it goes along
