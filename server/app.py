@@ -269,6 +269,10 @@ async def start_server(config: ServerConfig | None = None):
     if not (config.tokens or config.viewer_tokens) and not is_loopback(config.host):
         raise ConfigError(f"refusing to serve {config.host} without tokens: set AVATAR_TOKENS or "
                           "--config tokens, or bind 127.0.0.1 for the localhost-only demo mode")
+    if config.opencv_threads:
+        import cv2
+
+        cv2.setNumThreads(config.opencv_threads)  # process-wide: every session's warp and resizes
     state = ServerState(config)
     loop = asyncio.get_running_loop()
     await state.audit.open()  # what a killed server left open is recorded as ended abnormally

@@ -77,6 +77,9 @@ class ServerConfig:
     marker_completion: bool = setting(True, "hand received video frames to the decoder on their RTP marker "
                                             "bit (server/jitter.py); --no-marker-completion waits for the next "
                                             "frame, as aiortc does (one frame interval later)")
+    opencv_threads: int = setting(0, "threads OpenCV may use inside one image operation (0: its default, "
+                                     "one per core); 1 leaves the cores to the sessions' own workers",
+                                  minimum=0, maximum=64, metavar="N")
     max_viewers: int = setting(16, "viewers (browser pages and WHEP players) in all rooms together, "
                                    "separate from --max-sessions: a viewer costs an encode, not a model",
                                minimum=0, metavar="N")

@@ -147,7 +147,8 @@ def test_compare_configurations_name_identity_and_marker_completion(tmp_path):
 
     cfg = RunConfig.parse("identity=scan,marker=off")
     assert (cfg.identity, cfg.marker) == ("scan", False) and RunConfig.parse("marker=on").marker
-    for bad in ("marker=maybe", "speed=2", "identity"):
+    assert RunConfig.parse("opencv-threads=1,marker=on").opencv_threads == 1
+    for bad in ("marker=maybe", "speed=2", "identity", "opencv-threads=x", "opencv-threads=-1", "opencv-threads=99"):
         with pytest.raises(ValueError):
             RunConfig.parse(bad)
     # marker=off is also a server setting: it needs the local server the bench starts.

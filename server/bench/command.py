@@ -30,8 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="driving clip (default: a synthetic talking demo face, 512x512 at 30 fps)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
                    help="two configurations measured interleaved in one run; prints B/A. Each is "
-                        "identity=NAME and/or marker=on|off (marker=off: frames complete as in plain "
-                        "aiortc, one frame later, on the server and in this client), e.g. "
+                        "identity=NAME, marker=on|off (marker=off: frames complete as in plain "
+                        "aiortc, one frame later, on the server and in this client) and/or "
+                        "opencv-threads=N (the server's --opencv-threads), e.g. "
                         "--compare marker=off marker=on")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds for --compare (default 4)")
     p.add_argument("--scale", type=int, default=None, metavar="N",
@@ -60,10 +61,10 @@ def run(args: argparse.Namespace) -> int:
             check_server(url)
         else:
             # The same identities `avatar serve` would offer: an enrolled one can be measured.
-            # One server per marker setting, since it is the server's as well as the client's.
-            servers = {m: stack.enter_context(local_server(home, need, marker=m))
-                       for m in sorted({c.marker for c in configs}, reverse=True)}
-            configs = [dataclasses.replace(c, url=servers[c.marker][0]) for c in configs]
+            # One server per server-side setting (the marker setting is the client's too).
+            servers = {k: stack.enter_context(local_server(home, need, marker=k[0], opencv_threads=k[1]))
+                       for k in sorted({(c.marker, c.opencv_threads) for c in configs}, reverse=True)}
+            configs = [dataclasses.replace(c, url=servers[c.marker, c.opencv_threads][0]) for c in configs]
             url, pid = next(iter(servers.values()))
         report = asyncio.run(measure(args, url, pid, configs, frames, fps))
     report["machine"] = machine_info(backend=served_backend(args.url, home, configs))
@@ -87,6 +88,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--avsync measures one presenter and one viewer: not with --compare, --scale or --sessions")
     if args.avsync and args.duration < 10:
         raise ValueError("--avsync needs --duration of at least 10 s (the offset is measured per 10 s window)")
+    if args.url and any(c.opencv_threads for c in run_configs(args)):
+        raise ValueError("opencv-threads=N needs the local server; for --url, start it with --opencv-threads N")
     if args.url and any(not c.marker for c in run_configs(args)):
         raise ValueError("marker=off needs the local server (it starts one with --no-marker-completion); "
                          "for --url, start that server with --no-marker-completion yourself")

@@ -32,6 +32,7 @@ class RunConfig:
     label: str
     identity: str = "demo"
     marker: bool = True
+    opencv_threads: int = 0  # the server's --opencv-threads (0: OpenCV's default)
     url: str | None = None
 
     @classmethod
@@ -43,16 +44,19 @@ class RunConfig:
                 values[key] = value
             elif sep and key == "marker" and value in ("on", "off"):
                 values[key] = value == "on"
+            elif sep and key == "opencv-threads" and value.isdigit() and int(value) <= 64:
+                values["opencv_threads"] = int(value)
             else:
-                raise ValueError(f"bad configuration {text!r}: use identity=NAME and/or marker=on|off, "
-                                 "e.g. identity=demo,marker=off")
+                raise ValueError(f"bad configuration {text!r}: use identity=NAME, marker=on|off and/or "
+                                 "opencv-threads=N, e.g. identity=demo,marker=off")
         return cls(label=text, **values)
 
 
 # ---- the server ------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def local_server(home: Path, max_sessions: int, marker: bool = True, extra: tuple[str, ...] = ()):
+def local_server(home: Path, max_sessions: int, marker: bool = True, extra: tuple[str, ...] = (),
+                 opencv_threads: int = 0):
     """`avatar serve` in a child process on a free loopback port (more flags in `extra`);
     stopped on exit."""
     with socket.socket() as s:
@@ -62,6 +66,8 @@ def local_server(home: Path, max_sessions: int, marker: bool = True, extra: tupl
            "--port", str(port), "--max-sessions", str(max_sessions)]
     if not marker:
         cmd.append("--no-marker-completion")
+    if opencv_threads:
+        cmd += ["--opencv-threads", str(opencv_threads)]
     cmd += extra
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/"
