@@ -1,4 +1,5 @@
-"""`avatar serve`: one port (aiohttp) for the web client, signaling (/ws), WHIP/WHEP and /metrics.
+"""`avatar serve`: one port (aiohttp) for the web client, signaling (/ws), WHIP/WHEP, browser enrollment
+and /metrics.
 
 Why aiohttp: it carries plain HTTP (every method, HEAD without a body, 405 with Allow, request
 bodies for WHIP/WHEP offers with a size cap) and the signaling WebSocket on one port, and
@@ -29,7 +30,7 @@ from .security import ConfigError, host_allowed, is_loopback, origin_allowed
 from .signaling import Closed, Connection
 from .state import ServerState
 from .udp_ports import confine_udp_ports, parse_range
-from . import whip
+from . import enroll_http, whip
 
 log = logging.getLogger("avatar.server")
 
@@ -37,7 +38,8 @@ log = logging.getLogger("avatar.server")
 # an installed `avatar` serves it too, not only a checkout.
 WEB = files("server.web")
 STATIC = {"/": "index.html", "/index.html": "index.html", "/app.js": "app.js",
-          "/viewer.html": "viewer.html", "/viewer.js": "viewer.js", "/common.js": "common.js", "/style.css": "style.css"}
+          "/viewer.html": "viewer.html", "/viewer.js": "viewer.js", "/common.js": "common.js", "/style.css": "style.css",
+          "/enroll.html": "enroll.html", "/enroll.js": "enroll.js"}
 CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 # The pages load nothing from elsewhere; camera needs a secure context (https or localhost).
 SECURITY_HEADERS = {
@@ -202,7 +204,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 
 def make_app(state: ServerState) -> web.Application:
-    # client_max_size bounds every request body: WHIP/WHEP offers are the only bodies.
+    # client_max_size bounds every body read whole: WHIP/WHEP offers. An enrollment's recording
+    # is streamed to disk in chunks instead, under its own cap (server/enroll_http.py).
     app = web.Application(middlewares=[guard], client_max_size=state.config.max_sdp + 1024)
     app[STATE] = state
     for path in STATIC:
@@ -213,6 +216,7 @@ def make_app(state: ServerState) -> web.Application:
     app.router.add_get("/rooms", rooms)
     app.router.add_get("/ws", websocket)
     whip.add_routes(app, STATE)
+    enroll_http.add_routes(app, STATE, bearer_token)
     app.on_shutdown.append(_close_sockets)
     return app
 

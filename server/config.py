@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engines.identity import identities_dir
+from engines.neural.config import PRESETS
 from .security import ConfigError, parse_tokens_env, parse_tokens_json
 from .udp_ports import parse_range
 
@@ -35,6 +36,11 @@ def setting(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.
     meta = {"help": help, "minimum": minimum, "maximum": maximum, "positive": positive, "flag": flag,
             "repeat": repeat, "metavar": metavar, "default_text": default_text, "check": check}
     return field(default=default, default_factory=factory, metadata=meta)
+
+
+def check_preset(name: str) -> None:
+    if name not in PRESETS:
+        raise ValueError(f"unknown enrollment preset {name!r} (use {', '.join(PRESETS)})")
 
 
 @dataclass
@@ -100,6 +106,19 @@ class ServerConfig:
                                     metavar="MIN-MAX", check=parse_range)
     audit_retention_days: int = setting(0, "days the audit log (<home>/audit.db, `avatar audit`) keeps a use "
                                            "after it ended; 0 keeps every use forever", minimum=0, metavar="DAYS")
+    browser_enrollment: bool | None = setting(None, "enroll new identities from the browser (/enroll.html: a webcam "
+                                                    "self-scan, consent, training on this server)",
+                                              default_text="on in demo mode, off with tokens")
+    enroll_preset: str = setting("quick", "training preset of browser enrollments: " + ", ".join(PRESETS),
+                                 metavar="PRESET", check=check_preset)
+    enroll_steps: int | None = setting(None, "training steps of browser enrollments (default: the preset's)",
+                                       minimum=1, metavar="N")
+    enroll_max_bytes: int = setting(200 * 2**20, "bytes per uploaded self-scan recording", minimum=2**20,
+                                    metavar="BYTES")
+    enroll_queue: int = setting(4, "browser enrollments waiting behind the one in training; more get 503",
+                                minimum=1, maximum=100, metavar="N")
+    enroll_threads: int = setting(1, "CPU threads of the training process (it also runs at a lower priority, "
+                                     "so live sessions come first)", minimum=1, maximum=64, metavar="N")
     # Set by the top-level --home flag; the config file may name a folder too.
     identities_root: Path | None = setting(None, "identities folder (default: $AVATAR_HOME/identities)",
                                            flag=None)

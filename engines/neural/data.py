@@ -65,9 +65,10 @@ def frontal_score(p: np.ndarray) -> float:
     return yaw + depth + roll + 3.0 * mouth_openness(p) + max(0.0, 0.25 - eye_openness(p)) * 4.0 + 4.0 * gaze
 
 
-def extract(video: Path, max_frames: int | None = None, progress: bool = True) -> ScanData:
+def extract(video: Path, max_frames: int | None = None, progress: bool = True, report=None) -> ScanData:
     """Landmarks of every frame, then one crop box for all of them, chosen on a training
-    frame: a box that moved with the head would hide the head motion the generator must learn."""
+    frame: a box that moved with the head would hide the head motion the generator must learn.
+    report("extracting", frames read, max_frames), if given, after each frame."""
     from tqdm import tqdm
 
     frames, points, index = [], [], []
@@ -76,6 +77,8 @@ def extract(video: Path, max_frames: int | None = None, progress: bool = True) -
         for i, rgb in enumerate(tqdm(read_frames(video, max_frames), desc="landmarks", unit="frame",
                                      disable=not progress, total=max_frames)):
             n += 1
+            if report is not None:
+                report("extracting", n, max_frames)
             p = lm(rgb)
             if p is not None:
                 frames.append(rgb)

@@ -9,6 +9,11 @@ about once a minute; rerunning an interrupted enrollment of the same video with 
 consent resumes from the checkpoint. An existing identity is never replaced without
 overwrite=True (--overwrite), whatever checkpoint there is; publishing removes the
 checkpoint, so a finished enrollment is never resumed.
+
+`report(stage, done, total)`, if given, is told how far the work is (stages: "extracting"
+per frame, "preparing", "training" per step, "evaluating", "writing"; total None when
+unknown): for a caller that shows progress elsewhere than this terminal (the server's
+enrollment jobs).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..identity import RENDER_SIZE, Consent, IdentityError, IdentityStore, check_name
@@ -31,7 +37,8 @@ def enroll(store: IdentityStore, video: str | os.PathLike, name: str, consent: C
            display_name: str | None = None, preset: str = "quick", steps: int | None = None,
            max_frames: int | None = None, overwrite: bool = False, fresh: bool = False,
            bf16: bool | None = None, evaluate: bool = True, progress: bool = True,
-           device: str = "cpu", resolution: int = RENDER_SIZE) -> tuple:
+           device: str = "cpu", resolution: int = RENDER_SIZE,
+           report: Callable[[str, int, int | None], None] | None = None) -> tuple:
     """Enroll `name` from a self-scan video. Returns (Identity, summary dict)."""
     video = _check_request(store, video, name, consent, preset, steps, device, resolution, overwrite)
     stage = store.work_dir(name)
@@ -44,26 +51,34 @@ def enroll(store: IdentityStore, video: str | os.PathLike, name: str, consent: C
     use_bf16 = bf16_supported() if bf16 is None else bf16
     t_start = time.monotonic()
     key = enrollment_key(video, max_frames, consent)
-    data = extract(video, max_frames, progress)
+    report = report or _silent
+    data = extract(video, max_frames, progress, report)
     t_extract = time.monotonic() - t_start
+    report("preparing", 0, None)
     builder = PairBuilder(data)
     log.info("enrolling %r: %d frames with a face (%d train, %d held out), reference frame %d, device %s, "
              "bf16=%s", name, len(data.crops), data.n_train, len(data.crops) - data.n_train,
              int(data.frame_index[data.reference]), device, use_bf16 and device == "cpu")
-    info = train(builder, p, n_steps, ckpt, key, use_bf16, progress, device=device)
-    report = None
+    info = train(builder, p, n_steps, ckpt, key, use_bf16, progress, device=device, report=report)
+    evaluation = None
     if evaluate and data.n_train < len(data.crops):
         from .evaluate import evaluate_holdout
         from .runtime import TorchRuntime
 
-        report = evaluate_holdout(builder, TorchRuntime(info["model"]), progress=progress)
+        report("evaluating", 0, None)
+        evaluation = evaluate_holdout(builder, TorchRuntime(info["model"]), progress=progress)
+    report("writing", 0, None)
     identity = write_bundle(store, name, display_name or name, consent, builder, info["model"], info,
-                            video, preset, report, overwrite)
+                            video, preset, evaluation, overwrite)
     summary = {k: v for k, v in info.items() if k != "model"}
     summary.update(extract_seconds=round(t_extract, 1), total_seconds=round(time.monotonic() - t_start, 1),
-                   bf16=use_bf16, preset=preset, eval=report["summary"] if report else None,
+                   bf16=use_bf16, preset=preset, eval=evaluation["summary"] if evaluation else None,
                    int8=identity.manifest["neural"]["int8"])
     return identity, summary
+
+
+def _silent(stage: str, done: int, total: int | None) -> None:
+    pass
 
 
 def _check_request(store: IdentityStore, video: str | os.PathLike, name: str, consent: Consent, preset: str,

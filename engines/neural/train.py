@@ -108,10 +108,11 @@ def save_checkpoint(path: Path, model, opt, step: int, key: dict, elapsed: float
 
 
 def train(builder: PairBuilder, preset: Preset, steps: int, ckpt: Path, key: dict,
-          bf16: bool, progress: bool = True, seed: int = 0, device: str = "cpu") -> dict:
+          bf16: bool, progress: bool = True, seed: int = 0, device: str = "cpu", report=None) -> dict:
     """Train (or resume the checkpoint of the same enrollment `key`) to `steps`; returns
     what happened, with the model on the CPU. Checkpoints every minute. bf16 autocast
-    applies on the CPU only."""
+    applies on the CPU only. report("training", step, steps), if given, at the start and
+    after each step."""
     import torch
     from tqdm import tqdm
 
@@ -127,6 +128,8 @@ def train(builder: PairBuilder, preset: Preset, steps: int, ckpt: Path, key: dic
     budget = preset.max_minutes * 60
     step, loss_avg, stopped = start, None, "steps"
     bar = tqdm(total=steps, initial=start, desc="training", unit="step", disable=not progress)
+    report = report or (lambda stage, done, total: None)
+    report("training", step, steps)
     try:
         while step < steps:
             if time.monotonic() - t0 > budget:
@@ -145,6 +148,7 @@ def train(builder: PairBuilder, preset: Preset, steps: int, ckpt: Path, key: dic
             step += 1
             loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
             bar.update(1)
+            report("training", step, steps)
             bar.set_postfix(loss=f"{loss_avg:.4f}")
             if time.monotonic() - last_save > CHECKPOINT_SECONDS:
                 save_checkpoint(ckpt, model, opt, step, key, elapsed_before + time.monotonic() - t0)
