@@ -124,12 +124,12 @@ async def browser_page(url: str, y4m: Path, profile: Path, *flags: str):
         shutil.rmtree(profile, ignore_errors=True)
 
 
-async def poll(tools: DevTools, done, seconds: float) -> dict:
-    """PAGE_STATE until done(state) or the time is up; the last state."""
+async def poll(tools: DevTools, done, seconds: float, expression: str = PAGE_STATE) -> dict:
+    """`expression` (the page's state) until done(state) or the time is up; the last state."""
     deadline = time.monotonic() + seconds
     state = {}
     while time.monotonic() < deadline:
-        state = await tools.eval(PAGE_STATE) or {}
+        state = await tools.eval(expression) or {}
         if done(state):
             break
         await asyncio.sleep(0.5)

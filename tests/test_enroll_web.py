@@ -355,7 +355,7 @@ PAGE = """(() => ({state: window.enroll.state, job: window.enroll.job, error: wi
 async def test_enroll_page_in_chromium_trains_an_identity(tmp_path, monkeypatch):
     """The page end to end: consent, an 8-second guided recording from the fake camera (a shared
     self-scan), upload, training on a tiny budget; the identity is then in the picker's list."""
-    from test_browser import CHROMIUM, browser_page, write_y4m
+    from test_browser import CHROMIUM, browser_page, poll, write_y4m
 
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
@@ -369,13 +369,7 @@ async def test_enroll_page_in_chromium_trains_an_identity(tmp_path, monkeypatch)
             (ARTIFACTS / f"enroll-{name}.png").write_bytes(base64.b64decode(data))
 
         async def until(done, seconds: float) -> dict:
-            deadline, state = time.monotonic() + seconds, {}
-            while time.monotonic() < deadline:
-                state = await tools.eval(PAGE) or {}
-                if done(state):
-                    break
-                await asyncio.sleep(0.5)
-            return state
+            return await poll(tools, done, seconds, PAGE)
 
         await until(lambda s: s.get("state") == "form", 10)
         await shot("1-form")
