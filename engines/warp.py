@@ -1,10 +1,11 @@
 """One-shot renderer: animates an identity from a single reference image by a
 piecewise-affine warp of the face mesh, and paints what a warp cannot show.
 
-Per frame: a triangle-index raster of the target mesh (nearer triangles drawn last), one
-affine map per triangle gathered per pixel, then a single cv2.remap. The map is built at
-half resolution and upsampled: a piecewise-affine map is continuous, so bilinear
-upsampling of it is nearly exact and saves three quarters of the per-pixel work.
+Per frame: a triangle-index raster of the target mesh (nearer triangles drawn last;
+engines/raster.py), one affine map per triangle gathered per pixel, then a single
+cv2.remap. The map is built at half resolution and upsampled: a piecewise-affine map is
+continuous, so bilinear upsampling of it is nearly exact and saves three quarters of the
+per-pixel work.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import cv2
 import numpy as np
 
 from . import geometry
+from .raster import rasterize
 from .landmarks import RIGID
 from .mesh import (border_points, face_triangles, hole_triangles,
                    ring_points, skirt_triangles)
@@ -118,16 +120,12 @@ class WarpRenderer:
 
     def _rasterize(self, dst: np.ndarray, target: np.ndarray) -> np.ndarray:
         """Which triangle covers each map pixel; the skirt first, then face triangles far to near."""
-        ids = self._ids
-        ids.fill(0)
+        self._ids.fill(0)
         n_skirt = len(self._skirt_tris)
         depth = target[self._face_tris, 2].mean(1)
         order = np.concatenate([np.arange(n_skirt), n_skirt + np.argsort(-depth)])
-        corners = np.round((dst[self._tris] - (MAP_SCALE - 1) / 2) * (16 / MAP_SCALE)).astype(np.int32)  # 4 fractional bits
-        fill = cv2.fillConvexPoly
-        for i in order:
-            fill(ids, corners[i], int(i), lineType=cv2.LINE_8, shift=4)
-        return ids
+        corners = (dst[self._tris] - (MAP_SCALE - 1) / 2) / MAP_SCALE
+        return rasterize(corners, order, self._ids)
 
 
 def _scale(similarity: np.ndarray) -> float:

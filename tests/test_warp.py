@@ -130,3 +130,27 @@ def test_turned_head_silhouette_has_no_hard_outline(renderer, demo, degrees, mon
     band = cv2.resize(seams[0], (out.shape[1], out.shape[0]), interpolation=cv2.INTER_NEAREST)[:-1, :-1] > 0
     assert band.sum() > 200  # the silhouette was found: the check below is not vacuous
     assert luma_steps(out)[band].max() <= np.percentile(luma_steps(demo.reference), 99.9)
+
+
+def _raster(corners, order, shape=(12, 12), fill=-1):
+    from engines.raster import rasterize
+    return rasterize(np.array(corners, np.float64), np.array(order), np.full(shape, fill, np.int32))
+
+
+def test_raster_two_triangles_tile_a_square_without_gaps():
+    ids = _raster([[(2, 2), (9, 2), (9, 9)], [(2, 2), (9, 9), (2, 9)]], [0, 1])
+    assert (ids[2:10, 2:10] >= 0).all()  # every pixel centre of the square, edges included
+    assert (ids[:2] == -1).all() and (ids[:, 10:] == -1).all()  # nothing outside it
+    assert ids[2, 9] == 0 and ids[9, 2] == 1
+
+
+def test_raster_draws_later_triangles_on_top_in_either_winding():
+    big, small_mirrored = [(0, 0), (11, 0), (0, 11)], [(2, 2), (2, 5), (5, 2)]
+    ids = _raster([big, small_mirrored], [0, 1])
+    assert ids[3, 3] == 1 and ids[0, 8] == 0
+    assert _raster([big, small_mirrored], [1, 0])[3, 3] == 0  # order, not index, decides
+
+
+def test_raster_skips_collapsed_triangles_and_clips_at_the_border():
+    ids = _raster([[(3, 3), (6, 6), (9, 9)], [(-20, -20), (60, -20), (-20, 60)]], [1, 0])
+    assert (ids == 1).all()  # the collapsed one drew nothing; the huge one is clipped
