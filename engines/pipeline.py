@@ -1,11 +1,17 @@
 """One avatar stream: driver frame -> landmarks -> retargeted landmarks -> identity frame.
 
-The three stages are separate methods so a caller can overlap them (landmarks of frame
-n+1 while frame n renders); process() runs them in order and times each.
+The stages are separate methods so a caller can overlap them on two threads; process()
+runs them in order and times each. Rendering itself comes in two halves, prepare() and
+finish() (render() = both): the first is numpy/OpenCV glue that holds Python's GIL in
+many short steps (for the neural engine: the warp and the network's input), the second
+is one long call that releases it (the generator). A live session puts the first half
+beside the landmarks and the second on its own thread, so neither thread does most of
+the work while the other idles.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,6 +37,12 @@ def make_renderer(identity: Identity):
             log.warning("identity %r: neural engine unavailable (%s); rendering with the warp engine",
                         identity.name, e)
     return WarpRenderer.for_identity(identity)
+
+
+@dataclass
+class Prepared:
+    renderer: object  # WarpRenderer or NeuralRenderer
+    data: object  # what its prepare() returned
 
 
 class AvatarPipeline:
@@ -67,6 +79,15 @@ class AvatarPipeline:
 
     def render(self, target: np.ndarray) -> np.ndarray:
         return self.renderer.render(target)
+
+    def prepare(self, target: np.ndarray) -> "Prepared":
+        """The first half of render(); finish() does the rest, on another thread if need be.
+        It carries its renderer, so a frame prepared before set_identity() finishes as it began."""
+        return Prepared(self.renderer, self.renderer.prepare(target))
+
+    @staticmethod
+    def finish(prepared: "Prepared") -> np.ndarray:
+        return prepared.renderer.finish(prepared.data)
 
     def process(self, rgb: np.ndarray, t: float) -> tuple[np.ndarray, dict[str, float]]:
         """The avatar frame for one driver frame, and ms per stage (landmarks, retarget, render)."""

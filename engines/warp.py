@@ -84,6 +84,14 @@ class WarpRenderer:
         self.eyelids.paint(out, target, head)
         return out
 
+    # render() in the two halves AvatarPipeline.prepare/finish call: here all of it is the second.
+    @staticmethod
+    def prepare(target: np.ndarray) -> np.ndarray:
+        return target
+
+    def finish(self, target: np.ndarray) -> np.ndarray:
+        return self.render(target)
+
     def render_rigid(self, target: np.ndarray) -> np.ndarray:
         """The reference moved rigidly with the head, without expression: where hair, ears and
         glasses go. The mesh warp does not cover them and its skirt stretches them instead."""

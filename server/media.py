@@ -18,6 +18,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from engines.measure import StageTimer
 from engines.pipeline import AvatarPipeline
+from engines.pipeline import Prepared as PreparedRender
 from engines.watermark import Marker
 from .telemetry import COMPUTE_STAGES, FrameRecord
 
@@ -103,25 +104,28 @@ def input_size(width: int, height: int) -> tuple[int, int] | None:
 
 
 @dataclass
-class Detected:
-    """A camera frame after the first stage: its landmarks and the stage times so far."""
+class Prepared:
+    """A camera frame after the first stage: its render prepared, the stage times so far."""
     pts: int
     time_base: fractions.Fraction
-    size: tuple[int, int]  # the camera's resolution
     recv_time: float
-    points: np.ndarray | None
+    face_found: bool
+    prepared: PreparedRender
     timer: StageTimer
 
 
 class FrameProcessor:
     """The two compute stages of a frame. Each stage runs on its own single thread:
 
-      detect() on the landmarks thread: camera frame -> RGB -> landmarks
-      finish() on the render thread:    landmarks -> retarget -> render -> watermark -> output frame
+      prepare() on the first thread: camera frame -> RGB -> landmarks -> retarget -> the
+                renderer's first half (the neural engine's warp and network input)
+      finish() on the second thread: the renderer's second half (the warp engine's warp, the
+                neural generator) -> watermark -> output frame
 
-    so landmarks of frame n+1 overlap the render of frame n. The pipeline is not
-    thread-safe, but the stages touch disjoint parts of it (landmarker vs retargeter and
-    renderer), and every other call on it goes to the thread that owns that part."""
+    so frame n+1 is prepared while frame n finishes, and with the neural engine each thread
+    has about half the work. The pipeline is not thread-safe: everything on it but the
+    renderer's second half (landmarker, retargeter, controls, identity changes) belongs to
+    the first thread, and the second half only ever runs on the second."""
 
     def __init__(self, pipeline: AvatarPipeline, marker: Marker):
         self.pipeline = pipeline
@@ -129,41 +133,41 @@ class FrameProcessor:
         self.source_size: tuple[int, int] | None = None
         self.t0 = time.monotonic()
 
-    def detect(self, frame: av.VideoFrame, recv_time: float) -> Detected | None:
+    def prepare(self, frame: av.VideoFrame, recv_time: float) -> Prepared | None:
         size = input_size(frame.width, frame.height)
         if size is None:
             return None
+        if (frame.width, frame.height) != self.source_size:
+            # New camera resolution: the neutral pose was measured in other pixels.
+            if self.source_size is not None:
+                self.pipeline.recalibrate()
+            self.source_size = (frame.width, frame.height)
         timer = StageTimer()
         rgb = timer.run("convert", frame.reformat, size[0], size[1], "rgb24")
         rgb = timer.run("convert", rgb.to_ndarray)
         points = timer.run("landmarks", self.pipeline.detect, rgb)
+        target = timer.run("retarget", self.pipeline.retarget, points, time.monotonic() - self.t0)
+        prepared = timer.run("render", self.pipeline.prepare, target)
         pts = frame.pts if frame.pts is not None else int(recv_time * 90000)
-        return Detected(pts, frame.time_base or VIDEO_TIME_BASE, (frame.width, frame.height),
-                        recv_time, points, timer)
+        return Prepared(pts, frame.time_base or VIDEO_TIME_BASE, recv_time, points is not None, prepared, timer)
 
-    def finish(self, d: Detected, viewer_label: bool = False) -> tuple[av.VideoFrame, FrameRecord, np.ndarray | None]:
+    def finish(self, p: Prepared, viewer_label: bool = False) -> tuple[av.VideoFrame, FrameRecord, np.ndarray | None]:
         """The output frame and its record; with `viewer_label`, also the viewers' copy: the
         visible badge drawn first and then marked, as a badge drawn over a watermark
         would erase it."""
-        if d.size != self.source_size:
-            # New camera resolution: the neutral pose was measured in other pixels.
-            if self.source_size is not None:
-                self.pipeline.recalibrate()
-            self.source_size = d.size
-        timer = d.timer
-        target = timer.run("retarget", self.pipeline.retarget, d.points, time.monotonic() - self.t0)
-        out = timer.run("render", self.pipeline.render, target)
+        timer = p.timer
+        out = timer.run("render", self.pipeline.finish, p.prepared)
         labelled = timer.run("mark", self.marker, out, True) if viewer_label else None
         out = timer.run("mark", self.marker, out)
         video = timer.run("convert", av.VideoFrame.from_ndarray, np.ascontiguousarray(out), "rgb24")
         # Keep the input's timestamp so each output frame names the camera frame it shows.
-        video.pts, video.time_base = d.pts, d.time_base
+        video.pts, video.time_base = p.pts, p.time_base
         done = time.time()
         stages = {s: timer.ms.get(s, 0.0) for s in COMPUTE_STAGES}
-        stages["total"] = (done - d.recv_time) * 1e3
+        stages["total"] = (done - p.recv_time) * 1e3
         # Whatever is not compute was waiting: for a thread, or for the previous frame.
         stages["queue"] = max(0.0, stages["total"] - sum(timer.ms.values()))
-        return video, FrameRecord(d.pts, d.recv_time, done, d.points is not None, stages), labelled
+        return video, FrameRecord(p.pts, p.recv_time, done, p.face_found, stages), labelled
 
 
 async def drain(track: MediaStreamTrack) -> None:

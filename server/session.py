@@ -36,9 +36,10 @@ class Session:
         self.id = secrets.token_hex(16)
         self.identity_name = identity_name
         self.room = room  # rooms.Room this session presents in, or None
-        # Two single-thread stages (see FrameProcessor): landmarks, then retarget + render.
-        # Each part of the pipeline is only ever used from its own thread.
-        self.detect_ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"avatar-{self.id}-lm")
+        # Two single-thread stages (see FrameProcessor): landmarks, retarget and the render's
+        # first half; then its second half and the watermark. Each part of the pipeline is
+        # only ever used from its own thread: everything but the second half from the first.
+        self.prepare_ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"avatar-{self.id}-prepare")
         self.render_ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"avatar-{self.id}-render")
         self.pipeline: AvatarPipeline | None = None
         self.processor: FrameProcessor | None = None
@@ -61,8 +62,8 @@ class Session:
 
     # ---- setup -------------------------------------------------------------------------
     async def start(self) -> None:
-        identity = await self._run(self.render_ex, self._load, self.identity_name)
-        self.pipeline = await self._run(self.render_ex, AvatarPipeline, identity)
+        identity = await self._run(self.prepare_ex, self._load, self.identity_name)
+        self.pipeline = await self._run(self.prepare_ex, AvatarPipeline, identity)
         self.processor = FrameProcessor(self.pipeline, Marker(Payload.here(self.id)))
         self._spawn(self._watchdog())
 
@@ -127,11 +128,11 @@ class Session:
             head_gain=changes.get("head_gain", current.head_gain),
             freeze_head=changes.get("freeze_head", current.freeze_head),
         ).validated()
-        await self._run(self.render_ex, self.pipeline.set_controls, controls)
+        await self._run(self.prepare_ex, self.pipeline.set_controls, controls)
 
     async def set_identity(self, name: str) -> None:
         identity = await self._run(None, self._load, name)  # file I/O: off the stages
-        await self._run(self.render_ex, self.pipeline.set_identity, identity)
+        await self._run(self.prepare_ex, self.pipeline.set_identity, identity)
         self.identity_name = name
 
     def _load(self, name: str):
@@ -159,7 +160,7 @@ class Session:
         self.paused = paused
 
     async def recalibrate(self) -> None:
-        await self._run(self.render_ex, self.pipeline.recalibrate)
+        await self._run(self.prepare_ex, self.pipeline.recalibrate)
 
     @staticmethod
     async def _run(executor, fn, *args):
@@ -200,29 +201,29 @@ class Session:
             pass
 
     async def _process(self) -> None:
-        """Two-stage pipeline: while frame n renders, frame n+1 gets its landmarks."""
+        """Two-stage pipeline: while frame n finishes, frame n+1 is prepared."""
         rendering: asyncio.Future | None = None
         try:
             while True:
                 frame, recv_time = await self.latest.get()
                 if self.paused:
                     continue
-                detected = await self._stage(self.detect_ex, self.processor.detect, frame, recv_time)
+                prepared = await self._stage(self.prepare_ex, self.processor.prepare, frame, recv_time)
                 if rendering is not None:
-                    await rendering  # frame n goes out before frame n+1 starts rendering
+                    await rendering  # frame n goes out before frame n+1 starts finishing
                     rendering = None
-                if detected is None:
+                if prepared is None:
                     self.stats.rejected += 1
                     continue
-                rendering = asyncio.ensure_future(self._render(detected))
+                rendering = asyncio.ensure_future(self._render(prepared))
         finally:
             if rendering is not None:
                 rendering.cancel()
 
-    async def _render(self, detected) -> None:
+    async def _render(self, prepared) -> None:
         # Sends its frame as soon as it is ready, not when the next camera frame arrives.
         viewer_label = self.room is not None and self.label_viewers
-        self._emit(await self._stage(self.render_ex, self.processor.finish, detected, viewer_label))
+        self._emit(await self._stage(self.render_ex, self.processor.finish, prepared, viewer_label))
 
     async def _stage(self, executor, fn, *args):
         try:
@@ -303,9 +304,9 @@ class Session:
             # thread is drained first so nothing touches the pipeline afterwards.
             try:
                 await self._run(self.render_ex, lambda: None)
-                await self._run(self.detect_ex, self.pipeline.close)
+                await self._run(self.prepare_ex, self.pipeline.close)
             except Exception:
                 log.exception("session %s: closing the pipeline failed", self.id[:8])
-        self.detect_ex.shutdown(wait=False)
+        self.prepare_ex.shutdown(wait=False)
         self.render_ex.shutdown(wait=False)
         self.pipeline = self.processor = self.pc = self.stats_channel = None

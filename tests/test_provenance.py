@@ -79,8 +79,8 @@ def test_viewers_copy_is_labelled_and_marked(store):
     try:
         frame = av.VideoFrame.from_ndarray(identity.reference, format="rgb24")
         frame.pts = 1
-        detected = processor.detect(frame, 0.0)
-        video, record, labelled = processor.finish(detected, viewer_label=True)
+        prepared = processor.prepare(frame, 0.0)
+        video, record, labelled = processor.finish(prepared, viewer_label=True)
     finally:
         processor.pipeline.close()
     presenter = video.to_ndarray(format="rgb24")

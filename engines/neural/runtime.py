@@ -233,10 +233,20 @@ class NeuralRenderer:
         self._prev = None
 
     def render(self, target: np.ndarray) -> np.ndarray:
-        from .model import contour_map, make_input, to_image
+        return self.finish(self.prepare(target))
+
+    def prepare(self, target: np.ndarray) -> np.ndarray:
+        """The generator's input for `target`: the warp, the rigid head and the contour maps."""
+        from .model import contour_map, make_input
 
         self.last_warp = self.warp.render(target)
         cmap = contour_map(target)
-        y = self.runtime.run(make_input(self.last_warp, self.warp.render_rigid(target), cmap, self._prev))
+        x = make_input(self.last_warp, self.warp.render_rigid(target), cmap, self._prev)
         self._prev = cmap
-        return to_image(y)
+        return x
+
+    def finish(self, x: np.ndarray) -> np.ndarray:
+        """The generator on a prepared input: the face."""
+        from .model import to_image
+
+        return to_image(self.runtime.run(x))
