@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    single_threaded_blas()
     try:
         return args.func(args) or 0
     except (IdentityError, ValueError, RuntimeError) as e:
@@ -47,6 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def single_threaded_blas() -> None:
+    """One BLAS thread for this process. Our numpy linear algebra is on tiny matrices (4x4
+    poses, per-triangle 2x2s), which gain nothing from threads, while OpenBLAS's idle worker
+    spins on sched_yield after every call: in a live neural session that worker burned a
+    fifth of this 2-core machine, and one thread took the session from 22.6 to 28.5 fps."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
 
 
 def build_parser() -> argparse.ArgumentParser:
