@@ -144,6 +144,7 @@ def test_origin_and_rate_limit_and_sizes():
     assert limiter.allow()
     assert input_size(1280, 720) == (640, 360)
     assert input_size(3840, 2160)[0] == 640
+    assert input_size(720, 1280) == (360, 640)  # a phone held upright: the same pixel budget
     assert input_size(8, 8) is None and input_size(4000, 10) is None
     assert input_size(320, 240) == (320, 240)
 
