@@ -6,6 +6,11 @@ from helpers import read_frames, shared_clip
 
 os.environ.setdefault("GLOG_minloglevel", "2")
 
+# The in-process servers of the tests run as `avatar` does: one BLAS thread (server/cli.py).
+from server.cli import single_threaded_blas  # noqa: E402
+
+single_threaded_blas()
+
 
 @pytest.fixture(scope="session")
 def store(tmp_path_factory):
