@@ -407,6 +407,7 @@ def cmd_bench_live(args) -> int:
 
 def cmd_enroll(args) -> int:
     from engines.neural.enroll import enroll
+    from engines.watermark import Marker, Payload
 
     from server.audit import AuditLog, audit_path, local_user
 
@@ -414,12 +415,12 @@ def cmd_enroll(args) -> int:
     consent.check("enrollment")  # before minutes of training, not after
     log = AuditLog(audit_path(args.home), "avatar enroll")
     try:
-        with log.use("enroll", local_user(), args.name, address="local"):
+        with log.use("enroll", local_user(), args.name, address="local") as use:
             identity, summary = enroll(store(args), args.video, args.name, consent, args.display_name,
                                        preset=args.preset, steps=args.steps, max_frames=args.max_frames,
                                        overwrite=args.overwrite, fresh=args.fresh,
                                        bf16=False if args.no_bf16 else None, device=args.device,
-                                       resolution=args.resolution)
+                                       resolution=args.resolution, marker=Marker(Payload.here(use.id)))
     finally:
         log.close()
     print(json.dumps(summary, indent=2))
@@ -430,13 +431,24 @@ def cmd_enroll(args) -> int:
 
 def cmd_eval(args) -> int:
     from engines.neural.evaluate import evaluate_identity, write_report
+    from engines.watermark import Marker, Payload
+    from server.audit import AuditLog, audit_path, local_user
 
     if args.driving is not None and not args.driving.is_file():
         raise IdentityError(f"{args.driving}: no such file")
     identity = store(args).load(args.name)
     identity.consent.check("offline-render")  # the report shows rendered frames of the person
-    report = evaluate_identity(identity, args.driving, args.max_frames, args.backend,
-                               identity_distance=not args.no_identity_distance)
+    # It renders the person offline: on record as a render, its report's frames marked.
+    log = AuditLog(audit_path(args.home), "avatar eval")
+    try:
+        with log.use("render", local_user(), identity.name, address="local") as use:
+            report = evaluate_identity(identity, args.driving, args.max_frames, args.backend,
+                                       identity_distance=not args.no_identity_distance,
+                                       marker=Marker(Payload.here(use.id)))
+            use.frames = report["frames"]
+    finally:
+        log.close()
+    print(f"watermark on the report's rendered frames: {Payload.here(use.id)} (`avatar audit --id {use.id[:8]}`)")
     base = args.output or Path(f"eval-{identity.name}")
     json_path, html_path = base.with_name(base.name + ".json"), base.with_name(base.name + ".html")
     engines = "neural vs warp" if identity.engine == "neural" else f"{identity.engine} engine"

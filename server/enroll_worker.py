@@ -198,6 +198,7 @@ def run_train(spec: dict) -> int:
     from engines.identity import Consent, IdentityError, IdentityStore
     from engines.neural.config import PRESETS
     from engines.neural.enroll import enroll
+    from engines.watermark import Marker, Payload
 
     preset = spec["preset"]
     progress = Progress(spec.get("frames"), PRESETS[preset].max_minutes * 60)
@@ -205,7 +206,8 @@ def run_train(spec: dict) -> int:
         identity, summary = enroll(
             IdentityStore(spec["identities_root"]), spec["video"], spec["name"], Consent.from_dict(spec["consent"]),
             spec.get("display_name"), preset=preset, steps=spec.get("steps"), max_frames=spec.get("max_frames"),
-            progress=False, report=progress)
+            progress=False, report=progress,
+            marker=Marker(Payload.here(spec["audit_use"])) if spec.get("audit_use") else None)
     except KeyboardInterrupt:
         emit({"result": "interrupted"})
         return 3

@@ -364,7 +364,7 @@ class Enrollments:
         return {"identities_root": str(self.store.root), "video": str(self.upload_path(job.id)), "name": job.name,
                 "display_name": job.display_name, "consent": job.consent, "preset": self.config.enroll_preset,
                 "steps": self.config.enroll_steps, "max_frames": TRAIN_MAX_FRAMES, "frames": job.frames,
-                "threads": self.config.enroll_threads}
+                "threads": self.config.enroll_threads, "audit_use": job.audit_use}
 
     def _worker_env(self) -> dict:
         threads = str(self.config.enroll_threads)

@@ -169,3 +169,44 @@ def test_report_without_ground_truth(demo, tmp_path):
     assert "mouth_psnr" not in data["neural"] and "mouth_psnr_gain_db" not in data["summary"]
     assert "<th>driver</th>" in html and "<th>warp mouth</th>" in html and "<th>ground truth" not in html
     assert len(_images(html)) == 3 * 5
+
+
+def _strip_rows(html):
+    """{row name: [RGB images]} of the report's frame strip."""
+    rows = {}
+    for name, cells in re.findall(r"<tr><th>([^<]+)</th>(.*?)</tr>", html, re.S):
+        rows[name] = [cv2.cvtColor(_decode(b64), cv2.COLOR_BGR2RGB) for b64 in _images(cells)]
+    return rows
+
+
+def test_avatar_eval_marks_its_rendered_frames_and_is_on_record(demo, tmp_path):
+    """`avatar eval` renders the person: a render in the audit log, whose watermark every
+    rendered frame of its report carries; the driver's frames stay as they were."""
+    import av
+
+    from engines import watermark
+    from server.audit import AuditLog, audit_path
+    from server.cli import main
+
+    clip = tmp_path / "driver.mp4"
+    with av.open(str(clip), "w") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 256, 256, "yuv420p"
+        for i in range(12):
+            frame = np.roll(demo.reference, i, axis=1)  # the demo face, moving a little
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    home = tmp_path / "home"
+    assert main(["--home", str(home), "eval", "demo", "--driving", str(clip), "--no-identity-distance",
+                 "-o", str(tmp_path / "ev")]) == 0
+    log = AuditLog(audit_path(home), "test")
+    uses = log.query(kind="render")
+    log.close()
+    assert len(uses) == 1 and uses[0]["identity"] == "demo" and uses[0]["frames"] == 12
+    payload = watermark.Payload.here(uses[0]["use_id"])
+    rows = _strip_rows((tmp_path / "ev.html").read_text(encoding="utf-8"))
+    assert rows["warp"] and all(watermark.detect(np.array([watermark.project(watermark.luma(img))])).payload
+                                == payload for img in rows["warp"])
+    assert watermark.detect(np.array([watermark.project(watermark.luma(img)) for img in rows["driver"]])).payload is None

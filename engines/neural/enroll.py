@@ -38,8 +38,10 @@ def enroll(store: IdentityStore, video: str | os.PathLike, name: str, consent: C
            max_frames: int | None = None, overwrite: bool = False, fresh: bool = False,
            bf16: bool | None = None, evaluate: bool = True, progress: bool = True,
            device: str = "cpu", resolution: int = RENDER_SIZE,
-           report: Callable[[str, int, int | None], None] | None = None) -> tuple:
-    """Enroll `name` from a self-scan video. Returns (Identity, summary dict)."""
+           report: Callable[[str, int, int | None], None] | None = None, marker=None) -> tuple:
+    """Enroll `name` from a self-scan video. Returns (Identity, summary dict). `marker`
+    (engines.watermark.Marker, of the enrollment's audit use) marks the rendered frames in
+    its evaluation report."""
     video = _check_request(store, video, name, consent, preset, steps, device, resolution, overwrite)
     stage = store.work_dir(name)
     ckpt = stage / CHECKPOINT_FILE
@@ -66,7 +68,7 @@ def enroll(store: IdentityStore, video: str | os.PathLike, name: str, consent: C
         from .runtime import TorchRuntime
 
         report("evaluating", 0, None)
-        evaluation = evaluate_holdout(builder, TorchRuntime(info["model"]), progress=progress)
+        evaluation = evaluate_holdout(builder, TorchRuntime(info["model"]), progress=progress, marker=marker)
     report("writing", 0, None)
     identity = write_bundle(store, name, display_name or name, consent, builder, info["model"], info,
                             video, preset, evaluation, overwrite)

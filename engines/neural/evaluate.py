@@ -42,7 +42,7 @@ def _round(v):
 
 
 def evaluate_frames(warps, neurals, driving_pts, truth, consecutive, drivers=None, progress=False,
-                    frame_ids=None, reference=None) -> dict:
+                    frame_ids=None, reference=None, marker=None) -> dict:
     """Metrics of both engines (the warp alone when `neurals` is None), frame by frame and in
     summary, plus a frame strip for the HTML (ground truth or driver / warp / neural, and
     mouth close-ups).
@@ -51,6 +51,8 @@ def evaluate_frames(warps, neurals, driving_pts, truth, consecutive, drivers=Non
     landmarks: the mouth and eye boxes come from them, the same boxes for both engines.
     `frame_ids` name the frames in the report (the video's frame numbers); by default 0..n-1.
     With `reference` (the identity's image) the identity distances are measured too.
+    `marker` (engines.watermark.Marker) marks the strip's rendered frames, as every
+    synthesized frame that leaves this program is marked; the metrics use them unmarked.
     """
     n = len(warps)
     frame_ids = list(range(n)) if frame_ids is None else [int(i) for i in frame_ids]
@@ -67,7 +69,7 @@ def evaluate_frames(warps, neurals, driving_pts, truth, consecutive, drivers=Non
     if reference is not None:
         report["identity_distances"] = _identity_figures(report, reference, engines, drivers, frame_ids)
     report["summary"] = _summary(report, engines, truth is not None)
-    report["strip"] = _strip(engines, truth, drivers, boxes["mouth"], frame_ids, per)
+    report["strip"] = _strip(engines, truth, drivers, boxes["mouth"], frame_ids, per, marker)
     return report
 
 
@@ -121,9 +123,10 @@ def _identity_note(fig: dict) -> str:
     return note
 
 
-def _strip(engines, truth, drivers, mouth_boxes, frame_ids, per) -> dict:
+def _strip(engines, truth, drivers, mouth_boxes, frame_ids, per, marker=None) -> dict:
     """STRIP_FRAMES evenly spaced frames: rows of base64 PNGs with a caption each.
-    The ground truth shows its mouth box; the close-up rows are that box, enlarged."""
+    The ground truth shows its mouth box; the close-up rows are that box, enlarged, of the
+    rendered frames as shown (marked by `marker` if given)."""
     warps = engines["warp"]
     picks = np.linspace(0, len(warps) - 1, min(STRIP_FRAMES, len(warps))).round().astype(int)
     size = warps[0].shape[1::-1]
@@ -140,9 +143,10 @@ def _strip(engines, truth, drivers, mouth_boxes, frame_ids, per) -> dict:
             cv2.rectangle(marked, box[:2], (box[2] - 1, box[3] - 1), BOX_COLOUR, 1)
         cap = f"frame {frame_ids[i]}"
         rows[first].append((_png64(marked), cap + (", mouth box" if box is not None and truth is not None else "")))
-        for name, out in engines.items():
-            rows[name].append((_png64(out[i]), _caption(per, name, i)))
-        images = {"ground truth mouth": top, **{f"{name} mouth": out[i] for name, out in engines.items()}}
+        shown = {name: out[i] if marker is None else marker(out[i]) for name, out in engines.items()}
+        for name, img in shown.items():
+            rows[name].append((_png64(img), _caption(per, name, i)))
+        images = {"ground truth mouth": top, **{f"{name} mouth": img for name, img in shown.items()}}
         for name, img in images.items():
             if name not in close:
                 continue
@@ -168,8 +172,9 @@ def _caption(per: dict, engine: str, i: int, region: str = "") -> str:
     return f"{engine}: PSNR {m[f'{region}psnr'][i]:.1f} dB, SSIM {m[f'{region}ssim'][i]:.3f}"
 
 
-def evaluate_holdout(builder, runtime, progress: bool = True) -> dict:
-    """Self-reenactment on the held-out frames of an enrollment (never trained on)."""
+def evaluate_holdout(builder, runtime, progress: bool = True, marker=None) -> dict:
+    """Self-reenactment on the held-out frames of an enrollment (never trained on); `marker`
+    marks the report's rendered frames (evaluate_frames)."""
     from tqdm import tqdm
 
     from .model import to_image
@@ -182,7 +187,7 @@ def evaluate_holdout(builder, runtime, progress: bool = True) -> dict:
     truth = [d.crops[i] for i in idx]
     consecutive = [False] + [d.frame_index[i] == d.frame_index[i - 1] + 1 for i in idx[1:]]
     report = evaluate_frames(warps, neurals, [d.points[i] for i in idx], truth, consecutive,
-                             drivers=truth, frame_ids=[d.frame_index[i] for i in idx])
+                             drivers=truth, frame_ids=[d.frame_index[i] for i in idx], marker=marker)
     report["kind"] = "self-reenactment, held-out frames"
     report["frame_range"] = [int(d.frame_index[idx[0]]), int(d.frame_index[idx[-1]])]
     report["runtime"] = runtime.name
@@ -261,12 +266,13 @@ class Rendered:
 
 
 def evaluate_identity(identity, driving: Path | None = None, max_frames: int | None = None,
-                      backend: str = "auto", progress: bool = True, identity_distance: bool = True) -> dict:
+                      backend: str = "auto", progress: bool = True, identity_distance: bool = True,
+                      marker=None) -> dict:
     """Evaluate a neural identity: on its enrollment video's held-out frames (self-reenactment,
     with ground truth), or reenacting another driving video (no ground truth). A warp
     identity has no held-out frames: it is evaluated alone, on a driving video.
     `identity_distance`: also measure how much the avatar looks like the identity and not
-    like the driver (dlib, when installed)."""
+    like the driver (dlib, when installed). `marker` marks the report's rendered frames."""
     from ..identity import IdentityError
     from ..warp import WarpRenderer
     from .runtime import NeuralRenderer
@@ -283,7 +289,8 @@ def evaluate_identity(identity, driving: Path | None = None, max_frames: int | N
     if len(r.warps) < 2:
         raise IdentityError("fewer than 2 frames with a face to evaluate")
     report = evaluate_frames(r.warps, r.neurals, r.points, r.truth, r.consecutive, drivers=r.drivers,
-                             frame_ids=r.frame_ids, reference=identity.reference if identity_distance else None)
+                             frame_ids=r.frame_ids, reference=identity.reference if identity_distance else None,
+                             marker=marker)
     report["kind"] = r.kind
     report["runtime"] = renderer.runtime.name if neural else "warp engine"
     report["identity"] = identity.name
