@@ -1,11 +1,10 @@
 """One-shot renderer: animates an identity from a single reference image by a
 piecewise-affine warp of the face mesh, and paints what a warp cannot show.
 
-Per frame: a triangle-index raster of the target mesh (nearer triangles drawn last;
-engines/raster.py), one affine map per triangle gathered per pixel, then a single
-cv2.remap. The map is built at half resolution and upsampled: a piecewise-affine map is
-continuous, so bilinear upsampling of it is nearly exact and saves three quarters of the
-per-pixel work.
+Per frame: one affine map per triangle of the target mesh, drawn into a map of source
+pixels (nearer triangles last; engines/raster.py), then a single cv2.remap. The map is
+built at half resolution and upsampled: a piecewise-affine map is continuous, so bilinear
+upsampling of it is nearly exact and saves three quarters of the per-pixel work.
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import cv2
 import numpy as np
 
 from . import geometry
-from .raster import rasterize
+from .raster import warp_map
 from .landmarks import RIGID
 from .mesh import (border_points, face_triangles, hole_triangles,
                    ring_points, skirt_triangles)
@@ -49,12 +48,8 @@ class WarpRenderer:
         corners = src[self._tris]
         self._src_edges = np.stack([corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]], axis=2)
         self._src_origin = corners[:, 0]
-        mh, mw = -(-self.height // MAP_SCALE), -(-self.width // MAP_SCALE)
         # Map pixel i stands for image pixel i*S + (S-1)/2: where cv2.resize samples it.
-        ys, xs = np.mgrid[0:mh, 0:mw].astype(np.float32) * MAP_SCALE + (MAP_SCALE - 1) / 2
-        self._grid = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size, np.float32)], 1)
-        self._map_shape = (mh, mw)
-        self._ids = np.zeros(self._map_shape, np.int32)
+        self._map_buffer = np.zeros((-(-self.height // MAP_SCALE), -(-self.width // MAP_SCALE), 2), np.float32)
         self.mouth = MouthPainter(self.reference, self.neutral, mouth_memory)
         self.irises = IrisPainter(self.reference, self.neutral)
         self.eyelids = EyelidPainter(self.reference, self.neutral, eye_memory)
@@ -67,10 +62,7 @@ class WarpRenderer:
     def render(self, target: np.ndarray) -> np.ndarray:
         head = self._head_similarity(target[:, :2].astype(np.float64))
         dst = self._target_points(target, head)
-        affine = self._affines(dst)  # (T, 2, 3): target pixel -> source pixel
-        ids = self._rasterize(dst, target)
-        a = affine[ids.ravel()]
-        src = np.einsum("nij,nj->ni", a, self._grid).reshape(*self._map_shape, 2)
+        src = self._map(dst, target)
         seams = seam_mask(src, JUMP * MAP_SCALE / _scale(head))
         if MAP_SCALE != 1:
             src = cv2.resize(src, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
@@ -126,14 +118,14 @@ class WarpRenderer:
         out[:, :, 2] = self._src_origin - np.einsum("tij,tj->ti", lin, d[:, 0])
         return out
 
-    def _rasterize(self, dst: np.ndarray, target: np.ndarray) -> np.ndarray:
-        """Which triangle covers each map pixel; the skirt first, then face triangles far to near."""
-        self._ids.fill(0)
+    def _map(self, dst: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """The warp map (source pixel per map pixel): the skirt drawn first, then face
+        triangles far to near, each with its affine map."""
         n_skirt = len(self._skirt_tris)
         depth = target[self._face_tris, 2].mean(1)
         order = np.concatenate([np.arange(n_skirt), n_skirt + np.argsort(-depth)])
         corners = (dst[self._tris] - (MAP_SCALE - 1) / 2) / MAP_SCALE
-        return rasterize(corners, order, self._ids)
+        return warp_map(corners, order, self._affines(dst), MAP_SCALE, self._map_buffer)
 
 
 def _scale(similarity: np.ndarray) -> float:

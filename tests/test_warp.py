@@ -132,16 +132,31 @@ def test_turned_head_silhouette_has_no_hard_outline(renderer, demo, degrees, mon
     assert luma_steps(out)[band].max() <= np.percentile(luma_steps(demo.reference), 99.9)
 
 
-def _raster(corners, order, shape=(12, 12), fill=-1):
-    from engines.raster import rasterize
-    return rasterize(np.array(corners, np.float64), np.array(order), np.full(shape, fill, np.int32))
+def _raster(corners, order, shape=(12, 12)):
+    """Which triangle's map each pixel took: triangle t maps everything to (t, t)."""
+    from engines.raster import warp_map
+    affines = np.zeros((len(corners), 2, 3), np.float32)
+    affines[:, :, 2] = np.arange(len(corners))[:, None]
+    out = warp_map(np.array(corners, np.float64), np.array(order), affines, 1, np.zeros((*shape, 2), np.float32))
+    return out[..., 0].astype(int)
+
+
+def test_warp_map_applies_each_triangles_affine_map_at_the_pixel_it_stands_for():
+    from engines.raster import warp_map
+    affines = np.array([[[2, 0, 1], [0, 3, -1]]], np.float32)  # (x, y) -> (2x + 1, 3y - 1)
+    out = warp_map(np.array([[(-1, -1), (9, -1), (-1, 9)]], np.float64), np.array([0]), affines, 2,
+                   np.zeros((4, 4, 2), np.float32))
+    # map pixel (x, y) = (1, 2) stands for image pixel (2.5, 4.5)
+    assert out[2, 1].tolist() == [6.0, 12.5]
 
 
 def test_raster_two_triangles_tile_a_square_without_gaps():
-    ids = _raster([[(2, 2), (9, 2), (9, 9)], [(2, 2), (9, 9), (2, 9)]], [0, 1])
-    assert (ids[2:10, 2:10] >= 0).all()  # every pixel centre of the square, edges included
-    assert (ids[:2] == -1).all() and (ids[:, 10:] == -1).all()  # nothing outside it
-    assert ids[2, 9] == 0 and ids[9, 2] == 1
+    # triangle 0 is the backdrop; 1 and 2 tile the square
+    ids = _raster([[(-20, -20), (60, -20), (-20, 60)], [(2, 2), (9, 2), (9, 9)], [(2, 2), (9, 9), (2, 9)]],
+                  [0, 1, 2])
+    assert (ids[2:10, 2:10] >= 1).all()  # every pixel centre of the square, edges included
+    assert (ids[:2] == 0).all() and (ids[:, 10:] == 0).all()  # nothing outside it
+    assert ids[2, 9] == 1 and ids[9, 2] == 2
 
 
 def test_raster_draws_later_triangles_on_top_in_either_winding():
@@ -154,3 +169,8 @@ def test_raster_draws_later_triangles_on_top_in_either_winding():
 def test_raster_skips_collapsed_triangles_and_clips_at_the_border():
     ids = _raster([[(3, 3), (6, 6), (9, 9)], [(-20, -20), (60, -20), (-20, 60)]], [1, 0])
     assert (ids == 1).all()  # the collapsed one drew nothing; the huge one is clipped
+
+
+def test_raster_pixels_no_triangle_covers_follow_the_first_drawn():
+    ids = _raster([[(0, 0), (3, 0), (0, 3)], [(5, 5), (11, 5), (11, 11)]], [1, 0])
+    assert ids[0, 0] == 0 and ids[8, 10] == 1 and ids[2, 8] == 1
