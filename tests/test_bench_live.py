@@ -155,3 +155,15 @@ def test_compare_configurations_name_identity_and_marker_completion(tmp_path):
     result = bench("--url", "http://127.0.0.1:9/", "--compare", "marker=off", "marker=on", home=tmp_path,
                    timeout=60)
     assert result.returncode == 2 and "marker=off needs the local server" in result.stderr
+
+
+def test_drift_reports_every_windows_p95_so_a_burst_is_not_a_trend():
+    from server.bench.report import _notes
+    from server.bench.stats import SessionResult, drift
+
+    burst = lambda s: 240 <= s < 300  # noqa: E731 - the fifth minute is slow
+    result = SessionResult("a", 0, latencies_ms=[(i / 30, 60.0 if burst(i / 30) else 20.0) for i in range(30 * 600)])
+    d = drift([result], 600)
+    assert d["window_s"] == 60 and d["change"] == 0
+    assert d["window_p95_ms"] == [20.0] * 4 + [60.0] + [20.0] * 5
+    assert any("every 60 s: 20.0..60.0 ms" in line for line in _notes({"runs": {}, "drift": d}))

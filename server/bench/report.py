@@ -59,8 +59,11 @@ def _notes(report: dict) -> list[str]:
         lines.append(_avsync_line(report["avsync"]))
     if report.get("drift"):
         d = report["drift"]
+        windows = [v for v in d.get("window_p95_ms") or [] if v is not None]
+        spread = (f"; every {d['window_s']:.0f} s: {min(windows):.1f}..{max(windows):.1f} ms"
+                  if len(windows) > 2 else "")
         lines.append(f"drift: p95 first {d['window_s']:.0f} s {d['first_p95_ms']} ms, last {d['last_p95_ms']} ms "
-                     f"({100 * d['change']:+.1f}%)")
+                     f"({100 * d['change']:+.1f}%){spread}")
     return lines
 
 

@@ -138,16 +138,24 @@ def meets_target(summary: dict, p95_ms: float, fps: float) -> bool:
 
 
 def drift(results: list[SessionResult], duration: float) -> dict | None:
-    """p95 of the first and the last minute (or fifth, for runs under five minutes)."""
+    """p95 of the first and the last minute (or fifth, for runs under five minutes), and of
+    every window between: on a shared machine one noisy last minute can look like drift,
+    and the windows between tell a trend from a burst."""
     window = 60.0 if duration >= 300 else duration / 5
-    first = [ms for r in results for t, ms in r.latencies_ms if t < window]
+    count = max(1, int(round(duration / window)))
+    bins = [[] for _ in range(count)]
+    for r in results:
+        for t, ms in r.latencies_ms:
+            bins[min(max(int(t // window), 0), count - 1)].append(ms)
+    first = bins[0]
     last = [ms for r in results for t, ms in r.latencies_ms if t >= duration - window]
     if not first or not last:
         return None
     # Unrounded p95s for the change, rounded ones for people.
     a, b = (percentiles(v, (95,), digits=9)["p95"] for v in (first, last))
     return {"window_s": window, "first_p95_ms": round(a, 2), "last_p95_ms": round(b, 2),
-            "change": round(b / a - 1, 4)}
+            "change": round(b / a - 1, 4),
+            "window_p95_ms": [percentiles(v, (95,))["p95"] for v in bins]}
 
 
 def ratios(a: dict, b: dict) -> dict:
