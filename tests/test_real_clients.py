@@ -27,7 +27,7 @@ import pytest
 
 from helpers import AvatarClient, ClipTrack, SineTrack, clip, read_seconds, rms, running_server, wait_for
 from server.bench.avsync import estimate_offset
-from test_browser import ARTIFACTS, CHROMIUM, DevTools, browser_page, write_y4m
+from test_browser import ARTIFACTS, CHROMIUM, DevTools, browser_page, poll, write_y4m
 from test_server_e2e import openness
 
 pytestmark = pytest.mark.slow
@@ -110,18 +110,6 @@ def camera(tmp_path, seconds: float = 4.0):
     return y4m
 
 
-async def until(tools: DevTools, done, seconds: float) -> dict:
-    """The page's state once done(state), or the last one when the time is up."""
-    deadline = time.monotonic() + seconds
-    state = {}
-    while time.monotonic() < deadline:
-        state = await tools.eval(PAGE) or {}
-        if done(state):
-            break
-        await asyncio.sleep(0.4)
-    return state
-
-
 async def click(tools: DevTools, element_id: str) -> None:
     """A real click (a user gesture, as the page's autoplay fallback needs) in the middle of an element."""
     box = await tools.eval(f"(() => {{ const r = document.getElementById('{element_id}').getBoundingClientRect();"
@@ -162,7 +150,7 @@ async def test_viewer_page_shows_the_avatar_and_plays_the_voice(tmp_path, monkey
         presenter = await present(srv)
         try:
             async with browser_page(f"{srv.url}viewer.html?room=main&autostart=1", y4m, tmp_path / "profile") as tools:
-                state = await until(tools, lambda s: min(s.get("shown", 0), s.get("frames", 0)) > 45 and s.get("mean", 0) > 20, 40)
+                state = await poll(tools, lambda s: min(s.get("shown", 0), s.get("frames", 0)) > 45 and s.get("mean", 0) > 20, 40, PAGE)
                 assert "Live" in state["message"] and "demo" in state["message"], state
                 assert state["presenter"] == {"identity": "demo"} and state["error"] is None, state
                 assert state["frames"] > 45 and state["shown"] > 45, state  # decoded and presented
@@ -175,7 +163,7 @@ async def test_viewer_page_shows_the_avatar_and_plays_the_voice(tmp_path, monkey
                 if state["muted"]:
                     assert state["unmute"], f"muted with no way to unmute: {state}"
                     await click(tools, "unmute")
-                before = await until(tools, lambda s: not s.get("muted", True) and s.get("audio", {}).get("level", 0) > 0.05, 15)
+                before = await poll(tools, lambda s: not s.get("muted", True) and s.get("audio", {}).get("level", 0) > 0.05, 15, PAGE)
                 assert not before["muted"] and not before["unmute"], before
                 assert before["audio"]["level"] > 0.05, before  # the hum (RMS 0.21), not silence
                 await asyncio.sleep(1.5)
@@ -213,20 +201,20 @@ async def test_viewer_page_waits_then_picks_the_presenter_up(tmp_path, monkeypat
     y4m = camera(tmp_path)
     async with running_server(tmp_path, monkeypatch) as srv:
         async with browser_page(f"{srv.url}viewer.html?room=main&autostart=1", y4m, tmp_path / "profile") as tools:
-            state = await until(tools, lambda s: "Waiting" in s.get("message", ""), 20)
+            state = await poll(tools, lambda s: "Waiting" in s.get("message", ""), 20, PAGE)
             assert "Waiting for the presenter" in state["message"], state
             assert state["presenter"] is None and state["error"] is None and state["frames"] == 0, state
             await tools.eval("window.__marker = 'same page'")  # gone if the page reloaded
             presenter = await present(srv, seconds=4.0)
             try:
-                state = await until(tools, lambda s: min(s.get("shown", 0), s.get("frames", 0)) > 30 and s.get("mean", 0) > 20, 40)
+                state = await poll(tools, lambda s: min(s.get("shown", 0), s.get("frames", 0)) > 30 and s.get("mean", 0) > 20, 40, PAGE)
                 assert "Live" in state["message"] and state["presenter"] == {"identity": "demo"}, state
                 assert state["shown"] > 30 and state["frames"] > 30 and state["width"] == 256 and state["mean"] > 20, state
                 assert state["marker"] == "same page" and state["navigations"] == 1, f"reloaded: {state}"
             finally:
                 await presenter.close()
             # The presenter leaves: the page says it waits again (not an error), on the same page.
-            state = await until(tools, lambda s: "Waiting" in s.get("message", ""), 20)
+            state = await poll(tools, lambda s: "Waiting" in s.get("message", ""), 20, PAGE)
             assert "Waiting" in state["message"] and state["presenter"] is None, state
             assert state["error"] is None and state["marker"] == "same page", state
 
