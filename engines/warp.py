@@ -12,10 +12,10 @@ import cv2
 import numpy as np
 
 from . import geometry
-from .raster import warp_map
 from .landmarks import RIGID
 from .mesh import (border_points, face_triangles, hole_triangles,
                    ring_points, skirt_triangles)
+from .raster import warp_map
 from .eyes import EyelidPainter, EyeMemory, IrisPainter
 from .mouth import MouthMemory, MouthPainter
 

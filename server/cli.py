@@ -442,13 +442,13 @@ def cmd_eval(args) -> int:
     log = AuditLog(audit_path(args.home), "avatar eval")
     try:
         with log.use("render", local_user(), identity.name, address="local") as use:
+            marker = Marker(Payload.here(use.id))
             report = evaluate_identity(identity, args.driving, args.max_frames, args.backend,
-                                       identity_distance=not args.no_identity_distance,
-                                       marker=Marker(Payload.here(use.id)))
+                                       identity_distance=not args.no_identity_distance, marker=marker)
             use.frames = report["frames"]
     finally:
         log.close()
-    print(f"watermark on the report's rendered frames: {Payload.here(use.id)} (`avatar audit --id {use.id[:8]}`)")
+    print(f"watermark on the report's rendered frames: {marker.payload} (`avatar audit --id {use.id[:8]}`)")
     base = args.output or Path(f"eval-{identity.name}")
     json_path, html_path = base.with_name(base.name + ".json"), base.with_name(base.name + ".html")
     engines = "neural vs warp" if identity.engine == "neural" else f"{identity.engine} engine"

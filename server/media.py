@@ -17,8 +17,7 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 from engines.measure import StageTimer
-from engines.pipeline import AvatarPipeline
-from engines.pipeline import Prepared as PreparedRender
+from engines.pipeline import AvatarPipeline, Prepared
 from engines.watermark import Marker
 from .telemetry import COMPUTE_STAGES, FrameRecord
 
@@ -107,13 +106,13 @@ def input_size(width: int, height: int) -> tuple[int, int] | None:
 
 
 @dataclass
-class Prepared:
+class PreparedFrame:
     """A camera frame after the first stage: its render prepared, the stage times so far."""
     pts: int
     time_base: fractions.Fraction
     recv_time: float
     face_found: bool
-    prepared: PreparedRender
+    prepared: Prepared
     timer: StageTimer
 
 
@@ -136,7 +135,7 @@ class FrameProcessor:
         self.source_size: tuple[int, int] | None = None
         self.t0 = time.monotonic()
 
-    def prepare(self, frame: av.VideoFrame, recv_time: float) -> Prepared | None:
+    def prepare(self, frame: av.VideoFrame, recv_time: float) -> PreparedFrame | None:
         size = input_size(frame.width, frame.height)
         if size is None:
             return None
@@ -152,9 +151,9 @@ class FrameProcessor:
         target = timer.run("retarget", self.pipeline.retarget, points, time.monotonic() - self.t0)
         prepared = timer.run("render", self.pipeline.prepare, target)
         pts = frame.pts if frame.pts is not None else int(recv_time * 90000)
-        return Prepared(pts, frame.time_base or VIDEO_TIME_BASE, recv_time, points is not None, prepared, timer)
+        return PreparedFrame(pts, frame.time_base or VIDEO_TIME_BASE, recv_time, points is not None, prepared, timer)
 
-    def finish(self, p: Prepared, viewer_label: bool = False) -> tuple[av.VideoFrame, FrameRecord, np.ndarray | None]:
+    def finish(self, p: PreparedFrame, viewer_label: bool = False) -> tuple[av.VideoFrame, FrameRecord, np.ndarray | None]:
         """The output frame and its record; with `viewer_label`, also the viewers' copy: the
         visible badge drawn first and then marked, as a badge drawn over a watermark
         would erase it."""
