@@ -10,7 +10,8 @@ bounded threads, speaking JSON lines on stdout:
         -> {"ok": true, "seconds", "width", "height", "frames", "codec", "container"}
            or {"ok": false, "status": 415 | 400, "error": "..."}
     python -m server.enroll_worker train  < {"identities_root", "video", "name", "display_name",
-                                             "consent", "preset", "steps", "max_frames", "threads"}
+                                             "consent", "preset", "steps", "max_frames", "threads",
+                                             "audit_use" (its watermark marks the eval report)}
         -> {"stage", "done", "total", "fraction", "eta"} lines, then
            {"result": "done", "summary": {...}} | {"result": "failed", "error": "..."}
            | {"result": "interrupted"} (SIGTERM: the checkpoint is saved, a rerun resumes)

@@ -35,11 +35,12 @@ from pathlib import Path
 from engines.identity import Consent, IdentityError, IdentityStore, check_name, default_home
 from .audit import AuditThread
 from .config import ServerConfig
+from .enroll_worker import STAGE_SPAN
 
 log = logging.getLogger("avatar.enrollment")
 
 FINAL = ("done", "failed", "cancelled")
-STAGES = ("extracting", "preparing", "training", "evaluating", "writing")
+STAGES = tuple(STAGE_SPAN)  # what a worker may report
 WORKER = [sys.executable, "-m", "server.enroll_worker"]
 MAX_RECORDS = 200  # finished job records kept; older ones are deleted at start
 TRAIN_MAX_FRAMES = 1200  # 40 s at 30 fps: the frames (and their warps) are held in memory while training
