@@ -13,7 +13,7 @@ import numpy as np
 
 from . import geometry
 from .landmarks import RIGID
-from .mesh import (border_points, face_triangles, hole_triangles,
+from .mesh import (border_points, face_triangles, head_outline_points, hole_triangles,
                    ring_points, skirt_triangles)
 from .raster import warp_map
 from .eyes import EyelidPainter, EyeMemory, IrisPainter
@@ -41,6 +41,7 @@ class WarpRenderer:
         src2d = self.neutral[:, :2]
         self._border = border_points(self.width, self.height)
         self._ring = ring_points(self.neutral)
+        self._outline = head_outline_points(self.neutral)
         src = np.concatenate([src2d, self._ring[:, :2], self._border])
         self._face_tris = np.concatenate([face_triangles(), hole_triangles()])
         self._skirt_tris = skirt_triangles(src2d, self.width, self.height)
@@ -85,9 +86,12 @@ class WarpRenderer:
         return self.render(target)
 
     def render_rigid(self, target: np.ndarray) -> np.ndarray:
-        """The reference moved rigidly with the head, without expression: where hair, ears and
-        glasses go. The mesh warp does not cover them and its skirt stretches them instead."""
-        head = self._head_similarity(target[:, :2].astype(np.float64))
+        """The reference moved rigidly with the head, without expression: where hair and ears
+        go. The mesh warp does not cover them and its skirt stretches them instead. The move is
+        the head's 3-D pose seen at the depth of its outline (mesh.HEAD_DEPTH): a similarity
+        fitted to the face's front made the hair overshoot at every turn."""
+        moved = geometry.apply(self._head_pose(target), self._outline)
+        head = geometry.fit_similarity(self._outline[:, :2], moved[:, :2])
         return cv2.warpAffine(self.reference, head[:2], (self.width, self.height), flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_REPLICATE)
 

@@ -4,8 +4,8 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from engines import warp
-from engines.landmarks import RIGID, FaceLandmarker, eye_openness, mouth_openness
-from engines.mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER, face_triangles
+from engines.landmarks import FACE_OVAL, RIGID, FaceLandmarker, eye_openness, inter_ocular, mouth_openness
+from engines.mesh import HEAD_DEPTH, LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER, face_triangles
 from engines.warp import WarpRenderer, seam_mask
 
 
@@ -92,9 +92,25 @@ def test_rigid_render_follows_the_head_without_expression(renderer, demo):
     assert psnr(out[20:-20, 32:-20], demo.reference[25:-15, 20:-32]) > 40
 
 
-def turned(points, degrees, axis):
-    """The face turned about its rigid centre: "y" left/right (yaw), "x" up/down (pitch)."""
-    centre = points[RIGID].mean(0)
+@pytest.mark.parametrize("degrees", [12, -12])
+def test_rigid_head_keeps_hair_in_place_when_the_head_turns_about_its_axis(renderer, demo, degrees):
+    # A head turns about an axis behind its face: the face sweeps sideways, the hair outlining
+    # the skull barely moves. The rigid head is the hair's motion, not the face's.
+    p = demo.neutral.astype(np.float64)
+    axis = p[RIGID].mean(0)
+    axis[2] = p[FACE_OVAL, 2].mean() + HEAD_DEPTH * inter_ocular(p)
+    target = turned(p, degrees, "y", centre=axis)
+    face_shift = target[RIGID, 0].mean() - p[RIGID, 0].mean()
+    grey = lambda im: cv2.cvtColor(im, cv2.COLOR_RGB2GRAY).astype(np.float64)  # noqa: E731
+    (hair_shift, _), _ = cv2.phaseCorrelate(grey(demo.reference), grey(renderer.render_rigid(target)))
+    assert abs(face_shift) > 6
+    assert abs(hair_shift) < 0.2 * abs(face_shift)
+
+
+def turned(points, degrees, axis, centre=None):
+    """The face turned about its rigid centre (or `centre`): "y" left/right (yaw), "x" up/down
+    (pitch)."""
+    centre = points[RIGID].mean(0) if centre is None else centre
     rot = Rotation.from_euler(axis, degrees, degrees=True).as_matrix()
     return (points - centre) @ rot.T + centre
 
