@@ -1,14 +1,11 @@
 """The generator: warp images + landmark contour maps -> the identity's 256² face.
 
-Inputs (N, 11, 256, 256) float32:
+Inputs (N, 8, 256, 256) float32:
     0-2  the warp engine's render for the target landmarks, RGB in [-1, 1]
     3    the target's face-mesh contours (lips, eyes, brows, irises, oval) in [0, 1]
     4    the previous frame's contour map (temporal context; = channel 3 on a first frame)
-    5-7  the reference moved rigidly with the head, RGB in [-1, 1]: hair and ears move
-         with the skull, which the mesh warp's skirt stretches instead
-    8-10 the reference standing still, RGB in [-1, 1]: background, shoulders and chest
-         stay put while the head moves, and the warp's skirt drags them along with it
-(Bundles from before the still reference take channels 0-7 only: config.LEGACY_CHANNELS.)
+    5-7  the reference moved rigidly with the head, RGB in [-1, 1]: hair, ears and glasses
+         move with the skull, which the mesh warp's skirt stretches instead
 Output (N, 3, 256, 256): warp + tanh(residual), clamped to [-1, 1] (in eval mode).
 
 CPU design: PixelUnshuffle(4) takes 256² straight to 64² (no full-resolution convs), the
@@ -22,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import IN_CHANNELS, LEGACY_CHANNELS, MODEL_CONFIG, SIZE
+from .config import IN_CHANNELS, MODEL_CONFIG, SIZE
 
 
 def _contour_edges() -> np.ndarray:
@@ -46,22 +43,14 @@ def contour_map(points: np.ndarray, size: int = SIZE) -> np.ndarray:
     return img.astype(np.float32) / 255.0
 
 
-def still_input(reference_rgb: np.ndarray) -> np.ndarray:
-    """(3, 256, 256) float32 in [-1, 1]: the still reference's channels, made once per identity."""
-    return reference_rgb.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
-
-
 def make_input(warp_rgb: np.ndarray, rigid_rgb: np.ndarray, cmap: np.ndarray,
-               prev_cmap: np.ndarray | None, still: np.ndarray | None) -> np.ndarray:
-    """(1, 11, 256, 256) float32 network input from uint8 warp renders, contour maps and the
-    still reference (still_input); without `still`, the (1, 8, 256, 256) of older bundles."""
-    x = np.empty((1, LEGACY_CHANNELS if still is None else IN_CHANNELS, SIZE, SIZE), np.float32)
+               prev_cmap: np.ndarray | None) -> np.ndarray:
+    """(1, 8, 256, 256) float32 network input from uint8 warp renders and contour maps."""
+    x = np.empty((1, IN_CHANNELS, SIZE, SIZE), np.float32)
     x[0, :3] = warp_rgb.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
     x[0, 3] = cmap
     x[0, 4] = cmap if prev_cmap is None else prev_cmap
-    x[0, 5:8] = rigid_rgb.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
-    if still is not None:
-        x[0, 8:] = still
+    x[0, 5:] = rigid_rgb.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
     return x
 
 
@@ -102,10 +91,6 @@ class Generator(nn.Module):
         nn.init.zeros_(self.head.weight)  # start as the identity map on the warp image
         nn.init.zeros_(self.head.bias)
 
-    @property
-    def input_channels(self) -> int:
-        return self.stem[0].in_channels // 16
-
     def forward(self, x):
         warp = x[:, :3]
         f64 = self.block64(self.stem(self.down(x)))
@@ -123,10 +108,9 @@ def param_count(model: nn.Module) -> int:
 
 
 def export_onnx(model: nn.Module, path, opset: int = 17) -> None:
-    """Fixed-shape (1, C, 256, 256) -> (1, 3, 256, 256) ONNX, C the model's input channels;
-    legacy exporter (dynamo if that fails)."""
+    """Fixed-shape (1, 8, 256, 256) -> (1, 3, 256, 256) ONNX; legacy exporter (dynamo if that fails)."""
     model = model.eval().float()
-    dummy = torch.zeros(1, model.input_channels, SIZE, SIZE)
+    dummy = torch.zeros(1, IN_CHANNELS, SIZE, SIZE)
     with torch.no_grad():
         try:
             torch.onnx.export(model, (dummy,), str(path), input_names=["input"], output_names=["output"],
