@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -376,8 +377,42 @@ def points_to_crop(points: np.ndarray, x0: float, y0: float, side: float) -> np.
 
 
 def crop_with_box(rgb: np.ndarray, x0: float, y0: float, side: float) -> np.ndarray:
-    return cv2.warpAffine(rgb, crop_matrix(x0, y0, side), (RENDER_SIZE, RENDER_SIZE),
+    """The RENDER_SIZE crop of rgb; where the box reaches past the image, pad_softly fills it."""
+    h, w = rgb.shape[:2]
+    cx0, cy0 = min(max(math.floor(x0), 0), w - 1), min(max(math.floor(y0), 0), h - 1)
+    cx1, cy1 = min(max(math.ceil(x0 + side) + 1, cx0 + 1), w), min(max(math.ceil(y0 + side) + 1, cy0 + 1), h)
+    part = rgb[cy0:cy1, cx0:cx1]  # what of the image the box holds
+    left, top = max(0, cx0 - math.floor(x0) + 2), max(0, cy0 - math.floor(y0) + 2)
+    right, bottom = max(0, math.ceil(x0 + side) - cx1 + 3), max(0, math.ceil(y0 + side) - cy1 + 3)
+    padded = pad_softly(part, top, bottom, left, right)
+    return cv2.warpAffine(padded, crop_matrix(x0 - cx0 + left, y0 - cy0 + top, side), (RENDER_SIZE, RENDER_SIZE),
                           flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE)
+
+
+def pad_softly(rgb: np.ndarray, top: int, bottom: int, left: int, right: int) -> np.ndarray:
+    """rgb with margins that continue its edge, smoothed along the edge the more the further
+    they lie from it. Repeating the edge (BORDER_REPLICATE) drew whatever crossed it out to
+    the crop's border as a streak: a hair bun cut by the top of a self-scan became a pole
+    above the head in every render. Smoothed, it fades into a soft continuation; never dark."""
+    out = _pad_rows(rgb, top, bottom)
+    return np.ascontiguousarray(_pad_rows(out.transpose(1, 0, 2), left, right).transpose(1, 0, 2))
+
+
+def _pad_rows(rgb: np.ndarray, top: int, bottom: int) -> np.ndarray:
+    """rgb with `top` rows above and `bottom` below; the row d away from the image is the mean
+    of the edge row over +-2d pixels, so a streak across the edge fans out and fades within a
+    few of its own widths."""
+    def band(edge: np.ndarray, n: int) -> np.ndarray:
+        ext = np.pad(edge.astype(np.float64), ((2 * n, 2 * n), (0, 0)), mode="reflect")
+        sums = np.concatenate([np.zeros((1, edge.shape[1])), np.cumsum(ext, 0)])
+        reach = 2 * np.arange(1, n + 1)[:, None]
+        x = np.arange(len(edge))[None] + 2 * n  # edge pixel x sits at ext[x + 2n]
+        mean = (sums[x + reach + 1] - sums[x - reach]) / (2 * reach + 1)[..., None]
+        return np.rint(mean).astype(rgb.dtype)
+
+    above = band(rgb[0], top)[::-1] if top else rgb[:0]
+    below = band(rgb[-1], bottom) if bottom else rgb[:0]
+    return np.concatenate([above, rgb, below])
 
 
 def sha256(path: Path) -> str:

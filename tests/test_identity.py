@@ -150,7 +150,24 @@ def test_crop_past_the_frame_edge_is_padded_with_the_edge_not_black():
     crop = crop_with_box(frame, -120.0, -40.0, 300.0)  # 120 px past the left, 40 past the top
     assert crop.shape == (256, 256, 3)
     assert crop.min() >= 120
-    assert np.abs(crop[:, :60].reshape(-1, 3).mean(0) - (200, 150, 120)).max() < 2
+    next_to_the_left_edge = crop[60:220, 80:100].reshape(-1, 3)  # 3-23 px out, clear of the corners
+    assert np.abs(next_to_the_left_edge.mean(0) - (200, 150, 120)).max() < 2
+
+
+def test_a_stripe_across_the_frame_edge_fades_in_the_padding_instead_of_streaking():
+    # selfscan_a's hair bun touches the top of the video: repeating the edge row drew it up
+    # to the crop's border as a pole above the head, in every render of that identity.
+    rng = np.random.default_rng(3)
+    frame = cv2.GaussianBlur(rng.integers(0, 255, (240, 320, 3), np.uint8), (0, 0), 2)
+    frame[:, 150:160] = 20  # a dark stripe crossing the top edge
+    x0, y0, side = 40.0, -80.0, 256.0  # 1 crop px per image px; 80 rows above the frame
+    crop = crop_with_box(frame, x0, y0, side)
+    inside = cv2.warpAffine(frame, crop_matrix(x0, y0, side), (256, 256), flags=cv2.INTER_AREA)
+    assert np.array_equal(crop[82:], inside[82:])  # the image itself is untouched
+    stripe, beside = crop[:, 112:118].mean((1, 2)), crop[:, 140:160].mean((1, 2))
+    assert beside[78] - stripe[78] > 80  # next to the frame it still continues the image...
+    assert beside[:40].min() - stripe[:40].max() < 15  # ...far from it, it has faded
+    assert crop[:80].min() > 0.5 * frame.min() and crop[:80].max() <= frame.max()
 
 
 def test_mouth_memory_must_be_a_listed_file(store, tmp_path):
