@@ -36,6 +36,12 @@ def decompose(m: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     return scale, lin / scale, m[:3, 3].copy()
 
 
+def turn_degrees(m: np.ndarray) -> float:
+    """How far a 3-D similarity turns the image plane's normal: yaw and pitch together, not roll."""
+    _, rot, _ = decompose(m)
+    return float(np.degrees(np.arccos(np.clip(rot[2, 2], -1.0, 1.0))))
+
+
 def compose(scale: float, rot: np.ndarray, trans: np.ndarray) -> np.ndarray:
     m = np.eye(4)
     m[:3, :3] = scale * rot

@@ -25,10 +25,14 @@ RING_SCALE = 1.35  # the skirt's inner ring, as a multiple of the face outline's
 # move less than the face does, and the rigid head (warp.render_rigid) moves them so. On two
 # self-scans' held-out frames 0.4-0.6 measured best, for the rigid head and for the skirt.
 HEAD_DEPTH = 0.5
-# The skirt's inner ring turns at this depth instead: any deeper, and at a 25-35 degree turn
-# the near cheek or the jaw overtakes the ring and folds the skirt between them. It still
-# took the warp from 21.7 to 22.0 dB and 19.1 to 19.6 dB on those frames (0.5: 22.4, 20.2).
-RING_DEPTH = 0.15
+# The skirt's inner ring turns at that depth too while the head is near its reference pose:
+# it then moves as the hair and ears beside it do, which took the warp from 22.15 to 22.69 dB
+# and 19.58 to 20.23 dB on those frames (held-out turns stay under 14 degrees). But at a 24
+# degree turn the near cheek or the jaw overtakes so deep a ring and folds the skirt between
+# them, and before that the far side's skirt stretches the jaw's edge into a pale wedge; at
+# the outline's own depth the skirt stays fold-free past 40. So the ring comes forward as the
+# head turns out of the image plane, linearly between these angles (degrees).
+RING_TURN_DEGREES = (10.0, 30.0)
 BORDER_STEPS = 8  # fixed points per image side
 
 
@@ -71,15 +75,19 @@ def hole_triangles() -> np.ndarray:
 
 
 def ring_points(points: np.ndarray) -> np.ndarray:
-    """The skirt's inner ring: the face outline widened about its centre in the image plane.
-    Given 3-D points, the ring lies RING_DEPTH behind the outline, so it turns much as the
-    head's outline does."""
+    """The skirt's inner ring: the face outline widened about its centre in the image plane,
+    at the outline's own depth (ring_depth says how far behind it the ring turns)."""
     ring = points[FACE_OVAL].copy()
     center = ring[:, :2].mean(0)
     ring[:, :2] = center + (ring[:, :2] - center) * RING_SCALE
-    if ring.shape[1] == 3:
-        ring[:, 2] += RING_DEPTH * inter_ocular(points)
     return ring
+
+
+def ring_depth(turn_degrees: float) -> float:
+    """How far behind the face outline the skirt's inner ring turns, in inter-ocular
+    distances, when the head is turned this far out of the image plane."""
+    start, end = RING_TURN_DEGREES
+    return HEAD_DEPTH * min(max((end - turn_degrees) / (end - start), 0.0), 1.0)
 
 
 def head_outline_points(points: np.ndarray) -> np.ndarray:

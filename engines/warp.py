@@ -12,9 +12,9 @@ import cv2
 import numpy as np
 
 from . import geometry
-from .landmarks import RIGID
+from .landmarks import RIGID, inter_ocular
 from .mesh import (border_points, face_triangles, head_outline_points, hole_triangles,
-                   ring_points, skirt_triangles)
+                   ring_depth, ring_points, skirt_triangles)
 from .raster import warp_map
 from .eyes import EyelidPainter, EyeMemory, IrisPainter
 from .mouth import MouthMemory, MouthPainter
@@ -41,6 +41,7 @@ class WarpRenderer:
         src2d = self.neutral[:, :2]
         self._border = border_points(self.width, self.height)
         self._ring = ring_points(self.neutral)
+        self._ring_back = np.array([0.0, 0.0, inter_ocular(self.neutral)])  # one unit of ring_depth
         self._outline = head_outline_points(self.neutral)
         src = np.concatenate([src2d, self._ring[:, :2], self._border])
         self._face_tris = np.concatenate([face_triangles(), hole_triangles()])
@@ -62,7 +63,7 @@ class WarpRenderer:
 
     def render(self, target: np.ndarray) -> np.ndarray:
         head = self._head_similarity(target[:, :2].astype(np.float64))
-        dst = self._target_points(target, head)
+        dst = self._target_points(target)
         src = self._map(dst, target)
         seams = seam_mask(src, JUMP * MAP_SCALE / _scale(head))
         if MAP_SCALE != 1:
@@ -101,8 +102,10 @@ class WarpRenderer:
     def _head_similarity(self, t2d: np.ndarray) -> np.ndarray:
         return geometry.fit_similarity(self.neutral[RIGID, :2], t2d[RIGID])
 
-    def _target_points(self, target: np.ndarray, head: np.ndarray) -> np.ndarray:
-        ring = geometry.apply(self._head_pose(target), self._ring)[:, :2]
+    def _target_points(self, target: np.ndarray) -> np.ndarray:
+        pose = self._head_pose(target)
+        back = ring_depth(geometry.turn_degrees(pose)) * self._ring_back
+        ring = geometry.apply(pose, self._ring + back)[:, :2]
         return np.concatenate([target[:, :2].astype(np.float64), ring, self._border])
 
     def _affines(self, dst: np.ndarray) -> np.ndarray:
