@@ -5,6 +5,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -13,21 +14,23 @@ from helpers import shared_clip
 from engines.identity import Consent, IdentityStore, sha256
 from engines.neural import runtime as rtm
 from engines.neural import tensorrt_build
-from engines.neural.model import Generator, contour_map, export_onnx, make_input, to_image
+from engines.neural.config import IN_CHANNELS, LEGACY_CHANNELS
+from engines.neural.model import (Generator, contour_map, export_onnx, head_region, make_input, still_input,
+                                  to_image)
 
 CONSENT = Consent("test enrollment", "test subject", "pytest", "2026-01-01T00:00:00+00:00")
 
 
-def random_model(seed=0):
+def random_model(seed=0, in_channels=IN_CHANNELS):
     torch.manual_seed(seed)
-    m = Generator(width=16, deep=32, blocks=1)
+    m = Generator(width=16, deep=32, blocks=1, in_channels=in_channels)
     torch.nn.init.normal_(m.head.weight, std=0.05)  # the head starts at zero: make it do something
     return m.eval()
 
 
 def test_generator_shapes_and_identity_start():
     m = Generator().eval()
-    x = torch.rand(2, 8, 256, 256) * 2 - 1
+    x = torch.rand(2, IN_CHANNELS, 256, 256) * 2 - 1
     with torch.no_grad():
         y = m(x)
     assert y.shape == (2, 3, 256, 256)
@@ -41,11 +44,30 @@ def test_contour_map_and_input(demo):
     assert cmap.shape == (256, 256) and cmap.dtype == np.float32
     assert 0 <= cmap.min() and cmap.max() <= 1 and (cmap > 0.5).sum() > 500
     rigid = demo.reference[::-1].copy()
-    x = make_input(demo.reference, rigid, cmap, None)
-    assert x.shape == (1, 8, 256, 256) and np.array_equal(x[0, 3], x[0, 4])
+    x = make_input(demo.reference, rigid, cmap, None, still_input(demo.reference, demo.neutral))
+    assert x.shape == (1, IN_CHANNELS, 256, 256) and np.array_equal(x[0, 3], x[0, 4])
     assert np.abs(to_image(x[:, :3]).astype(int) - demo.reference).max() <= 1
-    assert np.abs(to_image(x[:, 5:]).astype(int) - rigid).max() <= 1
-    assert not np.array_equal(make_input(demo.reference, rigid, cmap, cmap * 0)[0, 4], x[0, 4])
+    assert np.abs(to_image(x[:, 5:8]).astype(int) - rigid).max() <= 1
+    head = head_region(demo.neutral, (256, 256))
+    assert np.abs(to_image(x[:, 8:]).astype(int) - demo.reference)[~head].max() <= 1
+    assert not np.array_equal(make_input(demo.reference, rigid, cmap, cmap * 0, None)[0, 4], x[0, 4])
+    legacy = make_input(demo.reference, rigid, cmap, None, None)  # a bundle from before the still reference
+    assert legacy.shape == (1, LEGACY_CHANNELS, 256, 256) and np.array_equal(legacy[0], x[0, :LEGACY_CHANNELS])
+
+
+def test_still_reference_blanks_the_head_and_keeps_what_stays_put(demo):
+    # The still reference shows background and shoulders where they stay; a head in it would
+    # be copied beside the moved one as a ghost (issue #13). Blank: hair above, face, ears.
+    x = still_input(demo.reference, demo.neutral)
+    face = np.zeros((256, 256), np.uint8)
+    cv2.fillConvexPoly(face, cv2.convexHull(np.round(demo.neutral[:, :2]).astype(np.int32)), 1)
+    assert (x[:, face > 0] == 0).all()  # every landmark's hull
+    top = int(demo.neutral[:, 1].min())
+    x_mid = int(demo.neutral[:, 0].mean())
+    assert (x[:, :top, x_mid] == 0).all()  # straight up to the top: the hair
+    corners = np.zeros((256, 256), bool)
+    corners[:32, :32] = corners[:32, -32:] = corners[-32:, :32] = corners[-32:, -32:] = True
+    assert (x[:, corners] != 0).any(0).mean() > 0.95  # what is far from the head is kept
 
 
 def test_pose_augmentation_moves_frame_landmarks_and_warps_together(demo):
@@ -64,7 +86,10 @@ def test_pose_augmentation_moves_frame_landmarks_and_warps_together(demo):
         # ...and the warp inputs were re-rendered for the moved landmarks, so they still match it
         # (the face is where the target's face is), and the mouth/eye weights went with it.
         assert np.abs(xa[k, :3] - ya[k]).mean() < 0.5 * np.abs(x[k, :3] - ya[k]).mean()
-        assert np.abs(xa[k, 5:] - ya[k]).mean() < 0.5 * np.abs(x[k, 5:] - ya[k]).mean()
+        assert np.abs(xa[k, 5:8] - ya[k]).mean() < 0.5 * np.abs(x[k, 5:8] - ya[k]).mean()
+        # The still reference moved with the frame too: the background is where the frame's is.
+        kept = (xa[k, 8:] != 0).any(0) & (x[k, 8:] != 0).any(0)  # outside the blanked head
+        assert np.abs(xa[k, 8:] - ya[k])[:, kept].mean() < 0.5 * np.abs(x[k, 8:] - ya[k])[:, kept].mean()
         assert (wa[k] * w[k]).sum() < 0.9 * w[k].sum()
 
 
@@ -72,7 +97,7 @@ def test_onnx_parity(tmp_path):
     m = random_model()
     path = tmp_path / "g.onnx"
     export_onnx(m, path)
-    x = np.random.default_rng(0).uniform(-1, 1, (1, 8, 256, 256)).astype(np.float32)
+    x = np.random.default_rng(0).uniform(-1, 1, (1, IN_CHANNELS, 256, 256)).astype(np.float32)
     ort_out = rtm.OrtRuntime(path, "ort-cpu").run(x)
     torch_out = rtm.TorchRuntime(m).run(x)
     assert ort_out.shape == (1, 3, 256, 256)
@@ -130,7 +155,7 @@ def test_int8_model_close_to_fp32_and_quality_check_decides(tmp_path, caplog):
     fp32_path, int8_path = tmp_path / "g.onnx", tmp_path / "g.int8.onnx"
     export_onnx(m, fp32_path)
     rng = np.random.default_rng(0)
-    xs = [rng.uniform(-1, 1, (1, 8, 256, 256)).astype(np.float32) for _ in range(6)]
+    xs = [rng.uniform(-1, 1, (1, IN_CHANNELS, 256, 256)).astype(np.float32) for _ in range(6)]
     quantize(fp32_path, int8_path, xs[:4])
     fp32, int8 = rtm.OrtRuntime(fp32_path), rtm.OrtRuntime(int8_path, "ort-int8-cpu")
     a, b = fp32.run(xs[5]), int8.run(xs[5])
@@ -174,6 +199,30 @@ def test_make_renderer_falls_back_to_warp(store, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert isinstance(make_renderer(s.load("broken")), WarpRenderer)
     assert any("enroll it again" in rec.getMessage() for rec in caplog.records)
+
+
+@pytest.mark.parametrize("channels", [IN_CHANNELS, LEGACY_CHANNELS])
+def test_neural_renderer_feeds_the_bundles_own_input(store, tmp_path, channels):
+    # A bundle enrolled before the still reference (8 input channels) keeps rendering with its
+    # own generator; a new one gets its identity's still reference.
+    from engines.neural.runtime import NeuralRenderer
+
+    s = IdentityStore(tmp_path / "ids")
+    shutil.copytree(store.path("demo"), s.root / "n")
+    folder = s.root / "n"
+    export_onnx(random_model(in_channels=channels), folder / "generator.onnx")
+    m = json.loads((folder / "manifest.json").read_text())
+    m.update(name="n", engine="neural", neural={"model": "generator.onnx", "input": [1, channels, 256, 256]})
+    m["files"]["generator.onnx"] = sha256(folder / "generator.onnx")
+    (folder / "manifest.json").write_text(json.dumps(m))
+    ident = s.load("n")
+    r = NeuralRenderer(ident, prefer="ort-cpu")
+    x = r.prepare(ident.neutral)
+    assert x.shape == (1, channels, 256, 256)
+    if channels == IN_CHANNELS:
+        assert np.array_equal(x[0, 8:], still_input(ident.reference, ident.neutral))
+    out = r.finish(x)
+    assert out.shape == (256, 256, 3) and out.dtype == np.uint8
 
 
 def test_enroll_bad_input(tmp_path, capsys):

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SIZE = 256  # the generator's input and output side; = identity.RENDER_SIZE
-IN_CHANNELS = 8  # warp RGB, contour map, previous contour map, rigid-head RGB (model.py)
+IN_CHANNELS = 11  # warp RGB, contour map, previous contour map, rigid-head RGB, still RGB (model.py)
+LEGACY_CHANNELS = 8  # bundles enrolled before the still reference: they run without it
 
 # The generator every enrollment trains (and the benchmark times when it has none trained).
 MODEL_CONFIG = {"width": 32, "deep": 96, "blocks": 4, "in_channels": IN_CHANNELS}

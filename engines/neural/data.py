@@ -123,7 +123,7 @@ class PairBuilder:
         from ..eyes import EyeMemory
         from ..mouth import MouthMemory
         from ..warp import WarpRenderer
-        from .model import contour_map
+        from .model import contour_map, still_input
 
         self.data = data
         ref = data.reference
@@ -133,6 +133,7 @@ class PairBuilder:
         frames, points = data.crops[:data.n_train], data.points[:data.n_train]
         self.memories = {"mouth_memory": MouthMemory.build(frames, points), "eye_memory": EyeMemory.build(frames, points)}
         self.warp = warp = WarpRenderer(self.reference, self.neutral, *self.memories.values())
+        self.still = still_input(self.reference, self.neutral)
         self.warps = np.stack([warp.render(p) for p in data.points])
         self.rigids = np.stack([warp.render_rigid(p) for p in data.points])
         self.maps = np.stack([(contour_map(p) * 255).astype(np.uint8) for p in data.points])
@@ -146,7 +147,8 @@ class PairBuilder:
         x[:, :3] = self.warps[idx].transpose(0, 3, 1, 2) / 127.5 - 1.0
         x[:, 3] = self.maps[idx] / 255.0
         x[:, 4] = self.maps[prev] / 255.0
-        x[:, 5:] = self.rigids[idx].transpose(0, 3, 1, 2) / 127.5 - 1.0
+        x[:, 5:8] = self.rigids[idx].transpose(0, 3, 1, 2) / 127.5 - 1.0
+        x[:, 8:] = self.still
         return x
 
     def targets(self, idx: np.ndarray) -> np.ndarray:
@@ -154,7 +156,8 @@ class PairBuilder:
 
     def batch(self, idx: np.ndarray, rng: np.random.Generator, augment: float = 0.0):
         """Training inputs, targets and region weights; with probability `augment` a sample
-        is moved by a random similarity (frame and landmarks alike) and its warps re-rendered.
+        is moved by a random similarity (frame and landmarks alike) and its warps re-rendered;
+        the still reference moves with the frame, as the frame's background did.
 
         Why: a self-scan covers few head positions, and held-out frames leave them (in
         selfscan_a the head moves 30 px further and rolls 7° more than in any training
@@ -178,7 +181,9 @@ class PairBuilder:
             truth = cv2.warpAffine(self.data.crops[i], m, size, flags=cv2.INTER_LINEAR,
                                    borderMode=cv2.BORDER_REPLICATE)
             prev_map = cv2.warpAffine(x[k, 4], m, size, flags=cv2.INTER_LINEAR)
-            x[k] = make_input(self.warp.render(p), self.warp.render_rigid(p), contour_map(p), prev_map)[0]
+            still = cv2.warpAffine(self.still.transpose(1, 2, 0), m, size, flags=cv2.INTER_LINEAR,
+                                   borderMode=cv2.BORDER_REPLICATE).transpose(2, 0, 1)
+            x[k] = make_input(self.warp.render(p), self.warp.render_rigid(p), contour_map(p), prev_map, still)[0]
             y[k] = truth.transpose(2, 0, 1) / 127.5 - 1.0
             w[k] = region_weights(p)
         return x, y, w[:, None]

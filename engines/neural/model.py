@@ -1,11 +1,15 @@
 """The generator: warp images + landmark contour maps -> the identity's 256² face.
 
-Inputs (N, 8, 256, 256) float32:
+Inputs (N, 11, 256, 256) float32:
     0-2  the warp engine's render for the target landmarks, RGB in [-1, 1]
     3    the target's face-mesh contours (lips, eyes, brows, irises, oval) in [0, 1]
     4    the previous frame's contour map (temporal context; = channel 3 on a first frame)
-    5-7  the reference moved rigidly with the head, RGB in [-1, 1]: hair, ears and glasses
-         move with the skull, which the mesh warp's skirt stretches instead
+    5-7  the reference moved rigidly with the head, RGB in [-1, 1]: hair and ears move
+         with the skull, which the mesh warp's skirt stretches instead
+    8-10 the reference standing still with its head blanked (still_input), RGB in [-1, 1]:
+         background, shoulders and chest stay put while the head moves, and the warp's
+         skirt drags them along with it
+(Bundles from before the still reference take channels 0-7 only: config.LEGACY_CHANNELS.)
 Output (N, 3, 256, 256): warp + tanh(residual), clamped to [-1, 1] (in eval mode).
 
 CPU design: PixelUnshuffle(4) takes 256² straight to 64² (no full-resolution convs), the
@@ -19,7 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import IN_CHANNELS, MODEL_CONFIG, SIZE
+from .config import IN_CHANNELS, LEGACY_CHANNELS, MODEL_CONFIG, SIZE
+
+# head_region: the skirt's ring widened this much about its centre. At 1.05 the demo's bob and
+# selfscan_a's loose strands of hair stuck out of it (and could be copied as a ghost).
+HEAD_MARGIN = 1.2
 
 
 def _contour_edges() -> np.ndarray:
@@ -43,14 +51,40 @@ def contour_map(points: np.ndarray, size: int = SIZE) -> np.ndarray:
     return img.astype(np.float32) / 255.0
 
 
+def still_input(reference_rgb: np.ndarray, neutral: np.ndarray) -> np.ndarray:
+    """(3, 256, 256) float32 in [-1, 1]: the reference standing still with its head blanked
+    (0): background, shoulders and chest stay put while the head moves, but a still head
+    would be copied beside the moved one as a ghost. Made once per identity."""
+    x = reference_rgb.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
+    x[:, head_region(neutral, reference_rgb.shape[:2])] = 0.0
+    return x
+
+
+def head_region(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Where the head may be: the skirt's ring widened by HEAD_MARGIN, and straight above it
+    to the top of the image (hair)."""
+    from ..mesh import ring_points
+
+    ring = ring_points(points[:, :2].astype(np.float64))
+    centre = ring.mean(0)
+    wide = centre + (ring - centre) * HEAD_MARGIN
+    up = wide[wide[:, 1] < centre[1]] * (1, 0)
+    mask = np.zeros(shape, np.uint8)
+    cv2.fillConvexPoly(mask, cv2.convexHull(np.round(np.concatenate([wide, up])).astype(np.int32)), 1)
+    return mask.astype(bool)
+
+
 def make_input(warp_rgb: np.ndarray, rigid_rgb: np.ndarray, cmap: np.ndarray,
-               prev_cmap: np.ndarray | None) -> np.ndarray:
-    """(1, 8, 256, 256) float32 network input from uint8 warp renders and contour maps."""
-    x = np.empty((1, IN_CHANNELS, SIZE, SIZE), np.float32)
+               prev_cmap: np.ndarray | None, still: np.ndarray | None) -> np.ndarray:
+    """(1, 11, 256, 256) float32 network input from uint8 warp renders, contour maps and the
+    still reference (still_input); without `still`, the (1, 8, 256, 256) of older bundles."""
+    x = np.empty((1, LEGACY_CHANNELS if still is None else IN_CHANNELS, SIZE, SIZE), np.float32)
     x[0, :3] = warp_rgb.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
     x[0, 3] = cmap
     x[0, 4] = cmap if prev_cmap is None else prev_cmap
-    x[0, 5:] = rigid_rgb.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
+    x[0, 5:8] = rigid_rgb.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
+    if still is not None:
+        x[0, 8:] = still
     return x
 
 
@@ -91,6 +125,10 @@ class Generator(nn.Module):
         nn.init.zeros_(self.head.weight)  # start as the identity map on the warp image
         nn.init.zeros_(self.head.bias)
 
+    @property
+    def input_channels(self) -> int:
+        return self.stem[0].in_channels // 16
+
     def forward(self, x):
         warp = x[:, :3]
         f64 = self.block64(self.stem(self.down(x)))
@@ -108,9 +146,10 @@ def param_count(model: nn.Module) -> int:
 
 
 def export_onnx(model: nn.Module, path, opset: int = 17) -> None:
-    """Fixed-shape (1, 8, 256, 256) -> (1, 3, 256, 256) ONNX; legacy exporter (dynamo if that fails)."""
+    """Fixed-shape (1, C, 256, 256) -> (1, 3, 256, 256) ONNX, C the model's input channels;
+    legacy exporter (dynamo if that fails)."""
     model = model.eval().float()
-    dummy = torch.zeros(1, IN_CHANNELS, SIZE, SIZE)
+    dummy = torch.zeros(1, model.input_channels, SIZE, SIZE)
     with torch.no_grad():
         try:
             torch.onnx.export(model, (dummy,), str(path), input_names=["input"], output_names=["output"],

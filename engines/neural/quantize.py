@@ -21,7 +21,7 @@ CHECK_FRAMES = 60  # held-out frames that decide whether the int8 model is kept
 
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, calibration: list[np.ndarray]) -> None:
     """Write an int8 QDQ model of the fp32 ONNX `src`, activation ranges from `calibration`
-    (network inputs of shape (1, 8, 256, 256))."""
+    (network inputs of shape (1, C, 256, 256))."""
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process

@@ -1,4 +1,4 @@
-"""Generator runtimes behind one interface: run((1, 8, 256, 256) float32) -> (1, 3, 256, 256).
+"""Generator runtimes behind one interface: run((1, C, 256, 256) float32) -> (1, 3, 256, 256).
 
     tensorrt  a native TensorRT engine built by tensorrt_build.py (export_trt.py) for this GPU
     ort-trt   ONNX Runtime with the TensorRT execution provider
@@ -214,17 +214,20 @@ class NeuralRenderer:
     def __init__(self, identity, prefer: str = "auto"):
         from ..warp import WarpRenderer
 
-        from .config import IN_CHANNELS, SIZE
+        from .config import IN_CHANNELS, LEGACY_CHANNELS, SIZE
+        from .model import still_input
 
         neural = identity.manifest.get("neural") or {}
         if not isinstance(neural.get("model"), str) or neural["model"] not in identity.manifest["files"]:
             raise RuntimeUnavailable(f"identity {identity.name!r} has no generator model listed in its bundle")
-        if neural.get("input") != [1, IN_CHANNELS, SIZE, SIZE]:
+        if neural.get("input") not in ([1, IN_CHANNELS, SIZE, SIZE], [1, LEGACY_CHANNELS, SIZE, SIZE]):
             raise RuntimeUnavailable(f"identity {identity.name!r} was enrolled by an older version "
                                      f"(generator input {neural.get('input')}); enroll it again")
         self.runtime = select_runtime(identity.path / neural["model"], bundle_file(identity, neural.get("weights")),
                                       prefer, int8_path=bundle_file(identity, (neural.get("int8") or {}).get("model")))
         self.warp = WarpRenderer.for_identity(identity)
+        # Bundles from before the still reference take the first LEGACY_CHANNELS only.
+        self._still = still_input(identity.reference, identity.neutral) if neural["input"][1] == IN_CHANNELS else None
         self.last_warp: np.ndarray | None = None  # the warp render under the last output, for comparisons
         self._prev = None
 
@@ -236,12 +239,13 @@ class NeuralRenderer:
         return self.finish(self.prepare(target))
 
     def prepare(self, target: np.ndarray) -> np.ndarray:
-        """The generator's input for `target`: the warp, the rigid head and the contour maps."""
+        """The generator's input for `target`: the warp, the rigid head, the contour maps and
+        the still reference."""
         from .model import contour_map, make_input
 
         self.last_warp = self.warp.render(target)
         cmap = contour_map(target)
-        x = make_input(self.last_warp, self.warp.render_rigid(target), cmap, self._prev)
+        x = make_input(self.last_warp, self.warp.render_rigid(target), cmap, self._prev, self._still)
         self._prev = cmap
         return x
 
