@@ -39,6 +39,24 @@ def test_generator_shapes_and_identity_start():
     assert y.shape == (2, 3, 256, 256) and y.min() >= -1 and y.max() <= 1
 
 
+def test_box_mean_is_the_window_mean_inside_the_image():
+    """The loss's SSIM windows: a mean over the window's pixels inside the image, padding not
+    counted (a border pixel is not pulled towards zero), gradients included."""
+    from engines.neural.train import box_mean, ssim_map
+
+    x = torch.rand(2, 5, 23, 17, requires_grad=True)
+    want = torch.nn.functional.avg_pool2d(x, 7, 1, 3, count_include_pad=False)
+    got = box_mean(x)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(got[0, 0, 0, 0], x[0, 0, :4, :4].mean(), atol=1e-6)  # corner: 4x4 of the 7x7 inside
+    g_want, = torch.autograd.grad(want.square().sum(), x)
+    g_got, = torch.autograd.grad(box_mean(x).square().sum(), x)
+    assert torch.allclose(g_got, g_want, atol=1e-5)
+    a = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.allclose(ssim_map(a, a), torch.ones(1, 3, 32, 32), atol=1e-5)
+    assert ssim_map(a, -a).mean() < 0.1
+
+
 def test_contour_map_and_input(demo):
     cmap = contour_map(demo.neutral)
     assert cmap.shape == (256, 256) and cmap.dtype == np.float32
