@@ -335,6 +335,38 @@ def test_checkpoint_resumes_only_the_same_video_and_consent(tmp_path):
     assert resume(ckpt, enrollment_key(video, None, CONSENT), model, opt) == (0, 0.0)
 
 
+def test_a_time_capped_run_still_anneals_its_learning_rate(tmp_path, monkeypatch):
+    """The cosine schedule follows steps or the time cap, whichever is further along: a run
+    the cap stops (one thread, a busy machine) ends at the small rate, not mid-schedule."""
+    import itertools
+    from types import SimpleNamespace
+
+    from engines.neural import train as T
+    from engines.neural.config import Preset
+
+    class Builder:  # train() needs data.n_train and batch(): random 64² samples
+        data = SimpleNamespace(n_train=4)
+
+        def batch(self, idx, rng, augment):
+            x = rng.uniform(-1, 1, (len(idx), IN_CHANNELS, 64, 64)).astype(np.float32)
+            return x, x[:, :3].copy(), np.zeros((len(idx), 1, 64, 64), np.float32)
+
+    monkeypatch.setattr(T, "MODEL_CONFIG", dict(width=8, deep=8, blocks=1, in_channels=IN_CHANNELS))
+    clock = itertools.count(0.0, 0.25)  # each reading of the clock a quarter second later
+    monkeypatch.setattr(T, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    schedule, rates = T.learning_rate, []
+    monkeypatch.setattr(T, "learning_rate", lambda *a: rates.append(schedule(*a)) or rates[-1])
+    capped = T.train(Builder(), Preset(steps=100_000, batch=2, lr=1e-3, max_minutes=1, crop=256),
+                     100_000, tmp_path / "a.pt", {}, bf16=False, progress=False)
+    assert capped["stopped"] == "time budget" and capped["steps"] > 50
+    assert rates[-1] < 0.15e-3 and rates[len(rates) // 4] > rates[-1]  # annealed by the cap
+    rates.clear()
+    done = T.train(Builder(), Preset(steps=60, batch=2, lr=1e-3, max_minutes=10, crop=256),
+                   60, tmp_path / "b.pt", {}, bf16=False, progress=False)
+    assert done["stopped"] == "steps" and len(rates) == 60
+    assert rates[-1] == pytest.approx(schedule(1e-3, 59 / 60, 59))  # by steps when time is ample
+
+
 def test_export_trt_naming_and_missing_tensorrt(tmp_path, monkeypatch, capsys):
     from server.cli import main as avatar
 

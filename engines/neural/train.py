@@ -144,8 +144,9 @@ def train(builder: PairBuilder, preset: Preset, steps: int, ckpt: Path, key: dic
             if time.monotonic() - t0 > budget:
                 stopped = "time budget"
                 break
+            progress = max(step / steps, (time.monotonic() - t0) / budget)
             for g in opt.param_groups:
-                g["lr"] = learning_rate(preset.lr, step, steps)
+                g["lr"] = learning_rate(preset.lr, progress, step)
             x, y, w = _batch(builder, preset, rng, device)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and device == "cpu"):
                 pred = model(x)
@@ -205,7 +206,10 @@ def resume(ckpt: Path, key: dict, model, opt) -> tuple[int, float]:
     return int(state["step"]), float(state.get("elapsed", 0.0))
 
 
-def learning_rate(base: float, step: int, steps: int) -> float:
-    """Cosine decay from `base` to 5% of it over `steps`, after a 50-step linear warm-up."""
-    lr = base * (0.5 * (1 + math.cos(math.pi * min(step / max(steps, 1), 1.0))) * 0.95 + 0.05)
+def learning_rate(base: float, progress: float, step: int) -> float:
+    """Cosine decay from `base` to 5% of it as `progress` goes from 0 to 1, after a 50-step
+    linear warm-up. train() passes the larger of the share of steps done and the share of
+    the time budget spent, so a run the time cap will stop (one thread, a busy machine)
+    still anneals to the small rate by then, instead of being cut off mid-schedule."""
+    lr = base * (0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0))) * 0.95 + 0.05)
     return lr * min(1.0, (step + 1) / 50)
