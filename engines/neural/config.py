@@ -41,7 +41,7 @@ class Preset:
 # lr 2e-3 spiked around step 100 in most runs (bf16, no normalisation layers) and lost
 # hundreds of steps of progress; 1e-3 trains smoothly.
 PRESETS = {
-    "quick": Preset(steps=800, batch=6, lr=1e-3, max_minutes=7.0),
+    "quick": Preset(steps=1000, batch=6, lr=1e-3, max_minutes=7.0),
     "default": Preset(steps=6000, batch=6, lr=1e-3, max_minutes=52.0),
     "quality": Preset(steps=12000, batch=6, lr=7e-4, max_minutes=180.0, crop=256),
 }
