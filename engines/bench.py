@@ -33,8 +33,8 @@ def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: boo
     import onnxruntime as ort
 
     from .landmarks import FaceLandmarker
-    from .neural.config import IN_CHANNELS, MODEL_FILE
-    from .neural.model import Generator, contour_map, export_onnx, make_input, param_count, still_input
+    from .neural.config import MODEL_FILE
+    from .neural.model import Generator, contour_map, export_onnx, make_input, param_count, still_for
     from .neural.runtime import ORT_PROVIDERS, OrtRuntime, TorchRuntime, bundle_file
     from .neural.train import bf16_supported
     from .retarget import Retargeter
@@ -70,8 +70,7 @@ def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: boo
         model = Generator().eval()  # config.MODEL_CONFIG, the size enrollments train
         onnx_path, source = Path(tempfile.mkdtemp()) / MODEL_FILE, "random init"
         export_onnx(model, onnx_path)
-    older_bundle = model.input_channels != IN_CHANNELS  # enrolled before the still reference
-    still = None if older_bundle else still_input(identity.reference, identity.neutral)
+    still = still_for(identity, model.input_channels)  # the model's own: a random-init one has no manifest
     x = make_input(warp.render(targets[0]), warp.render_rigid(targets[0]), contour_map(targets[0]), None, still)
     gen = {}
     gen["torch-fp32"] = _time(lambda: TorchRuntime(model).run(x), n)

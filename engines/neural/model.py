@@ -60,6 +60,12 @@ def still_input(reference_rgb: np.ndarray, neutral: np.ndarray) -> np.ndarray:
     return x
 
 
+def still_for(identity, channels: int) -> np.ndarray | None:
+    """The still reference a generator with `channels` inputs takes: None for bundles from
+    before it (LEGACY_CHANNELS), which run on channels 0-7 only."""
+    return still_input(identity.reference, identity.neutral) if channels == IN_CHANNELS else None
+
+
 def head_region(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Where the head may be: the skirt's ring widened by HEAD_MARGIN, and straight above it
     to the top of the image (hair)."""

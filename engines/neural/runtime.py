@@ -215,7 +215,7 @@ class NeuralRenderer:
         from ..warp import WarpRenderer
 
         from .config import IN_CHANNELS, LEGACY_CHANNELS, SIZE
-        from .model import still_input
+        from .model import still_for
 
         neural = identity.manifest.get("neural") or {}
         if not isinstance(neural.get("model"), str) or neural["model"] not in identity.manifest["files"]:
@@ -226,8 +226,7 @@ class NeuralRenderer:
         self.runtime = select_runtime(identity.path / neural["model"], bundle_file(identity, neural.get("weights")),
                                       prefer, int8_path=bundle_file(identity, (neural.get("int8") or {}).get("model")))
         self.warp = WarpRenderer.for_identity(identity)
-        # Bundles from before the still reference take the first LEGACY_CHANNELS only.
-        self._still = still_input(identity.reference, identity.neutral) if neural["input"][1] == IN_CHANNELS else None
+        self._still = still_for(identity, neural["input"][1])
         self.last_warp: np.ndarray | None = None  # the warp render under the last output, for comparisons
         self._prev = None
 
