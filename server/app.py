@@ -30,7 +30,7 @@ from .security import ConfigError, host_allowed, is_loopback, origin_allowed
 from .signaling import Closed, Connection
 from .state import ServerState
 from .udp_ports import confine_udp_ports, parse_range
-from . import enroll_http, whip
+from . import enroll_http, vp8, whip
 
 log = logging.getLogger("avatar.server")
 
@@ -277,6 +277,10 @@ async def start_server(config: ServerConfig | None = None):
         import cv2
 
         cv2.setNumThreads(config.opencv_threads)  # process-wide: every session's warp and resizes
+    try:
+        vp8.install(config.vp8_speed)  # process-wide, as aiortc's encoder choice is
+    except vp8.IncompatibleAiortc as e:
+        raise ConfigError(f"--vp8-speed {config.vp8_speed}: {e}") from None
     state = ServerState(config)
     loop = asyncio.get_running_loop()
     await state.audit.open()  # what a killed server left open is recorded as ended abnormally

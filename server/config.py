@@ -22,6 +22,10 @@ from engines.neural.config import PRESETS
 from .security import ConfigError, parse_tokens_env, parse_tokens_json
 from .udp_ports import parse_range
 
+# libvpx's realtime speeds (cpu-used) for --vp8-speed (server/vp8.py): 16 is its fastest; 6
+# is aiortc's own, denoiser included; 10 measured 0.67x of aiortc's encode time at +0.8 dB.
+VP8_SPEED_DEFAULT, VP8_SPEED_MIN, VP8_SPEED_MAX, VP8_SPEED_AIORTC = 10, 4, 16, 6
+
 
 def default_max_sessions() -> int:
     # One session keeps roughly one core busy at 30 fps; more would starve them all.
@@ -86,6 +90,11 @@ class ServerConfig:
     opencv_threads: int = setting(0, "threads OpenCV may use inside one image operation (0: its default, "
                                      "one per core); 1 leaves the cores to the sessions' own workers",
                                   minimum=0, maximum=64, metavar="N")
+    vp8_speed: int = setting(VP8_SPEED_DEFAULT, "libvpx speed (cpu-used) of the VP8 this server sends, with "
+                                                "its denoiser off: rendered frames have no sensor noise "
+                                                f"(server/vp8.py); {VP8_SPEED_AIORTC} keeps aiortc's own settings "
+                                                "(its speed, denoiser on); higher is faster",
+                             minimum=VP8_SPEED_MIN, maximum=VP8_SPEED_MAX, metavar="N")
     max_viewers: int = setting(16, "viewers (browser pages and WHEP players) in all rooms together, "
                                    "separate from --max-sessions: a viewer costs an encode, not a model",
                                minimum=0, metavar="N")

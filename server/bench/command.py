@@ -10,6 +10,8 @@ from pathlib import Path
 from engines.identity import IdentityError, IdentityStore, default_home, identities_dir
 from engines.measure import machine_info
 
+from .. import vp8
+from ..config import VP8_SPEED_AIORTC, VP8_SPEED_MAX, VP8_SPEED_MIN
 from .report import format_table, write_reports
 from .runner import RunConfig, check_server, load_frames, local_server, measure, ws_url
 
@@ -32,8 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="two configurations measured interleaved in one run; prints B/A. Each is "
                         "identity=NAME, marker=on|off (marker=off: frames complete as in plain "
                         "aiortc, one frame later, on the server and in this client) and/or "
-                        "opencv-threads=N (the server's --opencv-threads), e.g. "
-                        "--compare marker=off marker=on")
+                        "opencv-threads=N, vp8-speed=N (the server's --opencv-threads, --vp8-speed), "
+                        "e.g. --compare marker=off marker=on")
+    p.add_argument("--client-vp8-speed", type=int, default=VP8_SPEED_AIORTC, metavar="N",
+                   help=f"libvpx speed of this client's camera encode ({VP8_SPEED_MIN}..{VP8_SPEED_MAX}; "
+                        f"default {VP8_SPEED_AIORTC}: aiortc's own settings, denoiser on, as a browser "
+                        "encodes a camera in software). It shares the server's cores; the server's own "
+                        "encoder is its --vp8-speed")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds for --compare (default 4)")
     p.add_argument("--scale", type=int, default=None, metavar="N",
                    help="measure 1..N sessions and report the largest that meets the target")
@@ -62,13 +69,15 @@ def run(args: argparse.Namespace) -> int:
         else:
             # The same identities `avatar serve` would offer: an enrolled one can be measured.
             # One server per server-side setting (the marker setting is the client's too).
-            servers = {k: stack.enter_context(local_server(home, need, marker=k[0], opencv_threads=k[1]))
-                       for k in sorted({(c.marker, c.opencv_threads) for c in configs}, reverse=True)}
-            configs = [dataclasses.replace(c, url=servers[c.marker, c.opencv_threads][0]) for c in configs]
+            servers = {k: stack.enter_context(local_server(home, need, extra=k))
+                       for k in sorted({c.server_flags() for c in configs})}
+            configs = [dataclasses.replace(c, url=servers[c.server_flags()][0]) for c in configs]
             url, pid = next(iter(servers.values()))
+        vp8.install(args.client_vp8_speed)  # this process's senders: the bench client's cameras
         report = asyncio.run(measure(args, url, pid, configs, frames, fps))
     report["machine"] = machine_info(backend=served_backend(args.url, home, configs))
     report["server"] = {"url": url, "local": not args.url}
+    report["client"] = {"vp8_speed": args.client_vp8_speed}
     write_reports(report, args.out)
     print(format_table(report))
     print(f"report: {args.out / 'report.json'}, {args.out / 'report.html'}, {args.out / 'latency.png'}")
@@ -82,14 +91,17 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be at least 1")
     if args.duration <= 0 or args.warmup < 0:
         raise ValueError("--duration must be positive and --warmup not negative")
+    if not VP8_SPEED_MIN <= args.client_vp8_speed <= VP8_SPEED_MAX:
+        raise ValueError(f"--client-vp8-speed must be {VP8_SPEED_MIN}..{VP8_SPEED_MAX}")
     if args.scale is not None and not 1 <= args.scale <= 16:
         raise ValueError("--scale must be from 1 to 16")
     if args.avsync and (args.compare or args.scale or args.sessions != 1):
         raise ValueError("--avsync measures one presenter and one viewer: not with --compare, --scale or --sessions")
     if args.avsync and args.duration < 10:
         raise ValueError("--avsync needs --duration of at least 10 s (the offset is measured per 10 s window)")
-    if args.url and any(c.opencv_threads for c in run_configs(args)):
-        raise ValueError("opencv-threads=N needs the local server; for --url, start it with --opencv-threads N")
+    if args.url and any(c.opencv_threads or c.vp8_speed is not None for c in run_configs(args)):
+        raise ValueError("opencv-threads=N and vp8-speed=N need the local server; for --url, start it "
+                         "with --opencv-threads N or --vp8-speed N")
     if args.url and any(not c.marker for c in run_configs(args)):
         raise ValueError("marker=off needs the local server (it starts one with --no-marker-completion); "
                          "for --url, start that server with --no-marker-completion yourself")

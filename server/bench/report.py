@@ -22,7 +22,8 @@ CHAIN_LABELS = {"client_encode": "client encode", "transit_server_decode": "tran
 def format_table(report: dict) -> str:
     """The table `avatar bench live` prints (and report.html shows first)."""
     lines = [f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; "
-             f"server: {'local' if report['server']['local'] else report['server']['url']}"]
+             f"server: {'local' if report['server']['local'] else report['server']['url']}"
+             + (f"; client VP8 speed {report['client']['vp8_speed']}" if "client" in report else "")]
     head = f"{'run':<22}{'sess':>5}{'p50':>8}{'p95':>8}{'p99':>8}{'max':>8}{'fps/s':>8}{'matched':>9}{'jitter':>8}"
     lines.append(head + "   (glass-to-glass ms)")
     rows = [(label, s) for label, s in report["runs"].items()]

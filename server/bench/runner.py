@@ -19,6 +19,7 @@ import numpy as np
 
 from .avsync import MouthMeter, ToneTrack, audio_series, mouth_series, summary, windowed_offsets
 from .client import AvatarClient, ClientError, ClipTrack
+from ..config import VP8_SPEED_MAX as MAX_SPEED, VP8_SPEED_MIN as MIN_SPEED
 from .stats import SessionResult, analyse, drift, meets_target, ratios, series, summarize
 
 BUSY_WAIT_S = 15.0
@@ -27,12 +28,14 @@ BUSY_WAIT_S = 15.0
 @dataclass
 class RunConfig:
     """One configuration to measure: which identity (and so which engine) serves it, and
-    whether video frames complete on the RTP marker bit (server/jitter.py) on both receive
-    hops; `url` is the server that serves it, filled in once the servers run."""
+    the server's settings under comparison: whether video frames complete on the RTP marker
+    bit (server/jitter.py) on both receive hops, OpenCV's threads and the VP8 encoder's
+    speed (server/vp8.py); `url` is the server that serves it, filled in once the servers run."""
     label: str
     identity: str = "demo"
     marker: bool = True
     opencv_threads: int = 0  # the server's --opencv-threads (0: OpenCV's default)
+    vp8_speed: int | None = None  # the server's --vp8-speed (None: its default)
     url: str | None = None
 
     @classmethod
@@ -46,17 +49,28 @@ class RunConfig:
                 values[key] = value == "on"
             elif sep and key == "opencv-threads" and value.isdigit() and int(value) <= 64:
                 values["opencv_threads"] = int(value)
+            elif sep and key == "vp8-speed" and value.isdigit() and MIN_SPEED <= int(value) <= MAX_SPEED:
+                values["vp8_speed"] = int(value)
             else:
-                raise ValueError(f"bad configuration {text!r}: use identity=NAME, marker=on|off and/or "
-                                 "opencv-threads=N, e.g. identity=demo,marker=off")
+                raise ValueError(f"bad configuration {text!r}: use identity=NAME, marker=on|off, "
+                                 f"opencv-threads=N and/or vp8-speed={MIN_SPEED}..{MAX_SPEED}, "
+                                 "e.g. identity=demo,marker=off")
         return cls(label=text, **values)
+
+    def server_flags(self) -> tuple[str, ...]:
+        """`avatar serve` flags for this configuration's server settings."""
+        flags = () if self.marker else ("--no-marker-completion",)
+        if self.opencv_threads:
+            flags += ("--opencv-threads", str(self.opencv_threads))
+        if self.vp8_speed is not None:
+            flags += ("--vp8-speed", str(self.vp8_speed))
+        return flags
 
 
 # ---- the server ------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def local_server(home: Path, max_sessions: int, marker: bool = True, extra: tuple[str, ...] = (),
-                 opencv_threads: int = 0):
+def local_server(home: Path, max_sessions: int, extra: tuple[str, ...] = ()):
     """`avatar serve` in a child process on a free loopback port (more flags in `extra`);
     stopped on exit."""
     with socket.socket() as s:
@@ -64,10 +78,6 @@ def local_server(home: Path, max_sessions: int, marker: bool = True, extra: tupl
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "server.cli", "--home", str(home), "serve", "--host", "127.0.0.1",
            "--port", str(port), "--max-sessions", str(max_sessions)]
-    if not marker:
-        cmd.append("--no-marker-completion")
-    if opencv_threads:
-        cmd += ["--opencv-threads", str(opencv_threads)]
     cmd += extra
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/"

@@ -2,12 +2,13 @@
 invisible, what does it cost, and does unmarked footage stay unmarked?
 
 Each clip is cut to 256² (the avatar's size), marked, and passed through the channels a
-frame really meets: aiortc's own VP8 and H.264 encoders at the given bitrates (what a
-WebRTC viewer receives), a 50% downscale and re-encode, and a screen-recording-style
-re-encode (upscaled 2x, x264 CRF). Every 2-second segment is then decoded as `avatar
-verify` does. Unmarked clips are read frame by frame at their own size for false positives.
-The invisible-watermark package (dwtDct), if installed, is timed on the same frames as
-the baseline the scheme was chosen against."""
+frame really meets: the VP8 and H.264 encoders the server sends with (aiortc's; VP8 at
+the server's default speed, server/vp8.py) at the given bitrates (what a WebRTC viewer
+receives), a 50% downscale and re-encode, and a screen-recording-style re-encode
+(upscaled 2x, x264 CRF). Every 2-second segment is then decoded as `avatar verify` does.
+Unmarked clips are read frame by frame at their own size for false positives. The
+invisible-watermark package (dwtDct), if installed, is timed on the same frames as the
+baseline the scheme was chosen against."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
-from aiortc.codecs import get_decoder, get_encoder
+from aiortc.codecs import get_decoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from tqdm import tqdm
@@ -108,10 +109,14 @@ def segment_payloads(frames: list[np.ndarray]) -> list[str | None]:
 
 
 def rtc_codec(frames: list[np.ndarray], mime: str, bitrate: int) -> list[np.ndarray]:
-    """Through aiortc's own encoder (its settings: realtime VP8, zerolatency x264) and decoder."""
+    """Through the server's encoder (realtime VP8 at its default speed, zerolatency x264) and
+    aiortc's decoder."""
+    from ..config import VP8_SPEED_DEFAULT
+    from ..vp8 import encoder_for
+
     codec = RTCRtpCodecParameters(mimeType=mime, clockRate=90000, payloadType=96,
                                   parameters={"packetization-mode": "1"} if mime == "video/H264" else {})
-    encoder, decoder = get_encoder(codec), get_decoder(codec)
+    encoder, decoder = encoder_for(codec, VP8_SPEED_DEFAULT), get_decoder(codec)
     encoder.target_bitrate = bitrate
     from aiortc.codecs import depayload
 
