@@ -50,20 +50,30 @@ def box_mean(x, k: int = 7):
     return F.conv2d(x, box.expand(c, 1, k, k), padding=k // 2, groups=c) / count
 
 
-def enrollment_loss(pred, target, weights, region_gain: float = 4.0):
-    """L1 + (1 - SSIM), each weighted per pixel by 1 + region_gain * (mouth/eye mask).
+def enrollment_loss(pred, target, weights, region_gain: float = 4.0, mse_gain: float = 2.0):
+    """L1 + (1 - SSIM) + mse_gain * squared error, each weighted per pixel by
+    1 + region_gain * (mouth/eye mask).
 
     No pretrained networks (no VGG/LPIPS, no discriminator), so the loss must carry the
     sharpness by itself: L1 for colour, 1-SSIM for local structure and contrast (L1 alone
-    averages to blur). The mouth and eyes are under 5% of the pixels but carry nearly all
-    of the expression (teeth, tongue, lids, gaze), and they are exactly what the warp gets
-    wrong; without the extra weight the average loss is dominated by the cheeks, hair and
-    background that the warp already renders well.
+    averages to blur). The squared error is for what no frame of the scan can settle: where
+    a hair outline or jaw edge falls in a pose the scan never showed, L1 settles on one
+    guess and the squared error on the mean of the guesses, which is what PSNR scores. At
+    mse_gain 2 held-out PSNR rose 24.37 -> 24.64 and 25.58 -> 25.86 dB on two self-scans at
+    equal steps, with the mouth region unchanged and no visible blur; 5 gave 24.66 / 25.92
+    with the mouth 0.1-0.2 dB lower.
+
+    The mouth and eyes are under 5% of the pixels but carry nearly all of the expression
+    (teeth, tongue, lids, gaze), and they are exactly what the warp gets wrong; without the
+    extra weight the average loss is dominated by the cheeks, hair and background that the
+    warp already renders well.
     """
     w = 1.0 + region_gain * weights
-    l1 = ((pred - target).abs().mean(1, keepdim=True) * w).sum() / w.sum()
+    err = pred - target
+    l1 = (err.abs().mean(1, keepdim=True) * w).sum() / w.sum()
+    l2 = ((err * err).mean(1, keepdim=True) * w).sum() / w.sum()
     ss = ((1 - ssim_map(pred, target)).mean(1, keepdim=True) * w).sum() / w.sum()
-    return l1 + ss
+    return l1 + ss + mse_gain * l2
 
 
 def bf16_supported() -> bool:
