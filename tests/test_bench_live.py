@@ -167,3 +167,16 @@ def test_drift_reports_every_windows_p95_so_a_burst_is_not_a_trend():
     assert d["window_s"] == 60 and d["change"] == 0
     assert d["window_p95_ms"] == [20.0] * 4 + [60.0] + [20.0] * 5
     assert any("every 60 s: 20.0..60.0 ms" in line for line in _notes({"runs": {}, "drift": d}))
+
+
+def test_table_keeps_long_configuration_labels_whole():
+    from server.bench.report import format_table
+
+    run = {"sessions": 1, "glass_to_glass_ms": {"p50": 30.0, "p95": 40.0, "p99": 50.0, "max": 60.0},
+           "fps_per_session": 30.0, "matched_ratio": 1.0, "jitter_ms": 5.0, "server_stages_p50_ms": {}}
+    labels = ("identity=a,vp8-speed=6", "identity=a,vp8-speed=10")
+    report = {"machine": {"cpu": "x", "cores": 2}, "server": {"local": True}, "client": {"vp8_speed": 6},
+              "runs": {label: run for label in labels}}
+    rows = format_table(report).splitlines()
+    assert "client VP8 speed 6" in rows[0]
+    assert [r.split()[0] for r in rows[2:4]] == list(labels)  # "...=10" was cut to "...=1"

@@ -24,19 +24,20 @@ def format_table(report: dict) -> str:
     lines = [f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; "
              f"server: {'local' if report['server']['local'] else report['server']['url']}"
              + (f"; client VP8 speed {report['client']['vp8_speed']}" if "client" in report else "")]
-    head = f"{'run':<22}{'sess':>5}{'p50':>8}{'p95':>8}{'p99':>8}{'max':>8}{'fps/s':>8}{'matched':>9}{'jitter':>8}"
-    lines.append(head + "   (glass-to-glass ms)")
     rows = [(label, s) for label, s in report["runs"].items()]
     if "scale" in report:
         rows = [(f"scale {s['sessions']}" + (" ok" if s["meets_target"] else ""), s) for s in report["scale"]["steps"]]
-    lines += [_row(label, s) for label, s in rows]
+    width = max([22] + [len(label) + 2 for label, _ in rows])  # labels whole: "vp8-speed=1" is not "=10"
+    head = f"{'run':<{width}}{'sess':>5}{'p50':>8}{'p95':>8}{'p99':>8}{'max':>8}{'fps/s':>8}{'matched':>9}{'jitter':>8}"
+    lines.append(head + "   (glass-to-glass ms)")
+    lines += [_row(label, s, width) for label, s in rows]
     return "\n".join(lines + _notes(report))
 
 
-def _row(label: str, s: dict) -> str:
+def _row(label: str, s: dict, width: int) -> str:
     g = s["glass_to_glass_ms"]
     fmt = lambda v: f"{v:8.1f}" if v is not None else f"{'-':>8}"  # noqa: E731
-    return (f"{label[:22]:<22}{s['sessions']:>5}{fmt(g['p50'])}{fmt(g['p95'])}{fmt(g['p99'])}"
+    return (f"{label:<{width}}{s['sessions']:>5}{fmt(g['p50'])}{fmt(g['p95'])}{fmt(g['p99'])}"
             f"{fmt(g['max'])}{s['fps_per_session']:8.1f}{100 * s['matched_ratio']:8.1f}%"
             f"{fmt(s['jitter_ms'])}")
 
