@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import VP8_SPEED_MAX as MAX_SPEED, VP8_SPEED_MIN as MIN_SPEED
 from .avsync import MouthMeter, ToneTrack, audio_series, mouth_series, summary, windowed_offsets
 from .client import AvatarClient, ClientError, ClipTrack
-from ..config import VP8_SPEED_MAX as MAX_SPEED, VP8_SPEED_MIN as MIN_SPEED
 from .stats import SessionResult, analyse, drift, meets_target, ratios, series, summarize
 
 BUSY_WAIT_S = 15.0
