@@ -80,7 +80,8 @@ BUFFER_METHODS = ("add", "_remove_frame", "remove", "smart_remove")
 
 
 class IncompatibleAiortc(RuntimeError):
-    """aiortc's receiver no longer holds or uses its jitter buffer the way this module expects."""
+    """aiortc's private internals are no longer what the code reading them expects: here its
+    receiver's jitter buffer; in server/vp8.py, how its VP8 encoder sets libvpx's options."""
 
 
 class MarkerJitterBuffer(JitterBuffer):

@@ -23,10 +23,7 @@ from aiortc.codecs import get_encoder
 from aiortc.codecs.vpx import Vp8Encoder
 
 from .config import VP8_SPEED_AIORTC as AIORTC_SPEED, VP8_SPEED_DEFAULT as DEFAULT_SPEED
-
-
-class IncompatibleAiortc(RuntimeError):
-    pass
+from .jitter import IncompatibleAiortc  # one error for "aiortc's internals changed"
 
 
 def options(speed: int) -> dict[str, str]:
