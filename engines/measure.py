@@ -35,10 +35,10 @@ class StageTimer:
     def __init__(self):
         self.ms: dict[str, float] = {}
 
-    def run(self, stage: str, fn, *args):
+    def run(self, stage: str, fn, *args, **kwargs):
         t = time.perf_counter()
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         finally:
             self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - t) * 1e3
 
