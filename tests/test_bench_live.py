@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -48,7 +49,8 @@ def test_short_run_against_a_local_server(tmp_path, demo):
     assert chain["max_frame_residual"] <= 1.0, chain
     assert abs(chain["sum"] - g["p50"]) <= max(10.0, 0.3 * g["p50"]), (chain, g)
     assert 0 < run["client_cpu_percent_per_session"] <= 200
-    assert "where the time goes" in result.stdout
+    assert 0 < run["server_cpu_percent_per_session"] <= 200  # the local server's own process
+    assert "where the time goes" in result.stdout and "CPU per session, % of a core: server" in result.stdout
     assert report["machine"]["cores"] >= 1
     html = (out / "report.html").read_text()
     assert html.startswith("<!doctype html>") and "data:image/png;base64," in html
@@ -180,3 +182,29 @@ def test_table_keeps_long_configuration_labels_whole():
     rows = format_table(report).splitlines()
     assert "client VP8 speed 6" in rows[0]
     assert [r.split()[0] for r in rows[2:4]] == list(labels)  # "...=10" was cut to "...=1"
+
+
+def test_server_cpu_per_session_is_read_from_the_servers_process():
+    from server.bench.runner import cpu_seconds, server_cpu_percent
+
+    pid = os.getpid()  # this process stands in for a local server
+    start, since = cpu_seconds(pid), (time.process_time(), time.time())
+    while time.time() - since[1] < 0.3:
+        pass  # one busy core
+    assert 70 <= server_cpu_percent(pid, start, since, sessions=1) <= 130
+    assert 35 <= server_cpu_percent(pid, start, since, sessions=2) <= 65
+    assert server_cpu_percent(None, start, since, sessions=1) is None  # --url: no process to read
+    assert cpu_seconds(2 ** 22 + 12345) is None  # no such process
+
+
+def test_table_shows_server_and_client_cpu_per_session():
+    from server.bench.report import format_table
+
+    run = {"sessions": 1, "glass_to_glass_ms": {"p50": 30.0, "p95": 40.0, "p99": 50.0, "max": 60.0},
+           "fps_per_session": 30.0, "matched_ratio": 1.0, "jitter_ms": 5.0, "server_stages_p50_ms": {},
+           "client_cpu_percent_per_session": 20.0, "server_cpu_percent_per_session": 47.0}
+    report = {"machine": {"cpu": "x", "cores": 2}, "server": {"local": True}, "client": {"vp8_speed": 6},
+              "runs": {"identity=demo": run}}
+    assert "server 47, bench client 20 (together 67" in format_table(report)
+    report["runs"]["identity=demo"] = {**run, "server_cpu_percent_per_session": None}  # a remote server
+    assert "bench client CPU per session: 20% of a core" in format_table(report)

@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
             # One server per server-side setting (the marker setting is the client's too).
             servers = {k: stack.enter_context(local_server(home, need, extra=k))
                        for k in sorted({c.server_flags() for c in configs})}
-            configs = [dataclasses.replace(c, url=servers[c.server_flags()][0]) for c in configs]
+            configs = [dataclasses.replace(c, url=u, server_pid=p)
+                       for c in configs for u, p in [servers[c.server_flags()]]]
             url, pid = next(iter(servers.values()))
         vp8.install(args.client_vp8_speed)  # this process's senders: the bench client's cameras
         report = asyncio.run(measure(args, url, pid, configs, frames, fps))

@@ -81,7 +81,8 @@ def _avsync_line(a: dict) -> str:
 
 
 def _chain_lines(label: str, s: dict) -> list[str]:
-    """Where one configuration's glass-to-glass time goes, and the bench client's own CPU."""
+    """Where one configuration's glass-to-glass time goes, and the CPU a session costs the
+    server (when it is local) and the bench client."""
     lines = []
     chain = s.get("chain_p50_ms")
     if chain:
@@ -90,9 +91,12 @@ def _chain_lines(label: str, s: dict) -> list[str]:
                      f"sum {chain['sum']:.1f} vs glass-to-glass p50 {s['glass_to_glass_ms']['p50']:.1f}")
         tail = s.get("chain_p95_ms") or {}
         lines.append("  p95 of each part: " + ", ".join(f"{CHAIN_LABELS.get(k, k)} {tail[k]:.1f}" for k in CHAIN))
-    if s.get("client_cpu_percent_per_session") is not None:
-        lines.append(f"bench client CPU per session: {s['client_cpu_percent_per_session']:.0f}% of a core "
-                     "(it shares the machine with a local server)")
+    client, server = s.get("client_cpu_percent_per_session"), s.get("server_cpu_percent_per_session")
+    if server is not None and client is not None:
+        lines.append(f"CPU per session, % of a core: server {server:.0f}, bench client {client:.0f} "
+                     f"(together {server + client:.0f}: they share this machine's cores)")
+    elif client is not None:
+        lines.append(f"bench client CPU per session: {client:.0f}% of a core")
     return lines
 
 

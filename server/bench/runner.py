@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import secrets
 import socket
 import subprocess
@@ -37,6 +38,7 @@ class RunConfig:
     opencv_threads: int = 0  # the server's --opencv-threads (0: OpenCV's default)
     vp8_speed: int | None = None  # the server's --vp8-speed (None: its default)
     url: str | None = None
+    server_pid: int | None = None  # the local server's process, to read its CPU time
 
     @classmethod
     def parse(cls, text: str) -> "RunConfig":
@@ -204,13 +206,17 @@ async def run_sessions(url: str, configs: list[RunConfig], frames, fps, duration
             tracks.append(track)
             clients.append(await open_session(url, track, token, cfg))
         start = time.time()
-        cpu_start = None
+        cpu_start = server_cpu_start = None
         while time.time() - start < warmup + duration:
             await asyncio.sleep(1.0)
             memory.append((round(time.time() - start, 1), rss_mb(server_pid)))
             if cpu_start is None and time.time() - start >= warmup:
                 cpu_start = (time.process_time(), time.time())
+                server_cpu_start = {pid: cpu_seconds(pid) for pid in {c.server_pid for c in configs}}
         cpu = client_cpu_percent(cpu_start, len(configs))
+        server_cpu = {pid: server_cpu_percent(pid, server_cpu_start[pid], cpu_start,
+                                              sum(c.server_pid == pid for c in configs))
+                      for pid in server_cpu_start or {}}
     finally:
         for t in tracks:
             t.stop()
@@ -221,8 +227,9 @@ async def run_sessions(url: str, configs: list[RunConfig], frames, fps, duration
     same_clock = server_pid is not None
     results = [analyse(cfg.label, i, c, t, start + warmup, start + warmup + duration, same_clock)
                for i, (cfg, c, t) in enumerate(zip(configs, clients, tracks))]
-    for r in results:
+    for r, cfg in zip(results, configs):
         r.client_cpu_percent = cpu
+        r.server_cpu_percent = server_cpu.get(cfg.server_pid)
     return results, memory
 
 
@@ -271,6 +278,27 @@ def client_cpu_percent(since: tuple[float, float] | None, sessions: int) -> floa
         return None
     cpu, wall = time.process_time() - since[0], time.time() - since[1]
     return round(100 * cpu / max(wall, 1e-6) / max(sessions, 1), 1)
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system, all threads) a process has used, or None for no local process."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_percent(pid: int | None, start: float | None, since: tuple[float, float] | None,
+                       sessions: int) -> float | None:
+    """A local server's CPU use per session of its since `start` (its cpu_seconds then) and
+    `since` (process time, wall time), in % of one core."""
+    now = cpu_seconds(pid)
+    if now is None or start is None or since is None:
+        return None
+    return round(100 * (now - start) / max(time.time() - since[1], 1e-6) / max(sessions, 1), 1)
 
 
 # ---- the measurement loop --------------------------------------------------------------

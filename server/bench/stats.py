@@ -33,6 +33,7 @@ class SessionResult:
     server_stages: dict = field(default_factory=dict)  # stage -> list of per-second p50
     chain: list = field(default_factory=list)  # per matched frame: CHAIN part -> ms
     client_cpu_percent: float | None = None  # the bench process's CPU per session, % of a core
+    server_cpu_percent: float | None = None  # a local server's CPU per session, % of a core
     error: str | None = None
 
 
@@ -107,6 +108,7 @@ def summarize(results: list[SessionResult], duration: float) -> dict:
         "chain_p50_ms": chain_summary([c for r in results for c in r.chain]),
         "chain_p95_ms": chain_summary([c for r in results for c in r.chain], 95),
         "client_cpu_percent_per_session": _mean([r.client_cpu_percent for r in results]),
+        "server_cpu_percent_per_session": _mean([r.server_cpu_percent for r in results]),
     }
 
 
