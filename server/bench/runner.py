@@ -293,8 +293,8 @@ def cpu_seconds(pid: int | None) -> float | None:
 
 def server_cpu_percent(pid: int | None, start: float | None, since: tuple[float, float] | None,
                        sessions: int) -> float | None:
-    """A local server's CPU use per session of its since `start` (its cpu_seconds then) and
-    `since` (process time, wall time), in % of one core."""
+    """A local server's CPU use per session, in % of one core, since `since` (this process's
+    time, wall time), when the server had used `start` CPU seconds (cpu_seconds)."""
     now = cpu_seconds(pid)
     if now is None or start is None or since is None:
         return None
