@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 
 from helpers import AvatarClient, SineTrack, rms, wait_for
-from server.bench.runner import local_server
+from server.bench.runner import cpu_seconds, local_server
 from server.janus import JanusSubscriber
 from server.sfu import janus_room_id
 from test_janus import ADMIN_KEY, running_janus
@@ -18,11 +17,6 @@ from test_rooms import drive
 
 pytestmark = pytest.mark.skipif(shutil.which("janus") is None, reason="janus not installed (apt-get install janus)")
 CPU_WINDOW = 6.0  # seconds of server CPU per measurement
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, clock ticks (USER_HZ 100)
 
 
 async def server_cpu(pid: int) -> float:

@@ -276,8 +276,7 @@ def client_cpu_percent(since: tuple[float, float] | None, sessions: int) -> floa
     one core: the bench clients encode and decode on the same cores as a local server."""
     if since is None:
         return None
-    cpu, wall = time.process_time() - since[0], time.time() - since[1]
-    return round(100 * cpu / max(wall, 1e-6) / max(sessions, 1), 1)
+    return _per_session(time.process_time() - since[0], since[1], sessions)
 
 
 def cpu_seconds(pid: int | None) -> float | None:
@@ -298,7 +297,12 @@ def server_cpu_percent(pid: int | None, start: float | None, since: tuple[float,
     now = cpu_seconds(pid)
     if now is None or start is None or since is None:
         return None
-    return round(100 * (now - start) / max(time.time() - since[1], 1e-6) / max(sessions, 1), 1)
+    return _per_session(now - start, since[1], sessions)
+
+
+def _per_session(cpu: float, wall_since: float, sessions: int) -> float:
+    """`cpu` seconds used since wall time `wall_since`, per session, in % of one core."""
+    return round(100 * cpu / max(time.time() - wall_since, 1e-6) / max(sessions, 1), 1)
 
 
 # ---- the measurement loop --------------------------------------------------------------
