@@ -208,3 +208,21 @@ def test_table_shows_server_and_client_cpu_per_session():
     assert "server 47, bench client 20 (together 67" in format_table(report)
     report["runs"]["identity=demo"] = {**run, "server_cpu_percent_per_session": None}  # a remote server
     assert "bench client CPU per session: 20% of a core" in format_table(report)
+
+
+def test_scale_verdict_says_what_each_step_asked_of_the_cpu():
+    from server.bench.report import format_table
+
+    def step(n, p95, server, client):
+        return {"sessions": n, "glass_to_glass_ms": {"p50": 30.0, "p95": p95, "p99": p95, "max": p95},
+                "fps_per_session": 30.0, "matched_ratio": 1.0, "jitter_ms": 5.0, "server_stages_p50_ms": {},
+                "meets_target": p95 <= 80, "server_cpu_percent_per_session": server,
+                "client_cpu_percent_per_session": client}
+    steps = [step(1, 30.0, 47.0, 20.0), step(2, 50.0, 46.0, 19.0), step(3, 150.0, 45.0, 20.0)]
+    report = {"machine": {"cpu": "x", "cores": 2}, "server": {"local": True}, "client": {"vp8_speed": 6},
+              "runs": {"identity=demo": steps[0]},
+              "scale": {"steps": steps, "target": {"p95_ms": 80.0, "fps": 25.0}, "max_sessions_meeting_target": 2}}
+    assert ("server and bench clients together, % of a core: 1 session 67, 2 sessions 130, 3 sessions 195 "
+            "(the machine has 200)") in format_table(report)
+    steps[2]["server_cpu_percent_per_session"] = None  # a remote server: no sum to show
+    assert "CPU of each step" not in format_table(report)

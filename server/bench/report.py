@@ -57,6 +57,7 @@ def _notes(report: dict) -> list[str]:
     if "scale" in report:
         lines.append(f"largest session count meeting p95 <= {report['scale']['target']['p95_ms']} ms at "
                      f">= {report['scale']['target']['fps']} fps: {report['scale']['max_sessions_meeting_target']}")
+        lines += _scale_cpu_line(report)
     if report.get("avsync"):
         lines.append(_avsync_line(report["avsync"]))
     if report.get("drift"):
@@ -78,6 +79,21 @@ def _avsync_line(a: dict) -> str:
     return (f"A/V offset at a viewer (+: video late), {a['windows']} windows of 10 s: p50 {o['p50']:+.1f} ms, "
             f"p95 {o['p95']:+.1f}, range {o['min']:+.1f}..{o['max']:+.1f}{drift}; "
             f"within +-{a['target_ms']:.0f} ms: {'yes' if a['within_target'] else 'no'}")
+
+
+def _scale_cpu_line(report: dict) -> list[str]:
+    """What each --scale step asked of the machine: a local server's and the bench clients'
+    CPU, all sessions together, against the cores there are (the usual reason a step fails)."""
+    steps = report["scale"]["steps"]
+    keys = ("server_cpu_percent_per_session", "client_cpu_percent_per_session")
+    if not all(s.get(k) is not None for s in steps for k in keys):
+        return []
+    parts = []
+    for s in steps:
+        n = s["sessions"]
+        parts.append(f"{n} session{'s' * (n > 1)} {n * sum(s[k] for k in keys):.0f}")
+    return [f"CPU of each step, server and bench clients together, % of a core: {', '.join(parts)} "
+            f"(the machine has {100 * report['machine']['cores']})"]
 
 
 def _chain_lines(label: str, s: dict) -> list[str]:
