@@ -210,7 +210,7 @@ def test_table_shows_server_and_client_cpu_per_session():
     assert "bench client CPU per session: 20% of a core" in format_table(report)
 
 
-def test_scale_verdict_says_what_each_step_asked_of_the_cpu():
+def test_scale_verdict_says_what_cpu_each_step_used():
     from server.bench.report import format_table
 
     def step(n, p95, server, client):
@@ -222,7 +222,7 @@ def test_scale_verdict_says_what_each_step_asked_of_the_cpu():
     report = {"machine": {"cpu": "x", "cores": 2}, "server": {"local": True}, "client": {"vp8_speed": 6},
               "runs": {"identity=demo": steps[0]},
               "scale": {"steps": steps, "target": {"p95_ms": 80.0, "fps": 25.0}, "max_sessions_meeting_target": 2}}
-    assert ("server and bench clients together, % of a core: 1 session 67, 2 sessions 130, 3 sessions 195 "
+    assert ("CPU each step used, server and bench clients together, % of a core: 1 session 67, 2 sessions 130, 3 sessions 195 "
             "(the machine has 200)") in format_table(report)
     steps[2]["server_cpu_percent_per_session"] = None  # a remote server: no sum to show
-    assert "CPU of each step" not in format_table(report)
+    assert "CPU each step used" not in format_table(report)

@@ -82,8 +82,9 @@ def _avsync_line(a: dict) -> str:
 
 
 def _scale_cpu_line(report: dict) -> list[str]:
-    """What each --scale step asked of the machine: a local server's and the bench clients'
-    CPU, all sessions together, against the cores there are (the usual reason a step fails)."""
+    """The CPU each --scale step used: a local server's and the bench clients', all sessions
+    together, against the cores there are. A failing step far below them is waiting on
+    something other than CPU (locks, hand-overs), not short of cores."""
     steps = report["scale"]["steps"]
     keys = ("server_cpu_percent_per_session", "client_cpu_percent_per_session")
     if not all(s.get(k) is not None for s in steps for k in keys):
@@ -92,7 +93,7 @@ def _scale_cpu_line(report: dict) -> list[str]:
     for s in steps:
         n = s["sessions"]
         parts.append(f"{n} session{'s' * (n > 1)} {n * sum(s[k] for k in keys):.0f}")
-    return [f"CPU of each step, server and bench clients together, % of a core: {', '.join(parts)} "
+    return [f"CPU each step used, server and bench clients together, % of a core: {', '.join(parts)} "
             f"(the machine has {100 * report['machine']['cores']})"]
 
 
