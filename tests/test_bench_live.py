@@ -171,14 +171,23 @@ def test_drift_reports_every_windows_p95_so_a_burst_is_not_a_trend():
     assert any("every 60 s: 20.0..60.0 ms" in line for line in _notes({"runs": {}, "drift": d}))
 
 
+def run_summary(sessions=1, p95=40.0, **extra) -> dict:
+    """A measured run's summary as format_table reads it."""
+    return {"sessions": sessions, "glass_to_glass_ms": {"p50": 30.0, "p95": p95, "p99": p95 + 10, "max": p95 + 20},
+            "fps_per_session": 30.0, "matched_ratio": 1.0, "jitter_ms": 5.0, "server_stages_p50_ms": {}, **extra}
+
+
+def table_report(runs: dict, **extra) -> dict:
+    """A report of a local server on a 2-core machine, as format_table reads it."""
+    return {"machine": {"cpu": "x", "cores": 2}, "server": {"local": True}, "client": {"vp8_speed": 6},
+            "runs": runs, **extra}
+
+
 def test_table_keeps_long_configuration_labels_whole():
     from server.bench.report import format_table
 
-    run = {"sessions": 1, "glass_to_glass_ms": {"p50": 30.0, "p95": 40.0, "p99": 50.0, "max": 60.0},
-           "fps_per_session": 30.0, "matched_ratio": 1.0, "jitter_ms": 5.0, "server_stages_p50_ms": {}}
     labels = ("identity=a,vp8-speed=6", "identity=a,vp8-speed=10")
-    report = {"machine": {"cpu": "x", "cores": 2}, "server": {"local": True}, "client": {"vp8_speed": 6},
-              "runs": {label: run for label in labels}}
+    report = table_report({label: run_summary() for label in labels})
     rows = format_table(report).splitlines()
     assert "client VP8 speed 6" in rows[0]
     assert [r.split()[0] for r in rows[2:4]] == list(labels)  # "...=10" was cut to "...=1"
@@ -200,11 +209,8 @@ def test_server_cpu_per_session_is_read_from_the_servers_process():
 def test_table_shows_server_and_client_cpu_per_session():
     from server.bench.report import format_table
 
-    run = {"sessions": 1, "glass_to_glass_ms": {"p50": 30.0, "p95": 40.0, "p99": 50.0, "max": 60.0},
-           "fps_per_session": 30.0, "matched_ratio": 1.0, "jitter_ms": 5.0, "server_stages_p50_ms": {},
-           "client_cpu_percent_per_session": 20.0, "server_cpu_percent_per_session": 47.0}
-    report = {"machine": {"cpu": "x", "cores": 2}, "server": {"local": True}, "client": {"vp8_speed": 6},
-              "runs": {"identity=demo": run}}
+    run = run_summary(client_cpu_percent_per_session=20.0, server_cpu_percent_per_session=47.0)
+    report = table_report({"identity=demo": run})
     assert "server 47, bench client 20 (together 67" in format_table(report)
     report["runs"]["identity=demo"] = {**run, "server_cpu_percent_per_session": None}  # a remote server
     assert "bench client CPU per session: 20% of a core" in format_table(report)
@@ -214,14 +220,11 @@ def test_scale_verdict_says_what_cpu_each_step_used():
     from server.bench.report import format_table
 
     def step(n, p95, server, client):
-        return {"sessions": n, "glass_to_glass_ms": {"p50": 30.0, "p95": p95, "p99": p95, "max": p95},
-                "fps_per_session": 30.0, "matched_ratio": 1.0, "jitter_ms": 5.0, "server_stages_p50_ms": {},
-                "meets_target": p95 <= 80, "server_cpu_percent_per_session": server,
-                "client_cpu_percent_per_session": client}
+        return run_summary(n, p95, meets_target=p95 <= 80, server_cpu_percent_per_session=server,
+                           client_cpu_percent_per_session=client)
     steps = [step(1, 30.0, 47.0, 20.0), step(2, 50.0, 46.0, 19.0), step(3, 150.0, 45.0, 20.0)]
-    report = {"machine": {"cpu": "x", "cores": 2}, "server": {"local": True}, "client": {"vp8_speed": 6},
-              "runs": {"identity=demo": steps[0]},
-              "scale": {"steps": steps, "target": {"p95_ms": 80.0, "fps": 25.0}, "max_sessions_meeting_target": 2}}
+    report = table_report({"identity=demo": steps[0]},
+                          scale={"steps": steps, "target": {"p95_ms": 80.0, "fps": 25.0}, "max_sessions_meeting_target": 2})
     assert ("CPU each step used, server and bench clients together, % of a core: 1 session 67, 2 sessions 130, 3 sessions 195 "
             "(the machine has 200)") in format_table(report)
     steps[2]["server_cpu_percent_per_session"] = None  # a remote server: no sum to show

@@ -41,8 +41,8 @@ class Preset:
 # lr 2e-3 spiked around step 100 in most runs (bf16, no normalisation layers) and lost
 # hundreds of steps of progress; 1e-3 trains smoothly. quick asks for more steps than most
 # machines finish in its 6 minutes: the cap stops it annealed (train.learning_rate), so a
-# CPU without bf16 ends near the 1000 steps quick used to ask for, and one with bf16 (2500
-# steps in ~5 min) trains on for a better identity. 6, not more: reading the video, the
+# CPU without bf16 ends at about 1200 steps (estimated from an AVX2 CPU's 1000 in ~4.9 min),
+# and one with bf16 (2500 steps in ~5 min) trains on for a better identity. 6, not more: reading the video, the
 # evaluation and the int8 check add up to 1.6 min on a slow CPU, and quick promises 8.
 PRESETS = {
     "quick": Preset(steps=2500, batch=6, lr=1e-3, max_minutes=6.0),
