@@ -30,7 +30,7 @@ from .security import ConfigError, host_allowed, is_loopback, origin_allowed
 from .signaling import Closed, Connection
 from .state import ServerState
 from .udp_ports import confine_udp_ports, parse_range
-from . import enroll_http, vp8, whip
+from . import enroll_http, stages, vp8, whip
 
 log = logging.getLogger("avatar.server")
 
@@ -286,6 +286,8 @@ async def start_server(config: ServerConfig | None = None):
     await state.audit.open()  # what a killed server left open is recorded as ended abnormally
     # Make the demo identity now, so the first visitor does not wait for it.
     await loop.run_in_executor(None, state.store.ensure_default)
+    if config.compute == "process":
+        loop.run_in_executor(None, stages.warm_up)  # the first session waits for it if need be
     tls = None
     if config.cert:
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

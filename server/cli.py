@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from engines.identity import (DEFAULT_IDENTITY, USES, Consent, IdentityError, IdentityStore,  # noqa: E402
                               default_home, identities_dir)
 from engines.neural.runtime import PREFERENCES as BACKEND_CHOICES  # noqa: E402
+from server.stages import single_threaded_blas  # noqa: E402
 
 EPILOG = """examples:
   avatar serve                                   web client + signaling on http://127.0.0.1:8080
@@ -48,16 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-def single_threaded_blas() -> None:
-    """One BLAS thread for this process. Our numpy linear algebra is on tiny matrices (4x4
-    poses, per-triangle 2x2s), which gain nothing from threads, while OpenBLAS's idle worker
-    spins on sched_yield after every call: in a live neural session that worker burned a
-    fifth of this 2-core machine, and one thread took the session from 22.6 to 28.5 fps."""
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=1, user_api="blas")
 
 
 def build_parser() -> argparse.ArgumentParser:

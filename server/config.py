@@ -20,6 +20,7 @@ from pathlib import Path
 from engines.identity import identities_dir
 from engines.neural.config import PRESETS
 from .security import ConfigError, parse_tokens_env, parse_tokens_json
+from .stages import KINDS as COMPUTE_KINDS
 from .udp_ports import parse_range
 
 # libvpx's realtime speeds (cpu-used) for --vp8-speed (server/vp8.py): 16 is its fastest; 6
@@ -40,6 +41,11 @@ def setting(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.
     meta = {"help": help, "minimum": minimum, "maximum": maximum, "positive": positive, "flag": flag,
             "repeat": repeat, "metavar": metavar, "default_text": default_text, "check": check}
     return field(default=default, default_factory=factory, metadata=meta)
+
+
+def check_compute(kind: str) -> None:
+    if kind not in COMPUTE_KINDS:
+        raise ValueError(f"unknown compute {kind!r} (use {', '.join(COMPUTE_KINDS)})")
 
 
 def check_preset(name: str) -> None:
@@ -87,6 +93,11 @@ class ServerConfig:
     marker_completion: bool = setting(True, "hand received video frames to the decoder on their RTP marker "
                                             "bit (server/jitter.py); --no-marker-completion waits for the next "
                                             "frame, as aiortc does (one frame interval later)")
+    compute: str = setting("process", "where each session's frames are computed: process (a process of its own, "
+                                      "forked from a preloaded one: every core is usable, sessions do not wait "
+                                      "for each other's Python, and a crash there ends only that session) or "
+                                      "thread (two threads of the server's own process: less memory)",
+                           metavar="KIND", check=check_compute)
     opencv_threads: int = setting(0, "threads OpenCV may use inside one image operation (0: its default, "
                                      "one per core); 1 leaves the cores to the sessions' own workers",
                                   minimum=0, maximum=64, metavar="N")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -17,8 +18,10 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 from engines.measure import StageTimer
+from engines.identity import Identity
 from engines.pipeline import AvatarPipeline, Prepared
-from engines.watermark import Marker
+from engines.retarget import RetargetControls
+from engines.watermark import Marker, Payload
 from .telemetry import COMPUTE_STAGES, FrameRecord
 
 # Camera frames are scaled so their longer side is at most this before landmarks, in either
@@ -105,73 +108,119 @@ def input_size(width: int, height: int) -> tuple[int, int] | None:
     return w, h
 
 
+def camera_planes(frame: av.VideoFrame) -> np.ndarray | None:
+    """The camera frame as one I420 array ((h * 3/2, w): Y, then U, then V), or None if its
+    size is unusable. A plain copy of the decoder's planes for the usual even-sized yuv420p
+    frame, so the event loop spends microseconds here; the conversion to RGB happens where
+    the session computes (FrameProcessor.prepare)."""
+    if input_size(frame.width, frame.height) is None:
+        return None
+    if frame.format.name != "yuv420p" or frame.width % 2 or frame.height % 2:
+        frame = frame.reformat(frame.width // 2 * 2, frame.height // 2 * 2, "yuv420p")
+    return frame.to_ndarray()
+
+
 @dataclass
 class PreparedFrame:
-    """A camera frame after the first stage: its render prepared, the stage times so far."""
+    """A camera frame after the first stage: where its render waits, the stage times so far."""
     pts: int
     time_base: fractions.Fraction
     recv_time: float
     face_found: bool
-    prepared: Prepared
-    timer: StageTimer
+    handle: int  # FrameProcessor.finish(handle) completes it
+    ms: dict[str, float]
 
 
 class FrameProcessor:
-    """The two compute stages of a frame. Each stage runs on its own single thread:
+    """The two compute stages of a frame, run where the session computes (a process of its
+    own or this one, server/stages.py), each stage on its own single thread:
 
-      prepare() on the first thread: camera frame -> RGB -> landmarks -> retarget -> the
-                renderer's first half (the neural engine's warp and network input)
+      prepare() on the first thread: I420 camera planes -> RGB -> landmarks -> retarget ->
+                the renderer's first half (the neural engine's warp and network input)
       finish() on the second thread: the renderer's second half (the warp engine's warp, the
-                neural generator) -> watermark -> output frame
+                neural generator) -> watermark -> the avatar image
 
     so frame n+1 is prepared while frame n finishes, and with the neural engine each thread
     has about half the work. The pipeline is not thread-safe: everything on it but the
     renderer's second half (landmarker, retargeter, controls, identity changes) belongs to
-    the first thread, and the second half only ever runs on the second."""
+    the first thread, and the second half only ever runs on the second. Arrays in and out,
+    no av frames or asyncio: what crosses to a process is plain data."""
 
-    def __init__(self, pipeline: AvatarPipeline, marker: Marker):
-        self.pipeline = pipeline
-        self.marker = marker  # every frame that leaves carries the session's watermark
+    KEEP = 4  # prepared frames waiting for finish(); older ones were abandoned
+
+    def __init__(self, identity: Identity, payload: Payload):
+        self.pipeline = AvatarPipeline(identity)
+        self.marker = Marker(payload)  # every frame that leaves carries the session's watermark
         self.source_size: tuple[int, int] | None = None
         self.t0 = time.monotonic()
+        self._prepared: dict[int, Prepared] = {}
+        self._handles = itertools.count()
 
-    def prepare(self, frame: av.VideoFrame, recv_time: float) -> PreparedFrame | None:
-        size = input_size(frame.width, frame.height)
+    def prepare(self, i420: np.ndarray) -> tuple[int, bool, dict[str, float]] | None:
+        """Stage one of a camera frame: (handle for finish(), face found, ms per stage), or
+        None if its size is unusable."""
+        height, width = i420.shape[0] * 2 // 3, i420.shape[1]
+        size = input_size(width, height)
         if size is None:
             return None
-        if (frame.width, frame.height) != self.source_size:
+        if (width, height) != self.source_size:
             # New camera resolution: the neutral pose was measured in other pixels.
             if self.source_size is not None:
                 self.pipeline.recalibrate()
-            self.source_size = (frame.width, frame.height)
+            self.source_size = (width, height)
         timer = StageTimer()
+        frame = timer.run("convert", av.VideoFrame.from_ndarray, i420, "yuv420p")
         # AREA: a box filter, the right one for shrinking (and 0.7x the time of swscale's
         # default bicubic for a 720x1280 camera).
         rgb = timer.run("convert", frame.reformat, size[0], size[1], "rgb24", interpolation="AREA")
         rgb = timer.run("convert", rgb.to_ndarray)
         points = timer.run("landmarks", self.pipeline.detect, rgb)
         target = timer.run("retarget", self.pipeline.retarget, points, time.monotonic() - self.t0)
-        prepared = timer.run("render", self.pipeline.prepare, target)
-        pts = frame.pts if frame.pts is not None else int(recv_time * 90000)
-        return PreparedFrame(pts, frame.time_base or VIDEO_TIME_BASE, recv_time, points is not None, prepared, timer)
+        handle = next(self._handles)
+        self._prepared[handle] = timer.run("render", self.pipeline.prepare, target)
+        self._prepared.pop(handle - self.KEEP, None)
+        return handle, points is not None, timer.ms
 
-    def finish(self, p: PreparedFrame, viewer_label: bool = False) -> tuple[av.VideoFrame, FrameRecord, np.ndarray | None]:
-        """The output frame and its record; with `viewer_label`, also the viewers' copy: the
-        visible badge drawn first and then marked, as a badge drawn over a watermark
-        would erase it."""
-        timer = p.timer
-        out = timer.run("render", self.pipeline.finish, p.prepared)
+    def finish(self, handle: int, viewer_label: bool = False) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
+        """The avatar image of a prepared frame, the viewers' copy if `viewer_label` (the
+        visible badge drawn first and then marked, as a badge drawn over a watermark would
+        erase it), and ms per stage."""
+        timer = StageTimer()
+        out = timer.run("render", self.pipeline.finish, self._prepared.pop(handle))
         labelled = timer.run("mark", self.marker, out, True) if viewer_label else None
         out = timer.run("mark", self.marker, out)
-        video = timer.run("convert", av.VideoFrame.from_ndarray, np.ascontiguousarray(out), "rgb24")
-        # Keep the input's timestamp so each output frame names the camera frame it shows.
-        video.pts, video.time_base = p.pts, p.time_base
-        done = time.time()
-        stages = {s: timer.ms.get(s, 0.0) for s in COMPUTE_STAGES}
-        stages["total"] = (done - p.recv_time) * 1e3
-        # Whatever is not compute was waiting: for a thread, or for the previous frame.
-        stages["queue"] = max(0.0, stages["total"] - sum(timer.ms.values()))
-        return video, FrameRecord(p.pts, p.recv_time, done, p.face_found, stages), labelled
+        return np.ascontiguousarray(out), labelled, timer.ms
+
+    # On the first thread, like prepare():
+    def set_controls(self, controls: RetargetControls) -> None:
+        self.pipeline.set_controls(controls)
+
+    def set_identity(self, identity: Identity) -> None:
+        self.pipeline.set_identity(identity)
+
+    def recalibrate(self) -> None:
+        self.pipeline.recalibrate()
+
+    def close(self) -> None:
+        self.pipeline.close()
+
+
+def avatar_frame(image: np.ndarray, p: PreparedFrame, finish_ms: dict[str, float]) -> tuple[av.VideoFrame, FrameRecord]:
+    """The outgoing frame of a finished avatar image, and its record."""
+    ms = dict(p.ms)
+    for stage, value in finish_ms.items():
+        ms[stage] = ms.get(stage, 0.0) + value
+    t = time.perf_counter()
+    video = av.VideoFrame.from_ndarray(image, "rgb24")
+    ms["convert"] = ms.get("convert", 0.0) + (time.perf_counter() - t) * 1e3
+    # Keep the input's timestamp so each output frame names the camera frame it shows.
+    video.pts, video.time_base = p.pts, p.time_base
+    done = time.time()
+    stages = {s: ms.get(s, 0.0) for s in COMPUTE_STAGES}
+    stages["total"] = (done - p.recv_time) * 1e3
+    # Whatever is not compute was waiting: for a thread, a process, or the previous frame.
+    stages["queue"] = max(0.0, stages["total"] - sum(ms.values()))
+    return video, FrameRecord(p.pts, p.recv_time, done, p.face_found, stages)
 
 
 async def drain(track: MediaStreamTrack) -> None:

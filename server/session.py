@@ -1,7 +1,8 @@
-"""One presenter's avatar session: peer connection, pipeline, compute threads, stats, and
-(when it names a room) what it publishes there: every avatar frame and its microphone.
+"""One presenter's avatar session: peer connection, compute stages, stats, and (when it
+names a room) what it publishes there: every avatar frame and its microphone.
 
-Lifecycle: start() loads the identity and builds the pipeline; offer() answers the
+Lifecycle: start() loads the identity and starts its compute (a process of its own by
+default, server/stages.py); offer() answers the
 client's SDP and starts the media tasks; close() (idempotent) tears everything down.
 `ended` is set when the session should end on its own (peer connection failed, idle).
 """
@@ -12,17 +13,16 @@ import json
 import logging
 import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from engines.identity import IdentityError
-from engines.pipeline import AvatarPipeline
 from engines.retarget import RetargetControls
-from engines.watermark import Marker, Payload
+from engines.watermark import Payload
 from .jitter import IncompatibleAiortc, install_for_track, shorten_audio_buffer, tap_encoded
-from .media import AvatarTrack, FrameProcessor, LatestFrame, drain
+from .media import AvatarTrack, LatestFrame, PreparedFrame, VIDEO_TIME_BASE, avatar_frame, camera_planes, drain
+from .stages import ComputeDied, make_stages
 from .telemetry import SessionStats
 
 log = logging.getLogger("avatar.session")
@@ -36,13 +36,10 @@ class Session:
         self.id = secrets.token_hex(16)
         self.identity_name = identity_name
         self.room = room  # rooms.Room this session presents in, or None
-        # Two single-thread stages (see FrameProcessor): landmarks, retarget and the render's
-        # first half; then its second half and the watermark. Each part of the pipeline is
-        # only ever used from its own thread: everything but the second half from the first.
-        self.prepare_ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"avatar-{self.id}-prepare")
-        self.render_ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"avatar-{self.id}-render")
-        self.pipeline: AvatarPipeline | None = None
-        self.processor: FrameProcessor | None = None
+        # Two single-thread stages (see media.FrameProcessor): landmarks, retarget and the
+        # render's first half; then its second half and the watermark.
+        self.stages = make_stages(state.config.compute, self.id, state.config.opencv_threads)
+        self.controls = RetargetControls()  # what the pipeline was last given
         self.pc: RTCPeerConnection | None = None
         self.stats = SessionStats()
         self.out_track = AvatarTrack(on_sent=self.stats.mark_sent)
@@ -62,9 +59,8 @@ class Session:
 
     # ---- setup -------------------------------------------------------------------------
     async def start(self) -> None:
-        identity = await self._run(self.prepare_ex, self._load, self.identity_name)
-        self.pipeline = await self._run(self.prepare_ex, AvatarPipeline, identity)
-        self.processor = FrameProcessor(self.pipeline, Marker(Payload.here(self.id)))
+        identity = await self._run(None, self._load, self.identity_name)  # file I/O
+        await self.stages.start(identity, Payload.here(self.id))
         self._spawn(self._watchdog())
 
     async def offer(self, sdp: str) -> str:
@@ -122,17 +118,18 @@ class Session:
     # ---- controls ----------------------------------------------------------------------
     async def set_controls(self, **changes) -> None:
         """Apply expression_gain / head_gain / freeze_head. Raises ValueError if out of range."""
-        current = self.pipeline.controls
+        current = self.controls
         controls = RetargetControls(
             expression_gain=changes.get("expression_gain", current.expression_gain),
             head_gain=changes.get("head_gain", current.head_gain),
             freeze_head=changes.get("freeze_head", current.freeze_head),
         ).validated()
-        await self._run(self.prepare_ex, self.pipeline.set_controls, controls)
+        await self.stages.call("prepare", "set_controls", controls)
+        self.controls = controls
 
     async def set_identity(self, name: str) -> None:
         identity = await self._run(None, self._load, name)  # file I/O: off the stages
-        await self._run(self.prepare_ex, self.pipeline.set_identity, identity)
+        await self.stages.call("prepare", "set_identity", identity)
         self.identity_name = name
 
     def _load(self, name: str):
@@ -160,7 +157,7 @@ class Session:
         self.paused = paused
 
     async def recalibrate(self) -> None:
-        await self._run(self.prepare_ex, self.pipeline.recalibrate)
+        await self.stages.call("prepare", "recalibrate")
 
     @staticmethod
     async def _run(executor, fn, *args):
@@ -208,7 +205,7 @@ class Session:
                 frame, recv_time = await self.latest.get()
                 if self.paused:
                     continue
-                prepared = await self._stage(self.prepare_ex, self.processor.prepare, frame, recv_time)
+                prepared = await self._prepare(frame, recv_time)
                 if rendering is not None:
                     await rendering  # frame n goes out before frame n+1 starts finishing
                     rendering = None
@@ -220,29 +217,39 @@ class Session:
             if rendering is not None:
                 rendering.cancel()
 
-    async def _render(self, prepared) -> None:
+    async def _prepare(self, frame, recv_time: float) -> PreparedFrame | None:
+        planes = camera_planes(frame)
+        result = None if planes is None else await self._stage("prepare", "prepare", planes)
+        if result is None:
+            return None
+        handle, face_found, ms = result
+        pts = frame.pts if frame.pts is not None else int(recv_time * 90000)
+        return PreparedFrame(pts, frame.time_base or VIDEO_TIME_BASE, recv_time, face_found, handle, ms)
+
+    async def _render(self, prepared: PreparedFrame) -> None:
         # Sends its frame as soon as it is ready, not when the next camera frame arrives.
         viewer_label = self.room is not None and self.label_viewers
-        self._emit(await self._stage(self.render_ex, self.processor.finish, prepared, viewer_label))
-
-    async def _stage(self, executor, fn, *args):
-        try:
-            return await self._run(executor, fn, *args)
-        except Exception:
-            # A frame the engines cannot handle must not end the session.
-            log.exception("session %s: frame failed", self.id[:8])
-            return None
-
-    def _emit(self, result) -> None:
+        result = await self._stage("render", "finish", prepared.handle, viewer_label)
         if result is None:
             self.stats.rejected += 1
             return
-        video, rec, labelled = result
+        image, labelled, ms = result
+        video, rec = avatar_frame(image, prepared, ms)
         self.out_track.push(video)
         if self.room is not None:
             self.room.publish_video(video, rec.recv_time, labelled)
         self.stats.add(rec)
         self.state.metrics.frame(rec)
+
+    async def _stage(self, stage: str, method: str, *args):
+        try:
+            return await self.stages.call(stage, method, *args)
+        except ComputeDied as e:
+            self._end(str(e))
+        except Exception:
+            # A frame the engines cannot handle must not end the session.
+            log.exception("session %s: frame failed", self.id[:8])
+        return None
 
     async def _send_stats(self) -> None:
         while True:
@@ -299,14 +306,8 @@ class Session:
                 await self.pc.close()  # also stops the remote tracks
             except Exception:
                 log.exception("session %s: closing the peer connection failed", self.id[:8])
-        if self.pipeline is not None:
-            # After any in-flight frame, on the thread that owns the landmarker; the render
-            # thread is drained first so nothing touches the pipeline afterwards.
-            try:
-                await self._run(self.render_ex, lambda: None)
-                await self._run(self.prepare_ex, self.pipeline.close)
-            except Exception:
-                log.exception("session %s: closing the pipeline failed", self.id[:8])
-        self.prepare_ex.shutdown(wait=False)
-        self.render_ex.shutdown(wait=False)
-        self.pipeline = self.processor = self.pc = self.stats_channel = None
+        try:
+            await self.stages.close()  # after any frame in flight
+        except Exception:
+            log.exception("session %s: closing its compute failed", self.id[:8])
+        self.pc = self.stats_channel = None

