@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import av
+import cv2
 import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
@@ -169,11 +170,11 @@ class FrameProcessor:
                 self.pipeline.recalibrate()
             self.source_size = (width, height)
         timer = StageTimer()
-        frame = timer.run("convert", av.VideoFrame.from_ndarray, i420, "yuv420p")
-        # AREA: a box filter, the right one for shrinking (and 0.7x the time of swscale's
-        # default bicubic for a 720x1280 camera).
-        rgb = timer.run("convert", frame.reformat, size[0], size[1], "rgb24", interpolation="AREA")
-        rgb = timer.run("convert", rgb.to_ndarray)
+        # OpenCV's BT.601 conversion: 0.07 ms for 512², against 0.5-0.8 through an av frame
+        # and swscale, and nearer the camera's RGB (mean error 0.26 against 1.24 levels).
+        rgb = timer.run("convert", cv2.cvtColor, i420, cv2.COLOR_YUV2RGB_I420)
+        if size != (width, height):  # AREA: a box filter, the right one for shrinking
+            rgb = timer.run("convert", cv2.resize, rgb, size, interpolation=cv2.INTER_AREA)
         points = timer.run("landmarks", self.pipeline.detect, rgb)
         target = timer.run("retarget", self.pipeline.retarget, points, time.monotonic() - self.t0)
         handle = next(self._handles)
