@@ -213,30 +213,35 @@ class ProcessStages:
         return ComputeDied(f"the compute process of session {self.name[:8]} has ended")
 
     async def close(self) -> None:
-        if self._proc is None:
-            return
+        """Let the child finish its frame and exit (killed if it will not); release the pipe
+        and the shared memory. Also cleans up after a start() that failed half-way."""
         self._closing = True
         loop = asyncio.get_running_loop()
+        proc, self._proc = self._proc, None
         try:
-            if not self._dead:
-                try:
-                    self._conn.send(None)  # finish what is queued, close the pipeline, exit
-                except OSError:
-                    pass
-            await loop.run_in_executor(None, self._proc.join, JOIN_TIMEOUT)
-            if self._proc.is_alive():
-                log.warning("session %s: compute process did not exit; killing it", self.name[:8])
-                self._proc.kill()
-                await loop.run_in_executor(None, self._proc.join, JOIN_TIMEOUT)
+            if proc is not None and proc.pid is not None:
+                if not self._dead:
+                    try:
+                        self._conn.send(None)  # finish what is queued, close the pipeline, exit
+                    except OSError:
+                        pass
+                await loop.run_in_executor(None, proc.join, JOIN_TIMEOUT)
+                if proc.is_alive():
+                    log.warning("session %s: compute process did not exit; killing it", self.name[:8])
+                    proc.kill()
+                    await loop.run_in_executor(None, proc.join, JOIN_TIMEOUT)
+                proc.close()
         finally:
-            self._ended()
-            self._conn.close()
-            self._proc.close()
+            if self._conn is not None:
+                self._ended()
+                self._conn.close()
             for region in self._regions.values():
                 region.release()
-            self._shm.close()
-            self._shm.unlink()
-            self._proc = self._conn = self._shm = None
+            if self._shm is not None:
+                self._shm.close()
+                self._shm.unlink()
+            self._conn = self._shm = None
+            self._regions = {}
 
 
 def single_threaded_blas() -> None:

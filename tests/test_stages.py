@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import signal
 
@@ -94,6 +95,15 @@ async def test_a_killed_process_is_reported_and_cleaned_up(store, camera):
     finally:
         await compute.close()
     assert compute._proc is None and shm_names() == names
+
+
+async def test_a_start_that_fails_in_the_process_is_reported_and_cleaned_up():
+    names = shm_names()
+    compute = stages.ProcessStages("0123456789abcdef")
+    with pytest.raises(stages.ComputeError, match="AttributeError"):
+        await compute.start(None, PAYLOAD)  # no identity to build a pipeline from
+    await compute.close()
+    assert shm_names() == names and not multiprocessing.active_children()
 
 
 def test_unknown_compute_kind_is_refused():
