@@ -2,8 +2,8 @@
 names a room) what it publishes there: every avatar frame and its microphone.
 
 Lifecycle: start() loads the identity and starts its compute (a process of its own by
-default, server/stages.py); offer() answers the
-client's SDP and starts the media tasks; close() (idempotent) tears everything down.
+default, server/stages.py); offer() answers the client's SDP and starts the media tasks;
+close() (idempotent) tears everything down.
 `ended` is set when the session should end on its own (peer connection failed, idle).
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Session:
 
     # ---- setup -------------------------------------------------------------------------
     async def start(self) -> None:
-        identity = await self._run(None, self._load, self.identity_name)  # file I/O
+        identity = await self._off_loop(self._load, self.identity_name)  # file I/O
         await self.stages.start(identity, Payload.here(self.id))
         self._spawn(self._watchdog())
 
@@ -128,7 +128,7 @@ class Session:
         self.controls = controls
 
     async def set_identity(self, name: str) -> None:
-        identity = await self._run(None, self._load, name)  # file I/O: off the stages
+        identity = await self._off_loop(self._load, name)  # file I/O: off the stages
         await self.stages.call("prepare", "set_identity", identity)
         self.identity_name = name
 
@@ -160,8 +160,9 @@ class Session:
         await self.stages.call("prepare", "recalibrate")
 
     @staticmethod
-    async def _run(executor, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+    async def _off_loop(fn, *args):
+        """fn(*args) on the default executor: file I/O, never frame work (that is the stages')."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     # ---- media tasks -------------------------------------------------------------------
     async def _receive(self, track) -> None:
@@ -270,7 +271,7 @@ class Session:
             if time.monotonic() - self.last_activity > timeout:
                 self._end("idle timeout")
                 return
-            problem = await self._run(None, self._consent_problem)
+            problem = await self._off_loop(self._consent_problem)
             if problem is not None:
                 log.warning("session %s: ending, identity %r may no longer be used: %s",
                             self.id[:8], self.identity_name, problem)
