@@ -20,7 +20,7 @@ from pathlib import Path
 from engines.identity import identities_dir
 from engines.neural.config import PRESETS
 from .security import ConfigError, parse_tokens_env, parse_tokens_json
-from .stages import KINDS as COMPUTE_KINDS
+from .stages import check_kind as check_compute
 from .udp_ports import parse_range
 
 # libvpx's realtime speeds (cpu-used) for --vp8-speed (server/vp8.py): 16 is its fastest; 6
@@ -41,11 +41,6 @@ def setting(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.
     meta = {"help": help, "minimum": minimum, "maximum": maximum, "positive": positive, "flag": flag,
             "repeat": repeat, "metavar": metavar, "default_text": default_text, "check": check}
     return field(default=default, default_factory=factory, metadata=meta)
-
-
-def check_compute(kind: str) -> None:
-    if kind not in COMPUTE_KINDS:
-        raise ValueError(f"unknown compute {kind!r} (use {', '.join(COMPUTE_KINDS)})")
 
 
 def check_preset(name: str) -> None:

@@ -51,9 +51,14 @@ class ComputeError(RuntimeError):
     """A call failed in the session's compute process (the message names the exception)."""
 
 
-def make_stages(kind: str, name: str, opencv_threads: int = 0):
+def check_kind(kind: str) -> None:
+    """Raises ValueError unless `kind` is one of KINDS (also the --compute setting's check)."""
     if kind not in KINDS:
-        raise ValueError(f"compute must be one of {', '.join(KINDS)}, not {kind!r}")
+        raise ValueError(f"unknown compute {kind!r} (use {', '.join(KINDS)})")
+
+
+def make_stages(kind: str, name: str, opencv_threads: int = 0):
+    check_kind(kind)
     return ProcessStages(name, opencv_threads) if kind == "process" else ThreadStages(name)
 
 
