@@ -37,7 +37,7 @@ import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
-from .media import LatestFrame
+from .media import LatestFrame, video_frame
 
 VIDEO_CLOCK = 90000
 AUDIO_QUEUE = 25  # 0.5 s of 20 ms frames per viewer; a viewer that falls further behind loses the oldest
@@ -67,7 +67,7 @@ class ViewerVideoTrack(MediaStreamTrack):
         self.on_sent = None  # on_sent(seconds from publish to its packets sent)
 
     def push(self, image: np.ndarray) -> None:
-        """An RGB image shared with every viewer: read, never written."""
+        """An image shared with every viewer (media.encoder_planes()): read, never written."""
         self._latest.put((image, time.monotonic()))
 
     async def recv(self) -> av.VideoFrame:
@@ -83,7 +83,7 @@ class ViewerVideoTrack(MediaStreamTrack):
         image, self._in_flight = item
         # Its own frame object: each sender encodes (and PyAV reformats, with a converter
         # cached on the frame) in a thread of its own, so no frame may be shared.
-        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        frame = video_frame(image)
         now = time.monotonic()
         self._start = now if self._start is None else self._start
         self._last_pts = max(self._last_pts + 1, round((now - self._start) * VIDEO_CLOCK))
@@ -280,7 +280,7 @@ class Room:
             # One copy for all, read on this thread: the presenter's own sender may be
             # encoding `frame` in a worker thread right now.
             if image is None:
-                image = frame.to_ndarray() if frame.format.name == "rgb24" else frame.to_ndarray(format="rgb24")
+                image = frame.to_ndarray()  # the planes of its own format, as video_frame() takes
             for a in feeds:
                 a.video.push(image)
 

@@ -37,7 +37,8 @@ log = logging.getLogger("avatar.stages")
 
 STAGES = ("prepare", "render")
 # Bytes of shared memory per stage: a 1920x1080 camera's I420 planes (3.1 MB) fit in
-# prepare's; render returns two 256² images (0.4 MB). Larger arrays are pickled instead.
+# prepare's; render returns two images as I420 planes (0.2 MB at 256², 0.8 MB at 512²). Larger
+# arrays are pickled instead.
 REGION_BYTES = {"prepare": 4 << 20, "render": 2 << 20}
 JOIN_TIMEOUT = 5.0  # seconds a closing child has to finish its frame and exit
 KINDS = ("process", "thread")

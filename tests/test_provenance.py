@@ -72,15 +72,20 @@ def test_badge_then_mark_keeps_both(portrait):
 def test_viewers_copy_is_labelled_and_marked(store):
     from server.media import FrameProcessor, camera_planes
     import av
+    import cv2
 
     identity = store.load("demo")
     processor = FrameProcessor(identity, PAYLOAD)
     try:
         frame = av.VideoFrame.from_ndarray(identity.reference, format="rgb24")
         handle, _, _ = processor.prepare(camera_planes(frame))
-        presenter, labelled, ms = processor.finish(handle, viewer_label=True)
+        planes = processor.finish(handle, viewer_label=True)
     finally:
         processor.close()
+    # What the encoder takes: I420 planes, (h * 3/2, w).
+    presenter, labelled = (cv2.cvtColor(p, cv2.COLOR_YUV2RGB_I420) for p in planes[:2])
+    ms = planes[2]
+    assert presenter.shape == identity.reference.shape
     assert decoded([presenter]).payload == PAYLOAD and decoded([labelled]).payload == PAYLOAD
     assert np.abs(labelled[:20, :80].astype(int) - presenter[:20, :80]).mean() > 20
     assert ms["mark"] > 0

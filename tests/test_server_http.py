@@ -5,12 +5,15 @@ import argparse
 import asyncio
 import json
 
+import av
+import cv2
+import numpy as np
 import pytest
 import websockets
 
 from server import app
 from server.config import ServerConfig, add_arguments, config_from_args, load_config
-from server.media import LatestFrame, input_size
+from server.media import LatestFrame, encoder_planes, input_size, video_frame
 from server.security import (ALL, ConfigError, RateLimiter, TokenAuth, origin_allowed,
                              parse_tokens_env)
 from server.app import start_server
@@ -147,6 +150,18 @@ def test_origin_and_rate_limit_and_sizes():
     assert input_size(720, 1280) == (360, 640)  # a phone held upright: the same pixel budget
     assert input_size(8, 8) is None and input_size(4000, 10) is None
     assert input_size(320, 240) == (320, 240)
+
+
+def test_avatar_images_reach_the_encoder_as_the_colours_swscale_would_make():
+    y, x = np.mgrid[0:64, 0:96]
+    rgb = np.stack([x * 2.6, y * 4, 255 - x - y], axis=2).astype(np.uint8)  # smooth, like skin
+    frame = video_frame(encoder_planes(rgb))
+    assert (frame.format.name, frame.width, frame.height) == ("yuv420p", 96, 64)
+    theirs = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p").to_ndarray()
+    diff = np.abs(frame.to_ndarray().astype(int) - theirs)
+    assert diff.mean() < 0.5  # the same BT.601 video range (full range is ~10 levels off)
+    odd = rgb[:63]  # I420 cannot hold an odd side: the RGB goes as it is
+    assert video_frame(encoder_planes(odd)).format.name == "rgb24"
 
 
 async def test_latest_frame_keeps_newest():

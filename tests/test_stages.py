@@ -63,7 +63,7 @@ async def test_a_process_computes_what_threads_compute(store, camera):
     # The first frame is the same to the bit; later ones differ a little, as from one run to
     # the next, since the retargeter smooths motion by the clock.
     (a, a_badge), (b, b_badge) = threads[0], process[0]
-    assert a.shape == (256, 256, 3) and np.array_equal(a, b) and np.array_equal(a_badge, b_badge)
+    assert a.shape == (384, 256) and np.array_equal(a, b) and np.array_equal(a_badge, b_badge)  # I420 planes of 256²
     for (a, _), (b, _) in zip(threads[1:], process[1:]):
         assert np.abs(a.astype(int) - b).mean() < 5
     assert shm_names() == names  # its shared memory is gone with it
@@ -77,7 +77,7 @@ async def test_a_failed_call_is_reported_and_the_process_keeps_serving(store, ca
             await compute.call("render", "finish", 12345)  # nothing was prepared under it
         handle, _, _ = await compute.call("prepare", "prepare", camera[0])
         image, labelled, _ = await compute.call("render", "finish", handle, False)
-        assert image.shape == (256, 256, 3) and labelled is None
+        assert image.shape == (384, 256) and labelled is None  # I420 planes of 256²
     finally:
         await compute.close()
 
