@@ -13,7 +13,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 
 from engines.identity import Consent, IdentityStore
-from server.bench.client import ClipTrack, nearest
+from server.bench.client import ClipTrack, ReplayTrack, encode_clip, nearest
 from server.bench.stats import CHAIN, frame_chain
 
 
@@ -61,9 +61,10 @@ def test_short_run_against_a_local_server(tmp_path, demo):
 def test_compare_interleaves_rounds_on_a_one_session_server(tmp_path, store):
     # The local server admits one session: each round must wait out the previous one's
     # cleanup ('busy'), and fps must be per measured second of each round, not of the run.
+    # The camera is replayed from one encode (--client-encode once): the server sees it at 30 fps.
     out = tmp_path / "cmp"
     result = bench("--compare", "identity=demo", "identity=demo", "--rounds", "2", "--duration", "4",
-                   "--warmup", "1", "--out", str(out), home=store.root.parent)
+                   "--warmup", "1", "--client-encode", "once", "--out", str(out), home=store.root.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert set(report["runs"]) == {"identity=demo", "identity=demo (B)"}
@@ -72,6 +73,7 @@ def test_compare_interleaves_rounds_on_a_one_session_server(tmp_path, store):
         assert 20 <= run["fps_per_session"] <= 31, run  # the clip plays at 30 fps
     assert report["compare"]["ratios_B_over_A"]["fps"] > 0.7
     assert "B/A" in result.stdout and "server stages p50 ms (identity=demo (B)):" in result.stdout
+    assert report["client"]["encode"] == "once" and "camera encoded once, replayed" in result.stdout
 
 
 def test_server_down_is_a_clear_error(tmp_path):
@@ -89,14 +91,21 @@ def test_wrong_url_is_a_clear_error(tmp_path):
     assert "error:" in result.stderr
 
 
-async def test_a_peer_receives_the_pts_the_client_sent():
+@pytest.mark.parametrize("encode", ["live", "once"])
+async def test_a_peer_receives_the_pts_the_client_sent(encode):
     # The bench matches the server's in_pts to the pts its ClipTrack sent, with no pinning
     # of aiortc's random RTP timestamp origin: an aiortc receiver takes the first timestamp
     # it decodes away again. If aiortc changes that, this fails here, not as a bench that
     # quietly pairs each avatar frame with the wrong camera frame. Each frame's own grey
-    # level says which one it really is.
+    # level says which one it really is. Likewise for a clip encoded once and replayed
+    # (--client-encode once): aiortc packetizes its frames, which decode to the right picture.
     frames = [np.full((64, 64, 3), 8 * i, np.uint8) for i in range(30)]
-    track = ClipTrack(frames)
+    if encode == "once":
+        clip = encode_clip(frames)
+        assert [f[0] & 1 for f in clip.frames] == [0] + [1] * 29  # VP8: a keyframe, then deltas
+        track = ReplayTrack(clip)
+    else:
+        track = ClipTrack(frames)
     sender, receiver = (RTCPeerConnection(RTCConfiguration(iceServers=[])) for _ in range(2))
     sender.addTrack(track)
     got, tasks = [], []
@@ -129,6 +138,9 @@ async def test_a_peer_receives_the_pts_the_client_sent():
     assert None not in pts, f"received pts {[p for p, _ in got]} are not the sent ones"
     shown = [track.sent[p] for p in pts]
     assert all(abs(grey - 8 * i) < 4 for i, (_, grey) in zip(shown, got)), list(zip(shown, got))
+    if encode == "once":  # each frame left after the time its encode took
+        assert all(track.left_at[p] - track.sent_at[p] >= clip.seconds[track.sent[p]]
+                   for p in track.left_at), "a replayed frame left before its encode time"
 
 
 def test_frame_chain_parts_add_up_to_glass_to_glass():

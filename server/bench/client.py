@@ -16,18 +16,23 @@ import asyncio
 import fractions
 import json
 import time
+from dataclasses import dataclass
 
 import av
 import numpy as np
 import websockets
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc import (RTCConfiguration, RTCPeerConnection, RTCRtpCodecParameters, RTCSessionDescription,
+                    VideoStreamTrack)
+from aiortc.codecs.vpx import MAX_BITRATE, VpxPayloadDescriptor
 from aiortc.mediastreams import MediaStreamError
 
+from server import vp8
 from server.jitter import install_for_track, shorten_audio_buffer
 
 TIME_BASE = fractions.Fraction(1, 90000)
 RTP_WRAP = 2 ** 32
 PTS_TOLERANCE = 90  # 1 ms at 90 kHz: pts conversions along the way round by a tick or two
+VP8_CODEC = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=96)
 
 
 class ClientError(RuntimeError):
@@ -68,6 +73,13 @@ class ClipTrack(VideoStreamTrack):
         self._in_flight: int | None = None
 
     async def recv(self) -> av.VideoFrame:
+        i, pts = await self._next()
+        frame = av.VideoFrame.from_ndarray(*self.frames[i])
+        frame.pts, frame.time_base = pts, TIME_BASE
+        return frame
+
+    async def _next(self) -> tuple[int, int]:
+        """Waits until the next frame is due: (its index in the clip, its pts)."""
         if self._in_flight is not None:
             self.left_at[self._in_flight] = time.time()
             self._in_flight = None
@@ -81,14 +93,60 @@ class ClipTrack(VideoStreamTrack):
         due = self.start + self.index / self.fps
         await asyncio.sleep(max(0.0, due - time.monotonic()))
         i = self.index % len(self.frames)
-        frame = av.VideoFrame.from_ndarray(*self.frames[i])
-        frame.pts = int(round(self.index * 90000 / self.fps))
-        frame.time_base = TIME_BASE
-        self.sent[frame.pts] = i
-        self.sent_at[frame.pts] = time.time()
-        self._in_flight = frame.pts
+        pts = int(round(self.index * 90000 / self.fps))
+        self.sent[pts] = i
+        self.sent_at[pts] = time.time()
+        self._in_flight = pts
         self.index += 1
-        return frame
+        return i, pts
+
+
+@dataclass(frozen=True)
+class EncodedClip:
+    """A clip as a browser's camera encoder sends it, encoded once: one VP8 frame per clip
+    frame, the first a keyframe (so a loop starts over cleanly), and the seconds each took."""
+    frames: list[bytes]
+    seconds: list[float]
+
+
+# A live camera stream on loopback reaches aiortc's highest VP8 bitrate within the warm-up
+# (the server's receiver estimates the bandwidth and tells the sender): encoded at it.
+REPLAY_BITRATE = MAX_BITRATE
+
+
+def encode_clip(frames: list[np.ndarray], fps: float = 30.0) -> EncodedClip:
+    """`frames` encoded by the VP8 encoder a live ClipTrack's sender would get (this
+    process's installed speed, server/vp8.py), at REPLAY_BITRATE."""
+    encoder = vp8.encoder_for(VP8_CODEC)
+    encoder.target_bitrate = REPLAY_BITRATE
+    encoded, seconds = [], []
+    for i, (pixels, fmt) in enumerate(map(camera_frame, frames)):
+        frame = av.VideoFrame.from_ndarray(pixels, format=fmt)
+        frame.pts, frame.time_base = int(round(i * 90000 / fps)), TIME_BASE
+        t = time.perf_counter()
+        payloads, _ = encoder.encode(frame, force_keyframe=i == 0)
+        seconds.append(time.perf_counter() - t)
+        # Back from RTP payloads to the VP8 frame: the sender packetizes it again.
+        encoded.append(b"".join(VpxPayloadDescriptor.parse(p)[1] for p in payloads))
+    return EncodedClip(encoded, seconds)
+
+
+class ReplayTrack(ClipTrack):
+    """A ClipTrack whose camera was encoded elsewhere: it sends an EncodedClip's frames
+    (aiortc's sender packetizes an av.Packet without encoding it), each after the time its
+    encode took. So glass-to-glass still holds a browser's encode time, but this process
+    spends no CPU on it, as browsers on their own machines would not on the server's."""
+
+    def __init__(self, clip: EncodedClip, fps: float = 30.0, loop: bool = False):
+        super().__init__([], fps, loop)
+        self.frames, self.seconds = clip.frames, clip.seconds
+
+    async def recv(self) -> av.Packet:
+        i, pts = await self._next()
+        await asyncio.sleep(self.seconds[i])
+        packet = av.Packet(self.frames[i])
+        packet.pts, packet.time_base = pts, TIME_BASE
+        return packet
 
 
 class AvatarClient:

@@ -13,7 +13,7 @@ from engines.measure import machine_info
 from .. import vp8
 from ..config import VP8_SPEED_AIORTC, VP8_SPEED_MAX, VP8_SPEED_MIN
 from .report import format_table, write_reports
-from .runner import RunConfig, check_server, load_frames, local_server, measure, ws_url
+from .runner import Camera, RunConfig, check_server, local_server, measure, ws_url
 
 # What renders an identity of each engine (engines/pipeline.py make_renderer).
 ENGINE_BACKENDS = {"warp": "CPU (warp engine)",
@@ -41,6 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"default {VP8_SPEED_AIORTC}: aiortc's own settings, denoiser on, as a browser "
                         "encodes a camera in software). It shares the server's cores; the server's own "
                         "encoder is its --vp8-speed")
+    p.add_argument("--client-encode", choices=("live", "once"), default="live",
+                   help="live (default): each session's camera is encoded as it is sent, on this "
+                        "machine's cores beside the server's, as one machine must. once: the clip is "
+                        "encoded once before the run and replayed, each frame sent after the time its "
+                        "encode took: glass-to-glass still counts a browser's encode, but the CPU it "
+                        "takes is not here, as with browsers on their own machines. For the server's "
+                        "own capacity (--scale)")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds for --compare (default 4)")
     p.add_argument("--scale", type=int, default=None, metavar="N",
                    help="measure 1..N sessions and report the largest that meets the target")
@@ -58,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
     configs = run_configs(args)
-    frames, fps = load_frames(args.video)
+    vp8.install(args.client_vp8_speed)  # this process's senders: the bench client's cameras
+    camera = Camera.load(args.video, encode_once=args.client_encode == "once")
     need = max(args.sessions, args.scale or 1)
     home = args.home or default_home()
     with contextlib.ExitStack() as stack:
@@ -74,11 +82,10 @@ def run(args: argparse.Namespace) -> int:
             configs = [dataclasses.replace(c, url=u, server_pid=p)
                        for c in configs for u, p in [servers[c.server_flags()]]]
             url, pid = next(iter(servers.values()))
-        vp8.install(args.client_vp8_speed)  # this process's senders: the bench client's cameras
-        report = asyncio.run(measure(args, url, pid, configs, frames, fps))
+        report = asyncio.run(measure(args, url, pid, configs, camera))
     report["machine"] = machine_info(backend=served_backend(args.url, home, configs))
     report["server"] = {"url": url, "local": not args.url}
-    report["client"] = {"vp8_speed": args.client_vp8_speed}
+    report["client"] = {"vp8_speed": args.client_vp8_speed, "encode": args.client_encode}
     write_reports(report, args.out)
     print(format_table(report))
     print(f"report: {args.out / 'report.json'}, {args.out / 'report.html'}, {args.out / 'latency.png'}")

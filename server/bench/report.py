@@ -23,7 +23,8 @@ def format_table(report: dict) -> str:
     """The table `avatar bench live` prints (and report.html shows first)."""
     lines = [f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; "
              f"server: {'local' if report['server']['local'] else report['server']['url']}"
-             + (f"; client VP8 speed {report['client']['vp8_speed']}" if "client" in report else "")]
+             + (f"; client VP8 speed {report['client']['vp8_speed']}" if "client" in report else "")
+             + ("; camera encoded once, replayed" if report.get("client", {}).get("encode") == "once" else "")]
     rows = [(label, s) for label, s in report["runs"].items()]
     if "scale" in report:
         rows = [(f"scale {s['sessions']}" + (" ok" if s["meets_target"] else ""), s) for s in report["scale"]["steps"]]

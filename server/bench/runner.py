@@ -21,7 +21,7 @@ import numpy as np
 from ..config import VP8_SPEED_MAX as MAX_SPEED, VP8_SPEED_MIN as MIN_SPEED
 from ..stages import KINDS as COMPUTE_KINDS
 from .avsync import MouthMeter, ToneTrack, audio_series, mouth_series, summary, windowed_offsets
-from .client import AvatarClient, ClientError, ClipTrack
+from .client import AvatarClient, ClientError, ClipTrack, EncodedClip, ReplayTrack, encode_clip
 from .stats import SessionResult, analyse, drift, meets_target, ratios, series, summarize
 
 BUSY_WAIT_S = 15.0
@@ -143,6 +143,32 @@ def rss_mb(pid: int | None) -> float | None:
 
 # ---- driving frames --------------------------------------------------------------------
 
+@dataclass
+class Camera:
+    """What every bench session sends as its camera: the driving clip's RGB frames at `fps`,
+    encoded live by each session's sender, or replayed from one encode (`encoded`)."""
+    frames: list[np.ndarray]
+    fps: float
+    encoded: EncodedClip | None = None
+
+    @classmethod
+    def load(cls, video: Path | None, encode_once: bool = False) -> "Camera":
+        """The clip (load_frames); with `encode_once`, also encoded now for replay, by the VP8
+        encoder this process's senders use (vp8.install the client's speed first)."""
+        frames, fps = load_frames(video)
+        return cls(frames, fps, encode_clip(frames, fps) if encode_once else None)
+
+    def track(self) -> ClipTrack:
+        """A new looping camera track for one session."""
+        if self.encoded is not None:
+            return ReplayTrack(self.encoded, self.fps, loop=True)
+        return ClipTrack(self.frames, self.fps, loop=True)
+
+    @property
+    def size(self) -> str:
+        return f"{self.frames[0].shape[1]}x{self.frames[0].shape[0]}"
+
+
 def load_frames(video: Path | None, seconds: float = 8.0) -> tuple[list[np.ndarray], float]:
     """The driving clip's first seconds as RGB frames, or a synthetic default."""
     if video is None:
@@ -202,14 +228,14 @@ async def open_session(url: str, track, token, cfg: RunConfig, **publish) -> Ava
         await asyncio.sleep(0.2)
 
 
-async def run_sessions(url: str, configs: list[RunConfig], frames, fps, duration, warmup, token,
+async def run_sessions(url: str, configs: list[RunConfig], camera: Camera, duration, warmup, token,
                        server_pid=None) -> tuple[list[SessionResult], list]:
     """One session per entry of `configs`, all at once, for warmup + duration seconds."""
     memory = []
     clients, tracks = [], []
     try:
         for cfg in configs:
-            track = ClipTrack(frames, fps, loop=True)
+            track = camera.track()
             tracks.append(track)
             clients.append(await open_session(url, track, token, cfg))
         start = time.time()
@@ -240,17 +266,17 @@ async def run_sessions(url: str, configs: list[RunConfig], frames, fps, duration
     return results, memory
 
 
-async def run_avsync(url: str, cfg: RunConfig, frames, fps, duration, warmup, token, server_pid=None
+async def run_avsync(url: str, cfg: RunConfig, camera: Camera, duration, warmup, token, server_pid=None
                      ) -> tuple[SessionResult, dict]:
     """One session presenting in a room with a tone that follows the clip's mouth as its
     microphone, and one viewer of that room measuring the A/V offset it gets (avsync.py).
     The session's own glass-to-glass is measured as usual."""
-    mouth = await asyncio.to_thread(mouth_series, frames)
+    mouth = await asyncio.to_thread(mouth_series, camera.frames)
     room = f"bench-{secrets.token_hex(3)}"
-    track = ClipTrack(frames, fps, loop=True)
-    tone = ToneTrack(mouth, fps, lambda: track.start)
+    track = camera.track()
+    tone = ToneTrack(mouth, camera.fps, lambda: track.start)
     meter = MouthMeter()
-    await asyncio.to_thread(meter.measure, frames[0])  # mediapipe loads now, not on the first frames
+    await asyncio.to_thread(meter.measure, camera.frames[0])  # mediapipe loads now, not on the first frames
     meter.results.clear()
     viewer = await AvatarClient(ws_url(cfg.url or url), marker_completion=cfg.marker).connect()
     presenter = None
@@ -332,23 +358,23 @@ def _per_session(cpu: float, wall_since: float, sessions: int) -> float:
 # ---- the measurement loop --------------------------------------------------------------
 
 async def measure(args: argparse.Namespace, url: str, pid: int | None, configs: list[RunConfig],
-                  frames: list[np.ndarray], fps: float) -> dict:
+                  camera: Camera) -> dict:
     """The report's measured part: a scale sweep, an interleaved comparison or one run."""
-    report = {"settings": {"duration_s": args.duration, "warmup_s": args.warmup, "fps_in": fps,
-                           "frames_in": f"{frames[0].shape[1]}x{frames[0].shape[0]}",
+    report = {"settings": {"duration_s": args.duration, "warmup_s": args.warmup, "fps_in": camera.fps,
+                           "frames_in": camera.size,
                            "video": str(args.video) if args.video else "synthetic demo face"}}
     if args.scale:
-        return await _scale(args, url, pid, configs[0], frames, fps, report)
+        return await _scale(args, url, pid, configs[0], camera, report)
     if args.avsync:
-        result, figure = await run_avsync(url, configs[0], frames, fps, args.duration, args.warmup,
+        result, figure = await run_avsync(url, configs[0], camera, args.duration, args.warmup,
                                           args.token, pid)
         report["runs"] = {configs[0].label: summarize([result], args.duration)}
         report["sessions_detail"] = {configs[0].label: [series(result)]}
         report["avsync"] = figure
         return report
     if args.compare:
-        return await _compare(args, url, pid, configs, frames, fps, report)
-    results, memory = await run_sessions(url, configs * args.sessions, frames, fps, args.duration,
+        return await _compare(args, url, pid, configs, camera, report)
+    results, memory = await run_sessions(url, configs * args.sessions, camera, args.duration,
                                          args.warmup, args.token, pid)
     report["runs"] = {configs[0].label: summarize(results, args.duration)}
     report["sessions_detail"] = {configs[0].label: [series(r) for r in results]}
@@ -357,11 +383,11 @@ async def measure(args: argparse.Namespace, url: str, pid: int | None, configs: 
     return report
 
 
-async def _scale(args, url, pid, config: RunConfig, frames, fps, report: dict) -> dict:
+async def _scale(args, url, pid, config: RunConfig, camera: Camera, report: dict) -> dict:
     """1..N sessions of one configuration; the largest count meeting the target."""
     steps = []
     for n in range(1, args.scale + 1):
-        results, _ = await run_sessions(url, [config] * n, frames, fps, args.duration, args.warmup,
+        results, _ = await run_sessions(url, [config] * n, camera, args.duration, args.warmup,
                                         args.token, pid)
         s = summarize(results, args.duration)
         s["meets_target"] = meets_target(s, args.target_p95, args.target_fps)
@@ -373,12 +399,12 @@ async def _scale(args, url, pid, config: RunConfig, frames, fps, report: dict) -
     return report
 
 
-async def _compare(args, url, pid, configs: list[RunConfig], frames, fps, report: dict) -> dict:
+async def _compare(args, url, pid, configs: list[RunConfig], camera: Camera, report: dict) -> dict:
     """A and B in alternating rounds, so drift hits both alike; B/A ratios."""
     per = {c.label: [] for c in configs}
     for _ in range(args.rounds):  # A B A B ...
         for cfg in configs:
-            results, _ = await run_sessions(url, [cfg] * args.sessions, frames, fps,
+            results, _ = await run_sessions(url, [cfg] * args.sessions, camera,
                                             args.duration / args.rounds, args.warmup, args.token, pid)
             per[cfg.label] += results
     # Each round measured duration / rounds seconds; the sessions column means at once.
