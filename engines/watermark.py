@@ -127,10 +127,15 @@ def texture_mask(y: np.ndarray) -> np.ndarray:
     """Where the mark may be stronger: local contrast (5x5 px) relative to the frame's, in
     [0.5, 2]. Grain shows on smooth skin and walls and hides in hair and fabric; the floor
     keeps enough of it everywhere to survive codecs (measured: a floor of 0.25 loses VP8)."""
-    yf = y.astype(np.float32)
-    mean = cv2.blur(yf, (5, 5))
-    contrast = np.sqrt(np.maximum(cv2.blur(yf * yf, (5, 5)) - mean * mean, 0.0)) + 4.0
-    return np.clip(contrast / np.sqrt(np.mean(contrast * contrast)), 0.5, 2.0)
+    # Box filters straight from the 8-bit luma and its 16-bit squares: a third of the time
+    # of blurring float copies (OpenCV's float box filter is its slow path).
+    mean = cv2.boxFilter(y, cv2.CV_32F, (5, 5))
+    variance = cv2.boxFilter(cv2.multiply(y, y, dtype=cv2.CV_16U), cv2.CV_32F, (5, 5))
+    variance -= mean * mean
+    contrast = cv2.sqrt(np.maximum(variance, 0.0, out=variance))
+    contrast += 4.0
+    contrast *= np.sqrt(contrast.size) / cv2.norm(contrast)  # over its root mean square
+    return np.clip(contrast, 0.5, 2.0, out=contrast)
 
 
 class Marker:
