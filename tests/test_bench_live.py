@@ -52,6 +52,9 @@ def test_short_run_against_a_local_server(tmp_path, demo):
     assert 0 < run["server_cpu_percent_per_session"] <= 200  # the local server's own process
     assert "where the time goes" in result.stdout and "CPU per session, % of a core: server" in result.stdout
     assert report["machine"]["cores"] >= 1
+    memory = [mb for _, mb in report["server_memory_mb"]]
+    assert len(memory) >= 6 and all(mb > 100 for mb in memory)  # the server and its session's process
+    assert "server memory, its own and its session processes' (PSS)" in result.stdout
     html = (out / "report.html").read_text()
     assert html.startswith("<!doctype html>") and "data:image/png;base64," in html
     assert (out / "latency.png").read_bytes()[:4] == b"\x89PNG"
@@ -231,6 +234,23 @@ def test_server_cpu_counts_its_child_processes():
         start = cpu_seconds(os.getpid())
         time.sleep(1.0)  # this process idles; its child burns 0.4 s (after its start-up)
         assert cpu_seconds(os.getpid()) - start >= 0.3
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_server_memory_counts_its_child_processes_once_each():
+    """A session process that holds memory shows in the server's figure; the pages a child
+    shares with its parent do not count twice."""
+    from server.bench.runner import memory_mb
+
+    hold = "import sys, time\nblock = bytearray(200 << 20)\nprint(flush=True)\ntime.sleep(30)"
+    before = memory_mb(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE)
+    try:
+        child.stdout.readline()  # its 200 MB are written (zeroed) by now
+        grown = memory_mb(os.getpid()) - before
+        assert 190 <= grown <= 260, grown  # the block, and a Python interpreter's own pages
     finally:
         child.kill()
         child.wait()

@@ -68,6 +68,10 @@ def _notes(report: dict) -> list[str]:
                   if len(windows) > 2 else "")
         lines.append(f"drift: p95 first {d['window_s']:.0f} s {d['first_p95_ms']} ms, last {d['last_p95_ms']} ms "
                      f"({100 * d['change']:+.1f}%){spread}")
+    memory = [mb for _, mb in report.get("server_memory_mb") or [] if mb is not None]
+    if len(memory) > 1:  # a session process that leaks shows here too
+        lines.append(f"server memory, its own and its session processes' (PSS): {memory[0]:.0f} MB at the start, "
+                     f"{memory[-1]:.0f} MB at the end, {max(memory):.0f} MB at most")
     return lines
 
 

@@ -129,16 +129,19 @@ def ws_url(url: str) -> str:
     raise ClientError(f"--url must start with http:// or https://, got {url!r}")
 
 
-def rss_mb(pid: int | None) -> float | None:
+def memory_mb(pid: int | None) -> float | None:
+    """The memory a process and its descendants hold (the server's sessions run in processes
+    of their own), in MB: the sum of their proportional set sizes, so pages they share (the
+    libraries a fork server loaded once) count once, not once per process. None for no
+    local process."""
     if pid is None:
         return None
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
-        pass
-    return None
+        return None
+    own = next((int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")), 0) / 1024
+    return own + sum(memory_mb(child) or 0.0 for child in _children(pid))
 
 
 # ---- driving frames --------------------------------------------------------------------
@@ -242,7 +245,7 @@ async def run_sessions(url: str, configs: list[RunConfig], camera: Camera, durat
         cpu_start = server_cpu_start = None
         while time.time() - start < warmup + duration:
             await asyncio.sleep(1.0)
-            memory.append((round(time.time() - start, 1), rss_mb(server_pid)))
+            memory.append((round(time.time() - start, 1), memory_mb(server_pid)))
             if cpu_start is None and time.time() - start >= warmup:
                 cpu_start = (time.process_time(), time.time())
                 server_cpu_start = {pid: cpu_seconds(pid) for pid in {c.server_pid for c in configs}}
@@ -378,7 +381,7 @@ async def measure(args: argparse.Namespace, url: str, pid: int | None, configs: 
                                          args.warmup, args.token, pid)
     report["runs"] = {configs[0].label: summarize(results, args.duration)}
     report["sessions_detail"] = {configs[0].label: [series(r) for r in results]}
-    report["server_rss_mb"] = memory
+    report["server_memory_mb"] = memory  # [(seconds, MB)], server and session processes
     report["drift"] = drift(results, args.duration)
     return report
 
