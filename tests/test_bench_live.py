@@ -64,19 +64,20 @@ def test_short_run_against_a_local_server(tmp_path, demo):
 def test_compare_interleaves_rounds_on_a_one_session_server(tmp_path, store):
     # The local server admits one session: each round must wait out the previous one's
     # cleanup ('busy'), and fps must be per measured second of each round, not of the run.
-    # The camera is replayed from one encode (--client-encode once): the server sees it at 30 fps.
+    # B's camera is replayed from one encode (client-encode=once): the server sees it at 30 fps too.
     out = tmp_path / "cmp"
-    result = bench("--compare", "identity=demo", "identity=demo", "--rounds", "2", "--duration", "4",
-                   "--warmup", "1", "--client-encode", "once", "--out", str(out), home=store.root.parent)
+    result = bench("--compare", "identity=demo", "identity=demo,client-encode=once", "--rounds", "2",
+                   "--duration", "4", "--warmup", "1", "--out", str(out), home=store.root.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert set(report["runs"]) == {"identity=demo", "identity=demo (B)"}
+    assert set(report["runs"]) == {"identity=demo", "identity=demo,client-encode=once"}
     for run in report["runs"].values():
         assert run["sessions"] == 1 and run["rounds"] == 2
         assert 20 <= run["fps_per_session"] <= 31, run  # the clip plays at 30 fps
     assert report["compare"]["ratios_B_over_A"]["fps"] > 0.7
-    assert "B/A" in result.stdout and "server stages p50 ms (identity=demo (B)):" in result.stdout
-    assert report["client"]["encode"] == "once" and "camera encoded once, replayed" in result.stdout
+    assert "B/A" in result.stdout and "server stages p50 ms (identity=demo,client-encode=once):" in result.stdout
+    a, b = (report["runs"][k]["client_cpu_percent_per_session"] for k in ("identity=demo", "identity=demo,client-encode=once"))
+    assert b < a, (a, b)  # the replaying client spends no CPU encoding
 
 
 def test_server_down_is_a_clear_error(tmp_path):
@@ -166,8 +167,15 @@ def test_compare_configurations_name_identity_and_marker_completion(tmp_path):
     assert (cfg.identity, cfg.marker) == ("scan", False) and RunConfig.parse("marker=on").marker
     assert RunConfig.parse("opencv-threads=1,marker=on").opencv_threads == 1
     assert RunConfig.parse("compute=thread").server_flags() == ("--compute", "thread")
+    from argparse import Namespace
+    from server.bench.command import run_configs
+    a_a = run_configs(Namespace(compare=["identity=demo", "identity=demo"], identity="demo", client_encode="once"))
+    assert [c.label for c in a_a] == ["identity=demo", "identity=demo (B)"]  # an A/A run keeps both
+    assert all(c.client_encode == "once" for c in a_a)  # --client-encode is every configuration's default
+    once = RunConfig.parse("client-encode=once")  # the bench client's own setting: no server flag
+    assert once.client_encode == "once" and once.server_flags() == ()
     for bad in ("marker=maybe", "speed=2", "identity", "opencv-threads=x", "opencv-threads=-1", "opencv-threads=99",
-                "compute=gpu"):
+                "compute=gpu", "client-encode=twice"):
         with pytest.raises(ValueError):
             RunConfig.parse(bad)
     # marker=off is also a server setting: it needs the local server the bench starts.

@@ -13,7 +13,7 @@ from engines.measure import machine_info
 from .. import vp8
 from ..config import VP8_SPEED_AIORTC, VP8_SPEED_MAX, VP8_SPEED_MIN
 from .report import format_table, write_reports
-from .runner import Camera, RunConfig, check_server, local_server, measure, ws_url
+from .runner import CLIENT_ENCODE, Camera, RunConfig, check_server, local_server, measure, ws_url
 
 # What renders an identity of each engine (engines/pipeline.py make_renderer).
 ENGINE_BACKENDS = {"warp": "CPU (warp engine)",
@@ -35,13 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "identity=NAME, marker=on|off (marker=off: frames complete as in plain "
                         "aiortc, one frame later, on the server and in this client) and/or "
                         "opencv-threads=N, vp8-speed=N, compute=process|thread (the server's "
-                        "--opencv-threads, --vp8-speed, --compute), e.g. --compare marker=off marker=on")
+                        "--opencv-threads, --vp8-speed, --compute), client-encode=live|once (this "
+                        "client's, as --client-encode), e.g. --compare marker=off marker=on")
     p.add_argument("--client-vp8-speed", type=int, default=VP8_SPEED_AIORTC, metavar="N",
                    help=f"libvpx speed of this client's camera encode ({VP8_SPEED_MIN}..{VP8_SPEED_MAX}; "
                         f"default {VP8_SPEED_AIORTC}: aiortc's own settings, denoiser on, as a browser "
                         "encodes a camera in software). It shares the server's cores; the server's own "
                         "encoder is its --vp8-speed")
-    p.add_argument("--client-encode", choices=("live", "once"), default="live",
+    p.add_argument("--client-encode", choices=CLIENT_ENCODE, default="live",
                    help="live (default): each session's camera is encoded as it is sent, on this "
                         "machine's cores beside the server's, as one machine must. once: the clip is "
                         "encoded once before the run and replayed, each frame sent after the time its "
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     check_arguments(args)
     configs = run_configs(args)
     vp8.install(args.client_vp8_speed)  # this process's senders: the bench client's cameras
-    camera = Camera.load(args.video, encode_once=args.client_encode == "once")
+    camera = Camera.load(args.video, encode_once=any(c.client_encode == "once" for c in configs))
     need = max(args.sessions, args.scale or 1)
     home = args.home or default_home()
     with contextlib.ExitStack() as stack:
@@ -118,8 +119,9 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run_configs(args: argparse.Namespace) -> list[RunConfig]:
     """--compare's two configurations, else the one --identity names."""
     if not args.compare:
-        return [RunConfig(f"identity={args.identity}", args.identity)]
+        return [RunConfig(f"identity={args.identity}", args.identity, client_encode=args.client_encode)]
     configs = [RunConfig.parse(c) for c in args.compare]
+    configs = [dataclasses.replace(c, client_encode=c.client_encode or args.client_encode) for c in configs]
     if configs[0].label == configs[1].label:  # an A/A run shows the noise floor; keep both
         configs[1] = dataclasses.replace(configs[1], label=configs[1].label + " (B)")
     return configs

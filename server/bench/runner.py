@@ -25,6 +25,7 @@ from .client import AvatarClient, ClientError, ClipTrack, EncodedClip, ReplayTra
 from .stats import SessionResult, analyse, drift, meets_target, ratios, series, summarize
 
 BUSY_WAIT_S = 15.0
+CLIENT_ENCODE = ("live", "once")  # the bench client's camera: encoded as sent, or replayed (Camera)
 
 
 @dataclass
@@ -32,14 +33,16 @@ class RunConfig:
     """One configuration to measure: which identity (and so which engine) serves it, and
     the server's settings under comparison: whether video frames complete on the RTP marker
     bit (server/jitter.py) on both receive hops, OpenCV's threads and the VP8 encoder's
-    speed (server/vp8.py), and where sessions compute (server/stages.py); `url` is the server
-    that serves it, filled in once the servers run."""
+    speed (server/vp8.py), and where sessions compute (server/stages.py); and whether the bench
+    client encodes its camera live or replays one encode (Camera); `url` is the server that
+    serves it, filled in once the servers run."""
     label: str
     identity: str = "demo"
     marker: bool = True
     opencv_threads: int = 0  # the server's --opencv-threads (0: OpenCV's default)
     vp8_speed: int | None = None  # the server's --vp8-speed (None: its default)
     compute: str | None = None  # the server's --compute (None: its default)
+    client_encode: str | None = None  # "live" or "once" (None: --client-encode's)
     url: str | None = None
     server_pid: int | None = None  # the local server's process, to read its CPU time
 
@@ -58,10 +61,13 @@ class RunConfig:
                 values["vp8_speed"] = int(value)
             elif sep and key == "compute" and value in COMPUTE_KINDS:
                 values[key] = value
+            elif sep and key == "client-encode" and value in CLIENT_ENCODE:
+                values["client_encode"] = value
             else:
                 raise ValueError(f"bad configuration {text!r}: use identity=NAME, marker=on|off, "
-                                 f"opencv-threads=N, vp8-speed={MIN_SPEED}..{MAX_SPEED} and/or "
-                                 f"compute={'|'.join(COMPUTE_KINDS)}, e.g. identity=demo,marker=off")
+                                 f"opencv-threads=N, vp8-speed={MIN_SPEED}..{MAX_SPEED}, "
+                                 f"compute={'|'.join(COMPUTE_KINDS)} and/or client-encode={'|'.join(CLIENT_ENCODE)}, "
+                                 "e.g. identity=demo,marker=off")
         return cls(label=text, **values)
 
     def server_flags(self) -> tuple[str, ...]:
@@ -161,9 +167,9 @@ class Camera:
         frames, fps = load_frames(video)
         return cls(frames, fps, encode_clip(frames, fps) if encode_once else None)
 
-    def track(self) -> ClipTrack:
-        """A new looping camera track for one session."""
-        if self.encoded is not None:
+    def track(self, replay: bool = False) -> ClipTrack:
+        """A new looping camera track for one session: replaying the encode if `replay`."""
+        if replay:
             return ReplayTrack(self.encoded, self.fps, loop=True)
         return ClipTrack(self.frames, self.fps, loop=True)
 
@@ -238,7 +244,7 @@ async def run_sessions(url: str, configs: list[RunConfig], camera: Camera, durat
     clients, tracks = [], []
     try:
         for cfg in configs:
-            track = camera.track()
+            track = camera.track(replay=cfg.client_encode == "once")
             tracks.append(track)
             clients.append(await open_session(url, track, token, cfg))
         start = time.time()
@@ -276,7 +282,7 @@ async def run_avsync(url: str, cfg: RunConfig, camera: Camera, duration, warmup,
     The session's own glass-to-glass is measured as usual."""
     mouth = await asyncio.to_thread(mouth_series, camera.frames)
     room = f"bench-{secrets.token_hex(3)}"
-    track = camera.track()
+    track = camera.track(replay=cfg.client_encode == "once")
     tone = ToneTrack(mouth, camera.fps, lambda: track.start)
     meter = MouthMeter()
     await asyncio.to_thread(meter.measure, camera.frames[0])  # mediapipe loads now, not on the first frames
