@@ -86,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
         report = asyncio.run(measure(args, url, pid, configs, camera))
     report["machine"] = machine_info(backend=served_backend(args.url, home, configs))
     report["server"] = {"url": url, "local": not args.url}
-    report["client"] = {"vp8_speed": args.client_vp8_speed, "encode": args.client_encode}
+    encodes = {c.client_encode for c in configs}
+    report["client"] = {"vp8_speed": args.client_vp8_speed,
+                        "encode": encodes.pop() if len(encodes) == 1 else "per configuration"}
     write_reports(report, args.out)
     print(format_table(report))
     print(f"report: {args.out / 'report.json'}, {args.out / 'report.html'}, {args.out / 'latency.png'}")

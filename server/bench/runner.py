@@ -135,21 +135,6 @@ def ws_url(url: str) -> str:
     raise ClientError(f"--url must start with http:// or https://, got {url!r}")
 
 
-def memory_mb(pid: int | None) -> float | None:
-    """The memory a process and its descendants hold (the server's sessions run in processes
-    of their own), in MB: the sum of their proportional set sizes, so pages they share (the
-    libraries a fork server loaded once) count once, not once per process. None for no
-    local process."""
-    if pid is None:
-        return None
-    try:
-        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return None
-    own = next((int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")), 0) / 1024
-    return own + sum(memory_mb(child) or 0.0 for child in _children(pid))
-
-
 # ---- driving frames --------------------------------------------------------------------
 
 @dataclass
@@ -325,14 +310,38 @@ def cpu_seconds(pid: int | None) -> float | None:
     """CPU time (user + system, all threads) a process and its descendants have used (the
     server's sessions compute in processes of their own), or None for no local process.
     Children that ended count in their parent's figures once it has reaped them."""
-    if pid is None:
+    return _over_tree(pid, _own_cpu_seconds)
+
+
+def memory_mb(pid: int | None) -> float | None:
+    """The memory a process and its descendants hold, in MB: the sum of their proportional
+    set sizes, so pages they share (the libraries a fork server loaded once) count once, not
+    once per process. None for no local process."""
+    return _over_tree(pid, _own_pss_mb)
+
+
+def _over_tree(pid: int | None, own) -> float | None:
+    """own(pid) summed over a process and its living descendants; None if it is not there."""
+    mine = None if pid is None else own(pid)
+    if mine is None:
         return None
+    return mine + sum(_over_tree(child, own) or 0.0 for child in _children(pid))
+
+
+def _own_cpu_seconds(pid: int) -> float | None:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    ticks = sum(int(f) for f in fields[11:15])  # utime, stime, and of reaped children
-    return ticks / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(child) or 0.0 for child in _children(pid))
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime, stime, and of reaped children
+
+
+def _own_pss_mb(pid: int) -> float | None:
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")), 0) / 1024
 
 
 def _children(pid: int) -> list[int]:
