@@ -5,6 +5,13 @@ Points are (x, y, z) with x, y in pixels of the input image and z in the same un
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
+import tempfile
+import threading
+
 import numpy as np
 
 NUM_POINTS = 478
@@ -87,6 +94,45 @@ def iris_reach(points: np.ndarray, margin: float = 0.03) -> np.ndarray:
     return np.maximum(0.5 - radius - margin, rest + 0.01)
 
 
+# What mediapipe's native code writes to stderr as a FaceMesh starts and reads its first
+# image: five lines that say nothing to a user, once per session in a server's log (the
+# environment variables glog and TensorFlow read do not reach its absl logging).
+START_UP_CHATTER = re.compile(r"Created TensorFlow Lite XNNPACK delegate|before absl::InitializeLog"
+                              r"|inference_feedback_manager\.cc|landmark_projection_calculator\.cc")
+
+
+_STDERR_SWAP = threading.Lock()  # overlapping swaps would leave descriptor 2 on a closed file
+
+
+@contextlib.contextmanager
+def start_up_chatter_dropped():
+    """Lines written to file descriptor 2 meanwhile go to stderr afterwards, but for those
+    matching START_UP_CHATTER. (Native code writes to the descriptor, past sys.stderr.) The
+    descriptor is the process's: other threads' lines are held back until the end too."""
+    with _STDERR_SWAP, _stderr_filtered():
+        yield
+
+
+@contextlib.contextmanager
+def _stderr_filtered():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [line for line in caught.read().decode(errors="replace").splitlines(keepends=True)
+                    if not START_UP_CHATTER.search(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 class FaceLandmarker:
     """One face's landmarks per image, or None when there is no face.
 
@@ -97,20 +143,30 @@ class FaceLandmarker:
     def __init__(self, static: bool = False, min_confidence: float = 0.5):
         import mediapipe as mp  # imported lazily: it takes a second to load
 
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=static,
-            max_num_faces=1,
-            refine_landmarks=True,
-            min_detection_confidence=min_confidence,
-            min_tracking_confidence=min_confidence,
-        )
+        with start_up_chatter_dropped():
+            self._mesh = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=static,
+                max_num_faces=1,
+                refine_landmarks=True,
+                min_detection_confidence=min_confidence,
+                min_tracking_confidence=min_confidence,
+            )
+            # The graph starts its models on its own threads: one image, waited for, has
+            # them all logged here (and the first real frame does not wait for them).
+            self._mesh.process(np.zeros((64, 64, 3), np.uint8))
+        self._face_seen = False  # the first face still logs a start-up line
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray | None:
         """(478, 3) float32 pixel coordinates for an RGB uint8 image, or None if no face."""
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"expected an RGB uint8 image of shape (H, W, 3), got {rgb.dtype} {rgb.shape}")
         h, w = rgb.shape[:2]
-        result = self._mesh.process(np.ascontiguousarray(rgb))
+        if self._face_seen:
+            result = self._mesh.process(np.ascontiguousarray(rgb))
+        else:
+            with start_up_chatter_dropped():
+                result = self._mesh.process(np.ascontiguousarray(rgb))
+            self._face_seen = bool(result.multi_face_landmarks)
         if not result.multi_face_landmarks:
             return None
         lm = result.multi_face_landmarks[0].landmark
