@@ -99,8 +99,6 @@ def iris_reach(points: np.ndarray, margin: float = 0.03) -> np.ndarray:
 # environment variables glog and TensorFlow read do not reach its absl logging).
 START_UP_CHATTER = re.compile(r"Created TensorFlow Lite XNNPACK delegate|before absl::InitializeLog"
                               r"|inference_feedback_manager\.cc|landmark_projection_calculator\.cc")
-
-
 _STDERR_SWAP = threading.Lock()  # overlapping swaps would leave descriptor 2 on a closed file
 
 
@@ -109,15 +107,9 @@ def start_up_chatter_dropped():
     """Lines written to file descriptor 2 meanwhile go to stderr afterwards, but for those
     matching START_UP_CHATTER. (Native code writes to the descriptor, past sys.stderr.) The
     descriptor is the process's: other threads' lines are held back until the end too."""
-    with _STDERR_SWAP, _stderr_filtered():
-        yield
-
-
-@contextlib.contextmanager
-def _stderr_filtered():
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as caught:
+    with _STDERR_SWAP, tempfile.TemporaryFile() as caught:
+        sys.stderr.flush()
+        saved = os.dup(2)
         os.dup2(caught.fileno(), 2)
         try:
             yield

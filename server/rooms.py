@@ -81,8 +81,8 @@ class ViewerVideoTrack(MediaStreamTrack):
         if item is None or self.readyState != "live":
             raise MediaStreamError
         image, self._in_flight = item
-        # Its own frame object: each sender encodes (and PyAV reformats, with a converter
-        # cached on the frame) in a thread of its own, so no frame may be shared.
+        # Its own frame object: each sender encodes in a thread of its own, so no frame may
+        # be shared.
         frame = video_frame(image)
         now = time.monotonic()
         self._start = now if self._start is None else self._start
@@ -270,19 +270,13 @@ class Room:
         yield from self.audience
 
     # ---- media from the presenter ----------------------------------------------------------
-    def publish_video(self, frame: av.VideoFrame, received: float, image: np.ndarray | None = None) -> None:
-        """An avatar frame, made from the camera frame that arrived at `received` (time.time()).
-        Viewers get `image` if given (the frame with the visible "AI avatar" badge), else
-        the frame itself (the identity's owner turned the badge off)."""
+    def publish_video(self, image: np.ndarray, received: float) -> None:
+        """What viewers see of an avatar frame (media.encoder_planes(): with the visible "AI
+        avatar" badge, unless the identity's owner turned it off), made from the camera frame
+        that arrived at `received` (time.time()). Read, never written: one array for all."""
         self._latency.append(max(0.0, time.time() - received))
-        feeds = list(self._feeds())
-        if feeds:
-            # One copy for all, read on this thread: the presenter's own sender may be
-            # encoding `frame` in a worker thread right now.
-            if image is None:
-                image = frame.to_ndarray()  # the planes of its own format, as video_frame() takes
-            for a in feeds:
-                a.video.push(image)
+        for a in self._feeds():
+            a.video.push(image)
 
     def audio_hold(self) -> float:
         """Seconds to hold an audio frame so it leaves with its avatar frame."""

@@ -238,7 +238,7 @@ class Session:
         video, rec = avatar_frame(image, prepared, ms)
         self.out_track.push(video)
         if self.room is not None:
-            self.room.publish_video(video, rec.recv_time, labelled)
+            self.room.publish_video(image if labelled is None else labelled, rec.recv_time)
         self.stats.add(rec)
         self.state.metrics.frame(rec)
 
