@@ -266,11 +266,13 @@ async def test_publisher_sends_one_stream_whatever_the_number_of_viewers(janus_u
         watching = await watch(janus_url, room, 1)
         await wait_until(lambda: watching[0][1].video >= 10, 10, "the first viewer gets video")
         await asyncio.sleep(1)
+        pulled_before, since = video.pulled, time.monotonic()
         frames_1, packets_1 = await sent_rates(pub, video)
         watching += await watch(janus_url, room, 4)
         await wait_until(lambda: all(v.video >= 10 for _, v in watching), 10, "all 5 viewers get video")
         await asyncio.sleep(1)  # past the keyframes the new viewers asked for
         frames_5, packets_5 = await sent_rates(pub, video)
+        frames_overall = (video.pulled - pulled_before) / (time.monotonic() - since)
         counts = [v.video for _, v in watching]
         await asyncio.sleep(0.5)
         assert all(v.video > c for (_, v), c in zip(watching, counts))  # all 5 still watching
@@ -278,9 +280,11 @@ async def test_publisher_sends_one_stream_whatever_the_number_of_viewers(janus_u
         await close_all(watching)
         await pub.close()
     print(f"1 viewer: {frames_1:.1f} frames/s, {packets_1:.0f} packets/s; "
-          f"5 viewers: {frames_5:.1f} frames/s, {packets_5:.0f} packets/s")
-    assert 25 <= frames_1 <= 33 and 25 <= frames_5 <= 33  # pulled once, at the track's rate
-    assert packets_5 < 1.5 * packets_1  # one stream, not five
+          f"5 viewers: {frames_5:.1f} frames/s, {packets_5:.0f} packets/s; overall {frames_overall:.1f} frames/s")
+    # Pulled once per frame, at the track's rate. Measured over the whole span: the track keeps a
+    # fixed schedule, so frames an encoder pulled late in one 2 s window are caught up in the next.
+    assert 25 <= frames_overall <= 33
+    assert packets_5 / frames_5 < 1.5 * packets_1 / frames_1  # per frame: one stream, not five
 
 
 async def test_cleanup_leaves_the_room_without_publisher(janus_url, room):
