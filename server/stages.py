@@ -27,7 +27,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import signal
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.shared_memory import SharedMemory
 from typing import NamedTuple
 
@@ -69,14 +69,34 @@ def _make_processor(*args):
     return FrameProcessor(*args)
 
 
-# ---- two threads of this process --------------------------------------------------------
+# ---- the two stages, as threads -----------------------------------------------------------
+
+class _StageThreads:
+    """One single-thread executor per stage: calls on a stage run one at a time, in order."""
+
+    def __init__(self, prefix: str):
+        self._executors = {s: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{prefix}-{s}")
+                           for s in STAGES}
+
+    def submit(self, stage: str, fn, *args) -> Future:
+        return self._executors[stage].submit(fn, *args)
+
+    def close(self, processor) -> None:
+        """Blocks until both stages are done; closes `processor` (if any) on prepare, which
+        owns it, after render has drained, so nothing touches the pipeline once it is closed.
+        Raises what processor.close raised."""
+        self._executors["render"].shutdown(wait=True)
+        closing = self.submit("prepare", processor.close) if processor is not None else None
+        self._executors["prepare"].shutdown(wait=True)
+        if closing is not None:
+            closing.result()
+
 
 class ThreadStages:
-    """The FrameProcessor on two single-thread executors of the server's own process."""
+    """The FrameProcessor on two single-thread stages of the server's own process."""
 
     def __init__(self, name: str):
-        self._executors = {s: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"avatar-{name}-{s}")
-                           for s in STAGES}
+        self._threads = _StageThreads(f"avatar-{name}")
         self._processor = None
 
     async def start(self, *args) -> None:
@@ -87,19 +107,11 @@ class ThreadStages:
         return await self._run(stage, getattr(self._processor, method), *args)
 
     async def _run(self, stage: str, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executors[stage], fn, *args)
+        return await asyncio.wrap_future(self._threads.submit(stage, fn, *args))
 
     async def close(self) -> None:
-        # After any frame in flight: the render stage drains first, so nothing touches the
-        # pipeline once prepare closes it.
-        try:
-            if self._processor is not None:
-                await self._run("render", lambda: None)
-                await self._run("prepare", self._processor.close)
-        finally:
-            self._processor = None
-            for executor in self._executors.values():
-                executor.shutdown(wait=False)
+        processor, self._processor = self._processor, None
+        await asyncio.get_running_loop().run_in_executor(None, self._threads.close, processor)
 
 
 # ---- a process of its own ---------------------------------------------------------------
@@ -290,7 +302,7 @@ def _child_main(conn, shm_name: str, opencv_threads: int) -> None:
         cv2.setNumThreads(opencv_threads)
     shm = SharedMemory(shm_name)  # the parent created it and unlinks it
     regions = _regions(shm)
-    executors = {s: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"avatar-{s}") for s in STAGES}
+    threads = _StageThreads("avatar")
     send_lock = threading.Lock()
     processor = None
 
@@ -317,11 +329,10 @@ def _child_main(conn, shm_name: str, opencv_threads: int) -> None:
             break
         if message is None:
             break
-        executors[message[1]].submit(run, *message)
-    executors["render"].shutdown(wait=True)
-    if processor is not None:
-        executors["prepare"].submit(processor.close)
-    executors["prepare"].shutdown(wait=True)
-    for region in regions.values():
-        region.release()
-    shm.close()
+        threads.submit(message[1], run, *message)
+    try:
+        threads.close(processor)
+    finally:
+        for region in regions.values():
+            region.release()
+        shm.close()

@@ -5,6 +5,7 @@ import asyncio
 import multiprocessing
 import os
 import signal
+import threading
 
 import av
 import numpy as np
@@ -104,6 +105,29 @@ async def test_a_start_that_fails_in_the_process_is_reported_and_cleaned_up():
         await compute.start(None, PAYLOAD)  # no identity to build a pipeline from
     await compute.close()
     assert shm_names() == names and not multiprocessing.active_children()
+
+
+def test_closing_waits_for_the_frame_in_flight_before_closing_the_pipeline():
+    order, rendering = [], threading.Event()
+
+    class Processor:
+        def close(self):
+            order.append("closed")
+            raise RuntimeError("close failed")
+
+    def render():
+        rendering.set()
+        threading.Event().wait(0.2)
+        order.append("rendered")
+
+    threads = stages._StageThreads("test")
+    threads.submit("render", render)
+    rendering.wait()
+    with pytest.raises(RuntimeError, match="close failed"):  # reported, after both stages end
+        threads.close(Processor())
+    assert order == ["rendered", "closed"]
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        threads.submit("prepare", print)
 
 
 def test_unknown_compute_kind_is_refused():
