@@ -265,6 +265,20 @@ def test_server_memory_counts_its_child_processes_once_each():
         child.wait()
 
 
+def test_machine_cpu_is_what_the_whole_machine_did_meanwhile():
+    from server.bench.runner import machine_cpu_percent, machine_cpu_ticks
+
+    start, t = machine_cpu_ticks(), time.time()
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 0.5: pass"])
+    while time.time() - t < 0.5:
+        pass  # this process and another: two busy cores' worth, whatever the cores
+    child.wait()
+    used = machine_cpu_percent(start)
+    assert min(200, 100 * os.cpu_count()) * 0.8 <= used["busy"] <= 100 * os.cpu_count() + 1, used
+    assert 0 <= used["steal"] <= 100 * os.cpu_count()
+    assert machine_cpu_percent(None) is None  # no reading at the start: none at the end
+
+
 def test_table_shows_server_and_client_cpu_per_session():
     from server.bench.report import format_table
 
@@ -273,6 +287,9 @@ def test_table_shows_server_and_client_cpu_per_session():
     assert "server 47, bench client 20 (together 67" in format_table(report)
     report["runs"]["identity=demo"] = {**run, "server_cpu_percent_per_session": None}  # a remote server
     assert "bench client CPU per session: 20% of a core" in format_table(report)
+    assert "the whole machine" not in format_table(report)
+    report["runs"]["identity=demo"]["machine_cpu_percent"] = {"busy": 150.0, "steal": 3.0}
+    assert "the whole machine meanwhile, % of a core: busy 150, steal 3" in format_table(report)
 
 
 def test_scale_verdict_says_what_cpu_each_step_used():
@@ -282,9 +299,10 @@ def test_scale_verdict_says_what_cpu_each_step_used():
         return run_summary(n, p95, meets_target=p95 <= 80, server_cpu_percent_per_session=server,
                            client_cpu_percent_per_session=client)
     steps = [step(1, 30.0, 47.0, 20.0), step(2, 50.0, 46.0, 19.0), step(3, 150.0, 45.0, 20.0)]
+    steps[2]["machine_cpu_percent"] = {"busy": 198.0, "steal": 0.0}
     report = table_report({"identity=demo": steps[0]},
                           scale={"steps": steps, "target": {"p95_ms": 80.0, "fps": 25.0}, "max_sessions_meeting_target": 2})
-    assert ("CPU each step used, server and bench clients together, % of a core: 1 session 67, 2 sessions 130, 3 sessions 195 "
-            "(the machine has 200)") in format_table(report)
+    assert ("CPU each step used, server and bench clients together, % of a core: 1 session 67, 2 sessions 130, "
+            "3 sessions 195 (machine 198) (the machine has 200;") in format_table(report)
     steps[2]["server_cpu_percent_per_session"] = None  # a remote server: no sum to show
     assert "CPU each step used" not in format_table(report)

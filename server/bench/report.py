@@ -97,9 +97,11 @@ def _scale_cpu_line(report: dict) -> list[str]:
     parts = []
     for s in steps:
         n = s["sessions"]
-        parts.append(f"{n} session{'s' * (n > 1)} {n * sum(s[k] for k in keys):.0f}")
+        busy = (s.get("machine_cpu_percent") or {}).get("busy")
+        parts.append(f"{n} session{'s' * (n > 1)} {n * sum(s[k] for k in keys):.0f}"
+                     + (f" (machine {busy:.0f})" if busy is not None else ""))
     return [f"CPU each step used, server and bench clients together, % of a core: {', '.join(parts)} "
-            f"(the machine has {100 * report['machine']['cores']})"]
+            f"(the machine has {100 * report['machine']['cores']}; 'machine': everything on it was busy)"]
 
 
 def _chain_lines(label: str, s: dict) -> list[str]:
@@ -119,6 +121,10 @@ def _chain_lines(label: str, s: dict) -> list[str]:
                      f"(together {server + client:.0f}: they share this machine's cores)")
     elif client is not None:
         lines.append(f"bench client CPU per session: {client:.0f}% of a core")
+    machine = s.get("machine_cpu_percent") or {}
+    if machine.get("busy") is not None:
+        lines.append(f"the whole machine meanwhile, % of a core: busy {machine['busy']:.0f}, "
+                     f"steal {machine['steal']:.0f} (its hypervisor's other guests)")
     return lines
 
 

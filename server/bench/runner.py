@@ -238,7 +238,7 @@ async def run_sessions(url: str, configs: list[RunConfig], camera: Camera, durat
             tracks.append(track)
             clients.append(await open_session(url, track, token, cfg))
         start = time.time()
-        cpu_start = server_cpu_start = None
+        cpu_start = server_cpu_start = machine_start = None
 
         async def read_memory():
             memory.append((round(time.time() - start, 1), await asyncio.to_thread(memory_mb, server_pid)))
@@ -250,7 +250,9 @@ async def run_sessions(url: str, configs: list[RunConfig], camera: Camera, durat
             if cpu_start is None and time.time() - start >= warmup:
                 cpu_start = (time.process_time(), time.time())
                 server_cpu_start = {pid: cpu_seconds(pid) for pid in {c.server_pid for c in configs}}
+                machine_start = machine_cpu_ticks()
         cpu = client_cpu_percent(cpu_start, len(configs))
+        machine = machine_cpu_percent(machine_start) if cpu_start else None
         server_cpu = {pid: server_cpu_percent(pid, server_cpu_start[pid], cpu_start,
                                               sum(c.server_pid == pid for c in configs))
                       for pid in server_cpu_start or {}}
@@ -268,6 +270,7 @@ async def run_sessions(url: str, configs: list[RunConfig], camera: Camera, durat
     for r, cfg in zip(results, configs):
         r.client_cpu_percent = cpu
         r.server_cpu_percent = server_cpu.get(cfg.server_pid)
+        r.machine_cpu_percent = machine
     return results, memory
 
 
@@ -315,6 +318,29 @@ def client_cpu_percent(since: tuple[float, float] | None, sessions: int) -> floa
     if since is None:
         return None
     return _per_session(time.process_time() - since[0], since[1], sessions)
+
+
+def machine_cpu_ticks() -> list[int] | None:
+    """The machine's CPU time so far, all cores, per kind (/proc/stat's "cpu" line: user, nice,
+    system, idle, iowait, irq, softirq, steal), or None where there is no /proc/stat."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def machine_cpu_percent(start: list[int] | None) -> dict | None:
+    """What the whole machine did since `start` (machine_cpu_ticks), in % of one core, out of
+    100 per core: busy (everything on it, not only this bench and its server) and steal (time
+    a virtual machine's hypervisor gave its cores to others: noise from outside)."""
+    end = machine_cpu_ticks()
+    if start is None or end is None:
+        return None
+    d = [b - a for a, b in zip(start, end)]
+    total = sum(d) or 1
+    scale = 100 * (os.cpu_count() or 1) / total
+    busy = d[0] + d[1] + d[2] + d[5] + d[6]
+    return {"busy": round(busy * scale, 1), "steal": round(d[7] * scale, 1)}
 
 
 def cpu_seconds(pid: int | None) -> float | None:

@@ -34,6 +34,7 @@ class SessionResult:
     chain: list = field(default_factory=list)  # per matched frame: CHAIN part -> ms
     client_cpu_percent: float | None = None  # the bench process's CPU per session, % of a core
     server_cpu_percent: float | None = None  # a local server's CPU per session, % of a core
+    machine_cpu_percent: dict | None = None  # the whole machine's {"busy", "steal"}, % of a core
     error: str | None = None
 
 
@@ -109,6 +110,9 @@ def summarize(results: list[SessionResult], duration: float) -> dict:
         "chain_p95_ms": chain_summary([c for r in results for c in r.chain], 95),
         "client_cpu_percent_per_session": _mean([r.client_cpu_percent for r in results]),
         "server_cpu_percent_per_session": _mean([r.server_cpu_percent for r in results]),
+        # The whole machine while they ran (sessions of one run share one reading).
+        "machine_cpu_percent": {k: _mean([r.machine_cpu_percent[k] for r in results if r.machine_cpu_percent])
+                                for k in ("busy", "steal")},
     }
 
 
