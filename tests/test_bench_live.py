@@ -195,6 +195,21 @@ def test_drift_reports_every_windows_p95_so_a_burst_is_not_a_trend():
     assert d["window_s"] == 60 and d["change"] == 0
     assert d["window_p95_ms"] == [20.0] * 4 + [60.0] + [20.0] * 5
     assert any("every 60 s: 20.0..60.0 ms" in line for line in _notes({"runs": {}, "drift": d}))
+    assert abs(d["trend"]) < 0.15  # one slow minute in the middle barely tilts the line
+
+
+def test_drift_trend_sees_steady_growth_that_two_noisy_windows_miss():
+    from server.bench.report import _notes
+    from server.bench.stats import SessionResult, drift
+
+    # p95 grows 6 ms per 4-s window for four windows; the fifth happens to be quick.
+    per_window = [30.0, 36.0, 42.0, 48.0, 32.0]
+    lat = [(t, per_window[int(t // 4)]) for t in np.arange(0, 20, 1 / 30)]
+    d = drift([SessionResult("a", 0, latencies_ms=lat)], 20)
+    assert d["change"] < 0.1 and d["trend"] > 0.15, d  # first to last +6.7%; the line +18.6%
+    assert any(f"a line through them {100 * d['trend']:+.1f}%" in line for line in _notes({"runs": {}, "drift": d}))
+    ends = [(t, ms) for t, ms in lat if t < 4 or t >= 16]
+    assert drift([SessionResult("a", 0, latencies_ms=ends)], 20)["trend"] is None  # two windows: no line
 
 
 def run_summary(sessions=1, p95=40.0, **extra) -> dict:

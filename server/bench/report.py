@@ -66,8 +66,9 @@ def _notes(report: dict) -> list[str]:
         windows = [v for v in d.get("window_p95_ms") or [] if v is not None]
         spread = (f"; every {d['window_s']:.0f} s: {min(windows):.1f}..{max(windows):.1f} ms"
                   if len(windows) > 2 else "")
+        trend = f"; a line through them {100 * d['trend']:+.1f}%" if d.get("trend") is not None else ""
         lines.append(f"drift: p95 first {d['window_s']:.0f} s {d['first_p95_ms']} ms, last {d['last_p95_ms']} ms "
-                     f"({100 * d['change']:+.1f}%){spread}")
+                     f"({100 * d['change']:+.1f}%){spread}{trend}")
     memory = [mb for _, mb in report.get("server_memory_mb") or [] if mb is not None]
     if len(memory) > 1:  # a session process that leaks shows here too
         lines.append(f"server memory, its own and its session processes' (PSS): {memory[0]:.0f} MB at the start, "

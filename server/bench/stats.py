@@ -159,9 +159,22 @@ def drift(results: list[SessionResult], duration: float) -> dict | None:
         return None
     # Unrounded p95s for the change, rounded ones for people.
     a, b = (percentiles(v, (95,), digits=9)["p95"] for v in (first, last))
+    windows = [percentiles(v, (95,), digits=9)["p95"] for v in bins]
     return {"window_s": window, "first_p95_ms": round(a, 2), "last_p95_ms": round(b, 2),
-            "change": round(b / a - 1, 4),
-            "window_p95_ms": [percentiles(v, (95,))["p95"] for v in bins]}
+            "change": round(b / a - 1, 4), "trend": _trend(windows),
+            "window_p95_ms": [None if v is None else round(v, 2) for v in windows]}
+
+
+def _trend(values: list) -> float | None:
+    """The relative change, first window to last, of a least-squares line through every
+    window's p95: a steadier figure for growth than two windows of ~120 frames each, whose
+    p95s hang on their six slowest frames."""
+    points = [(i, v) for i, v in enumerate(values) if v is not None]
+    if len(points) < 3:
+        return None
+    slope, start = np.polyfit(*zip(*points), 1)
+    end = start + slope * (len(values) - 1)
+    return round(float(end / start - 1), 4) if start > 0 else None
 
 
 def ratios(a: dict, b: dict) -> dict:
