@@ -170,9 +170,15 @@ def test_compare_configurations_name_identity_and_marker_completion(tmp_path):
     assert RunConfig.parse("compute=thread").server_flags() == ("--compute", "thread")
     from argparse import Namespace
     from server.bench.command import run_configs
-    a_a = run_configs(Namespace(compare=["identity=demo", "identity=demo"], identity="demo", client_encode="once"))
+    a_a = run_configs(Namespace(compare=["identity=demo", "identity=demo"], identity="demo", client_encode="once",
+                                scale=None))
     assert [c.label for c in a_a] == ["identity=demo", "identity=demo (B)"]  # an A/A run keeps both
     assert all(c.client_encode == "once" for c in a_a)  # --client-encode is every configuration's default
+    # Unsaid, the camera is encoded live, but replayed for --scale (the server's own capacity).
+    unsaid = Namespace(compare=None, identity="demo", client_encode=None, scale=None)
+    assert [c.client_encode for c in run_configs(unsaid)] == ["live"]
+    assert [c.client_encode for c in run_configs(Namespace(**{**vars(unsaid), "scale": 3}))] == ["once"]
+    assert [c.client_encode for c in run_configs(Namespace(**{**vars(unsaid), "scale": 3, "client_encode": "live"}))] == ["live"]
     once = RunConfig.parse("client-encode=once")  # the bench client's own setting: no server flag
     assert once.client_encode == "once" and once.server_flags() == ()
     for bad in ("marker=maybe", "speed=2", "identity", "opencv-threads=x", "opencv-threads=-1", "opencv-threads=99",
