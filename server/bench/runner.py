@@ -252,7 +252,7 @@ async def run_sessions(url: str, configs: list[RunConfig], camera: Camera, durat
                 server_cpu_start = {pid: cpu_seconds(pid) for pid in {c.server_pid for c in configs}}
                 machine_start = machine_cpu_ticks()
         cpu = client_cpu_percent(cpu_start, len(configs))
-        machine = machine_cpu_percent(machine_start) if cpu_start else None
+        machine = machine_cpu_percent(machine_start)
         server_cpu = {pid: server_cpu_percent(pid, server_cpu_start[pid], cpu_start,
                                               sum(c.server_pid == pid for c in configs))
                       for pid in server_cpu_start or {}}
