@@ -153,12 +153,9 @@ class FaceLandmarker:
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"expected an RGB uint8 image of shape (H, W, 3), got {rgb.dtype} {rgb.shape}")
         h, w = rgb.shape[:2]
-        if self._face_seen:
+        with contextlib.nullcontext() if self._face_seen else start_up_chatter_dropped():
             result = self._mesh.process(np.ascontiguousarray(rgb))
-        else:
-            with start_up_chatter_dropped():
-                result = self._mesh.process(np.ascontiguousarray(rgb))
-            self._face_seen = bool(result.multi_face_landmarks)
+        self._face_seen = self._face_seen or bool(result.multi_face_landmarks)
         if not result.multi_face_landmarks:
             return None
         lm = result.multi_face_landmarks[0].landmark
