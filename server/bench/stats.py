@@ -153,13 +153,13 @@ def drift(results: list[SessionResult], duration: float) -> dict | None:
     for r in results:
         for t, ms in r.latencies_ms:
             bins[min(max(int(t // window), 0), count - 1)].append(ms)
-    first = bins[0]
     last = [ms for r in results for t, ms in r.latencies_ms if t >= duration - window]
-    if not first or not last:
+    if not bins[0] or not last:
         return None
-    # Unrounded p95s for the change, rounded ones for people.
-    a, b = (percentiles(v, (95,), digits=9)["p95"] for v in (first, last))
+    # Unrounded p95s for the change, rounded ones for people. The first window is bins[0]; the
+    # last is the run's final `window` seconds, which the last bin is not when they do not divide.
     windows = [percentiles(v, (95,), digits=9)["p95"] for v in bins]
+    a, b = windows[0], percentiles(last, (95,), digits=9)["p95"]
     return {"window_s": window, "first_p95_ms": round(a, 2), "last_p95_ms": round(b, 2),
             "change": round(b / a - 1, 4), "trend": _trend(windows),
             "window_p95_ms": [None if v is None else round(v, 2) for v in windows]}
