@@ -15,8 +15,8 @@ from engines.identity import Consent, IdentityStore, sha256
 from engines.neural import runtime as rtm
 from engines.neural import tensorrt_build
 from engines.neural.config import IN_CHANNELS, LEGACY_CHANNELS
-from engines.neural.model import (Generator, contour_map, export_onnx, head_region, make_input, still_input,
-                                  to_image)
+from engines.neural.model import (Generator, contour_map, export_onnx, head_region, keep_warp_detail, make_input,
+                                  still_input, to_image, warp_detail_weight)
 
 CONSENT = Consent("test enrollment", "test subject", "pytest", "2026-01-01T00:00:00+00:00")
 
@@ -71,6 +71,34 @@ def test_contour_map_and_input(demo):
     assert not np.array_equal(make_input(demo.reference, rigid, cmap, cmap * 0, None)[0, 4], x[0, 4])
     legacy = make_input(demo.reference, rigid, cmap, None, None)  # a bundle from before the still reference
     assert legacy.shape == (1, LEGACY_CHANNELS, 256, 256) and np.array_equal(legacy[0], x[0, :LEGACY_CHANNELS])
+
+
+def test_face_keeps_the_warps_detail_and_the_generators_shading(demo):
+    # Driven by another person, the generator's fine corrections inside the face smudged the
+    # identity's nose and skin (issue #13): there only a smooth correction is added to the
+    # warp; mouth, eyes, the face's outline and all outside keep the generator's output.
+    from engines.landmarks import FACE_OVAL
+
+    p = demo.neutral
+    weight = warp_detail_weight(p)
+    at = lambda i: weight[int(round(p[i, 1])), int(round(p[i, 0]))]
+    assert min(at(5), at(195), at(205), at(425), at(9)) > 0.9  # nose, cheeks, between the brows
+    assert max(at(13), at(14), at(468), at(473)) < 0.1  # lips, irises
+    assert max(at(10), at(152)) < 0.1  # the outline (hairline, chin): the head's silhouette
+    face = np.zeros((256, 256), np.uint8)
+    cv2.fillConvexPoly(face, cv2.convexHull(np.round(p[FACE_OVAL, :2]).astype(np.int32)), 1)
+    outside = cv2.dilate(face, np.ones((51, 51), np.uint8)) == 0
+    assert weight[outside].max() < 0.02
+
+    warp = np.full((256, 256, 3), 120, np.uint8)
+    out = warp + np.uint8(20)  # shading: a smooth correction
+    out[::2, ::2] += 40  # and fine detail of the generator's own
+    kept = keep_warp_detail(out, warp, p).astype(int)
+    inside = weight > 0.95
+    assert inside.sum() > 500
+    assert np.abs(np.diff(kept[..., 0], axis=1))[inside[:, 1:]].mean() < 3  # the checkerboard smoothed away,
+    assert abs(kept[inside, 0].mean() - (120 + 20 + 10)) < 2  # its shading kept
+    assert np.abs(kept - out)[outside].max() <= 1
 
 
 def test_still_reference_blanks_the_head_and_keeps_what_stays_put(demo):
@@ -235,11 +263,12 @@ def test_neural_renderer_feeds_the_bundles_own_input(store, tmp_path, channels):
     (folder / "manifest.json").write_text(json.dumps(m))
     ident = s.load("n")
     r = NeuralRenderer(ident, prefer="ort-cpu")
-    x = r.prepare(ident.neutral)
+    prepared = r.prepare(ident.neutral)
+    x = prepared.x
     assert x.shape == (1, channels, 256, 256)
     if channels == IN_CHANNELS:
         assert np.array_equal(x[0, 8:], still_input(ident.reference, ident.neutral))
-    out = r.finish(x)
+    out = r.finish(prepared)
     assert out.shape == (256, 256, 3) and out.dtype == np.uint8
 
 

@@ -177,11 +177,11 @@ def evaluate_holdout(builder, runtime, progress: bool = True, marker=None) -> di
     marks the report's rendered frames (evaluate_frames)."""
     from tqdm import tqdm
 
-    from .model import to_image
+    from .model import keep_warp_detail, to_image
 
     d = builder.data
     idx = list(range(d.n_train, len(d.crops)))
-    neurals = [to_image(runtime.run(builder.inputs(np.array([i]))))
+    neurals = [keep_warp_detail(to_image(runtime.run(builder.inputs(np.array([i])))), builder.warps[i], d.points[i])
                for i in tqdm(idx, desc="eval", unit="frame", disable=not progress)]
     warps = [builder.warps[i] for i in idx]
     truth = [d.crops[i] for i in idx]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -208,6 +209,13 @@ def bundle_file(identity, name) -> Path | None:
     return identity.path / name if isinstance(name, str) and name in identity.manifest["files"] else None
 
 
+class GeneratorInput(NamedTuple):
+    """NeuralRenderer.prepare's work, which finish completes (maybe on another thread)."""
+    x: np.ndarray  # the generator's input
+    warp: np.ndarray  # the warp render in it, uint8
+    target: np.ndarray  # the target landmarks
+
+
 class NeuralRenderer:
     """Same interface as WarpRenderer: render(target_points) -> 256² RGB uint8."""
 
@@ -237,7 +245,7 @@ class NeuralRenderer:
     def render(self, target: np.ndarray) -> np.ndarray:
         return self.finish(self.prepare(target))
 
-    def prepare(self, target: np.ndarray) -> np.ndarray:
+    def prepare(self, target: np.ndarray) -> GeneratorInput:
         """The generator's input for `target`: the warp, the rigid head, the contour maps and
         the still reference."""
         from .model import contour_map, make_input
@@ -246,10 +254,10 @@ class NeuralRenderer:
         cmap = contour_map(target)
         x = make_input(self.last_warp, self.warp.render_rigid(target), cmap, self._prev, self._still)
         self._prev = cmap
-        return x
+        return GeneratorInput(x, self.last_warp, target)
 
-    def finish(self, x: np.ndarray) -> np.ndarray:
+    def finish(self, prepared: GeneratorInput) -> np.ndarray:
         """The generator on a prepared input: the face."""
-        from .model import to_image
+        from .model import keep_warp_detail, to_image
 
-        return to_image(self.runtime.run(x))
+        return keep_warp_detail(to_image(self.runtime.run(prepared.x)), prepared.warp, prepared.target)
