@@ -10,7 +10,9 @@ import pytest
 from engines.mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
 from engines.mouth import OUTER_LIPS
 from engines.neural.evaluate import STRIP_FRAMES, evaluate_frames, write_report
-from engines.neural.metrics import engine_metrics, eyes_box, frame_scores, mouth_box, psnr, region_boxes, ssim
+from engines.landmarks import RIGID, inter_ocular
+from engines.neural.metrics import (engine_metrics, eyes_box, frame_scores, mouth_box, pose_novelty, psnr,
+                                    region_boxes, ssim)
 
 SHAPE = (256, 256, 3)
 
@@ -210,3 +212,39 @@ def test_avatar_eval_marks_its_rendered_frames_and_is_on_record(demo, tmp_path):
     assert rows["warp"] and all(watermark.detect(np.array([watermark.project(watermark.luma(img))])).payload
                                 == payload for img in rows["warp"])
     assert watermark.detect(np.array([watermark.project(watermark.luma(img)) for img in rows["driver"]])).payload is None
+
+
+def test_pose_novelty_follows_the_skull_not_the_expression(demo):
+    n = demo.neutral.astype(np.float64)
+    talking = n.copy()
+    jaw = np.setdiff1d(np.flatnonzero(n[:, 1] > n[14, 1]), RIGID)
+    talking[jaw, 1] += 12  # the mouth opens: the head has not moved
+    moved = n + [6.0, 0.0, 0.0]
+    io = inter_ocular(n)
+    far = np.concatenate([n[None], (n + [20.0, 0.0, 0.0])[None]])  # two training frames
+    assert np.allclose(pose_novelty([n], [n, talking, moved]), [0, 0, 6 / io])
+    assert pose_novelty(far, [moved])[0] == pytest.approx(6 / io)  # the nearest training frame counts
+
+
+def test_psnr_split_by_pose_novelty(demo, tmp_path):
+    """Six held-out frames, two at each distance from the one training pose; the neural is
+    exact on the nearest two and worse the farther the pose: its thirds say so."""
+    truth, base = [demo.reference] * 6, demo.neutral.astype(np.float64)
+    pts = [(base + [dx, 0.0, 0.0]).astype(np.float32) for dx in (0, 0, 5, 5, 15, 15)]
+    neural = [demo.reference] * 2 + [cv2.GaussianBlur(demo.reference, (0, 0), s) for s in (1, 1, 3, 3)]
+    warp = [cv2.GaussianBlur(demo.reference, (0, 0), 3)] * 6
+    r = evaluate_frames(warp, neural, pts, truth, [False] + [True] * 5, drivers=truth, train_points=[base])
+    r.update(kind="synthetic", runtime="none")
+    write_report(r, tmp_path / "r.json", tmp_path / "r.html", "t")
+    s = json.loads((tmp_path / "r.json").read_text())["summary"]
+    per = [psnr(o, t) for o, t in zip(neural, truth)]
+    assert s["neural_psnr_near_pose"] == pytest.approx(np.mean(per[:2]))
+    assert s["neural_psnr_mid_pose"] == pytest.approx(np.mean(per[2:4]))
+    assert s["neural_psnr_far_pose"] == pytest.approx(np.mean(per[4:]))
+    assert s["warp_psnr_near_pose"] == pytest.approx(s["warp_psnr_far_pose"])
+    io = inter_ocular(base)
+    assert np.allclose(s["pose_novelty_thirds"], [[0, 0], [5 / io, 5 / io], [15 / io, 15 / io]], atol=1e-4)
+    html = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "<th>psnr_far_pose</th>" in html and "self-scan never showed" in html
+    driven = evaluate_frames(warp, neural, pts, None, [False] + [True] * 5, drivers=truth, train_points=[base])
+    assert "pose_novelty_thirds" not in driven and "psnr_near_pose" not in driven["neural"]  # needs ground truth

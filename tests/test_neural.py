@@ -489,6 +489,7 @@ def test_short_training_beats_warp_on_held_out_frames(enrolled):
     # the warp (the generator starts as the identity on the warp) or falls below it.
     e = enrolled[2]["eval"]
     assert e["psnr_gain_db"] > 0.5, e
+    assert len(e["pose_novelty_thirds"]) == 3 and e["neural_psnr_far_pose"] > 10, e
     assert e["neural_ssim"] > e["warp_ssim"], e
     # Landmark accuracy is learnt later than that: since the warp draws the identity's own
     # remembered mouths and blinks, 150 steps leave the neural's AKD near the warp's
@@ -509,6 +510,10 @@ def test_eval_and_bench_cli(enrolled, tmp_path, capsys):
     report = json.loads((tmp_path / "rep.json").read_text())
     assert report["frames"] >= 5 and report["neural"]["psnr"] > 10 and report["neural"]["mouth_psnr"] > 10
     assert report["summary"]["mouth_psnr_gain_db"] is not None and len(report["per_frame"]["frame"]) == report["frames"]
+    # The training frames' landmarks were read again: PSNR by how far each pose is from theirs.
+    near, far = report["summary"]["pose_novelty_thirds"][0], report["summary"]["pose_novelty_thirds"][-1]
+    assert 0 <= near[0] <= near[1] <= far[0] <= far[1] and len(report["per_frame"]["pose_novelty"]) == report["frames"]
+    assert report["neural"]["psnr_near_pose"] > 10 and report["warp"]["psnr_far_pose"] > 10
     html = (tmp_path / "rep.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") == 6 * min(6, report["frames"])  # 3 frame rows, 3 mouth rows
     assert main(["--home", home, "bench", "engines", "--identity", "scan", "-n", "3",

@@ -16,12 +16,14 @@ import cv2
 import numpy as np
 
 from ..landmarks import FaceLandmarker
-from .metrics import IDENTITY_EVERY, REGION_PAD, REGIONS, engine_metrics, identity_distances, region_boxes
+from .metrics import (IDENTITY_EVERY, POSE_THIRDS, REGION_PAD, REGIONS, engine_metrics, identity_distances,
+                      pose_novelty, pose_thirds, region_boxes)
 
 STRIP_FRAMES = 6  # evenly spaced frames shown in the HTML report
 CLOSEUP_WIDTH = 256  # mouth close-ups are scaled to this width
-SCORES = ("psnr", "ssim", "mouth_psnr", "mouth_ssim", "eyes_psnr", "eyes_ssim", "l1", "akd", "mouth_corr",
-          "eye_corr", "flicker", "identity_distance", "driver_distance")
+SCORES = ("psnr", "ssim", "mouth_psnr", "mouth_ssim", "eyes_psnr", "eyes_ssim",
+          *(f"psnr_{t}_pose" for t in POSE_THIRDS), "l1", "akd", "mouth_corr", "eye_corr", "flicker",
+          "identity_distance", "driver_distance")
 BOX_COLOUR = (255, 220, 0)
 IDENTITY_GOAL, DRIVER_GOAL = 0.40, 0.6  # issue #13: the avatar is the identity, not the driver
 
@@ -42,7 +44,7 @@ def _round(v):
 
 
 def evaluate_frames(warps, neurals, driving_pts, truth, consecutive, drivers=None, progress=False,
-                    frame_ids=None, reference=None, marker=None) -> dict:
+                    frame_ids=None, reference=None, marker=None, train_points=None) -> dict:
     """Metrics of both engines (the warp alone when `neurals` is None), frame by frame and in
     summary, plus a frame strip for the HTML (ground truth or driver / warp / neural, and
     mouth close-ups).
@@ -53,6 +55,9 @@ def evaluate_frames(warps, neurals, driving_pts, truth, consecutive, drivers=Non
     With `reference` (the identity's image) the identity distances are measured too.
     `marker` (engines.watermark.Marker) marks the strip's rendered frames, as every
     synthesized frame that leaves this program is marked; the metrics use them unmarked.
+    With `train_points` (the landmarks of the frames the generator was trained on) and
+    `truth`, PSNR is also split by how far each frame's head pose is from every training
+    pose (metrics.pose_novelty).
     """
     n = len(warps)
     frame_ids = list(range(n)) if frame_ids is None else [int(i) for i in frame_ids]
@@ -61,16 +66,33 @@ def evaluate_frames(warps, neurals, driving_pts, truth, consecutive, drivers=Non
     with FaceLandmarker(static=True) as lm:
         report = {"frames": n, **{name: engine_metrics(out, driving_pts, truth, consecutive, lm, boxes)
                                   for name, out in engines.items()}}
+    novelty = None
+    if truth is not None and train_points is not None:
+        novelty = pose_novelty(train_points, driving_pts)
+        report["pose_novelty_thirds"] = _psnr_by_pose(report, engines, novelty)
     per = {"frame": frame_ids, **{f"{r}_box": [None if b is None else list(b) for b in boxes[r]] for r in REGIONS}}
     for name in engines:
         if "per_frame" in report[name]:
             per[name] = {k: [_round(v) for v in vals] for k, vals in report[name].pop("per_frame").items()}
+    if novelty is not None:
+        per["pose_novelty"] = [_round(v) for v in novelty]
     report["per_frame"] = per
     if reference is not None:
         report["identity_distances"] = _identity_figures(report, reference, engines, drivers, frame_ids)
     report["summary"] = _summary(report, engines, truth is not None)
     report["strip"] = _strip(engines, truth, drivers, boxes["mouth"], frame_ids, per, marker)
     return report
+
+
+def _psnr_by_pose(report: dict, engines: dict, novelty: np.ndarray) -> list[list[float]]:
+    """Each engine's psnr_near_pose, psnr_mid_pose and psnr_far_pose (the frames in thirds by
+    pose novelty); returns each third's range of novelty. Far poses are what the self-scan
+    never showed: a scan that covers them helps there, more training steps least."""
+    thirds = [ix for ix in pose_thirds(novelty) if len(ix)]
+    for name in engines:
+        psnr = np.asarray(report[name]["per_frame"]["psnr"], float)
+        report[name].update({f"psnr_{t}_pose": float(psnr[ix].mean()) for t, ix in zip(POSE_THIRDS, thirds)})
+    return [[round(float(novelty[ix].min()), 4), round(float(novelty[ix].max()), 4)] for ix in thirds]
 
 
 def _summary(report: dict, engines: dict, with_truth: bool) -> dict:
@@ -80,6 +102,8 @@ def _summary(report: dict, engines: dict, with_truth: bool) -> dict:
         for name in engines:
             if k in report[name]:
                 s[f"{name}_{k}"] = report[name][k]
+    if "pose_novelty_thirds" in report:
+        s["pose_novelty_thirds"] = report["pose_novelty_thirds"]
     fig = report.get("identity_distances")
     if fig is not None:
         s["driver_to_identity_distance"] = fig.get("driver_to_identity")
@@ -187,7 +211,8 @@ def evaluate_holdout(builder, runtime, progress: bool = True, marker=None) -> di
     truth = [d.crops[i] for i in idx]
     consecutive = [False] + [d.frame_index[i] == d.frame_index[i - 1] + 1 for i in idx[1:]]
     report = evaluate_frames(warps, neurals, [d.points[i] for i in idx], truth, consecutive,
-                             drivers=truth, frame_ids=[d.frame_index[i] for i in idx], marker=marker)
+                             drivers=truth, frame_ids=[d.frame_index[i] for i in idx], marker=marker,
+                             train_points=d.points[:d.n_train])
     report["kind"] = "self-reenactment, held-out frames"
     report["frame_range"] = [int(d.frame_index[idx[0]]), int(d.frame_index[idx[-1]])]
     report["runtime"] = runtime.name
@@ -211,6 +236,10 @@ def write_report(report: dict, json_path: Path, html_path: Path, title: str) -> 
                 "engines are scored in the same boxes; means over the frames.</p>")
     else:
         note = f"<p>mouth close-ups: the box around the target's outer lips, {pad} of the mouth width wider.</p>"
+    if "pose_novelty_thirds" in s:
+        note += ("<p>psnr_near_pose / _mid_pose / _far_pose: the frames in thirds by how far the head's pose is "
+                 "from the nearest training frame's (pose_novelty_thirds: mean distance of the rigid head points, "
+                 "in eye distances). Far poses are ones the self-scan never showed.</p>")
     html_path.write_text(
         "<!doctype html><meta charset=utf-8><title>" + html.escape(title) + "</title>"
         "<style>body{font:14px sans-serif;margin:2em}td,th{padding:2px 10px;text-align:left;vertical-align:top}"
@@ -263,6 +292,7 @@ class Rendered:
     drivers: list = field(default_factory=list)
     frame_ids: list = field(default_factory=list)  # the video's frame number of each frame
     kind: str = ""
+    train_points: list | None = None  # the training frames' landmarks, with held-out frames only
 
 
 def evaluate_identity(identity, driving: Path | None = None, max_frames: int | None = None,
@@ -288,9 +318,11 @@ def evaluate_identity(identity, driving: Path | None = None, max_frames: int | N
         r = _render_driven(identity, renderer, Path(driving), max_frames, progress)
     if len(r.warps) < 2:
         raise IdentityError("fewer than 2 frames with a face to evaluate")
+    if not r.train_points:  # a bundle that does not record its training frames
+        r.train_points = None
     report = evaluate_frames(r.warps, r.neurals, r.points, r.truth, r.consecutive, drivers=r.drivers,
                              frame_ids=r.frame_ids, reference=identity.reference if identity_distance else None,
-                             marker=marker)
+                             marker=marker, train_points=r.train_points)
     report["kind"] = r.kind
     report["runtime"] = renderer.runtime.name if neural else "warp engine"
     report["identity"] = identity.name
@@ -299,7 +331,8 @@ def evaluate_identity(identity, driving: Path | None = None, max_frames: int | N
 
 def _render_holdout(identity, renderer, max_frames: int | None, progress: bool) -> Rendered:
     """The held-out frames of the enrollment video, cropped with the enrollment's box: the
-    ground truth for each is the crop itself."""
+    ground truth for each is the crop itself. The training frames' landmarks too (a few
+    seconds more), for PSNR by pose novelty."""
     from tqdm import tqdm
 
     from ..identity import IdentityError, crop_with_box, points_to_crop
@@ -316,12 +349,16 @@ def _render_holdout(identity, renderer, max_frames: int | None, progress: bool) 
     start, end = span
     if max_frames:
         end = min(end, start + max_frames - 1)
-    r = Rendered(kind="self-reenactment, held-out frames of the enrollment video")
+    train_first, train_last = neural_info.get("train_frames") or (start, start - 1)
+    r = Rendered(kind="self-reenactment, held-out frames of the enrollment video", train_points=[])
     prev_i = None
     with FaceLandmarker(static=False) as lm:
         for i, rgb in enumerate(tqdm(read_frames(source, end + 1), desc="eval", unit="frame",
                                      total=end + 1, disable=not progress)):
             if i < start:
+                p = lm(rgb) if train_first <= i <= train_last else None
+                if p is not None:
+                    r.train_points.append(points_to_crop(p, x0, y0, side))
                 continue
             p = lm(rgb)
             if p is None:
