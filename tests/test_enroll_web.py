@@ -402,3 +402,24 @@ async def test_enroll_page_in_chromium_trains_an_identity(tmp_path, monkeypatch)
         selected = await tools.eval("document.getElementById('identity').value")
         await shot("5-presenter")
         assert "scan" in picker and selected == "scan", (picker, selected)
+
+
+def test_the_pages_prompts_put_teeth_and_turns_before_the_held_out_fifth():
+    """The enrollment trains on the recording's first four fifths and holds out the rest
+    (config.HOLDOUT): what the avatar must learn is prompted before it, with a margin for
+    frames without a face, and the held-out fifth is one free mix of everything."""
+    import re
+
+    from engines.neural.config import HOLDOUT
+
+    source = (Path(__file__).parents[1] / "web" / "enroll.js").read_text(encoding="utf-8")
+    block = source[source.index("const PROMPTS = ["):source.index("];", source.index("const PROMPTS = ["))]
+    prompts = [(text, float(share)) for text, share in re.findall(r'\["([^"]+)",\s*([\d.]+)\]', block)]
+    total = sum(share for _, share in prompts)
+    ends = dict(zip((text for text, _ in prompts), np.cumsum([share for _, share in prompts]) / total))
+    assert len(prompts) >= 8 and len(ends) == len(prompts)
+    for needed in ("Turn your head slowly to the left", "…and slowly to the right", "Smile wide, showing your teeth",
+                   "Talk: count out loud from one to ten", "Blink a few times"):
+        assert ends[needed] <= 1 - HOLDOUT - 0.05, needed
+    last_text, last_share = prompts[-1]
+    assert "freely" in last_text and last_share / total == pytest.approx(HOLDOUT)

@@ -3,16 +3,22 @@
 // ?seconds=N records N seconds instead of 30 (tests); ?token=T fills the token.
 "use strict";
 
+// The enrollment trains on the first four fifths of the recording and holds out the last
+// fifth to check the result (HOLDOUT in engines/neural/config.py): everything the avatar must
+// learn, the turns and its own teeth above all, comes before it, and the last fifth mixes
+// them once more so the check sees every kind of frame. (With the smile last, its teeth were
+// never trained on, nor in the mouth memory.)
 const PROMPTS = [ // [what to do, share of the recording]
   ["Look straight into the camera", 2],
   ["Turn your head slowly to the left", 3],
   ["…and slowly to the right", 3],
-  ["Look up", 3],
-  ["Look down", 3],
-  ["Talk: count out loud from one to ten", 7],
-  ["Blink a few times", 3],
+  ["Look up", 2],
+  ["Look down", 2],
+  ["Talk: count out loud from one to ten", 5],
   ["Smile wide, showing your teeth", 3],
-  ["Back to neutral: look straight, mouth closed", 3],
+  ["Blink a few times", 2],
+  ["Back to neutral: look straight, mouth closed", 2],
+  ["Once more, freely: turn a little, talk, smile, blink", 6],
 ];
 const STAGES = {
   extracting: "Finding your face in every frame",
