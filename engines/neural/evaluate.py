@@ -318,8 +318,6 @@ def evaluate_identity(identity, driving: Path | None = None, max_frames: int | N
         r = _render_driven(identity, renderer, Path(driving), max_frames, progress)
     if len(r.warps) < 2:
         raise IdentityError("fewer than 2 frames with a face to evaluate")
-    if not r.train_points:  # a bundle that does not record its training frames
-        r.train_points = None
     report = evaluate_frames(r.warps, r.neurals, r.points, r.truth, r.consecutive, drivers=r.drivers,
                              frame_ids=r.frame_ids, reference=identity.reference if identity_distance else None,
                              marker=marker, train_points=r.train_points)
@@ -349,14 +347,14 @@ def _render_holdout(identity, renderer, max_frames: int | None, progress: bool) 
     start, end = span
     if max_frames:
         end = min(end, start + max_frames - 1)
-    train_first, train_last = neural_info.get("train_frames") or (start, start - 1)
+    train_span = neural_info.get("train_frames")  # [first, last]
     r = Rendered(kind="self-reenactment, held-out frames of the enrollment video", train_points=[])
     prev_i = None
     with FaceLandmarker(static=False) as lm:
         for i, rgb in enumerate(tqdm(read_frames(source, end + 1), desc="eval", unit="frame",
                                      total=end + 1, disable=not progress)):
             if i < start:
-                p = lm(rgb) if train_first <= i <= train_last else None
+                p = lm(rgb) if train_span and train_span[0] <= i <= train_span[1] else None
                 if p is not None:
                     r.train_points.append(points_to_crop(p, x0, y0, side))
                 continue
@@ -372,6 +370,7 @@ def _render_holdout(identity, renderer, max_frames: int | None, progress: bool) 
             r.warps.append(renderer.last_warp), r.points.append(p)
             r.truth.append(crop), r.drivers.append(crop), r.frame_ids.append(i)
             prev_i = i
+    r.train_points = r.train_points or None  # none read: no split by pose novelty
     return r
 
 
