@@ -39,9 +39,9 @@ def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: boo
     from .neural.runtime import ORT_PROVIDERS, OrtRuntime, TorchRuntime, bundle_file
     from .neural.train import bf16_supported
     from .retarget import Retargeter
-    from .label import draw_label
-    from .warp import WarpRenderer
-    from .watermark import Marker, Payload
+    from .provenance.label import draw_label
+    from .render.warp import WarpRenderer
+    from .provenance.watermark import Marker, Payload
 
     stages: dict = {}
     with FaceLandmarker(static=False) as lm:

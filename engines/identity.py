@@ -135,8 +135,8 @@ class Identity:
         name = self.manifest.get(kind)
         if name is None:
             return None
-        from .eyes import EyeMemory
-        from .mouth import MouthMemory
+        from .render.eyes import EyeMemory
+        from .render.mouth import MouthMemory
 
         try:
             return {"mouth_memory": MouthMemory, "eye_memory": EyeMemory}[kind].load(self.path / name)

@@ -19,7 +19,7 @@ from .identity import Identity
 from .landmarks import FaceLandmarker
 from .measure import StageTimer
 from .retarget import RetargetControls, Retargeter
-from .warp import WarpRenderer
+from .render.warp import WarpRenderer
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import geometry
+from .render import geometry
 from .landmarks import IRISES, LEFT_IRIS, RIGHT_IRIS, RIGID, inter_ocular, iris_offsets, iris_reach
-from .mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
+from .render.mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
 
 # Per eye (as in IRISES): its upper and lower lid, each from the image-left to the image-right
 # corner, then its iris.

@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from engines.identity import (DEFAULT_IDENTITY, USES, Consent, IdentityError, IdentityStore,  # noqa: E402
                               default_home, identities_dir)
 from engines.neural.runtime import PREFERENCES as BACKEND_CHOICES  # noqa: E402
-from server.stages import single_threaded_blas  # noqa: E402
+from server.media.stages import single_threaded_blas  # noqa: E402
 
 EPILOG = """examples:
   avatar serve                                   web client + signaling on http://127.0.0.1:8080
@@ -235,7 +235,7 @@ def store(args) -> IdentityStore:
 
 
 def cmd_serve(args) -> int:
-    from server import app
+    from server.http import app
     return app.run(args)
 
 
@@ -268,9 +268,9 @@ def cmd_rooms(args) -> int:
 def cmd_render(args) -> int:
     from engines.retarget import RetargetControls
     from engines.video import open_video
-    from engines.c2pa_sign import sign_file
-    from engines.render import format_summary, render_video, write_summary
-    from engines.watermark import Marker, Payload
+    from engines.provenance.c2pa_sign import sign_file
+    from engines.reenact import format_summary, render_video, write_summary
+    from engines.provenance.watermark import Marker, Payload
     from server.audit import AuditLog, audit_path, local_user
 
     open_video(args.driving).close()  # fail on a bad input before loading anything else
@@ -303,7 +303,7 @@ def cmd_render(args) -> int:
 
 def _c2pa_signer(args):
     """The signer for render manifests, or None for a container C2PA cannot sign."""
-    from engines.c2pa_sign import FORMATS, load_signer, local_signer
+    from engines.provenance.c2pa_sign import FORMATS, load_signer, local_signer
 
     if args.output.suffix.lower() not in FORMATS:
         return None
@@ -315,9 +315,9 @@ def _c2pa_signer(args):
 
 
 def cmd_verify(args) -> int:
-    from engines.verify import verify_file
+    from engines.provenance.verify import verify_file
 
-    from engines.c2pa_sign import FORMATS, read_provenance
+    from engines.provenance.c2pa_sign import FORMATS, read_provenance
 
     verdict = verify_file(args.file)
     report = verdict.as_dict()
@@ -398,7 +398,7 @@ def cmd_bench_live(args) -> int:
 
 def cmd_enroll(args) -> int:
     from engines.neural.enroll import enroll
-    from engines.watermark import Marker, Payload
+    from engines.provenance.watermark import Marker, Payload
 
     from server.audit import AuditLog, audit_path, local_user
 
@@ -422,7 +422,7 @@ def cmd_enroll(args) -> int:
 
 def cmd_eval(args) -> int:
     from engines.neural.evaluate import evaluate_identity, write_report
-    from engines.watermark import Marker, Payload
+    from engines.provenance.watermark import Marker, Payload
     from server.audit import AuditLog, audit_path, local_user
 
     if args.driving is not None and not args.driving.is_file():

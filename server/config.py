@@ -20,10 +20,10 @@ from pathlib import Path
 from engines.identity import identities_dir
 from engines.neural.config import PRESETS
 from .security import ConfigError, parse_tokens_env, parse_tokens_json
-from .stages import check_kind as check_compute
-from .udp_ports import parse_range
+from .media.stages import check_kind as check_compute
+from .media.udp_ports import parse_range
 
-# libvpx's realtime speeds (cpu-used) for --vp8-speed (server/vp8.py): 16 is its fastest; 6
+# libvpx's realtime speeds (cpu-used) for --vp8-speed (server/media/vp8.py): 16 is its fastest; 6
 # is aiortc's own, denoiser included; 10 measured 0.67x of aiortc's encode time at +0.8 dB.
 VP8_SPEED_DEFAULT, VP8_SPEED_MIN, VP8_SPEED_MAX, VP8_SPEED_AIORTC = 10, 4, 16, 6
 
@@ -86,7 +86,7 @@ class ServerConfig:
     auth_burst: int = setting(10, "failed hellos per client address allowed in a burst", minimum=1,
                               metavar="N")
     marker_completion: bool = setting(True, "hand received video frames to the decoder on their RTP marker "
-                                            "bit (server/jitter.py); --no-marker-completion waits for the next "
+                                            "bit (server/media/jitter.py); --no-marker-completion waits for the next "
                                             "frame, as aiortc does (one frame interval later)")
     compute: str = setting("process", "where each session's frames are computed: process (a process of its own, "
                                       "forked from a preloaded one: every core is usable, sessions do not wait "
@@ -98,7 +98,7 @@ class ServerConfig:
                                   minimum=0, maximum=64, metavar="N")
     vp8_speed: int = setting(VP8_SPEED_DEFAULT, "libvpx speed (cpu-used) of the VP8 this server sends, with "
                                                 "its denoiser off: rendered frames have no sensor noise "
-                                                f"(server/vp8.py); {VP8_SPEED_AIORTC} keeps aiortc's own settings "
+                                                f"(server/media/vp8.py); {VP8_SPEED_AIORTC} keeps aiortc's own settings "
                                                 "(its speed, denoiser on); higher is faster",
                              minimum=VP8_SPEED_MIN, maximum=VP8_SPEED_MAX, metavar="N")
     max_viewers: int = setting(16, "viewers (browser pages and WHEP players) in all rooms together, "

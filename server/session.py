@@ -2,7 +2,7 @@
 names a room) what it publishes there: every avatar frame and its microphone.
 
 Lifecycle: start() loads the identity and starts its compute (a process of its own by
-default, server/stages.py); offer() answers the client's SDP and starts the media tasks;
+default, server/media/stages.py); offer() answers the client's SDP and starts the media tasks;
 close() (idempotent) tears everything down.
 `ended` is set when the session should end on its own (peer connection failed, idle).
 """
@@ -19,10 +19,10 @@ from aiortc.mediastreams import MediaStreamError
 
 from engines.identity import IdentityError
 from engines.retarget import RetargetControls
-from engines.watermark import Payload
-from .jitter import IncompatibleAiortc, install_for_track, shorten_audio_buffer, tap_encoded
-from .media import AvatarTrack, LatestFrame, PreparedFrame, VIDEO_TIME_BASE, avatar_frame, camera_planes, drain
-from .stages import ComputeDied, make_stages
+from engines.provenance.watermark import Payload
+from .media.jitter import IncompatibleAiortc, install_for_track, shorten_audio_buffer, tap_encoded
+from .media.tracks import AvatarTrack, LatestFrame, PreparedFrame, VIDEO_TIME_BASE, avatar_frame, camera_planes, drain
+from .media.stages import ComputeDied, make_stages
 from .telemetry import SessionStats
 
 log = logging.getLogger("avatar.session")

@@ -14,11 +14,11 @@ import logging
 from engines.identity import DEFAULT_IDENTITY, IdentityStore, identities_dir
 from .audit import AuditLog, AuditThread, audit_path, token_id
 from .config import ServerConfig
-from .rooms import RoomBusy, Rooms
+from .rooms.room import RoomBusy, Rooms
 from .security import AddressLimits, TokenAuth, identity_allowed
 from .session import Session
 from .telemetry import Metrics
-from .viewer import Viewer
+from .rooms.viewer import Viewer
 
 log = logging.getLogger("avatar.state")
 

@@ -55,7 +55,7 @@ class Client(AvatarClient):
 @contextlib.asynccontextmanager
 async def running_server(tmp_path, monkeypatch, **overrides):
     """An in-process server on a free port with its own AVATAR_HOME."""
-    from server.app import start_server
+    from server.http.app import start_server
     from server.config import ServerConfig
 
     monkeypatch.setenv("AVATAR_HOME", str(tmp_path / "home"))

@@ -1,4 +1,4 @@
-"""C2PA provenance on renders (engines/c2pa_sign.py): sign a real mp4, read it back, catch
+"""C2PA provenance on renders (engines/provenance/c2pa_sign.py): sign a real mp4, read it back, catch
 tampering, and say plainly that a local signer is valid but untrusted. No network."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from engines.c2pa_sign import (AI_SOURCE, ProvenanceError, consent_digest, load_signer, local_signer,
+from engines.provenance.c2pa_sign import (AI_SOURCE, ProvenanceError, consent_digest, load_signer, local_signer,
                                read_provenance, sign_file)
 
 CONSENT = {"statement": "I agree to appear as an avatar", "subject": "Ada Example",

@@ -1,5 +1,5 @@
-"""Browser enrollment (issue #13): the HTTP API (server/enroll_http.py), the job queue
-(server/enrollment.py) with a stand-in training worker, and the enroll page in headless
+"""Browser enrollment (issue #13): the HTTP API (server/http/enroll.py), the job queue
+(server/enroll/queue.py) with a stand-in training worker, and the enroll page in headless
 Chromium with a fake camera playing a shared self-scan, trained for real on a tiny budget."""
 from __future__ import annotations
 
@@ -18,22 +18,22 @@ import numpy as np
 import pytest
 
 from helpers import clip, running_server, wait_for
-from server import enrollment
-from server.enroll_http import ENROLLMENTS
-from server.enroll_worker import Progress
-from server.enrollment import Job, owner_digest, parse_line
+from server.enroll import queue as enrollment
+from server.http.enroll import ENROLLMENTS
+from server.enroll.worker import Progress
+from server.enroll.queue import Job, owner_digest, parse_line
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 FIELDS = {"name": "jo", "display_name": "Jo", "subject": "Jo Doe",
           "statement": "I, Jo Doe, agree that this recording is used to build an avatar of me.", "accepted": "true"}
 
-# Stands in for server/enroll_worker.py's training (the probe stays real): FAKE_ENROLL says how
+# Stands in for server/enroll/worker.py's training (the probe stays real): FAKE_ENROLL says how
 # it goes: "done" at once, "slow" until stopped (as the real worker: SIGTERM -> interrupted),
 # "fail" with a message. It logs each run's spec to FAKE_ENROLL_LOG.
 FAKE_WORKER = textwrap.dedent("""
     import json, os, signal, sys, time
     if sys.argv[1] == "probe":
-        from server.enroll_worker import main
+        from server.enroll.worker import main
         sys.exit(main(sys.argv[1:]))
     spec = json.loads(sys.stdin.read())
     with open(os.environ["FAKE_ENROLL_LOG"], "a") as f:

@@ -7,8 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from engines.mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
-from engines.mouth import OUTER_LIPS
+from engines.render.mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
+from engines.render.mouth import OUTER_LIPS
 from engines.neural.evaluate import STRIP_FRAMES, evaluate_frames, write_report
 from engines.landmarks import RIGID, inter_ocular
 from engines.neural.metrics import (engine_metrics, eyes_box, frame_scores, mouth_box, pose_novelty, psnr,
@@ -186,7 +186,7 @@ def test_avatar_eval_marks_its_rendered_frames_and_is_on_record(demo, tmp_path):
     rendered frame of its report carries; the driver's frames stay as they were."""
     import av
 
-    from engines import watermark
+    from engines.provenance import watermark
     from server.audit import AuditLog, audit_path
     from server.cli import main
 

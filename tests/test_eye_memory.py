@@ -3,7 +3,7 @@ a closing target eye is drawn from it instead of painted lid skin."""
 import cv2
 import numpy as np
 
-from engines.eyes import EYES, EyelidPainter, EyeMemory, eye_shape
+from engines.render.eyes import EYES, EyelidPainter, EyeMemory, eye_shape
 from test_warp import blink
 
 

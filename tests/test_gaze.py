@@ -7,9 +7,9 @@ import pytest
 
 from helpers import shared_clip
 from engines.landmarks import IRISES, FaceLandmarker, eye_frames, iris_offsets, iris_reach
-from engines.mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
+from engines.render.mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
 from engines.retarget import VERGENCE, Retargeter, place_irises
-from engines.warp import WarpRenderer
+from engines.render.warp import WarpRenderer
 
 LIDS = ((RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), (LEFT_EYE_UPPER, LEFT_EYE_LOWER))
 

@@ -182,8 +182,8 @@ async def test_token_mode_hosts_and_metrics(tmp_path, monkeypatch):
         assert (await raw_http(srv.url, "GET /healthz HTTP/1.1\nHost: other.example\n"))[0] == 421
         head = "GET /metrics HTTP/1.1\nHost: avatar.example:8443\n"
         assert (await raw_http(srv.url, head))[0] == 200  # a loopback client
-        import server.app
-        monkeypatch.setattr(server.app, "client_address", lambda connection: "203.0.113.9")
+        import server.http.app
+        monkeypatch.setattr(server.http.app, "client_address", lambda connection: "203.0.113.9")
         assert (await raw_http(srv.url, head))[0] == 401  # a remote one needs the token
         assert (await raw_http(srv.url, head + "Authorization: Bearer tok\n"))[0] == 200
         srv.state.config.metrics_public = True
@@ -239,7 +239,7 @@ async def test_failed_hellos_are_slow_then_refused(tmp_path, monkeypatch):
 
 
 def test_accept_errors_are_logged_once_per_interval(caplog):
-    from server.app import AcceptErrorLog
+    from server.http.app import AcceptErrorLog
 
     now = [0.0]
     loop = asyncio.new_event_loop()

@@ -21,7 +21,7 @@ def first_frame(clip: str) -> np.ndarray:
 
 @needs_dlib
 def test_the_same_face_is_close(demo):
-    from engines.warp import WarpRenderer
+    from engines.render.warp import WarpRenderer
 
     at_rest = WarpRenderer.for_identity(demo).render(demo.neutral)  # the warp's own copy of the face
     ref = idd.descriptor(demo.reference)

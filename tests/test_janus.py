@@ -1,4 +1,4 @@
-"""server/janus.py against a real Janus (deploy/janus config, VideoRoom over HTTP, loopback).
+"""server/rooms/janus.py against a real Janus (deploy/janus config, VideoRoom over HTTP, loopback).
 
 One Janus process serves the module: deploy/janus copied to a temporary folder with a
 free HTTP port and a short session timeout (so the keepalive is exercised), stopped at
@@ -24,8 +24,8 @@ import pytest
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
-import server.janus as janus
-from server.janus import JanusError, JanusPublisher, JanusSession, JanusSubscriber
+import server.rooms.janus as janus
+from server.rooms.janus import JanusError, JanusPublisher, JanusSession, JanusSubscriber
 
 pytestmark = pytest.mark.skipif(shutil.which("janus") is None,
                                 reason="Janus is not installed (Debian: apt-get install janus)")

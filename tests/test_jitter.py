@@ -1,4 +1,4 @@
-"""Marker-bit frame completion (server/jitter.py): exactly which frames come out, and when."""
+"""Marker-bit frame completion (server/media/jitter.py): exactly which frames come out, and when."""
 from __future__ import annotations
 
 import asyncio
@@ -14,8 +14,8 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCRtp
 from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtp import RtpPacket
 
-import server.jitter as jitter
-from server.jitter import (RECEIVER_BUFFER, IncompatibleAiortc, MarkerJitterBuffer, check_aiortc, install,
+import server.media.jitter as jitter
+from server.media.jitter import (RECEIVER_BUFFER, IncompatibleAiortc, MarkerJitterBuffer, check_aiortc, install,
                            install_all, install_for_track, is_installed)
 
 
@@ -305,7 +305,7 @@ async def receivers_of_a_peer_connection():
 
 
 async def test_aiortc_receivers_hold_the_buffer_install_replaces():
-    # If this fails, aiortc's internals moved: server/jitter.py needs a look (install() raises
+    # If this fails, aiortc's internals moved: server/media/jitter.py needs a look (install() raises
     # IncompatibleAiortc there, and the session logs it and runs one frame later).
     check_aiortc()
     pc, found = await receivers_of_a_peer_connection()

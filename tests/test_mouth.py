@@ -2,8 +2,8 @@
 (not a flat band) when it does not."""
 import numpy as np
 
-from engines.mesh import MOUTH_LOWER, MOUTH_UPPER
-from engines.mouth import MEMORY_MIN_GAP, OWN_MIN_GAP, MouthMemory, MouthPainter, lip_gap
+from engines.render.mesh import MOUTH_LOWER, MOUTH_UPPER
+from engines.render.mouth import MEMORY_MIN_GAP, OWN_MIN_GAP, MouthMemory, MouthPainter, lip_gap
 from test_warp import jaw_drop
 
 

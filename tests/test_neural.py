@@ -224,7 +224,7 @@ def test_int8_model_close_to_fp32_and_quality_check_decides(tmp_path, caplog):
 
 def test_make_renderer_falls_back_to_warp(store, tmp_path, caplog):
     from engines.pipeline import make_renderer
-    from engines.warp import WarpRenderer
+    from engines.render.warp import WarpRenderer
 
     s = IdentityStore(tmp_path / "ids")
     shutil.copytree(store.path("demo"), s.root / "broken")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from skimage.data import astronaut
 
-from engines import watermark
+from engines.provenance import watermark
 from engines.identity import Consent, ConsentError, IdentityError, IdentityStore
 from helpers import CLIPS, Client, ClipTrack, clip, read_seconds, running_server, shared_clip, wait_for
 
@@ -70,7 +70,7 @@ def test_badge_then_mark_keeps_both(portrait):
 
 
 def test_viewers_copy_is_labelled_and_marked(store):
-    from server.media import FrameProcessor, camera_planes
+    from server.media.tracks import FrameProcessor, camera_planes
     import av
     import cv2
 
@@ -132,7 +132,7 @@ def test_goals_on_the_shared_clips():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CLIPS)
 def test_real_footage_is_never_reported_marked(name):
-    from engines.verify import verify_file
+    from engines.provenance.verify import verify_file
 
     verdict = verify_file(shared_clip(name))
     assert not verdict.found and len(verdict.segments) >= 5

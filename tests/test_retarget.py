@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from engines import geometry
+from engines.render import geometry
 from engines.landmarks import FACE_LEFT, FACE_RIGHT, inter_ocular, mouth_openness
 from engines.retarget import OneEuroFilter, RetargetControls, Retargeter
 from scipy.spatial.transform import Rotation

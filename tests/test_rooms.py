@@ -61,7 +61,7 @@ async def test_viewer_sees_the_avatar_and_hears_the_presenter(tmp_path, monkeypa
 
 
 def test_opus_packet_durations():
-    from server.rooms import opus_samples
+    from server.rooms.audience import opus_samples
 
     assert opus_samples(bytes([(31 << 3) | 0, 0])) == 960  # CELT 20 ms, one frame
     assert opus_samples(bytes([(1 << 3) | 1, 0])) == 1920  # SILK 20 ms, two frames

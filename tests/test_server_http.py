@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import websockets
 
-from server import app
+from server.http import app
 from server.config import ServerConfig, add_arguments, config_from_args, load_config
-from server.media import LatestFrame, encoder_planes, input_size, video_frame
+from server.media.tracks import LatestFrame, encoder_planes, input_size, video_frame
 from server.security import (ALL, ConfigError, RateLimiter, TokenAuth, origin_allowed,
                              parse_tokens_env)
-from server.app import start_server
+from server.http.app import start_server
 from helpers import running_server
 
 

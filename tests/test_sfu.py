@@ -10,8 +10,8 @@ import pytest
 
 from helpers import AvatarClient, SineTrack, rms, wait_for
 from server.bench.runner import cpu_seconds, local_server
-from server.janus import JanusSubscriber
-from server.sfu import janus_room_id
+from server.rooms.janus import JanusSubscriber
+from server.rooms.sfu import janus_room_id
 from test_janus import ADMIN_KEY, running_janus
 from test_rooms import drive
 

@@ -11,10 +11,10 @@ import av
 import numpy as np
 import pytest
 
-from engines.watermark import Payload
+from engines.provenance.watermark import Payload
 from helpers import Client, ClipTrack, clip, read_seconds, running_server, wait_for
-from server import stages
-from server.media import camera_planes
+from server.media import stages
+from server.media.tracks import camera_planes
 
 PAYLOAD = Payload(server=0x1234, use=0xABCDEF)
 

@@ -1,4 +1,4 @@
-"""server/vp8.py: the VP8 settings of what the server sends take effect, through aiortc's own
+"""server/media/vp8.py: the VP8 settings of what the server sends take effect, through aiortc's own
 sender, and a changed aiortc is refused loudly rather than silently left at its defaults."""
 from fractions import Fraction
 
@@ -11,7 +11,7 @@ from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
-from server import vp8
+from server.media import vp8
 from server.bench.runner import RunConfig
 from server.config import ServerConfig
 from server.security import ConfigError

@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from engines import warp
+from engines.render import warp
 from engines.landmarks import FACE_OVAL, RIGID, FaceLandmarker, eye_openness, inter_ocular, mouth_openness
-from engines.mesh import (HEAD_DEPTH, LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER, face_triangles,
+from engines.render.mesh import (HEAD_DEPTH, LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER, face_triangles,
                           ring_depth)
-from engines.warp import WarpRenderer, seam_mask
+from engines.render.warp import WarpRenderer, seam_mask
 
 
 def psnr(a, b):
@@ -160,7 +160,7 @@ def test_turned_head_silhouette_has_no_hard_outline(renderer, demo, degrees, mon
 
 def _raster(corners, order, shape=(12, 12)):
     """Which triangle's map each pixel took: triangle t maps everything to (t, t)."""
-    from engines.raster import warp_map
+    from engines.render.raster import warp_map
     affines = np.zeros((len(corners), 2, 3), np.float32)
     affines[:, :, 2] = np.arange(len(corners))[:, None]
     out = warp_map(np.array(corners, np.float64), np.array(order), affines, 1, np.zeros((*shape, 2), np.float32))
@@ -168,7 +168,7 @@ def _raster(corners, order, shape=(12, 12)):
 
 
 def test_warp_map_applies_each_triangles_affine_map_at_the_pixel_it_stands_for():
-    from engines.raster import warp_map
+    from engines.render.raster import warp_map
     affines = np.array([[[2, 0, 1], [0, 3, -1]]], np.float32)  # (x, y) -> (2x + 1, 3y - 1)
     out = warp_map(np.array([[(-1, -1), (9, -1), (-1, 9)]], np.float64), np.array([0]), affines, 2,
                    np.zeros((4, 4, 2), np.float32))

@@ -21,6 +21,7 @@ from ..landmarks import (FACE_LEFT, FACE_RIGHT, LEFT_EYE_OUTER, RIGHT_EYE_OUTER,
                          eye_openness, inter_ocular, mouth_openness)
 from ..video import VideoError, read_video
 from .config import HOLDOUT, IN_CHANNELS
+from .regions import region_weights
 
 log = logging.getLogger(__name__)
 
@@ -100,31 +101,13 @@ def extract(video: Path, max_frames: int | None = None, progress: bool = True, r
     return ScanData(crops, pts, np.array(index), n_train, ref, (x0, y0, side), n)
 
 
-def region_weights(points: np.ndarray, size: int = RENDER_SIZE) -> np.ndarray:
-    """(size, size) float32 mask, 1 on mouth and eyes (dilated), 0 elsewhere; points are in
-    RENDER_SIZE² pixels whatever the size."""
-    from ..mouth import OUTER_LIPS
-    from ..mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
-
-    mask = np.zeros((size, size), np.uint8)
-    points = points[:, :2] * (size / RENDER_SIZE)
-    io = inter_ocular(points)
-    for upper, lower in ((RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), (LEFT_EYE_UPPER, LEFT_EYE_LOWER)):
-        ring = np.concatenate([points[upper], points[lower[-2:0:-1]]])
-        cv2.fillPoly(mask, [np.round(ring).astype(np.int32)], 1)
-    cv2.fillPoly(mask, [np.round(points[OUTER_LIPS]).astype(np.int32)], 1)
-    r = max(1, int(round(0.12 * io)))
-    mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
-    return mask.astype(np.float32)
-
-
 class PairBuilder:
     """Network inputs and targets for scan frames (warps computed once and cached)."""
 
     def __init__(self, data: ScanData):
-        from ..eyes import EyeMemory
-        from ..mouth import MouthMemory
-        from ..warp import WarpRenderer
+        from ..render.eyes import EyeMemory
+        from ..render.mouth import MouthMemory
+        from ..render.warp import WarpRenderer
         from .model import contour_map, still_input
 
         self.data = data

@@ -304,7 +304,7 @@ def evaluate_identity(identity, driving: Path | None = None, max_frames: int | N
     `identity_distance`: also measure how much the avatar looks like the identity and not
     like the driver (dlib, when installed). `marker` marks the report's rendered frames."""
     from ..identity import IdentityError
-    from ..warp import WarpRenderer
+    from ..render.warp import WarpRenderer
     from .runtime import NeuralRenderer
 
     neural = identity.engine == "neural"
@@ -380,7 +380,7 @@ def _render_driven(identity, renderer, driving: Path, max_frames: int | None, pr
     from tqdm import tqdm
 
     from ..retarget import Retargeter
-    from ..warp import WarpRenderer
+    from ..render.warp import WarpRenderer
     from .data import read_frames
 
     warp_only = isinstance(renderer, WarpRenderer)

@@ -27,8 +27,8 @@ import numpy as np
 
 from ..landmarks import (LEFT_EYE_INNER, LEFT_EYE_OUTER, RIGHT_EYE_INNER, RIGHT_EYE_OUTER, RIGID,
                          FaceLandmarker, eye_openness, inter_ocular, mouth_openness)
-from ..mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
-from ..mouth import OUTER_LIPS
+from ..render.mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
+from ..render.mouth import OUTER_LIPS
 
 REGION_PAD = 0.25  # padding of a region box on every side, in widths of the feature (mouth, one eye)
 EYES = sorted(set(RIGHT_EYE_UPPER + RIGHT_EYE_LOWER + LEFT_EYE_UPPER + LEFT_EYE_LOWER))

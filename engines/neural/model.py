@@ -75,7 +75,7 @@ def warp_detail_weight(points: np.ndarray) -> np.ndarray:
     to 0 towards them: where keep_warp_detail keeps the warp's detail.
     Made at a quarter of the side (it is smooth) and scaled up: ~0.2 ms instead of 2.8."""
     from ..landmarks import FACE_OVAL, inter_ocular
-    from .data import region_weights
+    from .regions import region_weights
 
     small, io = SIZE // 4, inter_ocular(points) / 4
     face = np.zeros((small, small), np.float32)
@@ -120,7 +120,7 @@ def still_for(identity, channels: int) -> np.ndarray | None:
 def head_region(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Where the head may be: the skirt's ring widened by HEAD_MARGIN, and straight above it
     to the top of the image (hair)."""
-    from ..mesh import ring_points
+    from ..render.mesh import ring_points
 
     ring = ring_points(points[:, :2].astype(np.float64))
     centre = ring.mean(0)

@@ -220,7 +220,7 @@ class NeuralRenderer:
     """Same interface as WarpRenderer: render(target_points) -> 256² RGB uint8."""
 
     def __init__(self, identity, prefer: str = "auto"):
-        from ..warp import WarpRenderer
+        from ..render.warp import WarpRenderer
 
         from .config import IN_CHANNELS, LEGACY_CHANNELS, SIZE
         from .model import still_for

@@ -24,7 +24,7 @@ Figures. The offset is measured per window (10 s, every 5 s) so a run gives a di
 the peak); windows where the mouth hardly moves, or sound and face do not match, are left
 out rather than counted as 0 (avsync_summary).
 
-The bench viewer is aiortc with frames released on completion for video (server/jitter.py)
+The bench viewer is aiortc with frames released on completion for video (server/media/jitter.py)
 and audio (no prefetch), so its own buffers do not add a skew a browser would not have; what
 is measured is what the server sends, plus loopback and the codecs (Opus holds ~6.5 ms).
 """
@@ -46,7 +46,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from engines.landmarks import FaceLandmarker
 from engines.measure import percentiles
-from engines.mouth import lip_gap
+from engines.render.mouth import lip_gap
 
 RATE = 48000  # Hz, what aiortc's Opus runs at
 FRAME = 960  # samples: 20 ms

@@ -26,8 +26,8 @@ from aiortc import (RTCConfiguration, RTCPeerConnection, RTCRtpCodecParameters, 
 from aiortc.codecs.vpx import MAX_BITRATE, VpxPayloadDescriptor
 from aiortc.mediastreams import MediaStreamError
 
-from server import vp8
-from server.jitter import install_for_track, shorten_audio_buffer
+from server.media import vp8
+from server.media.jitter import install_for_track, shorten_audio_buffer
 
 TIME_BASE = fractions.Fraction(1, 90000)
 RTP_WRAP = 2 ** 32
@@ -116,7 +116,7 @@ REPLAY_BITRATE = MAX_BITRATE
 
 def encode_clip(frames: list[np.ndarray], fps: float = 30.0) -> EncodedClip:
     """`frames` encoded by the VP8 encoder a live ClipTrack's sender would get (this
-    process's installed speed, server/vp8.py), at REPLAY_BITRATE."""
+    process's installed speed, server/media/vp8.py), at REPLAY_BITRATE."""
     encoder = vp8.encoder_for(VP8_CODEC)
     encoder.target_bitrate = REPLAY_BITRATE
     encoded, seconds = [], []

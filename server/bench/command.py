@@ -10,7 +10,7 @@ from pathlib import Path
 from engines.identity import IdentityError, IdentityStore, default_home, identities_dir
 from engines.measure import machine_info
 
-from .. import vp8
+from ..media import vp8
 from ..config import VP8_SPEED_AIORTC, VP8_SPEED_MAX, VP8_SPEED_MIN
 from .report import format_table, write_reports
 from .runner import CLIENT_ENCODE, Camera, RunConfig, check_server, local_server, measure, ws_url

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import VP8_SPEED_MAX as MAX_SPEED, VP8_SPEED_MIN as MIN_SPEED
-from ..stages import KINDS as COMPUTE_KINDS
+from ..media.stages import KINDS as COMPUTE_KINDS
 from .avsync import MouthMeter, ToneTrack, audio_series, mouth_series, summary, windowed_offsets
 from .client import AvatarClient, ClientError, ClipTrack, EncodedClip, ReplayTrack, encode_clip
 from .stats import SessionResult, analyse, drift, meets_target, ratios, series, summarize
@@ -37,8 +37,8 @@ CLIENT_ENCODE = ("live", "once")  # the bench client's camera: encoded as sent, 
 class RunConfig:
     """One configuration to measure: which identity (and so which engine) serves it, and
     the server's settings under comparison: whether video frames complete on the RTP marker
-    bit (server/jitter.py) on both receive hops, OpenCV's threads and the VP8 encoder's
-    speed (server/vp8.py), and where sessions compute (server/stages.py); and whether the bench
+    bit (server/media/jitter.py) on both receive hops, OpenCV's threads and the VP8 encoder's
+    speed (server/media/vp8.py), and where sessions compute (server/media/stages.py); and whether the bench
     client encodes its camera live or replays one encode (Camera); `url` is the server that
     serves it, filled in once the servers run."""
     label: str
@@ -193,7 +193,7 @@ def synthetic_frames(seconds: float) -> list[np.ndarray]:
     import cv2
 
     from engines.identity import IdentityStore, identities_dir
-    from engines.warp import WarpRenderer
+    from engines.render.warp import WarpRenderer
 
     demo = IdentityStore(identities_dir()).load("demo")
     renderer = WarpRenderer(demo.reference, demo.neutral)

@@ -3,7 +3,7 @@ invisible, what does it cost, and does unmarked footage stay unmarked?
 
 Each clip is cut to 256² (the avatar's size), marked, and passed through the channels a
 frame really meets: the VP8 and H.264 encoders the server sends with (aiortc's; VP8 at
-the server's default speed, server/vp8.py) at the given bitrates (what a WebRTC viewer
+the server's default speed, server/media/vp8.py) at the given bitrates (what a WebRTC viewer
 receives), a 50% downscale and re-encode, and a screen-recording-style re-encode
 (upscaled 2x, x264 CRF). Every 2-second segment is then decoded as `avatar verify` does.
 Unmarked clips are read frame by frame at their own size for false positives. The
@@ -26,9 +26,9 @@ from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from tqdm import tqdm
 
-from engines import watermark
+from engines.provenance import watermark
 from engines.measure import timing_summary
-from engines.verify import SEGMENT_SECONDS
+from engines.provenance.verify import SEGMENT_SECONDS
 from engines.video import read_video
 
 SIZE = 256
@@ -112,7 +112,7 @@ def rtc_codec(frames: list[np.ndarray], mime: str, bitrate: int) -> list[np.ndar
     """Through the server's encoder (realtime VP8 at its default speed, zerolatency x264) and
     aiortc's decoder."""
     from ..config import VP8_SPEED_DEFAULT
-    from ..vp8 import encoder_for
+    from ..media.vp8 import encoder_for
 
     codec = RTCRtpCodecParameters(mimeType=mime, clockRate=90000, payloadType=96,
                                   parameters={"packetization-mode": "1"} if mime == "video/H264" else {})

@@ -21,7 +21,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .landmarks import inter_ocular
+from ..landmarks import inter_ocular
 from .memory import Memory, nearest
 from .mesh import MOUTH_LOWER, MOUTH_UPPER
 from .paint import paint_inside

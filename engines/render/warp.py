@@ -2,7 +2,7 @@
 piecewise-affine warp of the face mesh, and paints what a warp cannot show.
 
 Per frame: one affine map per triangle of the target mesh, drawn into a map of source
-pixels (nearer triangles last; engines/raster.py), then a single cv2.remap. The map is
+pixels (nearer triangles last; engines/render/raster.py), then a single cv2.remap. The map is
 built at half resolution and upsampled: a piecewise-affine map is continuous, so bilinear
 upsampling of it is nearly exact and saves three quarters of the per-pixel work.
 """
@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from . import geometry
-from .landmarks import RIGID, inter_ocular
+from ..landmarks import RIGID, inter_ocular
 from .mesh import (border_points, face_triangles, head_outline_points, hole_triangles,
                    ring_depth, ring_points, skirt_triangles)
 from .raster import warp_map

@@ -8,13 +8,13 @@ delivered p50 84-128 / p95 154-210 ms where three servers of one session each de
 holds only its own lock, uses any core, and a crash in native code (mediapipe, ONNX
 Runtime) ends that session, not the server.
 
-Both kinds run the same FrameProcessor (server/media.py) on the same two single-thread
+Both kinds run the same FrameProcessor (server/media/tracks.py) on the same two single-thread
 stages, "prepare" and "render", and both are driven by `await stages.call(stage, method,
 *args)`. To a process, plain values travel pickled through a pipe; arrays (the camera
 planes in, the avatar images out) travel through shared memory, one region per stage:
 calls on one stage run one at a time, so its region holds one call's arrays at once.
 Children are forked from multiprocessing's fork server, which imported the engines once
-(server/preload.py), so a session's process is ready in ~0.7 s, most of it building its
+(server/media/preload.py), so a session's process is ready in ~0.7 s, most of it building its
 mediapipe graph as a session on threads does too, not the seconds a fresh interpreter
 takes; each costs ~200 MB (PSS) of memory.
 """
@@ -64,7 +64,7 @@ def make_stages(kind: str, name: str, opencv_threads: int = 0):
 
 
 def _make_processor(*args):
-    from .media import FrameProcessor  # the engines: imported where they run
+    from .tracks import FrameProcessor  # the engines: imported where they run
 
     return FrameProcessor(*args)
 
@@ -288,7 +288,7 @@ def fork_server():
     single-threaded process that children are forked from."""
     with _fork_server_lock:
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["server.preload"])
+        context.set_forkserver_preload(["server.media.preload"])
         return context
 
 

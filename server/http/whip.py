@@ -26,9 +26,9 @@ import logging
 from aiohttp import web
 
 from engines.identity import DEFAULT_IDENTITY, ConsentError, IdentityError, check_name
-from .rooms import RoomBusy, RoomFull
-from .security import check_offer_sdp, check_room, identity_allowed, room_allowed
-from .state import ServerBusy
+from ..rooms.room import RoomBusy, RoomFull
+from ..security import check_offer_sdp, check_room, identity_allowed, room_allowed
+from ..state import ServerBusy
 
 log = logging.getLogger("avatar.whip")
 SDP = "application/sdp"

@@ -81,7 +81,7 @@ BUFFER_METHODS = ("add", "_remove_frame", "remove", "smart_remove")
 
 class IncompatibleAiortc(RuntimeError):
     """aiortc's private internals are no longer what the code reading them expects: here its
-    receiver's jitter buffer; in server/vp8.py, how its VP8 encoder sets libvpx's options."""
+    receiver's jitter buffer; in server/media/vp8.py, how its VP8 encoder sets libvpx's options."""
 
 
 class MarkerJitterBuffer(JitterBuffer):
@@ -215,10 +215,10 @@ def check_aiortc() -> None:
         if got != _SELF_TEST_EXPECTED:
             problems.append(f"MarkerJitterBuffer self-test gave {got!r}, expected {_SELF_TEST_EXPECTED!r}")
     if problems:
-        raise IncompatibleAiortc(f"{where}: marker-bit frame completion (server/jitter.py) cannot be "
+        raise IncompatibleAiortc(f"{where}: marker-bit frame completion (server/media/jitter.py) cannot be "
                                  "installed: " + "; ".join(problems))
     if getattr(aiortc, "__version__", None) not in VERIFIED_AIORTC:
-        log.warning("%s: server/jitter.py was verified on aiortc %s; its checks pass on this one",
+        log.warning("%s: server/media/jitter.py was verified on aiortc %s; its checks pass on this one",
                     where, ", ".join(VERIFIED_AIORTC))
     _checked = True
 
@@ -267,13 +267,13 @@ def install(receiver, enabled: bool | None = None) -> bool:
     if type(current) is not JitterBuffer or not all(hasattr(current, a) for a in BUFFER_STATE):
         raise IncompatibleAiortc(f"{receiver!r} has no {RECEIVER_BUFFER} that is an aiortc JitterBuffer "
                                  f"(found {type(current).__name__}): marker-bit frame completion "
-                                 "cannot be installed (server/jitter.py)")
+                                 "cannot be installed (server/media/jitter.py)")
     if not current._is_video or current._prefetch:
         raise ValueError("marker-bit frame completion is for video receivers only")
     decoder_queue, mapper = getattr(receiver, RECEIVER_QUEUE, None), getattr(receiver, RECEIVER_MAPPER, None)
     if not isinstance(decoder_queue, queue.Queue) or not callable(getattr(mapper, "map", None)):
         raise IncompatibleAiortc(f"{receiver!r} has no {RECEIVER_QUEUE} queue or {RECEIVER_MAPPER}: "
-                                 "marker-bit frame completion cannot be installed (server/jitter.py)")
+                                 "marker-bit frame completion cannot be installed (server/media/jitter.py)")
     buffer = MarkerJitterBuffer(current.capacity, is_video=True)
     buffer._origin, buffer._packets = current._origin, current._packets  # start unknown: stays False
     setattr(receiver, RECEIVER_BUFFER, buffer)
@@ -341,7 +341,7 @@ def shorten_audio_buffer(pc, track) -> None:
     buffer = getattr(receiver, RECEIVER_BUFFER, None)
     if type(buffer) is not JitterBuffer or buffer._is_video or not hasattr(buffer, "_prefetch"):
         raise IncompatibleAiortc(f"no aiortc audio JitterBuffer for this track (found {type(buffer).__name__}): "
-                                 "its prefetch cannot be shortened (server/jitter.py)")
+                                 "its prefetch cannot be shortened (server/media/jitter.py)")
     buffer._prefetch = 0
 
 

@@ -22,8 +22,8 @@ from engines.measure import StageTimer
 from engines.identity import Identity
 from engines.pipeline import AvatarPipeline, Prepared
 from engines.retarget import RetargetControls
-from engines.watermark import Marker, Payload
-from .telemetry import COMPUTE_STAGES, FrameRecord
+from engines.provenance.watermark import Marker, Payload
+from ..telemetry import COMPUTE_STAGES, FrameRecord
 
 # Camera frames are scaled so their longer side is at most this before landmarks, in either
 # orientation: mediapipe finds the face on a 128² copy and reads it from a 192² crop, so more
@@ -148,7 +148,7 @@ class PreparedFrame:
 
 class FrameProcessor:
     """The two compute stages of a frame, run where the session computes (a process of its
-    own or this one, server/stages.py), each stage on its own single thread:
+    own or this one, server/media/stages.py), each stage on its own single thread:
 
       prepare() on the first thread: I420 camera planes -> RGB -> landmarks -> retarget ->
                 the renderer's first half (the neural engine's warp and network input)

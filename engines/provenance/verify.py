@@ -1,7 +1,7 @@
 """`avatar verify`: does a video or image carry the avatar watermark, and with what payload?
 
 A video is cut into 2-second segments; each segment is decoded on its own (the projections
-of its frames averaged, engines/watermark.py), so a clip that was cut, or whose avatar
+of its frames averaged, engines/provenance/watermark.py), so a clip that was cut, or whose avatar
 appears only in part of it, still shows where the mark is. A frame is read whole when it
 is about square (the avatar as sent), else as squares along its long side (a side-by-side
 render: driver left, avatar right)."""
@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from . import watermark
-from .video import VideoError, open_video
+from ..video import VideoError, open_video
 
 SEGMENT_SECONDS = 2.0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -90,7 +90,7 @@ def _verdict(path: Path, kind: str, segments: list[tuple[float, list[np.ndarray]
     results = [_segment(start, frames) for start, frames in segments]
     found = collections.Counter(s.payload for s in results if s.payload)
     payload, hits = found.most_common(1)[0] if found else (None, 0)
-    # A segment matches a random code with odds of 1.5e-5 (engines/watermark.py), which over
+    # A segment matches a random code with odds of 1.5e-5 (engines/provenance/watermark.py), which over
     # an hour of footage is not negligible; two segments matching the same one is.
     if hits < min(2, len(results)):
         payload, hits = None, 0

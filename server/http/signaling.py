@@ -17,10 +17,10 @@ import logging
 
 from engines.identity import DEFAULT_IDENTITY, ConsentError, IdentityError, check_name
 from engines.retarget import check_gain
-from .rooms import RoomBusy, RoomFull
-from .security import RateLimiter, check_offer_sdp, check_room, identity_allowed, is_number, room_allowed
-from .state import ServerBusy
-from .telemetry import STAGES
+from ..rooms.room import RoomBusy, RoomFull
+from ..security import RateLimiter, check_offer_sdp, check_room, identity_allowed, is_number, room_allowed
+from ..state import ServerBusy
+from ..telemetry import STAGES
 
 log = logging.getLogger("avatar.signaling")
 VERSION = 1

@@ -1,5 +1,5 @@
 """Browser enrollment jobs (issue #13): self-scan recordings queued for training, one at a
-time, each in a child process (server/enroll_worker.py) at a lower priority with bounded
+time, each in a child process (server/enroll/worker.py) at a lower priority with bounded
 threads, so training never starves the live sessions of the same server.
 
 Every job is a small JSON record in <home>/enrollments/, beside its recording
@@ -33,15 +33,15 @@ import sys
 from pathlib import Path
 
 from engines.identity import Consent, IdentityError, IdentityStore, check_name, default_home
-from .audit import AuditThread
-from .config import ServerConfig
-from .enroll_worker import STAGE_SPAN
+from ..audit import AuditThread
+from ..config import ServerConfig
+from .worker import STAGE_SPAN
 
 log = logging.getLogger("avatar.enrollment")
 
 FINAL = ("done", "failed", "cancelled")
 STAGES = tuple(STAGE_SPAN)  # what a worker may report
-WORKER = [sys.executable, "-m", "server.enroll_worker"]
+WORKER = [sys.executable, "-m", "server.enroll.worker"]
 MAX_RECORDS = 200  # finished job records kept; older ones are deleted at start
 TRAIN_MAX_FRAMES = 1200  # 40 s at 30 fps: the frames (and their warps) are held in memory while training
 PROBE_TIMEOUT = 90.0
@@ -476,7 +476,7 @@ def parse_line(line: bytes) -> dict:
 
 
 async def probe_upload(path: Path, command: list[str] | None = None) -> dict:
-    """The probe's verdict on a recording (server/enroll_worker.py probe), run as a child:
+    """The probe's verdict on a recording (server/enroll/worker.py probe), run as a child:
     {"ok": True, facts...} or {"ok": False, "status", "error"}."""
     proc = await asyncio.create_subprocess_exec(
         *(command or WORKER), "probe", str(path), stdin=asyncio.subprocess.DEVNULL,

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from . import geometry
-from .landmarks import EYE_CORNERS, IRISES, RIGID, eye_frames, iris_centres, iris_reach
+from ..landmarks import EYE_CORNERS, IRISES, RIGID, eye_frames, iris_centres, iris_reach
 from .memory import Memory, nearest
 from .paint import paint_inside
 from .mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER

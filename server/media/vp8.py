@@ -22,7 +22,7 @@ import aiortc.rtcrtpsender
 from aiortc.codecs import get_encoder
 from aiortc.codecs.vpx import Vp8Encoder
 
-from .config import VP8_SPEED_AIORTC as AIORTC_SPEED, VP8_SPEED_DEFAULT as DEFAULT_SPEED
+from ..config import VP8_SPEED_AIORTC as AIORTC_SPEED, VP8_SPEED_DEFAULT as DEFAULT_SPEED
 from .jitter import IncompatibleAiortc  # one error for "aiortc's internals changed"
 
 

@@ -14,7 +14,7 @@ import hashlib
 import logging
 
 from .janus import JanusError, JanusPublisher
-from .rooms import Audience
+from .audience import Audience
 
 log = logging.getLogger("avatar.sfu")
 

@@ -25,12 +25,13 @@ from aiohttp import WSMsgType, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from engines.identity import DEFAULT_IDENTITY
-from .config import ServerConfig, config_from_args
-from .security import ConfigError, host_allowed, is_loopback, origin_allowed
+from ..config import ServerConfig, config_from_args
+from ..security import ConfigError, host_allowed, is_loopback, origin_allowed
 from .signaling import Closed, Connection
-from .state import ServerState
-from .udp_ports import confine_udp_ports, parse_range
-from . import enroll_http, stages, vp8, whip
+from ..state import ServerState
+from ..media.udp_ports import confine_udp_ports, parse_range
+from . import enroll, whip
+from ..media import stages, vp8
 
 log = logging.getLogger("avatar.server")
 
@@ -205,7 +206,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 def make_app(state: ServerState) -> web.Application:
     # client_max_size bounds every body read whole: WHIP/WHEP offers. An enrollment's recording
-    # is streamed to disk in chunks instead, under its own cap (server/enroll_http.py).
+    # is streamed to disk in chunks instead, under its own cap (server/http/enroll.py).
     app = web.Application(middlewares=[guard], client_max_size=state.config.max_sdp + 1024)
     app[STATE] = state
     for path in STATIC:
@@ -216,7 +217,7 @@ def make_app(state: ServerState) -> web.Application:
     app.router.add_get("/rooms", rooms)
     app.router.add_get("/ws", websocket)
     whip.add_routes(app, STATE)
-    enroll_http.add_routes(app, STATE, bearer_token)
+    enroll.add_routes(app, STATE, bearer_token)
     app.on_shutdown.append(_close_sockets)
     return app
 

@@ -15,8 +15,8 @@ Only the token that made a job sees or cancels it. Errors are JSON {"error": cod
 The recording is streamed to disk in chunks, never held in memory and never past
 enroll_max_bytes, under a name the server picks; every field is checked, and the name
 reserved, before the first byte of it is accepted. A child process then reads it
-(server/enroll_worker.py probe: container, codec, frame size, duration) before the job is
-queued (server/enrollment.py).
+(server/enroll/worker.py probe: container, codec, frame size, duration) before the job is
+queued (server/enroll/queue.py).
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ from aiohttp import BodyPartReader, ClientError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from engines.identity import USES, Consent, IdentityError, check_name
-from .enroll_worker import MAX_SECONDS, MIN_SECONDS
-from .enrollment import Enrollments, Job, Refused, enrollments_dir, now, owner_digest, probe_upload
-from .security import identity_allowed, is_loopback
+from ..enroll.worker import MAX_SECONDS, MIN_SECONDS
+from ..enroll.queue import Enrollments, Job, Refused, enrollments_dir, now, owner_digest, probe_upload
+from ..security import identity_allowed, is_loopback
 
 log = logging.getLogger("avatar.enroll_http")
 

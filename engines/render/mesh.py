@@ -9,7 +9,7 @@ from functools import lru_cache
 import numpy as np
 from scipy.spatial import Delaunay
 
-from .landmarks import FACE_OVAL, NUM_POINTS, RIGID, inter_ocular
+from ..landmarks import FACE_OVAL, NUM_POINTS, RIGID, inter_ocular
 
 # Hole outlines as upper and lower chains from corner to corner, zipped into triangles.
 MOUTH_UPPER = [78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308]

@@ -1,6 +1,6 @@
 """One viewer's peer connection: the room's avatar video and presenter audio, send-only.
 
-The same for a viewer page (signaling over /ws) and a WHEP player (HTTP, server/whip.py).
+The same for a viewer page (signaling over /ws) and a WHEP player (HTTP, server/http/whip.py).
 Lifecycle mirrors Session: offer() answers, `ended` is set when the peer connection fails,
 close() (idempotent) leaves the room and tears down.
 """
@@ -12,8 +12,9 @@ import secrets
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
-from .rooms import Audience, Room
-from .security import sending_media
+from .audience import Audience
+from .room import Room
+from ..security import sending_media
 
 log = logging.getLogger("avatar.viewer")
 

@@ -20,7 +20,7 @@ from .measure import timing_summary
 from .pipeline import AvatarPipeline
 from .retarget import RetargetControls
 from .video import open_video
-from .watermark import Marker
+from .provenance.watermark import Marker
 
 STAGES = ("decode_ms", "landmarks_ms", "retarget_ms", "render_ms", "mark_ms", "encode_ms")
 

@@ -1,4 +1,4 @@
-"""Child processes of browser enrollment (server/enrollment.py starts them): the probe that
+"""Child processes of browser enrollment (server/enroll/queue.py starts them): the probe that
 checks an uploaded recording, and the training of one job.
 
 Both run outside the server's process. Training holds the GIL and the cores for minutes,
@@ -199,7 +199,7 @@ def run_train(spec: dict) -> int:
     from engines.identity import Consent, IdentityError, IdentityStore
     from engines.neural.config import PRESETS
     from engines.neural.enroll import enroll
-    from engines.watermark import Marker, Payload
+    from engines.provenance.watermark import Marker, Payload
 
     preset = spec["preset"]
     progress = Progress(spec.get("frames"), PRESETS[preset].max_minutes * 60)
