@@ -67,6 +67,13 @@ class ServerConfig:
                                   positive=True, metavar="SECONDS")
     hello_timeout: float = setting(10.0, "seconds a new connection has to say hello", positive=True,
                                    metavar="SECONDS")
+    connect_timeout: float = setting(15.0, "seconds a presenter or viewer has, from its answer, to connect "
+                                           "(ICE and DTLS) before it is ended and its slot freed",
+                                     positive=True, metavar="SECONDS")
+    header_timeout: float = setting(15.0, "seconds an HTTP client has to send a request's headers, and an "
+                                          "idle keep-alive connection stays open", positive=True, metavar="SECONDS")
+    body_timeout: float = setting(10.0, "seconds an HTTP client has to send an SDP offer's body",
+                                  positive=True, metavar="SECONDS")
     max_message: int = setting(64 * 1024, "bytes per signaling message", minimum=256, metavar="BYTES")
     max_sdp: int = setting(32 * 1024, "bytes per SDP offer", minimum=256, metavar="BYTES")
     max_candidates: int = setting(32, "ICE candidates per offer (each costs the server STUN checks)",

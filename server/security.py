@@ -142,6 +142,13 @@ def identity_allowed(allow: frozenset[str] | str, name: str) -> bool:
 room_allowed = identity_allowed  # the same rule for a room allow list
 
 
+def bearer(authorization: str) -> str | None:
+    """The token of an `Authorization: Bearer T` header value (the scheme is case-insensitive,
+    RFC 7235), or None."""
+    scheme, _, token = authorization.partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -222,10 +229,13 @@ FINGERPRINT_ALGORITHMS = {"sha-1", "sha-224", "sha-256", "sha-384", "sha-512"}  
 MAX_MEDIA_SECTIONS = {"video": 1, "audio": 1, "application": 1}
 
 
-def check_offer_sdp(sdp: str, max_candidates: int) -> None:
-    """ValueError (with a message for the client) for an offer the server will not try:
-    more m-lines of a kind than a session uses, an unknown DTLS fingerprint hash, or more
-    ICE candidates than max_candidates (each one costs STUN checks)."""
+def check_offer_sdp(sdp: str, max_candidates: int, role: str | None = None) -> None:
+    """ValueError (with a message for the client) for an offer the server will not try, so
+    nothing is admitted, forked or recorded for it: not parseable SDP, no media section, more
+    m-lines of a kind than a session uses, a BUNDLE group naming a mid no section has, a
+    section without ICE credentials or a DTLS fingerprint (or an unknown fingerprint hash),
+    more ICE candidates than max_candidates (each costs STUN checks). With `role`, also what
+    that peer must offer: a presenter sends video, a viewer only receives."""
     counts: dict[str, int] = {}
     candidates = 0
     for line in sdp.splitlines():
@@ -244,6 +254,37 @@ def check_offer_sdp(sdp: str, max_candidates: int) -> None:
             candidates += 1
             if candidates > max_candidates:
                 raise ValueError(f"at most {max_candidates} ICE candidates per offer")
+    if not counts:
+        raise ValueError("the offer has no media section")
+    _check_parsed(_parse_sdp(sdp))
+    if role == "presenter" and "video" not in sending_media(sdp):
+        raise ValueError("a presenter's offer must send video (the camera)")
+    if role == "viewer" and (sending := sending_media(sdp)):
+        raise ValueError(f"a viewer only receives: offer {' and '.join(sending)} as recvonly")
+
+
+def _parse_sdp(sdp: str):
+    from aiortc.sdp import SessionDescription
+
+    try:
+        return SessionDescription.parse(sdp)
+    except Exception as e:  # the parser raises what it meets: IndexError, KeyError, ValueError...
+        raise ValueError(f"unparseable SDP ({type(e).__name__})") from None
+
+
+def _check_parsed(description) -> None:
+    """What aiortc assumes of a parsed offer and fails on, half set up, when it is missing."""
+    mids = [m.rtp.muxId for m in description.media]
+    for media in description.media:
+        if not media.ice.usernameFragment or not media.ice.password:
+            raise ValueError(f"the {media.kind} section has no ICE credentials (a=ice-ufrag, a=ice-pwd)")
+        if media.dtls is None or not media.dtls.fingerprints:
+            raise ValueError(f"the {media.kind} section has no DTLS fingerprint (a=fingerprint)")
+    for group in description.group:
+        if group.semantic == "BUNDLE":
+            missing = [m for m in group.items if m not in mids]
+            if missing:
+                raise ValueError(f"the BUNDLE group names mid {str(missing[0])[:20]!r}, which no media section has")
 
 
 def sending_media(sdp: str) -> list[str]:

@@ -14,12 +14,13 @@ import logging
 import secrets
 import time
 
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 
 from engines.identity import IdentityError
 from engines.retarget import RetargetControls
 from engines.provenance.watermark import Payload
+from .media.peer import answer, close_peer, connect_deadline, new_peer
 from .media.jitter import IncompatibleAiortc, install_for_track, shorten_audio_buffer, tap_encoded
 from .media.tracks import AvatarTrack, LatestFrame, PreparedFrame, VIDEO_TIME_BASE, avatar_frame, camera_planes, drain
 from .media.stages import ComputeDied, make_stages
@@ -64,26 +65,26 @@ class Session:
         self._spawn(self._watchdog())
 
     async def offer(self, sdp: str) -> str:
-        """Answer an offer. Raises ValueError if the SDP is unusable."""
+        """Answer an offer. Raises ValueError if the SDP is unusable (nothing of it is left)."""
         if self.pc is not None:
             raise RuntimeError("already negotiated")
-        servers = [RTCIceServer(u) for u in self.state.config.ice_servers]
-        self.pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
+        self.pc = pc = new_peer(self.state.config.ice_servers)
         pc.on("track", self._on_track)
         pc.on("datachannel", self._on_datachannel)
         pc.on("connectionstatechange", self._on_state)
-        try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+
+        def add_tracks(pc):
             if not any(t.kind == "video" for t in pc.getTransceivers()):
                 raise ValueError("the offer has no video")
             pc.addTrack(self.out_track)
-            await pc.setLocalDescription(await pc.createAnswer())
-        except Exception as e:
-            # aiortc raises many kinds of errors on hostile SDP; all mean "bad offer".
+
+        try:
+            answer_sdp = await answer(pc, sdp, add_tracks)
+        except ValueError:
             self.pc = None
-            await pc.close()
-            raise ValueError(str(e) or type(e).__name__) from None
-        return pc.localDescription.sdp
+            raise
+        self._spawn(connect_deadline(pc, self.state.config.connect_timeout, self._end))
+        return answer_sdp
 
     def _on_track(self, track) -> None:
         if track.kind == "video" and self.state.config.marker_completion:
@@ -303,10 +304,7 @@ class Session:
         await asyncio.gather(*tasks, return_exceptions=True)
         self.out_track.stop()
         if self.pc is not None:
-            try:
-                await self.pc.close()  # also stops the remote tracks
-            except Exception:
-                log.exception("session %s: closing the peer connection failed", self.id[:8])
+            await close_peer(self.pc)  # also stops the remote tracks
         try:
             await self.stages.close()  # after any frame in flight
         except Exception:

@@ -162,11 +162,17 @@ async def test_whip_presenter_and_whep_player(tmp_path, monkeypatch):
             assert max(rms(f) for _, f in player.audio[-25:]) > 0.05
 
             # Refusals: each a clear HTTP error while the room keeps streaming.
-            sdp = await whip_offer(RTCPeerConnection())
+            sdp = await whip_offer(RTCPeerConnection())  # no media section: refused before anything is admitted
             assert (await post(http, f"{base}/whep/main", sdp, "nope"))[0] == 401
-            assert (await post(http, f"{base}/whip/main", sdp, "watch"))[0] == 403
-            assert (await post(http, f"{base}/whip/main", sdp, "pres"))[0] == 409  # one presenter
-            assert (await post(http, f"{base}/whep/empty", sdp, "pres"))[0] == 404
+            assert (await post(http, f"{base}/whip/main", sdp, "pres"))[0] == 400
+            second = RTCPeerConnection()
+            second.addTrack(drive())
+            camera_sdp = await whip_offer(second)
+            await second.close()
+            assert (await post(http, f"{base}/whip/main", camera_sdp, "watch"))[0] == 403
+            assert (await post(http, f"{base}/whip/main", camera_sdp, "pres"))[0] == 409  # one presenter
+            assert (await post(http, f"{base}/whep/main", camera_sdp, "pres"))[0] == 400  # a viewer only receives
+            assert (await post(http, f"{base}/whep/empty", pc.localDescription.sdp, "pres"))[0] == 404
             assert (await post(http, f"{base}/whep/Bad..Room", sdp, "pres"))[0] == 400
             assert (await post(http, f"{base}/whep/main", sdp, "pres", "text/plain"))[0] == 415
             assert (await post(http, f"{base}/whep/main", "v=0\r\n" + "a=x\r\n" * 20000, "pres"))[0] == 413

@@ -232,7 +232,8 @@ class Connection:
         if len(sdp.encode()) > self.config.max_sdp:
             raise ProtocolError("too_large", f"SDP is limited to {self.config.max_sdp} bytes")
         try:
-            check_offer_sdp(sdp, self.config.max_candidates)
+            check_offer_sdp(sdp, self.config.max_candidates,
+                            "viewer" if self.session.role == "viewer" else "presenter")
         except ValueError as e:
             raise ProtocolError("bad_sdp", f"cannot use this offer: {e}")
         try:

@@ -23,11 +23,11 @@ import hashlib
 import hmac
 import logging
 
-from aiohttp import web
+from aiohttp import ClientConnectionError, web
 
 from engines.identity import DEFAULT_IDENTITY, ConsentError, IdentityError, check_name
 from ..rooms.room import RoomBusy, RoomFull
-from ..security import check_offer_sdp, check_room, identity_allowed, room_allowed
+from ..security import bearer as parse_bearer, check_offer_sdp, check_room, identity_allowed, room_allowed
 from ..state import ServerBusy
 
 log = logging.getLogger("avatar.whip")
@@ -59,7 +59,7 @@ class Endpoints:
     async def whip(self, request: web.Request) -> web.Response:
         state = request.app[self.key]
         try:
-            token, room, sdp = await self._offer_request(request, state)
+            token, room, sdp = await self._offer_request(request, state, "presenter")
             allow = state.auth.allowed(token)
             if allow is None:
                 raise Refused(fail(403, "WHIP needs a presenter token; a viewer token can only watch (WHEP)"))
@@ -90,7 +90,7 @@ class Endpoints:
     async def whep(self, request: web.Request) -> web.Response:
         state = request.app[self.key]
         try:
-            token, room, sdp = await self._offer_request(request, state)
+            token, room, sdp = await self._offer_request(request, state, "viewer")
             if not room_allowed(state.auth.rooms(token), room):
                 raise Refused(fail(403, f"this token may not watch room {room!r}"))
             if state.rooms.live(room) is None:
@@ -103,8 +103,9 @@ class Endpoints:
             return r.response
         return await self._answer(request, state, peer, token, sdp, "whep")
 
-    async def _offer_request(self, request: web.Request, state) -> tuple[str, str, str]:
-        """(token, room, offer) of a valid WHIP/WHEP POST, or Refused with the HTTP error."""
+    async def _offer_request(self, request: web.Request, state, role: str) -> tuple[str, str, str]:
+        """(token, room, offer) of a valid WHIP/WHEP POST whose offer `role` may make, or
+        Refused with the HTTP error: all checked before anything is admitted."""
         token = bearer(request)
         if state.auth.role(token) is None:
             state.metrics.reject("unauthorized")
@@ -118,28 +119,53 @@ class Endpoints:
             raise Refused(fail(415, f"the offer must be sent as {SDP}"))
         if (request.content_length or 0) > state.config.max_sdp:
             raise Refused(fail(413, f"SDP is limited to {state.config.max_sdp} bytes"))
+        sdp = await self._read_offer(request, state)
+        if not sdp.startswith("v=0"):
+            raise Refused(fail(400, "the body must be an SDP offer starting with 'v=0'"))
         try:
-            body = await request.read()
+            check_offer_sdp(sdp, state.config.max_candidates, role)
+        except ValueError as e:
+            raise Refused(fail(400, f"cannot use this offer: {e}"))
+        return token, room, sdp
+
+    async def _read_offer(self, request: web.Request, state) -> str:
+        """The offer's text, read within body_timeout and max_sdp, or Refused. While it is read
+        it counts against its address's budget of unfinished requests."""
+        address = request.remote or "unknown"
+        if not state.open_pending(address):  # the same budget as WebSockets that have not said hello
+            raise Refused(fail(429, "too many requests in progress from this address", **{"Retry-After": "5"}))
+        try:
+            body = await asyncio.wait_for(request.read(), state.config.body_timeout)
             sdp = body.decode()
         except web.HTTPRequestEntityTooLarge:
             raise Refused(fail(413, f"SDP is limited to {state.config.max_sdp} bytes"))
         except UnicodeDecodeError:
             raise Refused(fail(400, "the offer is not UTF-8 text"))
+        except asyncio.TimeoutError:
+            log.info("%s from %s: no whole offer within %g s", request.path[:40], request.remote,
+                     state.config.body_timeout)
+            response = fail(408, f"the offer must arrive within {state.config.body_timeout:g} s")
+            response.force_close()  # rather than wait out the rest of a body that may never come
+            raise Refused(response)
+        except (ConnectionError, ClientConnectionError) as e:  # the client hung up mid-body: one line
+            log.info("%s from %s: the client left mid-request (%s)", request.path[:40], request.remote,
+                     type(e).__name__)
+            raise Refused(fail(400, "the request body was cut off"))
+        finally:
+            state.close_pending(address)
         if len(body) > state.config.max_sdp:
             raise Refused(fail(413, f"SDP is limited to {state.config.max_sdp} bytes"))
-        if not sdp.startswith("v=0"):
-            raise Refused(fail(400, "the body must be an SDP offer starting with 'v=0'"))
-        try:
-            check_offer_sdp(sdp, state.config.max_candidates)
-        except ValueError as e:
-            raise Refused(fail(400, f"cannot use this offer: {e}"))
-        return token, room, sdp
+        return sdp
 
     async def _answer(self, request, state, peer, token: str, sdp: str, kind: str) -> web.Response:
         try:
             answer = await peer.offer(sdp)
-        except (ValueError, RuntimeError) as e:
+        except BaseException as e:  # whatever failed, the peer's slot, seat and audit row go with it
             await state.end(peer, error=f"bad offer: {str(e)[:200]}")
+            if not isinstance(e, Exception):
+                raise
+            if not isinstance(e, ValueError):
+                log.exception("%s %s: answering failed", kind.upper(), peer.id[:8])
             return fail(400, f"cannot use this offer: {str(e)[:200]}")
         self.owners[peer.id] = digest(token)
         asyncio.get_running_loop().create_task(self._end_when_done(state, peer))
@@ -173,8 +199,7 @@ class Endpoints:
 
 
 def bearer(request: web.Request) -> str | None:
-    auth = request.headers.get("Authorization", "")
-    return auth[7:] if auth.startswith("Bearer ") else None
+    return parse_bearer(request.headers.get("Authorization", ""))
 
 
 def digest(token: str | None) -> bytes:

@@ -10,11 +10,11 @@ import asyncio
 import logging
 import secrets
 
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection
 
 from .audience import Audience
 from .room import Room
-from ..security import sending_media
+from ..media.peer import answer, close_peer, connect_deadline, new_peer
 
 log = logging.getLogger("avatar.viewer")
 
@@ -42,33 +42,33 @@ class Viewer:
         self.pc: RTCPeerConnection | None = None
         self.ended = asyncio.Event()
         self.end_reason = ""
+        self._deadline: asyncio.Task | None = None
         self._closed = False
 
     async def offer(self, sdp: str) -> str:
-        """Answer a receive-only offer. ValueError if the SDP is unusable."""
+        """Answer a receive-only offer. ValueError if the SDP is unusable (nothing of it is left)."""
         if self.pc is not None:
             raise RuntimeError("already negotiated")
-        sending = sending_media(sdp)
-        if sending:
-            raise ValueError(f"a viewer only receives: offer {' and '.join(sending)} as recvonly")
-        servers = [RTCIceServer(u) for u in self.state.config.ice_servers]
-        self.pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
+        self.pc = pc = new_peer(self.state.config.ice_servers)
         pc.on("connectionstatechange", self._on_state)
-        try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+
+        def add_tracks(pc):
             kinds = {t.kind for t in pc.getTransceivers()}
             if not kinds & {"video", "audio"}:
                 raise ValueError("the offer asks for neither video nor audio")
             for track in (self.audience.video, self.audience.audio):
                 if track.kind in kinds:
                     pc.addTrack(track)
-            await pc.setLocalDescription(await pc.createAnswer())
-            self.audience.audio.opus_out = audio_codec(pc.localDescription.sdp) in (None, "opus")
-        except Exception as e:
+
+        try:
+            answer_sdp = await answer(pc, sdp, add_tracks)
+        except ValueError:
             self.pc = None
-            await pc.close()
-            raise ValueError(str(e) or type(e).__name__) from None
-        return pc.localDescription.sdp
+            raise
+        self.audience.audio.opus_out = audio_codec(answer_sdp) in (None, "opus")
+        self._deadline = asyncio.get_running_loop().create_task(
+            connect_deadline(pc, self.state.config.connect_timeout, self._end))
+        return answer_sdp
 
     async def _on_state(self) -> None:
         if self.pc is not None and self.pc.connectionState in ("failed", "closed"):
@@ -85,9 +85,8 @@ class Viewer:
         self._closed = True
         self._end("closed")
         self.room.leave(self.audience)
+        if self._deadline is not None:
+            self._deadline.cancel()
         if self.pc is not None:
-            try:
-                await self.pc.close()
-            except Exception:
-                log.exception("viewer %s: closing the peer connection failed", self.id[:8])
+            await close_peer(self.pc)
         self.pc = None

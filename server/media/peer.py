@@ -1,0 +1,46 @@
+"""What a presenter Session and a Viewer share about their aiortc peer connection: answering
+an offer, closing a connection whatever state a failed negotiation left it in, and the
+deadline by which a negotiated peer must have connected."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+
+log = logging.getLogger("avatar.peer")
+
+
+def new_peer(ice_servers: list[str]) -> RTCPeerConnection:
+    return RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(u) for u in ice_servers]))
+
+
+async def answer(pc: RTCPeerConnection, sdp: str, add_tracks: Callable[[RTCPeerConnection], None]) -> str:
+    """The answer to `sdp`, after add_tracks(pc) has added what this peer sends. ValueError
+    for any offer aiortc cannot use (it raises many kinds on hostile SDP); `pc` is then closed."""
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        add_tracks(pc)
+        await pc.setLocalDescription(await pc.createAnswer())
+    except Exception as e:
+        await close_peer(pc)
+        raise ValueError(str(e)[:200] or type(e).__name__) from None
+    return pc.localDescription.sdp
+
+
+async def close_peer(pc: RTCPeerConnection) -> None:
+    """Close, never raise: aiortc's close() fails on a connection a bad offer left half set up
+    (AttributeError on a transport it never made), and a failed close must not keep a slot."""
+    try:
+        await pc.close()
+    except Exception as e:
+        log.debug("closing a peer connection: %s: %s", type(e).__name__, e)
+
+
+async def connect_deadline(pc: RTCPeerConnection, seconds: float, end: Callable[[str], None]) -> None:
+    """end(reason) unless `pc` is connected within `seconds` of its answer: a peer that never
+    does ICE (no candidates, unreachable) must not hold its slot."""
+    await asyncio.sleep(seconds)
+    if pc.connectionState != "connected":
+        end(f"not connected within {seconds:g} s")
