@@ -1,3 +1,5 @@
+import gc
+import logging
 import os
 
 import pytest
@@ -35,3 +37,38 @@ def expressive_landmarks():
     frames = read_frames(shared_clip("drive_expressive.mp4"))
     with FaceLandmarker() as lm:
         return frames, [lm(f) for f in frames]
+
+
+class _UnretrievedTaskErrors(logging.Handler):
+    """asyncio's "Task exception was never retrieved" (and "exception was never retrieved" of
+    futures): an error a task raised that nobody awaited. Each one fails the suite."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.seen: list[str] = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "never retrieved" in message:
+            self.seen.append(message + "".join(logging.Formatter().formatException(record.exc_info)
+                                               if record.exc_info else ""))
+
+
+_unretrieved = _UnretrievedTaskErrors()
+logging.getLogger("asyncio").addHandler(_unretrieved)
+
+
+@pytest.fixture(autouse=True)
+def no_unretrieved_task_errors():
+    """A test fails when asyncio reports an exception no one retrieved while it ran (found as
+    the garbage collector meets the task: so also checked once more at the session's end)."""
+    before = len(_unretrieved.seen)
+    yield
+    assert len(_unretrieved.seen) == before, "\n".join(_unretrieved.seen[before:])
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_unretrieved_task_errors_at_the_end():
+    yield
+    gc.collect()
+    assert not _unretrieved.seen, "\n".join(_unretrieved.seen)

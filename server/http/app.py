@@ -26,7 +26,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from engines.identity import DEFAULT_IDENTITY
 from ..config import ServerConfig, config_from_args
-from ..security import ConfigError, host_allowed, is_loopback, origin_allowed
+from ..security import ConfigError, bearer, host_allowed, is_loopback, origin_allowed, room_allowed
 from .signaling import Closed, Connection
 from ..state import ServerState
 from ..media.udp_ports import confine_udp_ports, parse_range
@@ -38,6 +38,7 @@ log = logging.getLogger("avatar.server")
 # The web client ships inside the package as `server.web` (pyproject maps it to web/), so
 # an installed `avatar` serves it too, not only a checkout.
 WEB = files("server.web")
+LINGER = 2.0  # seconds
 STATIC = {"/": "index.html", "/index.html": "index.html", "/app.js": "app.js",
           "/viewer.html": "viewer.html", "/viewer.js": "viewer.js", "/common.js": "common.js", "/style.css": "style.css",
           "/enroll.html": "enroll.html", "/enroll.js": "enroll.js"}
@@ -85,7 +86,7 @@ def bearer_token(request: web.Request) -> str | None:
     """The Authorization bearer token, else ?token= (the header is better: query strings
     end up in logs)."""
     auth = request.headers.get("Authorization", "")
-    return auth[7:] if auth.startswith("Bearer ") else request.query.get("token")
+    return bearer(auth) if auth else request.query.get("token")
 
 
 @web.middleware
@@ -146,9 +147,11 @@ async def identities(request: web.Request) -> web.Response:
 
 async def rooms(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    if state.auth.role(bearer_token(request)) is None:
+    watchable = state.auth.rooms(bearer_token(request))
+    if watchable is None:
         return text(401, "missing or invalid token")
-    return web.json_response({"rooms": state.rooms.describe()})
+    # A viewer token sees only the rooms it may watch: no other room's name or identity.
+    return web.json_response({"rooms": [r for r in state.rooms.describe() if room_allowed(watchable, r["room"])]})
 
 
 class Socket:
@@ -293,7 +296,12 @@ async def start_server(config: ServerConfig | None = None):
     if config.cert:
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         tls.load_cert_chain(config.cert, config.key)
-    runner = web.AppRunner(make_app(state), handle_signals=False, access_log=None, shutdown_timeout=5)
+    # aiohttp's keep-alive timer runs from the connection's start and closes it if no whole
+    # request has arrived by then: the header deadline (slowloris) and the idle keep-alive bound.
+    # Lingering (reading the rest of a refused body so the client sees the answer) is bounded
+    # by LINGER instead of aiohttp's 10 s, which a client trickling a body could hold.
+    runner = web.AppRunner(make_app(state), handle_signals=False, access_log=None, shutdown_timeout=5,
+                           keepalive_timeout=config.header_timeout, lingering_time=LINGER)
     await runner.setup()
     restore_handler = AcceptErrorLog(loop).install()
     release_ports = (confine_udp_ports(loop, parse_range(config.udp_ports))
