@@ -54,7 +54,9 @@ class ServerConfig:
     port: int = setting(8080, "port (0 = any free)", minimum=0, maximum=65535)
     cert: str | None = setting(None, "TLS certificate (PEM); serves https/wss with --key", metavar="PEM")
     key: str | None = setting(None, "TLS private key (PEM)", metavar="PEM")
-    origins: list[str] = setting(help="extra allowed WebSocket Origin, e.g. https://example.org",
+    origins: list[str] = setting(help="a page origin on another site that may use this server, e.g. "
+                                      "https://meet.example.org: its WebSocket handshakes, and CORS on WHIP, "
+                                      "WHEP, /identities and /rooms (demo mode also allows loopback pages)",
                                  factory=list, repeat="origin", metavar="URL")
     hosts: list[str] = setting(help="Host header names clients may use, e.g. avatar.example.org:8443 "
                                     "(default: any with tokens; loopback names only in demo mode)",

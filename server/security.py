@@ -173,18 +173,29 @@ def host_allowed(host_header: str | None, demo_mode: bool, allowed: list[str]) -
     return not allowed or host_header.lower() in (a.lower() for a in allowed)
 
 
-def origin_allowed(origin: str | None, host_header: str | None, extra: list[str]) -> bool:
-    """Browsers always send Origin on a WebSocket handshake; other clients may not.
-    Accept no Origin, the page's own host, or an explicitly configured origin."""
+EXTENSION_SCHEMES = ("chrome-extension", "moz-extension", "safari-web-extension")
+
+
+def origin_allowed(origin: str | None, host_header: str | None, extra: list[str],
+                   demo_mode: bool = False) -> bool:
+    """Browsers send Origin on a WebSocket handshake and a cross-site request; other clients
+    may not. Accept no Origin, the page's own host, an explicitly configured origin, a browser
+    extension (the user installed it and gave it this server: not a web page, like any other
+    client it needs a token), and in demo mode (loopback only) a page served from loopback,
+    e.g. another local port."""
     if origin is None:
         return True
     if origin in extra:
         return True
     try:
-        netloc = urlsplit(origin).netloc
+        parts = urlsplit(origin)
     except ValueError:
         return False
-    return bool(host_header) and netloc.lower() == host_header.lower()
+    if parts.scheme in EXTENSION_SCHEMES and parts.netloc:
+        return True
+    if demo_mode and parts.scheme in ("http", "https") and parts.hostname and is_loopback(parts.hostname):
+        return True
+    return bool(host_header) and parts.netloc.lower() == host_header.lower()
 
 
 class RateLimiter:
@@ -259,8 +270,8 @@ def check_offer_sdp(sdp: str, max_candidates: int, role: str | None = None) -> N
     _check_parsed(_parse_sdp(sdp))
     if role == "presenter" and "video" not in sending_media(sdp):
         raise ValueError("a presenter's offer must send video (the camera)")
-    if role == "viewer" and (sending := sending_media(sdp)):
-        raise ValueError(f"a viewer only receives: offer {' and '.join(sending)} as recvonly")
+    if role == "viewer" and (only := sending_media(sdp, only=True)):
+        raise ValueError(f"a viewer receives: offer {' and '.join(only)} as recvonly or sendrecv")
 
 
 def _parse_sdp(sdp: str):
@@ -287,12 +298,14 @@ def _check_parsed(description) -> None:
                 raise ValueError(f"the BUNDLE group names mid {str(missing[0])[:20]!r}, which no media section has")
 
 
-def sending_media(sdp: str) -> list[str]:
-    """The media kinds an offer wants to send (sendrecv or sendonly; sendrecv when unsaid)."""
+def sending_media(sdp: str, only: bool = False) -> list[str]:
+    """The media kinds an offer wants to send (sendrecv or sendonly; sendrecv when unsaid), or
+    with `only`, wants only to send (sendonly)."""
+    sending = ("sendonly",) if only else ("sendrecv", "sendonly", None)
     kinds, kind, direction = [], None, None
     for line in sdp.splitlines() + ["m=end"]:
         if line.startswith("m="):
-            if kind in ("audio", "video") and direction in ("sendrecv", "sendonly", None):
+            if kind in ("audio", "video") and direction in sending:
                 kinds.append(kind)
             kind, direction = line[2:].split(" ", 1)[0], None
         elif line[2:] in ("sendrecv", "sendonly", "recvonly", "inactive") and line.startswith("a="):

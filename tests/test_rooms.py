@@ -171,7 +171,11 @@ async def test_whip_presenter_and_whep_player(tmp_path, monkeypatch):
             await second.close()
             assert (await post(http, f"{base}/whip/main", camera_sdp, "watch"))[0] == 403
             assert (await post(http, f"{base}/whip/main", camera_sdp, "pres"))[0] == 409  # one presenter
-            assert (await post(http, f"{base}/whep/main", camera_sdp, "pres"))[0] == 400  # a viewer only receives
+            sender = RTCPeerConnection()
+            sender.addTransceiver(drive(), direction="sendonly")
+            send_only = await whip_offer(sender)
+            await sender.close()
+            assert (await post(http, f"{base}/whep/main", send_only, "pres"))[0] == 400  # a viewer receives
             assert (await post(http, f"{base}/whep/empty", pc.localDescription.sdp, "pres"))[0] == 404
             assert (await post(http, f"{base}/whep/Bad..Room", sdp, "pres"))[0] == 400
             assert (await post(http, f"{base}/whep/main", sdp, "pres", "text/plain"))[0] == 415

@@ -114,6 +114,36 @@ async def guard(request: web.Request, handler):
     return response
 
 
+# What browser pages on other sites may call (a WHIP/WHEP client, the in-call extension):
+# with an Origin from --origin (demo mode: loopback pages too), bearer tokens, no cookies.
+CORS_PREFIXES = ("/whip/", "/whep/", "/identities", "/rooms")
+CORS_HEADERS = {"Access-Control-Allow-Methods": "GET, POST, PATCH, DELETE, OPTIONS",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
+                "Access-Control-Expose-Headers": "Location, Link, ETag", "Access-Control-Max-Age": "600"}
+
+
+@web.middleware
+async def cors(request: web.Request, handler):
+    """Answers preflights; refuses, before anything starts, a cross-site request from an
+    origin that is not allowed; lets an allowed one read the answer (and its Location)."""
+    origin = request.headers.get("Origin")
+    if origin is None or not request.path.startswith(CORS_PREFIXES):
+        return await handler(request)
+    state = request.app[STATE]
+    if not origin_allowed(origin, request.headers.get("Host"), state.config.origins, state.auth.demo_mode):
+        state.metrics.reject("bad_origin")
+        return text(403, f"pages from {origin[:100]} may not use this server (see --origin)")
+    if request.method == "OPTIONS":
+        response = web.Response(status=204)
+    else:
+        try:
+            response = await handler(request)
+        except web.HTTPException as e:
+            response = e
+    response.headers.update({"Access-Control-Allow-Origin": origin, "Vary": "Origin", **CORS_HEADERS})
+    return response
+
+
 async def static(request: web.Request) -> web.Response:
     name = STATIC[request.path]
     try:
@@ -210,7 +240,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 def make_app(state: ServerState) -> web.Application:
     # client_max_size bounds every body read whole: WHIP/WHEP offers. An enrollment's recording
     # is streamed to disk in chunks instead, under its own cap (server/http/enroll.py).
-    app = web.Application(middlewares=[guard], client_max_size=state.config.max_sdp + 1024)
+    app = web.Application(middlewares=[guard, cors], client_max_size=state.config.max_sdp + 1024)
     app[STATE] = state
     for path in STATIC:
         app.router.add_get(path, static)

@@ -59,6 +59,10 @@ class Viewer:
             for track in (self.audience.video, self.audience.audio):
                 if track.kind in kinds:
                     pc.addTrack(track)
+            for transceiver in pc.getTransceivers():
+                # Nothing a viewer might send is read: a sendrecv offer (WHEP players make
+                # them) gets a sendonly answer, so none of it arrives to queue up.
+                transceiver.direction = "sendonly"
 
         try:
             answer_sdp = await answer(pc, sdp, add_tracks)
