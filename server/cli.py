@@ -79,6 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     rooms.add_argument("--json", action="store_true", help="print the JSON as the server sent it")
     rooms.set_defaults(func=cmd_rooms)
 
+    ext = sub.add_parser(
+        "extension", help="write the \"Avatar camera\" browser extension, configured for a server",
+        description="Write the \"Avatar camera\" extension (Chromium, Chrome, Edge; Manifest V3) as an "
+        "unpacked folder: every page then sees one more camera, \"Avatar camera (IDENTITY)\"; a video "
+        "call that picks it gets your avatar (your real camera goes to the server over WHIP) and, with "
+        "audio, your microphone delayed to match. Load it at chrome://extensions: Developer mode, "
+        "Load unpacked, pick DIR. Its options page changes the settings later.")
+    ext.add_argument("-o", "--out", type=Path, required=True, metavar="DIR", help="the folder to write")
+    ext.add_argument("--server", required=True, metavar="URL", help="the avatar server, e.g. http://127.0.0.1:8080/")
+    ext.add_argument("--token", help="a presenter token (written into DIR/config.json, readable by you only)")
+    ext.add_argument("--identity", help="the identity to appear as (default: the server's demo)")
+    ext.add_argument("--room", help="also show the avatar to this room's viewers (default: a private room)")
+    ext.set_defaults(func=cmd_extension)
+
     render = sub.add_parser("render", help="reenact a driving video offline",
                             description="Reenact a driving video with an identity. Keeps the audio "
                             "track and prints (and writes) per-stage timings.")
@@ -163,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     from server.bench import command as bench_live
     bench_live.add_arguments(live)
     live.set_defaults(func=cmd_bench_live)
+    from server.bench import in_call as bench_in_call
+    bic = bsub.add_parser("in-call", help="the Avatar camera extension's cost against the presenter page",
+                          description=bench_in_call.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_in_call.add_arguments(bic)
+    bic.set_defaults(func=bench_in_call.run)
     from server.bench import watermark as bench_watermark
     bw = bsub.add_parser("watermark", help="does the invisible mark survive codecs and scaling; cost; PSNR",
                          description=bench_watermark.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -262,6 +281,19 @@ def cmd_rooms(args) -> int:
         who = r["presenter"]["identity"] if r["presenter"] else "(no presenter)"
         sfu = f"  SFU: {r['sfu']}" if r.get("sfu") else ""
         print(f"{r['room']:<20} {who:<20} {r['viewers']} direct viewer(s){sfu}")
+    return 0
+
+
+def cmd_extension(args) -> int:
+    from server.extension import write_extension
+
+    try:
+        out = write_extension(args.out, args.server, args.token, args.identity, args.room)
+    except ValueError as e:
+        raise RuntimeError(str(e)) from None
+    print(f"wrote the Avatar camera extension to {out}\n"
+          "load it at chrome://extensions (Developer mode, Load unpacked), then pick "
+          "\"Avatar camera\" as the camera in your call")
     return 0
 
 

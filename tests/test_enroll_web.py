@@ -355,7 +355,8 @@ PAGE = """(() => ({state: window.enroll.state, job: window.enroll.job, error: wi
 async def test_enroll_page_in_chromium_trains_an_identity(tmp_path, monkeypatch):
     """The page end to end: consent, an 8-second guided recording from the fake camera (a shared
     self-scan), upload, training on a tiny budget; the identity is then in the picker's list."""
-    from test_browser import CHROMIUM, browser_page, poll, write_y4m
+    from server.bench.chromium import CHROMIUM, browser_page, write_y4m
+    from test_browser import poll
 
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")

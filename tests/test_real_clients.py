@@ -27,7 +27,8 @@ import pytest
 
 from helpers import AvatarClient, ClipTrack, SineTrack, clip, read_seconds, rms, running_server, wait_for
 from server.bench.avsync import estimate_offset
-from test_browser import ARTIFACTS, CHROMIUM, DevTools, browser_page, poll, write_y4m
+from server.bench.chromium import CHROMIUM, DevTools, browser_page, write_y4m
+from test_browser import ARTIFACTS, poll
 from test_server_e2e import openness
 
 pytestmark = pytest.mark.slow
@@ -149,7 +150,8 @@ async def test_viewer_page_shows_the_avatar_and_plays_the_voice(tmp_path, monkey
     async with running_server(tmp_path, monkeypatch) as srv:
         presenter = await present(srv)
         try:
-            async with browser_page(f"{srv.url}viewer.html?room=main&autostart=1", y4m, tmp_path / "profile") as tools:
+            # The link the presenter shares, as it is: it plays with no click on Watch.
+            async with browser_page(f"{srv.url}viewer.html?room=main", y4m, tmp_path / "profile") as tools:
                 state = await poll(tools, lambda s: min(s.get("shown", 0), s.get("frames", 0)) > 45 and s.get("mean", 0) > 20, 40, PAGE)
                 assert "Live" in state["message"] and "demo" in state["message"], state
                 assert state["presenter"] == {"identity": "demo"} and state["error"] is None, state

@@ -144,5 +144,7 @@ $("unmute").addEventListener("click", () => { $("stream").muted = false; $("unmu
   const params = new URLSearchParams(location.search);
   if (params.get("room")) $("room").value = params.get("room");
   if (params.get("token")) $("token").value = params.get("token");
-  if (params.get("autostart") === "1" && $("room").value) watch();
+  // A shared link (viewer.html?room=NAME) plays at once: muted if the browser demands it,
+  // with the unmute button shown. ?autostart=0 waits for Watch.
+  if ($("room").value && params.get("autostart") !== "0") watch();
 })();
