@@ -32,11 +32,14 @@ log = logging.getLogger("avatar.session")
 class Session:
     role = "session"
 
-    def __init__(self, state, identity_name: str, room=None):
+    def __init__(self, state, identity_name: str, room=None, badge_own_video: bool = False):
         self.state = state
         self.id = secrets.token_hex(16)
         self.identity_name = identity_name
         self.room = room  # rooms.Room this session presents in, or None
+        # The video it sends back is shown to other people (a WHIP client: an encoder, the
+        # in-call camera), so it carries the viewers' badge; the presenter page's preview does not.
+        self.badge_own_video = badge_own_video
         # Two single-thread stages (see media.FrameProcessor): landmarks, retarget and the
         # render's first half; then its second half and the watermark.
         self.stages = make_stages(state.config.compute, self.id, state.config.opencv_threads)
@@ -230,13 +233,14 @@ class Session:
 
     async def _render(self, prepared: PreparedFrame) -> None:
         # Sends its frame as soon as it is ready, not when the next camera frame arrives.
-        viewer_label = self.room is not None and self.label_viewers
+        viewer_label = (self.room is not None or self.badge_own_video) and self.label_viewers
         result = await self._stage("render", "finish", prepared.handle, viewer_label)
         if result is None:
             self.stats.rejected += 1
             return
         image, labelled, ms = result
-        video, rec = avatar_frame(image, prepared, ms)
+        own = labelled if self.badge_own_video and labelled is not None else image
+        video, rec = avatar_frame(own, prepared, ms)
         self.out_track.push(video)
         if self.room is not None:
             self.room.publish_video(image if labelled is None else labelled, rec.recv_time)

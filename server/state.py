@@ -67,7 +67,7 @@ class ServerState:
         self.metrics.sessions_active -= 1
 
     async def open_session(self, identity: str, room_name: str | None = None, *, who: str,
-                           address: str | None = None) -> Session:
+                           address: str | None = None, badge_own_video: bool = False) -> Session:
         """A started presenter session, publishing into `room_name` if given, on record in the
         audit log as used by `who` (ServerState.who) from `address`. Raises RoomBusy,
         ServerBusy, IdentityError (the identity cannot be loaded), or the audit log's error
@@ -81,7 +81,7 @@ class ServerState:
                 self.rooms.tidy(room)
             raise ServerBusy(f"the server is at its limit of {self.config.max_sessions} sessions; "
                              "try again later")
-        session = Session(self, identity, room)
+        session = Session(self, identity, room, badge_own_video)
         self.sessions[session.id] = session
         if room is not None:
             room.claim(session)

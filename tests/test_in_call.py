@@ -189,6 +189,21 @@ def openness_series(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.array(times), np.array(values)
 
 
+def badge_shown(path: Path) -> None:
+    """The call sees the "AI avatar" badge (the viewers' copy), in the avatar's top-left
+    corner, where the avatar's own top-right corner is smooth background."""
+    import av
+
+    with av.open(str(path)) as f:
+        frames = [fr.to_ndarray(format="gray") for fr in f.decode(video=0)][-30:]
+    height, width = frames[0].shape
+    scale, left = height / 256, (width - height) // 2  # the 256-px avatar, fitted into the frame
+    rows = slice(round(4 * scale), round(18 * scale))
+    badge = np.mean([f[rows, left + round(4 * scale):left + round(70 * scale)].std() for f in frames])
+    plain = np.mean([f[rows, left + height - round(70 * scale):left + height - round(4 * scale)].std() for f in frames])
+    assert badge > 2 * plain, f"no AI-avatar badge in the call's frames ({badge:.1f} vs {plain:.1f})"
+
+
 def best_periodic_match(times, values, driver: np.ndarray, fps: float) -> float:
     """The highest correlation of `values` with the looping `driver` series over every start."""
     period = len(driver) / fps
@@ -239,6 +254,7 @@ async def test_a_meeting_page_picks_the_avatar_camera(tmp_path, monkeypatch):
                             capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0 and "FOUND" in verify.stdout, verify.stdout + verify.stderr
 
+    badge_shown(recording)
     times, values = openness_series(recording)
     # MediaRecorder's 720p encode shares these 2 cores with the server and Chromium's decode:
     # the recording's own frame rate is not the avatar's (the server's stats are).

@@ -73,7 +73,8 @@ class Endpoints:
             if identity not in state.visible_identities(allow):
                 raise Refused(fail(404, f"no identity named {identity!r}"))
             try:
-                peer = await state.open_session(identity, room, who=state.who(token), address=request.remote)
+                peer = await state.open_session(identity, room, who=state.who(token), address=request.remote,
+                                                badge_own_video=True)
             except RoomBusy as e:
                 raise Refused(fail(409, f"{e}; end it first or pick another room"))
             except ConsentError as e:
