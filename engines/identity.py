@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import math
@@ -18,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,13 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 MEMORIES = ("mouth_memory", "eye_memory")  # optional manifest fields naming a bundle's remembered appearances
 FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # a plain file inside the bundle
 DEFAULT_IDENTITY = "demo"
+# A bundle being written, beside the identities: .<name>-<8 random>.staging (no suffix
+# before issue #33). Its writer holds it locked; one found unlocked is a dead writer's.
+STAGING_SUFFIX = ".staging"
+STAGING_RE = re.compile(r"\.[a-z0-9][a-z0-9_-]{0,62}-[a-z0-9_]{8}(\.staging)?")
+# Join controls shape letters (Persian, Indic scripts) and emoji; no other format or control
+# character belongs in a name people read.
+JOINERS = frozenset("\u200c\u200d")
 CROP_SCALE = 1.9  # crop side over the landmarks' extent: room for hair and neck
 
 
@@ -61,6 +70,24 @@ def check_name(name: object) -> str:
             f"invalid identity name {name!r}: use 1-63 lowercase letters, digits, '-' or '_', "
             "starting with a letter or digit")
     return name
+
+
+def check_label(text: object, what: str) -> str:
+    """A one-line text people read as a name (a display name, a consent's subject);
+    IdentityError if it holds a control or format character: a newline forges another line
+    of a log or a list, a bidi override (U+202E) shows other words than those stored."""
+    if not isinstance(text, str):
+        raise IdentityError(f"{what} must be a string")
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp") and ch not in JOINERS:
+            raise IdentityError(f"{what} has a control character (U+{ord(ch):04X}); use one line of plain text")
+    return text
+
+
+def check_labels(display_name: str, consent: "Consent") -> None:
+    """The names an identity shows people: its display name and its consent's subject."""
+    check_label(display_name, "display_name")
+    check_label(consent.subject, "consent.subject")
 
 
 @dataclass
@@ -262,6 +289,7 @@ class IdentityStore:
         that name is replaced only with `overwrite`, checked again at the end, as an
         enrollment's minutes of training leave time for one to appear."""
         consent.check("enrollment")
+        check_labels(display_name, consent)
         with self.new_bundle(name) as staging:
             cv2.imwrite(str(staging / "reference.png"), cv2.cvtColor(reference, cv2.COLOR_RGB2BGR))
             np.save(staging / "neutral.npy", neutral.astype(np.float32))
@@ -286,13 +314,60 @@ class IdentityStore:
 
     @contextlib.contextmanager
     def new_bundle(self, name: str):
-        """A staging folder beside the identities, removed afterwards unless published."""
+        """A staging folder beside the identities, removed afterwards unless published. It
+        holds a face until then, so a writer killed mid-write must not leave it behind: the
+        writer keeps it locked (the kernel drops the lock when the writer dies), and
+        sweep_staging, run here and when the server starts, removes unlocked ones."""
         self.root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{check_name(name)}-", dir=self.root))
+        self.sweep_staging()
+        staging, lock = self._locked_staging(check_name(name))
         try:
             yield staging
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            os.close(lock)
+
+    def _locked_staging(self, name: str) -> tuple[Path, int]:
+        """A new staging folder and the descriptor holding its lock. Another process's sweep
+        may take the new folder, unlocked for an instant, for a dead writer's and remove it:
+        then another is made."""
+        while True:
+            staging = Path(tempfile.mkdtemp(prefix=f".{name}-", suffix=STAGING_SUFFIX, dir=self.root))
+            try:
+                fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a sweep looks at it
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(staging)):
+                    return staging, fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    def sweep_staging(self) -> list[str]:
+        """Remove the staging folders of writers that died mid-write (a killed enrollment's
+        reference, landmarks and generator); a live writer's, locked, stays. The names removed."""
+        removed = []
+        if not self.root.is_dir():
+            return removed
+        for folder in self.root.iterdir():
+            if not STAGING_RE.fullmatch(folder.name) or folder.is_symlink() or not folder.is_dir():
+                continue
+            try:
+                fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            except OSError:
+                continue  # removed meanwhile
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its writer is alive
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder.name)
+            finally:
+                os.close(fd)
+        return removed
 
     def publish(self, staging: Path, manifest: dict, files: list[str]) -> None:
         """Hash `files`, write the manifest and swap the staging folder in as the identity,

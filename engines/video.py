@@ -31,13 +31,19 @@ def open_video(path: str | os.PathLike):
     return container
 
 
-def read_video(path: str | os.PathLike, limit: int | None = None) -> Iterator[np.ndarray]:
+def read_video(path: str | os.PathLike, limit: int | None = None,
+               max_pixels: int | None = None) -> Iterator[np.ndarray]:
     """Yield the RGB frames of a video, at most `limit` of them; VideoError (at the first
     frame asked for) if it cannot be read. Frames are decoded one at a time, so a long
-    video never has to fit in memory."""
+    video never has to fit in memory. With `max_pixels`, every frame's size is checked
+    before it is converted (a stream may change its size after its first frame): VideoError
+    for one larger than that."""
     with open_video(path) as container:
         n = 0
         for frame in container.decode(video=0):
+            if max_pixels and frame.width * frame.height > max_pixels:
+                raise VideoError(f"{path}: frame {n + 1} is {frame.width}x{frame.height}, over the limit of "
+                                 f"{max_pixels} pixels")
             yield frame.to_ndarray(format="rgb24")
             n += 1
             if limit and n >= limit:

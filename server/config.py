@@ -143,6 +143,15 @@ class ServerConfig:
                                 minimum=1, maximum=100, metavar="N")
     enroll_threads: int = setting(1, "CPU threads of the training process (it also runs at a lower priority, "
                                      "so live sessions come first)", minimum=1, maximum=64, metavar="N")
+    enroll_max_memory: int = setting(4 * 2**30, "bytes of memory the training process may take (RLIMIT_DATA); "
+                                                "past it the job fails 'out of memory'", minimum=2**30, metavar="BYTES")
+    enroll_min_rate: int = setting(64 * 2**10, "bytes per second an enrollment upload must average once "
+                                               "--enroll-idle-timeout has passed; a slower one is closed (408)",
+                                   minimum=1, metavar="BYTES")
+    enroll_idle_timeout: float = setting(10.0, "seconds an enrollment upload may send nothing (408 after)",
+                                         positive=True, metavar="SECONDS")
+    enroll_uploads_per_address: int = setting(2, "enrollment uploads one client address may send at once; "
+                                                 "more get 429", minimum=1, maximum=100, metavar="N")
     # Set by the top-level --home flag; the config file may name a folder too.
     identities_root: Path | None = setting(None, "identities folder (default: $AVATAR_HOME/identities)",
                                            flag=None)

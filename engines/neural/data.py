@@ -41,11 +41,11 @@ class ScanData:
     n_decoded: int
 
 
-def read_frames(video: Path, limit: int | None = None) -> Iterator[np.ndarray]:
+def read_frames(video: Path, limit: int | None = None, max_pixels: int | None = None) -> Iterator[np.ndarray]:
     """engines.video.read_video, a bad video reported as IdentityError: what callers of
     enroll and eval catch, as for every other unusable input."""
     try:
-        yield from read_video(video, limit)
+        yield from read_video(video, limit, max_pixels)
     except VideoError as e:
         raise IdentityError(str(e)) from None
 
@@ -66,39 +66,75 @@ def frontal_score(p: np.ndarray) -> float:
     return yaw + depth + roll + 3.0 * mouth_openness(p) + max(0.0, 0.25 - eye_openness(p)) * 4.0 + 4.0 * gaze
 
 
-def extract(video: Path, max_frames: int | None = None, progress: bool = True, report=None) -> ScanData:
+def extract(video: Path, max_frames: int | None = None, progress: bool = True, report=None,
+            max_pixels: int | None = None) -> ScanData:
     """Landmarks of every frame, then one crop box for all of them, chosen on a training
     frame: a box that moved with the head would hide the head motion the generator must learn.
-    report("extracting", frames read, max_frames), if given, after each frame."""
+
+    Two passes over the video, so no frame is ever kept at its recorded size: the first keeps
+    only the landmarks, the second keeps only each frame's RENDER_SIZE crop, cut from the
+    frame as decoded (the same crops as from frames held whole). Held whole, 40 s of
+    1080x1920 took 7.5 GB; cropped, about 240 MB whatever the resolution.
+    report("extracting", frames read, max_frames), if given, after each frame of the first
+    pass; `max_pixels` bounds every frame's size (IdentityError past it)."""
+    points, index, n = find_landmarks(video, max_frames, progress, report, max_pixels)
+    if n == 0:
+        raise IdentityError(f"{video}: no frames could be decoded")
+    if len(points) < 10:
+        raise IdentityError(f"{video}: a face was found in only {len(points)} of {n} frames; "
+                            "record a well-lit video of one person facing the camera")
+    if len(points) < 0.5 * n:
+        log.warning("a face was found in only %d of %d frames", len(points), n)
+    # Hold out the last frames in video order: what comes after is never seen in training.
+    n_train = int(round(len(points) * (1 - HOLDOUT)))
+    ref = int(np.argmin([frontal_score(p) for p in points[:n_train]]))
+    box = face_box(points[ref])
+    crops = crop_frames(video, index, box, progress, max_pixels)
+    pts = points_to_crop(np.stack(points), *box)
+    return ScanData(crops, pts, np.array(index), n_train, ref, box, n)
+
+
+def find_landmarks(video: Path, max_frames: int | None, progress: bool, report,
+                   max_pixels: int | None) -> tuple[list[np.ndarray], list[int], int]:
+    """The first pass: the landmarks of the frames with a face, their frame indices, and
+    how many frames were read."""
     from tqdm import tqdm
 
-    frames, points, index = [], [], []
-    n = 0
+    points, index = [], []
+    n, size = 0, None
     with FaceLandmarker(static=False) as lm:
-        for i, rgb in enumerate(tqdm(read_frames(video, max_frames), desc="landmarks", unit="frame",
-                                     disable=not progress, total=max_frames)):
+        for i, rgb in enumerate(tqdm(read_frames(video, max_frames, max_pixels), desc="landmarks",
+                                     unit="frame", disable=not progress, total=max_frames)):
+            size = size or rgb.shape
+            if rgb.shape != size:  # one crop box, in video pixels, serves every frame
+                raise IdentityError(f"{video}: the frame size changes from {size[1]}x{size[0]} to "
+                                    f"{rgb.shape[1]}x{rgb.shape[0]} at frame {i + 1}; record again "
+                                    "without switching cameras")
             n += 1
             if report is not None:
                 report("extracting", n, max_frames)
             p = lm(rgb)
             if p is not None:
-                frames.append(rgb)
                 points.append(p)
                 index.append(i)
-    if n == 0:
-        raise IdentityError(f"{video}: no frames could be decoded")
-    if len(frames) < 10:
-        raise IdentityError(f"{video}: a face was found in only {len(frames)} of {n} frames; "
-                            "record a well-lit video of one person facing the camera")
-    if len(frames) < 0.5 * n:
-        log.warning("a face was found in only %d of %d frames", len(frames), n)
-    # Hold out the last frames in video order: what comes after is never seen in training.
-    n_train = int(round(len(frames) * (1 - HOLDOUT)))
-    ref = int(np.argmin([frontal_score(p) for p in points[:n_train]]))
-    x0, y0, side = face_box(points[ref])
-    crops = np.stack([crop_with_box(f, x0, y0, side) for f in frames])
-    pts = points_to_crop(np.stack(points), x0, y0, side)
-    return ScanData(crops, pts, np.array(index), n_train, ref, (x0, y0, side), n)
+    return points, index, n
+
+
+def crop_frames(video: Path, index: list[int], box: tuple[float, float, float], progress: bool,
+                max_pixels: int | None) -> np.ndarray:
+    """The second pass: the crop of each frame in `index` (ascending), as it is decoded."""
+    from tqdm import tqdm
+
+    crops = np.empty((len(index), RENDER_SIZE, RENDER_SIZE, 3), np.uint8)
+    k = 0
+    for i, rgb in enumerate(tqdm(read_frames(video, index[-1] + 1, max_pixels), desc="crops", unit="frame",
+                                 disable=not progress, total=index[-1] + 1)):
+        if i == index[k]:
+            crops[k] = crop_with_box(rgb, *box)
+            k += 1
+    if k < len(index):  # decoding is deterministic: only a file changed meanwhile gets here
+        raise IdentityError(f"{video}: changed while it was read (frame {index[k]} is gone)")
+    return crops
 
 
 class PairBuilder:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..identity import RENDER_SIZE, Consent, IdentityError, IdentityStore, check_name
+from ..identity import RENDER_SIZE, Consent, IdentityError, IdentityStore, check_labels, check_name
 from .bundle import write_bundle
 from .config import CHECKPOINT_FILE, PRESETS
 from .data import PairBuilder, extract
@@ -38,11 +38,13 @@ def enroll(store: IdentityStore, video: str | os.PathLike, name: str, consent: C
            max_frames: int | None = None, overwrite: bool = False, fresh: bool = False,
            bf16: bool | None = None, evaluate: bool = True, progress: bool = True,
            device: str = "cpu", resolution: int = RENDER_SIZE,
-           report: Callable[[str, int, int | None], None] | None = None, marker=None) -> tuple:
+           report: Callable[[str, int, int | None], None] | None = None, marker=None,
+           max_pixels: int | None = None) -> tuple:
     """Enroll `name` from a self-scan video. Returns (Identity, summary dict). `marker`
     (engines.watermark.Marker, of the enrollment's audit use) marks the rendered frames in
-    its evaluation report."""
-    video = _check_request(store, video, name, consent, preset, steps, device, resolution, overwrite)
+    its evaluation report. `max_pixels` bounds every frame's size (the server's upload limit)."""
+    video = _check_request(store, video, name, display_name, consent, preset, steps, device, resolution,
+                           overwrite)
     stage = store.work_dir(name)
     ckpt = stage / CHECKPOINT_FILE
     if fresh and stage.exists():
@@ -54,7 +56,7 @@ def enroll(store: IdentityStore, video: str | os.PathLike, name: str, consent: C
     t_start = time.monotonic()
     key = enrollment_key(video, max_frames, consent)
     report = report or _silent
-    data = extract(video, max_frames, progress, report)
+    data = extract(video, max_frames, progress, report, max_pixels)
     t_extract = time.monotonic() - t_start
     report("preparing", 0, None)
     builder = PairBuilder(data)
@@ -83,11 +85,13 @@ def _silent(stage: str, done: int, total: int | None) -> None:
     pass
 
 
-def _check_request(store: IdentityStore, video: str | os.PathLike, name: str, consent: Consent, preset: str,
-                   steps: int | None, device: str, resolution: int, overwrite: bool) -> Path:
+def _check_request(store: IdentityStore, video: str | os.PathLike, name: str, display_name: str | None,
+                   consent: Consent, preset: str, steps: int | None, device: str, resolution: int,
+                   overwrite: bool) -> Path:
     """IdentityError for anything that would fail later, before minutes of work; the video's path."""
     check_name(name)
     Consent.from_dict(consent.__dict__)
+    check_labels(display_name or name, consent)
     if preset not in PRESETS:
         raise IdentityError(f"unknown preset {preset!r} (use {', '.join(PRESETS)})")
     check_device(device)

@@ -134,7 +134,8 @@ class Enrollments:
         self.folder, self.store, self.audit, self.config = folder, store, audit, config
         self.command = command or WORKER
         self.jobs: dict[str, Job] = {}
-        self.uploading: set[str] = set()  # names whose recordings are arriving now
+        self.uploading: set[str] = set()  # names whose recordings are arriving or being checked
+        self.claimed: set[str] = set()  # those of them whose recordings have arrived: they hold a queue place
         self.closed = False
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
@@ -178,6 +179,8 @@ class Enrollments:
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         for partial in self.folder.glob("*.part"):  # uploads cut off by the last stop
             partial.unlink(missing_ok=True)
+        for staging in self.store.sweep_staging():  # bundles a killed training was writing
+            log.info("removed %s, left by an enrollment that was killed while writing its identity", staging)
         jobs = {}
         for path in self.folder.glob("*.json"):
             try:
@@ -227,19 +230,30 @@ class Enrollments:
             raise Refused(409, "name_pending", f"{name!r} is being enrolled already")
 
     def reserve(self, name: str) -> str:
-        """Hold `name` and a queue place while its recording arrives; the new job's id.
-        Refused: the name is not free (409), the queue is full (503). No await: check and
-        reserve at once."""
+        """Hold `name` while its recording arrives; the new job's id. Refused: the name is
+        not free (409), the queue is full now (503: the recording is not worth sending). No
+        await: check and reserve at once."""
         self.check_free(name)
-        waiting = len(self.uploading) + sum(j.state == "queued" for j in self.jobs.values())
-        if waiting >= self.config.enroll_queue:
-            raise Refused(503, "queue_full", f"{waiting} enrollments are waiting already (the limit); try again "
-                                             "in a few minutes", **{"Retry-After": "300"})
+        self._check_room()
         self.uploading.add(name)
         return secrets.token_hex(JOB_ID_LENGTH // 2)
 
+    def claim(self, name: str) -> None:
+        """A queue place for the reserved `name`, once its recording has arrived (Refused 503
+        if none is left): an upload still arriving holds none, or clients sending slowly
+        would hold them all for as long as they liked."""
+        self._check_room()
+        self.claimed.add(name)
+
+    def _check_room(self) -> None:
+        waiting = len(self.claimed) + sum(j.state == "queued" for j in self.jobs.values())
+        if waiting >= self.config.enroll_queue:
+            raise Refused(503, "queue_full", f"{waiting} enrollments are waiting already (the limit); try again "
+                                             "in a few minutes", **{"Retry-After": "300"})
+
     def release(self, name: str) -> None:
         self.uploading.discard(name)
+        self.claimed.discard(name)
 
     async def submit(self, job: Job) -> None:
         """Queue a job whose recording is in place (upload_path) and checked."""
@@ -365,7 +379,8 @@ class Enrollments:
         return {"identities_root": str(self.store.root), "video": str(self.upload_path(job.id)), "name": job.name,
                 "display_name": job.display_name, "consent": job.consent, "preset": self.config.enroll_preset,
                 "steps": self.config.enroll_steps, "max_frames": TRAIN_MAX_FRAMES, "frames": job.frames,
-                "threads": self.config.enroll_threads, "audit_use": job.audit_use}
+                "threads": self.config.enroll_threads, "max_memory": self.config.enroll_max_memory,
+                "audit_use": job.audit_use}
 
     def _worker_env(self) -> dict:
         threads = str(self.config.enroll_threads)
@@ -377,7 +392,7 @@ class Enrollments:
         it died without one or never started (the server is stopping)."""
         if self.closed:
             return {}
-        with open(self.log_path(job.id), "wb") as log_file:
+        with open_log(self.log_path(job.id)) as log_file:
             # Its own session: a Ctrl-C at the server's terminal is the server's to handle.
             self._process = proc = await asyncio.create_subprocess_exec(
                 *self.command, "train", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -453,6 +468,13 @@ class Enrollments:
         self._cancelling.discard(job.id)
         self._notify()
         log.info("enrollment %s of %r: %s%s", job.id[:8], job.name, state, f" ({error})" if error else "")
+
+
+def open_log(path: Path):
+    """A worker's log, for this server's user only (it names the person being enrolled)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # one an earlier version made, resumed, may be 0644
+    return os.fdopen(fd, "wb")
 
 
 def parse_line(line: bytes) -> dict:

@@ -11,10 +11,16 @@ bounded threads, speaking JSON lines on stdout:
            or {"ok": false, "status": 415 | 400, "error": "..."}
     python -m server.enroll_worker train  < {"identities_root", "video", "name", "display_name",
                                              "consent", "preset", "steps", "max_frames", "threads",
+                                             "max_memory" (bytes, RLIMIT_DATA),
                                              "audit_use" (its watermark marks the eval report)}
         -> {"stage", "done", "total", "fraction", "eta"} lines, then
            {"result": "done", "summary": {...}} | {"result": "failed", "error": "..."}
            | {"result": "interrupted"} (SIGTERM: the checkpoint is saved, a rerun resumes)
+
+Training reads every frame's size again (a stream may change it after the first frame, which
+is all the probe decodes) and keeps only 256² crops of them, so its memory does not grow with
+the recording's resolution; past max_memory an allocation fails and the job fails "out of
+memory" rather than the kernel's OOM killer ending some process on the machine.
 
 The environment (OMP_NUM_THREADS and friends) is set by the parent before this starts:
 thread pools read it at import, before any code here could change it.
@@ -191,8 +197,26 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt  # training's `finally` saves the checkpoint on the way out
 
 
+def limit_memory(limit: int | None) -> None:
+    """Cap this process's data memory: RLIMIT_DATA counts the heap and private writable
+    mappings, not the address space torch and onnxruntime reserve without using (RLIMIT_AS
+    would count that too). Past it an allocation fails in this process alone."""
+    if limit:
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
+# How torch ("can't allocate memory"), OpenCV ("Failed to allocate", "Insufficient memory")
+# and onnxruntime ("bad_alloc") say an allocation failed; numpy and Python raise MemoryError.
+OUT_OF_MEMORY = ("allocate memory", "Failed to allocate", "Insufficient memory", "bad_alloc")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or any(words in str(e) for words in OUT_OF_MEMORY)
+
+
 def run_train(spec: dict) -> int:
     signal.signal(signal.SIGTERM, interrupt)
+    limit_memory(spec.get("max_memory"))
     import torch
 
     torch.set_num_threads(max(1, int(spec.get("threads") or 1)))
@@ -207,13 +231,22 @@ def run_train(spec: dict) -> int:
         identity, summary = enroll(
             IdentityStore(spec["identities_root"]), spec["video"], spec["name"], Consent.from_dict(spec["consent"]),
             spec.get("display_name"), preset=preset, steps=spec.get("steps"), max_frames=spec.get("max_frames"),
-            progress=False, report=progress,
+            progress=False, report=progress, max_pixels=MAX_PIXELS,
             marker=Marker(Payload.here(spec["audit_use"])) if spec.get("audit_use") else None)
     except KeyboardInterrupt:
         emit({"result": "interrupted"})
         return 3
     except IdentityError as e:  # what the person can act on: no face found, name taken, ...
         emit({"result": "failed", "error": str(e).replace(spec["video"], "the recording")})
+        return 1
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        logging.exception("out of memory")
+        limit = spec.get("max_memory")
+        emit({"result": "failed", "error": "out of memory: the training needs more than "
+                                           + (f"the {limit / 2**30:.1f} GiB this server gives it" if limit else
+                                              "this machine has")})
         return 1
     emit({"result": "done", "identity": identity.name, "summary": summary})
     return 0

@@ -14,13 +14,17 @@ Only the token that made a job sees or cancels it. Errors are JSON {"error": cod
 
 The recording is streamed to disk in chunks, never held in memory and never past
 enroll_max_bytes, under a name the server picks; every field is checked, and the name
-reserved, before the first byte of it is accepted. A child process then reads it
+reserved, before the first byte of it is accepted. The body must keep a pace
+(enroll_min_rate, enroll_idle_timeout) and each client address may send only
+enroll_uploads_per_address at once; an upload takes a queue place only once its recording
+has arrived, so slow senders cannot hold the queue. A child process then reads it
 (server/enroll/worker.py probe: container, codec, frame size, duration) before the job is
 queued (server/enroll/queue.py).
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import json
 import logging
@@ -31,7 +35,7 @@ import shutil
 from aiohttp import BodyPartReader, ClientError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from engines.identity import USES, Consent, IdentityError, check_name
+from engines.identity import USES, Consent, IdentityError, check_label, check_name
 from ..enroll.worker import MAX_SECONDS, MIN_SECONDS
 from ..enroll.queue import Enrollments, Job, Refused, enrollments_dir, now, owner_digest, probe_upload
 from ..security import identity_allowed, is_loopback
@@ -101,6 +105,7 @@ class Endpoints:
     def __init__(self, state_key, token_of):
         self.key, self.token_of = state_key, token_of
         self.streams = 0
+        self.uploads: collections.Counter[str] = collections.Counter()  # client address -> uploads arriving
 
     # ---- who -----------------------------------------------------------------------------
     def _allow(self, request: web.Request):
@@ -140,7 +145,8 @@ class Endpoints:
         config = request.app[self.key].config
         answer = {"jobs": [queue.describe(j) for j in queue.owned(owner_digest(token))],
                   "limits": {"max_bytes": config.enroll_max_bytes, "min_seconds": MIN_SECONDS,
-                             "max_seconds": MAX_SECONDS, "preset": config.enroll_preset, "scope": list(USES)}}
+                             "max_seconds": MAX_SECONDS, "min_rate": config.enroll_min_rate,
+                             "preset": config.enroll_preset, "scope": list(USES)}}
         if "name" in request.query:  # before recording: will this name be accepted?
             answer["name"] = name_verdict(queue, allow, request.query["name"])
         return web.json_response(answer)
@@ -183,7 +189,19 @@ class Endpoints:
         state = request.app[self.key]
         allow, token = self._allow(request)
         check_upload_request(request, state.config.enroll_max_bytes)
-        return await Upload(request, state, request.app[ENROLLMENTS], allow, token).receive()
+        address = request.remote or "unknown"
+        limit = state.config.enroll_uploads_per_address
+        if self.uploads[address] >= limit:
+            raise Refused(429, "too_many_uploads", f"{limit} uploads from this address are arriving already "
+                                                   "(the limit); send one when they have ended",
+                          **{"Retry-After": "30"})
+        self.uploads[address] += 1
+        try:
+            return await Upload(request, state, request.app[ENROLLMENTS], allow, token).receive()
+        finally:
+            self.uploads[address] -= 1
+            if not self.uploads[address]:
+                del self.uploads[address]
 
 
 def name_verdict(queue: Enrollments, allow, name: str) -> dict:
@@ -216,14 +234,44 @@ def check_upload_request(request: web.Request, max_bytes: int) -> None:
         raise Refused(413, "too_large", f"the recording is over the limit of {max_bytes // 2**20} MB")
 
 
+class BodyPace:
+    """An upload's body must keep a pace: every read brings something within `idle` seconds,
+    and from then on the body averages at least `min_rate` bytes a second (Refused 408
+    otherwise). A client trickling its recording would otherwise hold its connection, its
+    name and the server's disk for days (1 KB/s of 200 MiB: 58 hours)."""
+
+    def __init__(self, min_rate: int, idle: float):
+        self.min_rate, self.idle = min_rate, idle
+        self.start = asyncio.get_running_loop().time()
+        self.received = 0
+
+    async def read(self, reading):
+        """What the awaitable `reading` gives, if it comes in time."""
+        try:
+            data = await asyncio.wait_for(reading, self.idle)
+        except asyncio.TimeoutError:
+            raise Refused(408, "too_slow", f"nothing of the upload arrived for {self.idle:g} s") from None
+        if isinstance(data, (bytes, bytearray)):
+            self._count(len(data))
+        return data
+
+    def _count(self, size: int) -> None:
+        self.received += size
+        elapsed = asyncio.get_running_loop().time() - self.start
+        if elapsed > self.idle and self.received < self.min_rate * elapsed:
+            raise Refused(408, "too_slow", f"the upload arrives at {self.received / elapsed / 1024:.1f} KiB/s, "
+                                           f"under this server's minimum of {self.min_rate / 1024:g} KiB/s")
+
+
 class Upload:
     """One POST /enrollments: fields first, checked and the name reserved; then the
-    recording, streamed to a file; then its probe; then the job."""
+    recording, streamed to a file; then a queue place, its probe and the job."""
 
     def __init__(self, request: web.Request, state, queue: Enrollments, allow, token: str | None):
         self.request, self.state, self.queue = request, state, queue
         self.allow, self.token = allow, token
         self.fields: dict[str, str] = {}
+        self.pace = BodyPace(state.config.enroll_min_rate, state.config.enroll_idle_timeout)
 
     async def receive(self) -> web.Response:
         try:
@@ -237,6 +285,7 @@ class Upload:
         try:
             self._check_space()
             size = await self._save_recording(part, path)
+            self.queue.claim(name)
             facts = await probe_upload(path)
             if not facts.get("ok"):
                 raise Refused(int(facts.get("status", 415)), "bad_video", str(facts.get("error"))[:300])
@@ -260,7 +309,7 @@ class Upload:
     async def _read_fields(self, reader) -> BodyPartReader:
         """Read the text fields up to the recording (the part named 'video'); that part."""
         while True:
-            part = await reader.next()
+            part = await self.pace.read(reader.next())
             if part is None:
                 raise Refused(400, "bad_form", "no recording: the form needs a 'video' part after its fields")
             if not isinstance(part, BodyPartReader):
@@ -270,7 +319,7 @@ class Upload:
                 return part
             if part.name not in FIELDS or part.name in self.fields:
                 raise Refused(400, "bad_form", f"unexpected or repeated field {str(part.name)[:40]!r}")
-            self.fields[part.name] = await read_text(part, FIELDS[part.name])
+            self.fields[part.name] = await read_text(part, FIELDS[part.name], self.pace)
 
     def _check_fields(self) -> None:
         missing = [f for f in REQUIRED if not self.fields.get(f, "").strip()]
@@ -279,9 +328,13 @@ class Upload:
         check_identity_name(self.fields["name"], self.allow)
         if self.fields["accepted"] not in ("true", "on", "1", "yes"):
             raise Refused(400, "no_consent", "the subject's consent must be accepted before enrolling")
-        for key, text in self.fields.items():
-            if CONTROL.search(text):
-                raise Refused(400, "bad_field", f"{key} has control characters")
+        if CONTROL.search(self.fields["statement"]):
+            raise Refused(400, "bad_field", "statement has control characters")
+        try:  # names people read: one line, nothing that reorders it (engines/identity.py says what)
+            check_label(self.fields.get("display_name", ""), "display_name")
+            check_label(self.fields["subject"], "subject")
+        except IdentityError as e:
+            raise Refused(400, "bad_field", str(e))
 
     def _consent(self) -> Consent:
         """The consent record: the statement the subject accepted on the page, all uses,
@@ -309,7 +362,7 @@ class Upload:
         try:
             with await asyncio.to_thread(open_private, partial) as f:
                 batch = bytearray()
-                while chunk := await part.read_chunk(CHUNK):
+                while chunk := await self.pace.read(part.read_chunk(CHUNK)):
                     size += len(chunk)
                     if size > limit:
                         raise Refused(413, "too_large", f"the recording is over the limit of {limit // 2**20} MB")
@@ -333,10 +386,10 @@ def open_private(path):
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
 
 
-async def read_text(part: BodyPartReader, limit: int) -> str:
+async def read_text(part: BodyPartReader, limit: int, pace: BodyPace) -> str:
     """A text field of at most `limit` characters (UTF-8)."""
     data = bytearray()
-    while chunk := await part.read_chunk(1024):
+    while chunk := await pace.read(part.read_chunk(1024)):
         data += chunk
         if len(data) > 4 * limit:
             break
