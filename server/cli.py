@@ -20,6 +20,8 @@ from server.media.stages import single_threaded_blas  # noqa: E402
 EPILOG = """examples:
   avatar serve                                   web client + signaling on http://127.0.0.1:8080
   avatar rooms                                   who presents and who watches on a running server
+  avatar extension -o ~/avatar-camera --server http://127.0.0.1:8080/   the in-call browser camera
+  avatar camera                                  your avatar as the system's virtual camera
   avatar render drive.mp4 -o out.mp4 --side-by-side
   avatar identity create --image me.jpg --name me --consent "I, Jo Doe, agree to ..."
   avatar identity list
@@ -92,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--identity", help="the identity to appear as (default: the server's demo)")
     ext.add_argument("--room", help="also show the avatar to this room's viewers (default: a private room)")
     ext.set_defaults(func=cmd_extension)
+
+    from server import camera
+    cam = sub.add_parser("camera", help="your avatar as the system's virtual camera, for desktop call apps",
+                         description=camera.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    camera.add_arguments(cam)
+    cam.set_defaults(func=cmd_camera)
 
     render = sub.add_parser("render", help="reenact a driving video offline",
                             description="Reenact a driving video with an identity. Keeps the audio "
@@ -295,6 +303,11 @@ def cmd_extension(args) -> int:
           "load it at chrome://extensions (Developer mode, Load unpacked), then pick "
           "\"Avatar camera\" as the camera in your call")
     return 0
+
+
+def cmd_camera(args) -> int:
+    from server import camera
+    return camera.run_command(args)
 
 
 def cmd_render(args) -> int:

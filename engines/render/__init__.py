@@ -1,3 +1,4 @@
 """The warp renderer: mediapipe's face mesh warped onto the identity (warp, mesh, raster,
-geometry), with what a warp cannot show filled in (mouth, eyes, paint, memory). Arrays in,
+geometry), with what a warp cannot show filled in (mouth, eyes, paint, memory), and output
+frames of another shape (frame: the avatar fitted into a call's 16:9 frame). Arrays in,
 arrays out; imports only engines.landmarks beside itself."""
