@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -30,7 +30,10 @@ import numpy as np
 from .landmarks import NUM_POINTS, FaceLandmarker
 
 SCHEMA_VERSION = 1
-RENDER_SIZE = 256
+RENDER_SIZE = 256  # what a neural identity's generator is trained at
+PHOTO_SIZE = 512  # a photo identity's side, unless its face is smaller in the photo
+SIZE_STEP = 16  # sides are multiples of it: even for I420, whole blocks for VP8
+MIN_SIDE, MAX_SIDE = 64, 1024  # what a bundle's reference may measure
 ENGINES = ("warp", "neural")
 # Used with fullmatch: `$` alone also matches before a trailing newline ("nl2\n").
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -149,7 +152,7 @@ class Identity:
     name: str
     display_name: str
     engine: str
-    reference: np.ndarray  # RGB uint8, RENDER_SIZE square
+    reference: np.ndarray  # RGB uint8, a square: PHOTO_SIZE (photos since 512² output), RENDER_SIZE
     neutral: np.ndarray  # (478, 3) float32 landmarks of the reference
     consent: Consent
     path: Path
@@ -169,6 +172,20 @@ class Identity:
             return {"mouth_memory": MouthMemory, "eye_memory": EyeMemory}[kind].load(self.path / name)
         except (OSError, KeyError, ValueError) as e:
             raise IdentityError(f"identity {self.name!r}: {name} is not a {kind.replace('_', ' ')} ({e})") from None
+
+    @property
+    def size(self) -> int:
+        return self.reference.shape[0]
+
+    def at_most(self, side: int) -> "Identity":
+        """This identity rendered no larger than `side` (an operator's --output-size): its
+        reference scaled down and its landmarks with it. One with remembered mouths and eyes
+        (an enrolled identity, whose generator has a size of its own) keeps its size."""
+        if self.size <= side or any(kind in self.manifest for kind in MEMORIES):
+            return self
+        k = side / self.size
+        reference = cv2.resize(self.reference, (side, side), interpolation=cv2.INTER_AREA)
+        return replace(self, reference=reference, neutral=(self.neutral * k).astype(np.float32))
 
     @property
     def label_viewers(self) -> bool:
@@ -262,7 +279,8 @@ class IdentityStore:
 
     def create(self, rgb: np.ndarray, name: str, consent: Consent, display_name: str,
                source: str, overwrite: bool = False) -> Identity:
-        """Crop the face, find its neutral landmarks and write the bundle atomically."""
+        """Crop the face (PHOTO_SIZE, or the face's own size in the photo if smaller), find
+        its neutral landmarks and write the bundle atomically."""
         check_name(name)
         if self.exists(name) and not overwrite:
             raise IdentityError(f"identity {name!r} already exists (delete it first)")
@@ -290,6 +308,7 @@ class IdentityStore:
         enrollment's minutes of training leave time for one to appear."""
         consent.check("enrollment")
         check_labels(display_name, consent)
+        check_reference(reference)
         with self.new_bundle(name) as staging:
             cv2.imwrite(str(staging / "reference.png"), cv2.cvtColor(reference, cv2.COLOR_RGB2BGR))
             np.save(staging / "neutral.npy", neutral.astype(np.float32))
@@ -411,13 +430,16 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def crop_face(rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """A RENDER_SIZE square around the one face in rgb, with hair and neck; and its box."""
+    """A square around the one face in rgb, with hair and neck, and its box: PHOTO_SIZE, or
+    the box's own side in the photo when that is smaller (no upscaled detail), at least
+    RENDER_SIZE."""
     with FaceLandmarker(static=True) as landmarker:
         points = landmarker(rgb)
     if points is None:
         raise IdentityError("no face found in the image; use a well-lit, frontal photo of one person")
     x0, y0, side = face_box(points)
-    return crop_with_box(rgb, x0, y0, side), crop_corners(x0, y0, side)
+    size = int(np.clip(side // SIZE_STEP * SIZE_STEP, RENDER_SIZE, PHOTO_SIZE))
+    return crop_with_box(rgb, x0, y0, side, size), crop_corners(x0, y0, side)
 
 
 def face_box(points: np.ndarray) -> tuple[float, float, float]:
@@ -434,9 +456,9 @@ def crop_corners(x0: float, y0: float, side: float) -> tuple[int, int, int, int]
     return round(x0), round(y0), round(x0 + side), round(y0 + side)
 
 
-def crop_matrix(x0: float, y0: float, side: float) -> np.ndarray:
-    """The 2x3 affine map from image pixels to crop pixels."""
-    k = RENDER_SIZE / side
+def crop_matrix(x0: float, y0: float, side: float, size: int = RENDER_SIZE) -> np.ndarray:
+    """The 2x3 affine map from image pixels to the pixels of a `size` square crop."""
+    k = size / side
     return np.array([[k, 0, -x0 * k], [0, k, -y0 * k]])
 
 
@@ -451,8 +473,8 @@ def points_to_crop(points: np.ndarray, x0: float, y0: float, side: float) -> np.
     return p.astype(np.float32)
 
 
-def crop_with_box(rgb: np.ndarray, x0: float, y0: float, side: float) -> np.ndarray:
-    """The RENDER_SIZE crop of rgb; where the box reaches past the image, pad_softly fills it."""
+def crop_with_box(rgb: np.ndarray, x0: float, y0: float, side: float, size: int = RENDER_SIZE) -> np.ndarray:
+    """The `size` square crop of rgb; where the box reaches past the image, pad_softly fills it."""
     h, w = rgb.shape[:2]
     cx0, cy0 = min(max(math.floor(x0), 0), w - 1), min(max(math.floor(y0), 0), h - 1)
     cx1, cy1 = min(max(math.ceil(x0 + side) + 1, cx0 + 1), w), min(max(math.ceil(y0 + side) + 1, cy0 + 1), h)
@@ -460,7 +482,7 @@ def crop_with_box(rgb: np.ndarray, x0: float, y0: float, side: float) -> np.ndar
     left, top = max(0, cx0 - math.floor(x0) + 2), max(0, cy0 - math.floor(y0) + 2)
     right, bottom = max(0, math.ceil(x0 + side) - cx1 + 3), max(0, math.ceil(y0 + side) - cy1 + 3)
     padded = pad_softly(part, top, bottom, left, right)
-    return cv2.warpAffine(padded, crop_matrix(x0 - cx0 + left, y0 - cy0 + top, side), (RENDER_SIZE, RENDER_SIZE),
+    return cv2.warpAffine(padded, crop_matrix(x0 - cx0 + left, y0 - cy0 + top, side, size), (size, size),
                           flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE)
 
 
@@ -549,8 +571,20 @@ def _from_manifest(folder: Path, m: object) -> Identity:
         fail(f"{m['neutral_landmarks']} is not a NumPy array ({e})")
     if neutral.shape != (NUM_POINTS, 3) or not np.isfinite(neutral).all():
         fail(f"neutral landmarks must be a finite ({NUM_POINTS}, 3) array, got {neutral.shape}")
+    try:
+        check_reference(bgr)
+    except IdentityError as e:
+        fail(f"{m['reference_image']}: {e}")
     return Identity(m["name"], m["display_name"], m["engine"], cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB),
                     neutral.astype(np.float32), consent, folder, m)
+
+
+def check_reference(image: np.ndarray) -> None:
+    """IdentityError unless `image` can be a reference: an even square the renderer and the
+    encoders take."""
+    h, w = image.shape[:2]
+    if h != w or not MIN_SIDE <= h <= MAX_SIDE or h % 2:
+        raise IdentityError(f"a reference must be an even square of {MIN_SIDE}-{MAX_SIDE} px, got {w}x{h}")
 
 
 def default_home() -> Path:

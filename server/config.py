@@ -43,6 +43,11 @@ def setting(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.
     return field(default=default, default_factory=factory, metadata=meta)
 
 
+def check_output_size(side: int) -> None:
+    if side % 16:
+        raise ValueError(f"the output size must be a multiple of 16 (whole VP8 blocks), got {side}")
+
+
 def check_preset(name: str) -> None:
     if name not in PRESETS:
         raise ValueError(f"unknown enrollment preset {name!r} (use {', '.join(PRESETS)})")
@@ -110,6 +115,10 @@ class ServerConfig:
                                                 f"(server/media/vp8.py); {VP8_SPEED_AIORTC} keeps aiortc's own settings "
                                                 "(its speed, denoiser on); higher is faster",
                              minimum=VP8_SPEED_MIN, maximum=VP8_SPEED_MAX, metavar="N")
+    output_size: int = setting(512, "largest side of the avatar a session renders and sends: a photo identity "
+                                    "made larger is scaled down to it (256 fits more sessions on a machine); "
+                                    "smaller ones and enrolled ones keep their own size", minimum=128,
+                               maximum=1024, metavar="PX", check=check_output_size)
     max_viewers: int = setting(16, "viewers (browser pages and WHEP players) in all rooms together, "
                                    "separate from --max-sessions: a viewer costs an encode, not a model",
                                minimum=0, metavar="N")

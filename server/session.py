@@ -143,7 +143,7 @@ class Session:
         identity = self.state.store.load(name)
         identity.consent.check("live-avatar")
         self.consent_stamp, self.consent, self.label_viewers = stamp, identity.consent, identity.label_viewers
-        return identity
+        return identity.at_most(self.state.config.output_size)
 
     def _consent_problem(self) -> IdentityError | None:
         """Why the identity may no longer be used live (revoked, expired, bundle gone), or

@@ -181,3 +181,28 @@ def test_mouth_memory_must_be_a_listed_file(store, tmp_path):
     (ident.path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IdentityError, match="mouth_memory 'mouths.npz' is not listed"):
         copy.load("demo")
+
+
+def test_photo_identities_keep_their_faces_size_up_to_512(fresh):
+    """A photo's face is kept at its own size in the photo (no upscaled detail), from 256
+    (the neural size) up to 512, in whole 16-px steps."""
+    from skimage.data import astronaut
+
+    small = fresh.create(astronaut(), "small", CONSENT, "Small", source="astronaut")  # a ~200-px face
+    big = fresh.create(cv2.resize(astronaut(), None, fx=3, fy=3, interpolation=cv2.INTER_CUBIC), "big",
+                       CONSENT, "Big", source="astronaut x3")  # a ~600-px face
+    assert small.size == 256 and big.size == 512
+    assert fresh.load("big").reference.shape == (512, 512, 3)
+    assert np.ptp(big.neutral[:, 0]) > 1.8 * np.ptp(small.neutral[:, 0])  # landmarks in its own pixels
+
+    shrunk = big.at_most(256)  # an operator's --output-size 256
+    assert shrunk.reference.shape == (256, 256, 3) and big.reference.shape == (512, 512, 3)
+    assert np.allclose(shrunk.neutral, big.neutral / 2, atol=1e-4)
+    assert big.at_most(512) is big and small.at_most(512) is small
+
+
+def test_a_reference_of_an_odd_size_is_refused(fresh, demo):
+    with pytest.raises(IdentityError, match="even square"):
+        fresh.write("odd", "Odd", "warp", CONSENT, np.zeros((255, 255, 3), np.uint8), demo.neutral,
+                    (0, 0, 255, 255), {}, tool="test")
+    assert "odd" not in fresh.names()

@@ -228,3 +228,27 @@ def test_udp_port_range_is_validated(bad):
 
     with pytest.raises(ConfigError, match="UDP port range"):
         ServerConfig(udp_ports=bad).validate()
+
+
+async def test_sessions_render_at_the_identity_size_up_to_output_size(tmp_path, monkeypatch):
+    """A 512² photo identity streams at 512², or at --output-size when that is smaller."""
+    import cv2
+    from skimage.data import astronaut
+
+    from engines.identity import Consent, IdentityStore, identities_dir
+
+    home = tmp_path / "home"
+    consent = Consent("I agree to be used as a live avatar.", "Test Person", "tester", "2026-11-22T00:00:00+00:00")
+    IdentityStore(identities_dir(home)).create(cv2.resize(astronaut(), None, fx=3, fy=3), "big", consent, "Big",
+                                               source="astronaut x3")
+    frames = read_seconds(clip("drive_wink.mp4"), 1.0)
+    for output_size, side in ((512, 512), (256, 256)):
+        async with running_server(tmp_path, monkeypatch, output_size=output_size) as srv:
+            client = await Client(srv.ws_url).connect()
+            try:
+                await client.start_session(ClipTrack(frames, loop=True), identity="big")
+                await wait_for(lambda: len(client.received) >= 5, 20, "avatar frames")
+                rgb = client.received[-1][-1]
+                assert rgb.shape == (side, side, 3), (output_size, rgb.shape)
+            finally:
+                await client.close()

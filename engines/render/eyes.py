@@ -24,7 +24,7 @@ import numpy as np
 from . import geometry
 from ..landmarks import EYE_CORNERS, IRISES, RIGID, eye_frames, iris_centres, iris_reach
 from .memory import Memory, nearest
-from .paint import paint_inside
+from .paint import TUNED_SIDE, kernel, paint_inside
 from .mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
 
 EYES = ((RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), (LEFT_EYE_UPPER, LEFT_EYE_LOWER))
@@ -94,8 +94,9 @@ class EyelidPainter:
                 self._drawn[k] = self.memory.choose(k, float(openness[k]), self._drawn[k])
                 layer = self._remembered(target, upper, lower, self._drawn[k])
             else:
-                layer = self._painted(target[upper, :2].astype(np.float64), skin, lash)
-            paint_inside(image, self._lid_outline(target, upper, lower, open_gap), layer, strength, feather=5)
+                layer = self._painted(target[upper, :2].astype(np.float64), skin, lash, image.shape[0] / TUNED_SIDE)
+            paint_inside(image, self._lid_outline(target, upper, lower, open_gap), layer, strength,
+                         feather=kernel(5, image.shape[0]))
 
     @staticmethod
     def _lid_outline(target, upper, lower, open_gap) -> np.ndarray:
@@ -107,17 +108,18 @@ class EyelidPainter:
         return np.concatenate([raised, bottom[-2:0:-1]])
 
     @staticmethod
-    def _painted(lid, skin, lash):
+    def _painted(lid, skin, lash, scale: float = 1.0):
         """Lid skin with a lash line along a smooth curve through the lid: a closed lid's
         landmarks zig-zag, and OpenCV draws anti-aliased lines on 8-bit images only, so the
-        line is drawn as an 8-bit coverage mask with a soft shadow, then blended."""
+        line is drawn as an 8-bit coverage mask with a soft shadow, then blended. `scale`:
+        the frame's side over TUNED_SIDE (the line and its shadow grow with it)."""
         curve = _smooth_lid(lid)
 
         def lid_layer(x0, y0, x1, y1):
             cover = np.zeros((y1 - y0, x1 - x0), np.uint8)
-            cv2.polylines(cover, [np.round((curve - (x0, y0)) * 16).astype(np.int32)], False, 255, 1,
-                          cv2.LINE_AA, shift=4)
-            shadow = cv2.GaussianBlur(cover, (0, 0), 1.2).astype(np.float32) / 255 * 0.5
+            cv2.polylines(cover, [np.round((curve - (x0, y0)) * 16).astype(np.int32)], False, 255,
+                          max(1, round(scale)), cv2.LINE_AA, shift=4)
+            shadow = cv2.GaussianBlur(cover, (0, 0), 1.2 * scale).astype(np.float32) / 255 * 0.5
             a = np.maximum(cover.astype(np.float32) / 255, shadow)[..., None]
             return skin * (1 - a) + lash * a
         return lid_layer

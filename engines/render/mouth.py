@@ -24,7 +24,7 @@ import numpy as np
 from ..landmarks import inter_ocular
 from .memory import Memory, nearest
 from .mesh import MOUTH_LOWER, MOUTH_UPPER
-from .paint import paint_inside
+from .paint import kernel, paint_inside
 
 OUTER_LIPS = [61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 146, 91, 181, 84, 17, 314, 405, 321, 375]
 TEETH = np.array([236, 226, 208], np.float32)
@@ -110,7 +110,7 @@ class MouthPainter:
             layer = lambda *box: self.own.layer(upper, lower, iod, *box)  # noqa: E731
         else:
             layer = lambda *box: self._interior(upper, lower, iod, *box)  # noqa: E731
-        paint_inside(image, outline, layer, strength)
+        paint_inside(image, outline, layer, strength, feather=kernel(3, image.shape[0]))
 
     def _interior(self, upper, lower, iod, x0, y0, x1, y1) -> np.ndarray:
         # The mouth's frame: u along the line between the corners, v across it (downwards).

@@ -7,6 +7,13 @@ import cv2
 import numpy as np
 
 Layer = Callable[[int, int, int, int], np.ndarray]  # (x0, y0, x1, y1) -> float32 (y1-y0, x1-x0, 3)
+TUNED_SIDE = 256  # the frame side the painters' pixel sizes were chosen at
+
+
+def kernel(pixels: int, side: int) -> int:
+    """An odd blur kernel of `pixels` at TUNED_SIDE, as wide on a frame of `side`: a 512²
+    avatar's edges are as soft as a 256² one's, not twice as sharp."""
+    return max(1, int(round(pixels * side / TUNED_SIDE))) | 1
 
 
 def paint_inside(image: np.ndarray, outline: np.ndarray, layer: Layer, strength: float,
