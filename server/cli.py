@@ -101,10 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     camera.add_arguments(cam)
     cam.set_defaults(func=cmd_camera)
 
-    render = sub.add_parser("render", help="reenact a driving video offline",
-                            description="Reenact a driving video with an identity. Keeps the audio "
-                            "track and prints (and writes) per-stage timings.")
-    render.add_argument("driving", type=Path, help="driving video (any format FFmpeg reads)")
+    render = sub.add_parser("render", help="reenact a driving video offline, or animate an identity with speech",
+                            description="Reenact a driving video with an identity, or (--audio) have the "
+                            "identity speak a recording: its mouth from the phones recognized in it, its "
+                            "head and eyes alive. Keeps the audio track and prints (and writes) per-stage "
+                            "timings.")
+    render.add_argument("driving", type=Path, nargs="?", help="driving video (any format FFmpeg reads)")
+    render.add_argument("--audio", type=Path, default=None, metavar="SPEECH",
+                        help="instead of a driving video: speech (any audio or video file FFmpeg reads) "
+                        "that drives the identity's mouth")
     render.add_argument("-o", "--output", type=Path, required=True, help="output video (.mp4, .mov, .mkv)")
     render.add_argument("--identity", default=DEFAULT_IDENTITY, help="identity name (default: %(default)s)")
     render.add_argument("--side-by-side", action="store_true", help="driver on the left, avatar on the right")
@@ -122,6 +127,26 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--timings", type=Path, default=None,
                         help="where to write the timing JSON (default: OUTPUT with .timings.json)")
     render.set_defaults(func=cmd_render)
+
+    from engines.voice.espeak import DEFAULT_VOICE, MAX_TEXT_CHARS
+    say = sub.add_parser("say", help="an identity says a text (eSpeak NG's voice), offline",
+                         description="Speak TEXT with eSpeak NG and render the identity saying it: its "
+                         "mouth follows the phonemes the synthesizer reports, its head and eyes alive. "
+                         "The video is watermarked, badged, C2PA-signed and audited as `avatar render`.")
+    say.add_argument("text", help=f"what to say (at most {MAX_TEXT_CHARS} characters)")
+    say.add_argument("-o", "--output", type=Path, required=True, help="output video (.mp4, .mov, .mkv)")
+    say.add_argument("--identity", default=DEFAULT_IDENTITY, help="identity name (default: %(default)s)")
+    say.add_argument("--voice", default=DEFAULT_VOICE,
+                     help="eSpeak NG voice (default: %(default)s; `espeak-ng --voices` lists them)")
+    say.add_argument("--label", action=argparse.BooleanOptionalAction, default=None,
+                     help="draw the visible \"AI avatar\" badge (default: the identity's setting)")
+    say.add_argument("--c2pa-cert", type=Path, default=os.environ.get("AVATAR_C2PA_CERT"),
+                     help="PEM certificate chain that signs the C2PA manifest (default: $AVATAR_C2PA_CERT, "
+                     "else a local certificate made once under the home)")
+    say.add_argument("--c2pa-key", type=Path, default=os.environ.get("AVATAR_C2PA_KEY"),
+                     help="its private key, PEM (default: $AVATAR_C2PA_KEY)")
+    say.add_argument("--timings", type=Path, default=None, help="also write the timing JSON here")
+    say.set_defaults(func=cmd_say)
 
     verify = sub.add_parser(
         "verify", help="does a video or image carry the avatar watermark?",
@@ -195,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
                          description=bench_watermark.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_watermark.add_arguments(bw)
     bw.set_defaults(func=bench_watermark.run)
+    from engines.voice import bench as bench_lipsync
+    bls = bsub.add_parser("lipsync", help="does the voice drive the mouth: eSpeak NG and a real voice; CPU",
+                          description=bench_lipsync.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_lipsync.add_arguments(bls)
+    bls.set_defaults(func=cmd_bench_lipsync)
     bench.set_defaults(func=lambda a: bench.print_help() or 2)
 
     from engines.neural import tensorrt_build
@@ -311,6 +341,10 @@ def cmd_camera(args) -> int:
 
 
 def cmd_render(args) -> int:
+    if (args.driving is None) == (args.audio is None):
+        raise ValueError("give either a driving video or --audio SPEECH")
+    if args.audio is not None:
+        return cmd_render_audio(args)
     from engines.retarget import RetargetControls
     from engines.video import open_video
     from engines.provenance.c2pa_sign import sign_file
@@ -343,6 +377,80 @@ def cmd_render(args) -> int:
     print(f"watermark: {marker.payload} (`avatar audit --id {use.id[:8]}`)" +
           ("; C2PA manifest signed" if signer is not None else
            f"; no C2PA manifest ({args.output.suffix} cannot carry one: render to .mp4 or .mov)"))
+    return 0
+
+
+def cmd_render_audio(args) -> int:
+    from engines.voice.audio import load_audio
+    from engines.voice.recognize import recognize_phones
+
+    if args.side_by_side or args.freeze_head or args.expression_gain != 1.0 or args.head_gain != 1.0:
+        raise ValueError("--side-by-side, --freeze-head and the gains need a driving video, not --audio")
+    speech = load_audio(args.audio)  # fail on a bad input before loading anything else
+
+    def recognized():
+        speech.phones = recognize_phones(speech)
+        return speech, "recognize"
+    timings = args.timings or args.output.with_suffix(".timings.json")
+    return _render_speaking(args, "avatar render", recognized, timings)
+
+
+def cmd_say(args) -> int:
+    from engines.voice.espeak import check_text, synthesize
+
+    text = check_text(args.text)  # empty or too long: an error before anything is loaded
+    return _render_speaking(args, "avatar say", lambda: (synthesize(text, args.voice), "synthesize"), args.timings)
+
+
+def _render_speaking(args, program: str, make_speech, timings: Path | None) -> int:
+    """The identity speaking make_speech()'s speech, marked, badged, signed and audited as cmd_render."""
+    import time
+
+    from engines.provenance.c2pa_sign import sign_file
+    from engines.provenance.watermark import Marker, Payload
+    from engines.reenact import RenderError, write_summary
+    from engines.voice.render import OUTPUTS, format_summary, render_speech
+    from server.audit import AuditLog, audit_path, local_user
+
+    if args.output.suffix.lower() not in OUTPUTS:
+        raise RenderError(f"{args.output}: output must end in .mp4, .mov or .mkv")
+    identity = store(args).load(args.identity)
+    identity.consent.check("offline-render")
+    signer = _c2pa_signer(args)
+    started = time.perf_counter()
+    speech, made_by = make_speech()
+    made_ms = (time.perf_counter() - started) * 1e3
+    log = AuditLog(audit_path(args.home), program)
+    try:
+        with log.use("render", local_user(), identity.name, address="local") as use:
+            marker = Marker(Payload.here(use.id))
+            label = identity.label_viewers if args.label is None else args.label
+            summary = render_speech(speech, identity, args.output, marker=marker, label=label,
+                                    extra_stages={made_by: made_ms})
+            use.frames = summary.frames
+            if signer is not None:
+                sign_file(args.output, identity_name=identity.name, consent=identity.consent.__dict__,
+                          signer=signer, payload=str(marker.payload))
+    finally:
+        log.close()
+    print(format_summary(summary, speech.duration))
+    if timings is not None:
+        write_summary(summary, timings)
+        print(f"timings written to {timings}")
+    print(f"watermark: {marker.payload} (`avatar audit --id {use.id[:8]}`)" +
+          ("; C2PA manifest signed" if signer is not None else
+           f"; no C2PA manifest ({args.output.suffix} cannot carry one: render to .mp4 or .mov)"))
+    return 0
+
+
+def cmd_bench_lipsync(args) -> int:
+    from engines.voice import bench as bench_lipsync
+
+    identity = store(args).load(args.identity)
+    report = bench_lipsync.bench(identity, args.sentences, args.seed, args.voice, args.clip, args.repeats)
+    print(bench_lipsync.format_table(report))
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {args.json}")
     return 0
 
 

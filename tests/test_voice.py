@@ -1,0 +1,171 @@
+"""The voice drives the face (engines/voice/, `avatar say`, `avatar render --audio`): phonemes
+with their times from eSpeak NG and from pocketsphinx, lips that close on p, b, m and in
+silence, a head that never freezes, and marked, audited videos with their audio."""
+from __future__ import annotations
+
+import ctypes.util
+
+import av
+import numpy as np
+import pytest
+
+from engines.landmarks import RIGID, eye_openness
+from engines.render.mouth import lip_gap
+from engines.voice.speech import Phone, SpeechError
+from engines.voice.visemes import visemes_of
+from helpers import shared_clip
+
+SENTENCE = "Maybe Bob met my mom by the pub. Pam, please pass the bottle of apple milk!"
+
+
+@pytest.fixture(scope="module")
+def espeak():
+    """The synthesizer, or a skip saying what to install."""
+    if ctypes.util.find_library("espeak-ng") is None:
+        pytest.skip("eSpeak NG is not installed (apt-get install -y espeak-ng libespeak-ng1)")
+    from engines.voice.espeak import synthesize
+    return synthesize
+
+
+@pytest.fixture(scope="module")
+def pocketsphinx():
+    return pytest.importorskip("pocketsphinx", reason="pocketsphinx is not installed (pip install pocketsphinx==5.1.1)")
+
+
+@pytest.fixture(scope="module")
+def spoken(espeak):
+    return espeak(SENTENCE)
+
+
+@pytest.fixture(scope="module")
+def animator(demo):
+    from engines.voice.animate import VoiceAnimator
+    return VoiceAnimator(demo.neutral)
+
+
+def test_espeak_reports_phonemes_in_order_inside_the_audio(spoken):
+    assert spoken.rate == 22050 and spoken.duration > 2.0
+    starts = [p.start for p in spoken.phones]
+    assert len(starts) > 30
+    assert all(0.0 <= t <= spoken.duration for t in starts)
+    assert all(a <= b for a, b in zip(starts, starts[1:]))
+    sounds = [p.start for p in spoken.phones if p.symbol]  # pauses may share a time with what follows
+    assert all(a < b for a, b in zip(sounds, sounds[1:]))
+    assert {"p", "b", "m"} <= {p.symbol for p in spoken.phones}
+    # the reported times are where the sound is: the audio is loud inside the vowels
+    vowels = [p for p in spoken.phones if visemes_of(p.symbol)[0] in ("aa", "E", "oh")]
+    loud = [np.abs(spoken.samples[int(p.start * spoken.rate):int(p.end * spoken.rate)]).max() for p in vowels]
+    assert np.median(loud) > 0.1
+
+
+def test_pbm_close_the_lips_and_vowels_open_them(spoken, animator):
+    frames = animator.frames(spoken.phones, spoken.duration)
+    times = animator.frame_times(spoken.duration)
+    gaps = np.array([lip_gap(f) for f in frames])
+    closures = [(p.start + p.end) / 2 for p in spoken.phones if visemes_of(p.symbol) == ("PP",)]
+    assert len(closures) >= 10
+    at_centre = np.interp(closures, times, gaps)
+    assert np.mean(at_centre < 0.01) >= 0.9, at_centre
+    assert gaps.max() > 0.12  # and the vowels open the mouth
+
+
+def test_silence_closes_the_lips_while_the_head_moves_and_blinks(animator):
+    frames = animator.frames([], 6.0)
+    assert frames.shape == (180, 478, 3)
+    assert max(lip_gap(f) for f in frames) < 0.005
+    head = frames[:, RIGID, :2].mean(1)
+    assert np.ptp(head, axis=0).max() > 1.0  # pixels: the head drifts
+    assert np.abs(np.diff(frames[:, RIGID], axis=0)).max(axis=(1, 2)).min() > 0  # never a frozen frame
+    eyes = np.array([eye_openness(f) for f in frames])
+    shut = eyes < 0.3 * eyes.max()
+    blinks = np.count_nonzero(shut[1:] & ~shut[:-1]) + shut[0]
+    assert 1 <= blinks <= 3  # one every 2 to 6 s
+
+
+def test_recognized_phones_have_times_inside_the_audio(spoken, pocketsphinx):
+    from engines.voice.recognize import recognize_phones
+
+    phones = recognize_phones(spoken)  # 22050 Hz in, resampled to 16 kHz
+    assert len(phones) > 20
+    assert all(0.0 <= p.start < p.end <= spoken.duration + 0.05 for p in phones)
+    assert all(a.start <= b.start for a, b in zip(phones, phones[1:]))
+    assert any(visemes_of(p.symbol) == ("PP",) for p in phones)
+
+
+def test_the_audio_of_a_real_clip_is_read_and_recognized(pocketsphinx):
+    from engines.voice.audio import load_audio
+    from engines.voice.recognize import recognize_phones
+
+    speech = load_audio(shared_clip("selfscan_a.mp4"))  # the audio stream of a video
+    assert speech.rate == 48000 and 30 < speech.duration < 40
+    speech.samples = speech.samples[:5 * speech.rate]
+    phones = recognize_phones(speech)
+    assert sum(p.symbol not in ("SIL", "") and not p.symbol.startswith("+") for p in phones) > 10
+
+
+def test_unreadable_audio_is_a_clear_error(tmp_path):
+    from engines.voice.audio import load_audio
+
+    text = tmp_path / "speech.wav"
+    text.write_text("not audio at all\n")
+    with pytest.raises(SpeechError, match="not a readable audio file"):
+        load_audio(text)
+    with pytest.raises(SpeechError, match="no such file"):
+        load_audio(tmp_path / "missing.wav")
+
+
+def test_phones_without_sound_are_silence():
+    from engines.voice.coarticulation import mouth_track
+
+    track = mouth_track([Phone(0.2, 0.4, ""), Phone(0.4, 0.6, "+SPN+"), Phone(0.6, 0.8, "SIL")], np.arange(0, 1, 0.1))
+    assert np.abs(track).max() < 1e-9
+
+
+# ---- the commands ---------------------------------------------------------------------------
+def run_cli(home, *argv) -> int:
+    from server.cli import main
+    return main(["--home", str(home), *argv])
+
+
+def test_say_writes_a_marked_audited_video_with_its_audio(tmp_path, espeak, capsys):
+    from engines.provenance.verify import verify_file
+    from server.audit import AuditLog, audit_path
+
+    out = tmp_path / "say.mp4"
+    assert run_cli(tmp_path / "home", "say", "Hello there. Please bring me the blue map.", "-o", str(out)) == 0
+    verdict = verify_file(out)
+    assert verdict.found, verdict
+    with av.open(str(out)) as container:
+        assert container.streams.audio and container.streams.audio[0].codec_context.name == "aac"
+        assert container.streams.audio[0].duration * container.streams.audio[0].time_base > 2.0
+    log = AuditLog(audit_path(tmp_path / "home"))
+    try:
+        uses = log.query(kind="render", identity="demo")
+    finally:
+        log.close()
+    assert len(uses) == 1 and uses[0]["frames"] > 60
+    assert verdict.payload.endswith(uses[0]["use_id"][:6])
+    assert "C2PA manifest signed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["say", "", "-o", "OUT"], "the text to say is empty"),
+    (["say", "x" * 2001, "-o", "OUT"], "at most 2000"),
+    (["say", "hi", "--voice", "../x", "-o", "OUT"], "not an eSpeak NG voice name"),
+    (["render", "--audio", "TEXTFILE", "-o", "OUT"], "not a readable audio file"),
+    (["render", "-o", "OUT"], "either a driving video or --audio"),
+])
+def test_bad_input_exits_2_with_a_clear_error(tmp_path, capsys, argv, message):
+    textfile = tmp_path / "speech.wav"
+    textfile.write_text("hello\n")
+    argv = [{"OUT": str(tmp_path / "out.mp4"), "TEXTFILE": str(textfile)}.get(a, a) for a in argv]
+    assert run_cli(tmp_path / "home", *argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_a_text_with_no_words_is_a_clear_error(tmp_path, capsys, espeak):
+    assert run_cli(tmp_path / "home", "say", "...", "-o", str(tmp_path / "out.mp4")) == 2
+    assert "nothing eSpeak NG can say" in capsys.readouterr().err
+    assert not (tmp_path / "out.mp4").exists()
