@@ -81,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     rooms.add_argument("--json", action="store_true", help="print the JSON as the server sent it")
     rooms.set_defaults(func=cmd_rooms)
 
+    nodes = sub.add_parser("nodes", help="list the nodes of a cluster of avatar servers (serve --cluster)",
+                           description="List every node of the cluster a running server belongs to: its URL, "
+                           "capacity, sessions, reserved slots, CPU load and state. Reads GET /nodes "
+                           "(docs/CLUSTER.md).")
+    nodes.add_argument("--url", default="http://127.0.0.1:8080/", help="any node (default: %(default)s)")
+    nodes.add_argument("--token", default=os.environ.get("AVATAR_TOKEN"),
+                       help="a presenter or viewer token (default: $AVATAR_TOKEN; none in demo mode)")
+    nodes.add_argument("--json", action="store_true", help="print the JSON as the server sent it")
+    nodes.set_defaults(func=cmd_nodes)
+
     ext = sub.add_parser(
         "extension", help="write the \"Avatar camera\" browser extension, configured for a server",
         description="Write the \"Avatar camera\" extension (Chromium, Chrome, Edge; Manifest V3) as an "
@@ -318,7 +328,40 @@ def cmd_rooms(args) -> int:
     for r in rooms:
         who = r["presenter"]["identity"] if r["presenter"] else "(no presenter)"
         sfu = f"  SFU: {r['sfu']}" if r.get("sfu") else ""
-        print(f"{r['room']:<20} {who:<20} {r['viewers']} direct viewer(s){sfu}")
+        node = f"  node {r['node']} {r['url']}" if r.get("node") else ""
+        print(f"{r['room']:<20} {who:<20} {r['viewers']} direct viewer(s){sfu}{node}")
+    if body.get("cluster"):
+        print(f"cluster: {body['cluster']}")
+    return 0
+
+
+def cmd_nodes(args) -> int:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(args.url.rstrip("/") + "/nodes",
+                                     headers={"Authorization": f"Bearer {args.token}"} if args.token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = json.load(response)
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"{args.url} refused: {e.code} {e.read().decode(errors='replace').strip()}")
+    except (urllib.error.URLError, OSError) as e:
+        raise RuntimeError(f"cannot reach an avatar server at {args.url}: {getattr(e, 'reason', e)}")
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    if body.get("cluster") is None:
+        print("this server is not in a cluster (serve --cluster)")
+    elif body["cluster"] != "ok":
+        print(f"cluster: {body['cluster']} (this node only)")
+    print(f"{'node':<14} {'url':<32} {'sessions':>8} {'reserved':>8} {'capacity':>8} {'load':>6}  state")
+    for n in body.get("nodes", []):
+        load = "-" if n.get("load") is None else f"{n['load']:.2f}"
+        state = (n.get("state") or "?") + ("" if n.get("allowed", True) else ", not in --cluster-allow") \
+            + (" (this one)" if n.get("self") else "")
+        print(f"{n.get('id') or '-':<14} {n.get('url') or '-':<32} {n['sessions']:>8} {n.get('reserved', 0):>8} "
+              f"{n['capacity']:>8} {load:>6}  {state}")
     return 0
 
 

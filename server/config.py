@@ -22,6 +22,7 @@ from engines.neural.config import PRESETS
 from .security import ConfigError, parse_tokens_env, parse_tokens_json
 from .media.stages import check_kind as check_compute
 from .media.udp_ports import parse_range
+from .cluster.node import check_advertise_url
 
 # libvpx's realtime speeds (cpu-used) for --vp8-speed (server/media/vp8.py): 16 is its fastest; 6
 # is aiortc's own, denoiser included; 10 measured 0.67x of aiortc's encode time at +0.8 dB.
@@ -161,6 +162,17 @@ class ServerConfig:
                                          positive=True, metavar="SECONDS")
     enroll_uploads_per_address: int = setting(2, "enrollment uploads one client address may send at once; "
                                                  "more get 429", minimum=1, maximum=100, metavar="N")
+    cluster: str | None = setting(None, "join a cluster of avatar servers through this Redis, "
+                                        "redis://[:PASSWORD@]HOST:6379/0 (rediss:// for TLS): presenters are "
+                                        "placed on the least-loaded node and redirected there (docs/CLUSTER.md)",
+                                  metavar="REDIS_URL")
+    advertise_url: str | None = setting(None, "with --cluster: this node's base URL as clients reach it, "
+                                              "e.g. https://node1.example.org:8443/ (redirects point there)",
+                                        metavar="URL", check=check_advertise_url)
+    cluster_allow: list[str] = setting(help="with --cluster: a URL prefix other nodes' advertised URLs must start "
+                                            "with before any client is redirected to them, e.g. "
+                                            "https://node (a poisoned registry entry sends no one elsewhere)",
+                                       factory=list, repeat="cluster-allow", metavar="URL_PREFIX")
     # Set by the top-level --home flag; the config file may name a folder too.
     identities_root: Path | None = setting(None, "identities folder (default: $AVATAR_HOME/identities)",
                                            flag=None)
@@ -185,6 +197,16 @@ class ServerConfig:
                     m["check"](value)
                 except ValueError as e:
                     raise ConfigError(str(e))
+        if self.cluster:
+            if not self.advertise_url:
+                raise ConfigError("--cluster needs --advertise-url: the URL other nodes send presenters to")
+            if not self.cluster_allow:
+                raise ConfigError("--cluster needs at least one --cluster-allow URL prefix: the only places "
+                                  "presenters may be redirected to")
+            if not any(check_advertise_url(self.advertise_url).startswith(p) for p in self.cluster_allow):
+                raise ConfigError(f"--advertise-url {self.advertise_url} matches no --cluster-allow prefix")
+        elif self.advertise_url or self.cluster_allow:
+            raise ConfigError("--advertise-url and --cluster-allow go with --cluster")
         if bool(self.cert) != bool(self.key):
             raise ConfigError("--cert and --key go together")
         return self

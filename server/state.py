@@ -13,6 +13,8 @@ import logging
 
 from engines.identity import DEFAULT_IDENTITY, IdentityStore, identities_dir
 from .audit import AuditLog, AuditThread, audit_path, token_id
+# Redirect (placed on another node, --cluster) is raised by open_session; http/ imports it from here.
+from .cluster.node import ClusterNode, LocalView, NoSlot, Redirect, RoomTaken  # noqa: F401 (Redirect)
 from .config import ServerConfig
 from .rooms.room import RoomBusy, Rooms
 from .security import AddressLimits, TokenAuth, identity_allowed
@@ -44,6 +46,19 @@ class ServerState:
         # Next to the identities: <home>/audit.db. open() (at start) ends what a killed server left open.
         home = config.identities_root.parent if config.identities_root else None
         self.audit = AuditThread(AuditLog(audit_path(home), "avatar serve"), config.audit_retention_days)
+        # With --cluster: this node in Redis (server/cluster/); started by start_cluster().
+        self.cluster = (ClusterNode(config.cluster, config.advertise_url, config.cluster_allow, config.max_sessions,
+                                    LocalView(lambda: self.metrics.sessions_active, self._live_rooms))
+                        if config.cluster else None)
+
+    def _live_rooms(self) -> list[tuple[str, str, int]]:
+        return [(r.name, r.presenter.identity_name, len(r.audience))
+                for r in list(self.rooms.rooms.values()) if r.presenter is not None]
+
+    async def start_cluster(self) -> None:
+        """Register in the cluster (a Redis that cannot be reached yet is logged, and retried)."""
+        if self.cluster is not None:
+            await self.cluster.start()
 
     def who(self, token) -> str:
         """The audit log's name for a client: its token's id (never the token), or 'demo'."""
@@ -66,19 +81,52 @@ class ServerState:
         """Give back a slot taken by admit()."""
         self.metrics.sessions_active -= 1
 
+    async def _place(self, room_name: str | None, reservation: str | None, address: str | None) -> None:
+        """With --cluster: where this presenter goes. Returns with cluster.in_flight raised by
+        one (the caller admits, then lowers it) to admit here; raises Redirect, ServerBusy or
+        RoomBusy otherwise."""
+        cluster = self.cluster
+        cluster.in_flight += 1
+        try:
+            await cluster.place(reservation, room_name, address)
+        except NoSlot as e:
+            cluster.in_flight -= 1
+            raise ServerBusy(str(e)) from None
+        except RoomTaken as e:
+            cluster.in_flight -= 1
+            raise RoomBusy(str(e)) from None
+        except BaseException:
+            cluster.in_flight -= 1
+            raise
+
     async def open_session(self, identity: str, room_name: str | None = None, *, who: str,
-                           address: str | None = None, badge_own_video: bool = False) -> Session:
+                           address: str | None = None, badge_own_video: bool = False,
+                           reservation: str | None = None) -> Session:
         """A started presenter session, publishing into `room_name` if given, on record in the
         audit log as used by `who` (ServerState.who) from `address`. Raises RoomBusy,
         ServerBusy, IdentityError (the identity cannot be loaded), or the audit log's error
-        (a use that cannot be recorded is refused)."""
-        room = self.rooms.get(room_name) if room_name else None
-        if room is not None and room.presenter is not None:
-            self.rooms.tidy(room)
+        (a use that cannot be recorded is refused). With --cluster it may raise Redirect (the
+        slot is on another node); `reservation` is the slot another node reserved here."""
+        if room_name and self.rooms.live(room_name) is not None:
             raise RoomBusy(f"room {room_name!r} already has a presenter")
-        if not self.admit():
+        placed = False
+        if self.cluster is not None:
+            await self._place(room_name, reservation, address)
+            placed = True
+        try:
+            room = self.rooms.get(room_name) if room_name else None
+            if room is not None and room.presenter is not None:
+                self.rooms.tidy(room)
+                raise RoomBusy(f"room {room_name!r} already has a presenter")
+            admitted = self.admit()
+        finally:
+            if placed:
+                self.cluster.in_flight -= 1
+        if not admitted:
             if room is not None:
                 self.rooms.tidy(room)
+                if placed:  # the cluster's room entry made for this presenter goes too
+                    self.cluster.vacate_soon(room_name)
             raise ServerBusy(f"the server is at its limit of {self.config.max_sessions} sessions; "
                              "try again later")
         session = Session(self, identity, room, badge_own_video)
@@ -126,6 +174,8 @@ class ServerState:
             if self.sessions.pop(peer.id, None) is None:
                 return
             self.release()
+            if self.cluster is not None:
+                self.cluster.sessions_changed()
         elif self.viewers.pop(peer.id, None) is None:
             return
         room = peer.room
@@ -133,6 +183,8 @@ class ServerState:
             await peer.close()
         finally:
             if room is not None:
+                if self.cluster is not None and isinstance(peer, Session) and room.presenter is None:
+                    self.cluster.vacate_soon(room.name)
                 self.rooms.tidy(room)
             log.info("%s %s ended (%s)", peer.role, peer.id[:8], peer.end_reason)
             stats = getattr(peer, "stats", None)
@@ -156,4 +208,6 @@ class ServerState:
         peers = [*self.sessions.values(), *self.viewers.values()]
         await asyncio.gather(*(self.end(p) for p in peers), return_exceptions=True)
         await self.rooms.close()
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self.audit.close()

@@ -11,6 +11,7 @@ const state = {
   wanted: false,        // the user pressed Start and not Stop
   ws: null, pc: null, camera: null,
   session: null, retryDelay: 1000, retryTimer: null, pingTimer: null,
+  url: null, redirects: 0,  // the cluster node a "redirect" sent this page to, and how many in a row
   statsCount: 0, lastStats: null, lastError: null,
 };
 window.avatar = state;
@@ -82,6 +83,8 @@ function showShareLink(name) {
 
 function scheduleReconnect(why) {
   teardown();
+  state.url = null;  // start over at the page's own server: it places the presenter again
+  state.redirects = 0;
   if (!state.wanted) return;
   const delay = state.retryDelay;
   state.retryDelay = Math.min(state.retryDelay * 2, 15000);
@@ -99,7 +102,7 @@ function room() {
 }
 
 function connect() {
-  const ws = new WebSocket(signalingUrl());
+  const ws = new WebSocket(state.url || signalingUrl());
   state.ws = ws;
   say("Connecting…");
   ws.onopen = () => send({ type: "hello", token: token(), identity: $("identity").value || "demo", room: room() });
@@ -119,6 +122,7 @@ async function onMessage(msg) {
   switch (msg.type) {
     case "session":
       state.session = msg;
+      state.redirects = 0;
       fillIdentities(msg.identities, msg.identity);
       showShareLink(msg.room);
       await negotiate();
@@ -126,6 +130,14 @@ async function onMessage(msg) {
     case "answer":
       await state.pc.setRemoteDescription({ type: "answer", sdp: msg.sdp });
       break;
+    case "redirect": {  // placed on another node of the cluster
+      const url = redirectTarget(msg, state);
+      teardown();
+      state.url = url;
+      if (!url) scheduleReconnect("Sent from server to server too often.");
+      else { say("Moving to another server of the cluster…"); connect(); }
+      break;
+    }
     case "control_ok":
       $("pause").textContent = msg.paused ? "Resume" : "Pause";
       break;

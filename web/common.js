@@ -15,6 +15,15 @@ function signalingUrl() {
   return `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/ws`;
 }
 
+// A server of a cluster may send the page to another node (docs/CLUSTER.md): {"type": "redirect",
+// "url": "wss://node2.example.org/ws?reservation=…"}; the same hello goes there. Only a WebSocket URL
+// is followed, at most 3 times in a row; then null, and the page starts over at its own server.
+function redirectTarget(msg, state) {
+  if (typeof msg.url !== "string" || !/^wss?:\/\//.test(msg.url) || state.redirects >= 3) return null;
+  state.redirects += 1;
+  return msg.url;
+}
+
 // Live, not a film: ask the browser to play each frame as soon as it is decoded rather
 // than buffering for smoothness. jitterBufferTarget (ms) is the standard; Chromium also
 // knows the older playoutDelayHint (s). Browsers with neither keep their default.

@@ -8,6 +8,7 @@ const FINAL_ERRORS = new Set(["unauthorized", "forbidden", "bad_value", "bad_ver
 const state = {
   wanted: false, ws: null, pc: null, room: null, presenter: null,
   retryDelay: 1000, retryTimer: null, pingTimer: null, lastError: null,
+  url: null, redirects: 0,  // the cluster node a "redirect" sent this page to (the room's), and how many in a row
 };
 window.viewer = state;
 
@@ -46,6 +47,8 @@ function teardown() {
 
 function scheduleReconnect(why) {
   teardown();
+  state.url = null;  // start over at the page's own server: it knows where the room is now
+  state.redirects = 0;
   if (!state.wanted) return;
   const delay = state.retryDelay;
   state.retryDelay = Math.min(state.retryDelay * 2, 15000);
@@ -54,7 +57,7 @@ function scheduleReconnect(why) {
 }
 
 function connect() {
-  const ws = new WebSocket(signalingUrl());
+  const ws = new WebSocket(state.url || signalingUrl());
   state.ws = ws;
   say("Connecting…");
   ws.onopen = () => send({ type: "hello", role: "viewer", room: $("room").value.trim(),
@@ -75,9 +78,18 @@ async function onMessage(msg) {
   switch (msg.type) {
     case "viewer":
       state.room = msg.room;
+      state.redirects = 0;
       showRoom(msg);
       await negotiate();
       break;
+    case "redirect": {  // placed on another node of the cluster
+      const url = redirectTarget(msg, state);
+      teardown();
+      state.url = url;
+      if (!url) scheduleReconnect("Sent from server to server too often.");
+      else { say("Moving to another server of the cluster…"); connect(); }
+      break;
+    }
     case "room":  // the presenter came or went; media resumes on the same connection
       showRoom(msg);
       break;

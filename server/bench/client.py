@@ -162,8 +162,11 @@ class AvatarClient:
         self.stats: list[dict] = []
         self.session: dict = {}  # the server's "session" message, once hello succeeded
         self.tasks: list[asyncio.Task] = []
+        self.redirects: list[str] = []  # the URLs a cluster's "redirect" messages sent this client to
+        self._headers: dict = {}
 
     async def connect(self, **headers) -> "AvatarClient":
+        self._headers = headers
         try:
             self.ws = await asyncio.wait_for(websockets.connect(
                 self.ws_url, additional_headers=headers or None, max_size=2 ** 20), 10)
@@ -182,13 +185,27 @@ class AvatarClient:
         await self.send(msg)
         return await self.recv(timeout)
 
-    async def hello(self, token=None, identity="demo", room=None) -> dict:
+    async def _following(self, msg: dict, max_redirects: int = 3) -> dict:
+        """The reply to `msg` (a hello), sent again wherever a cluster's "redirect" says."""
+        reply = await self.request(msg)
+        while reply.get("type") == "redirect" and len(self.redirects) < max_redirects \
+                and isinstance(reply.get("url"), str) and reply["url"].startswith(("ws://", "wss://")):
+            self.redirects.append(reply["url"])
+            await self.ws.close()
+            self.ws_url = reply["url"]
+            await self.connect(**self._headers)
+            reply = await self.request(msg)
+        return reply
+
+    async def hello(self, token=None, identity="demo", room=None, max_redirects: int = 3) -> dict:
+        """The server's reply to a presenter hello. A cluster node may answer "redirect": the
+        same hello goes to the URL it names (at most `max_redirects` times)."""
         msg = {"v": 1, "type": "hello", "identity": identity}
         if token is not None:
             msg["token"] = token
         if room is not None:
             msg["room"] = room
-        reply = await self.request(msg)
+        reply = await self._following(msg, max_redirects)
         if reply.get("type") == "session":
             self.session = reply
         return reply
@@ -249,7 +266,7 @@ class AvatarClient:
         msg = {"v": 1, "type": "hello", "role": "viewer", "room": room}
         if token is not None:
             msg["token"] = token
-        reply = await self.request(msg)
+        reply = await self._following(msg)  # a cluster sends a viewer to the room's node
         if reply.get("type") != "viewer":
             raise ClientError(f"server refused the viewer: {reply.get('code')}: {reply.get('message')}",
                               reply.get("code"))

@@ -116,7 +116,7 @@ async def guard(request: web.Request, handler):
 
 # What browser pages on other sites may call (a WHIP/WHEP client, the in-call extension):
 # with an Origin from --origin (demo mode: loopback pages too), bearer tokens, no cookies.
-CORS_PREFIXES = ("/whip/", "/whep/", "/identities", "/rooms")
+CORS_PREFIXES = ("/whip/", "/whep/", "/identities", "/rooms", "/nodes")
 CORS_HEADERS = {"Access-Control-Allow-Methods": "GET, POST, PATCH, DELETE, OPTIONS",
                 "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
                 "Access-Control-Expose-Headers": "Location, Link, ETag", "Access-Control-Max-Age": "600"}
@@ -155,6 +155,11 @@ async def static(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    # Always 200 "ok" on its first line while the node serves; with --cluster and Redis lost, a
+    # second line says so (the node still admits presenters, locally only).
+    cluster = request.app[STATE].cluster
+    if cluster is not None and cluster.status != "ok":
+        return text(200, f"ok\ncluster: {cluster.status}")
     return text(200, "ok")
 
 
@@ -181,7 +186,41 @@ async def rooms(request: web.Request) -> web.Response:
     if watchable is None:
         return text(401, "missing or invalid token")
     # A viewer token sees only the rooms it may watch: no other room's name or identity.
-    return web.json_response({"rooms": [r for r in state.rooms.describe() if room_allowed(watchable, r["room"])]})
+    listed = state.rooms.describe()
+    body: dict = {}
+    if state.cluster is not None:  # every room of the cluster, each with its node
+        from ..cluster.node import ClusterUnavailable
+        for r in listed:
+            r["node"], r["url"] = state.cluster.id, state.cluster.url
+        try:
+            here = {r["room"] for r in listed}
+            listed += [{"room": r["room"], "presenter": {"identity": r["identity"]} if r["identity"] else None,
+                        "viewers": r["viewers"], "sfu": None, "node": r["node"], "url": r["url"]}
+                       for r in await state.cluster.rooms() if r["room"] not in here]
+            listed.sort(key=lambda r: r["room"])
+        except ClusterUnavailable:
+            body["cluster"] = "redis unreachable: this node's rooms only"
+    body["rooms"] = [r for r in listed if room_allowed(watchable, r["room"])]
+    return web.json_response(body)
+
+
+async def nodes(request: web.Request) -> web.Response:
+    """The cluster's nodes (auth as /rooms): capacity, sessions, reservations, load, state.
+    Without --cluster, or with Redis unreachable, this node alone."""
+    state = request.app[STATE]
+    if state.auth.rooms(bearer_token(request)) is None:
+        return text(401, "missing or invalid token")
+    cluster = state.cluster
+    if cluster is not None:
+        from ..cluster.node import ClusterUnavailable
+        try:
+            return web.json_response({"cluster": "ok", "nodes": await cluster.nodes()})
+        except ClusterUnavailable:
+            pass
+    me = {"id": cluster.id if cluster else None, "url": cluster.url if cluster else None,
+          "capacity": state.config.max_sessions, "sessions": state.metrics.sessions_active, "reserved": 0,
+          "load": None, "state": "up", "allowed": True, "self": True}
+    return web.json_response({"cluster": cluster.status if cluster else None, "nodes": [me]})
 
 
 class Socket:
@@ -190,6 +229,7 @@ class Socket:
 
     def __init__(self, ws: web.WebSocketResponse, address: str):
         self.ws, self.address = ws, address
+        self.reservation: str | None = None
 
     async def recv(self) -> str | bytes:
         msg = await self.ws.receive()
@@ -228,8 +268,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         return text(426, "this is the signaling WebSocket: connect with a WebSocket client")
     await ws.prepare(request)
     state.sockets.add(ws)
+    socket = Socket(ws, client_address(request))
+    socket.reservation = request.query.get("reservation")  # --cluster: a slot another node reserved here
     try:
-        await Connection(Socket(ws, client_address(request)), state).run()
+        await Connection(socket, state).run()
     finally:
         state.sockets.discard(ws)
         if not ws.closed:
@@ -248,6 +290,7 @@ def make_app(state: ServerState) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/identities", identities)
     app.router.add_get("/rooms", rooms)
+    app.router.add_get("/nodes", nodes)
     app.router.add_get("/ws", websocket)
     whip.add_routes(app, STATE)
     enroll.add_routes(app, STATE, bearer_token)
@@ -339,6 +382,7 @@ async def start_server(config: ServerConfig | None = None):
     try:
         site = web.TCPSite(runner, config.host, config.port, ssl_context=tls)
         await site.start()
+        await state.start_cluster()  # listening first: a redirect here must find a server
         port = runner.addresses[0][1]
         host = config.host if ":" not in config.host else f"[{config.host}]"
         scheme = "https" if tls else "http"

@@ -19,7 +19,8 @@ from engines.identity import DEFAULT_IDENTITY, ConsentError, IdentityError, chec
 from engines.retarget import check_gain
 from ..rooms.room import RoomBusy, RoomFull
 from ..security import RateLimiter, check_offer_sdp, check_room, identity_allowed, is_number, room_allowed
-from ..state import ServerBusy
+from ..cluster.node import ws_base
+from ..state import Redirect, ServerBusy
 from ..telemetry import STAGES
 
 log = logging.getLogger("avatar.signaling")
@@ -39,6 +40,10 @@ class Goodbye(Exception):
     """The client said bye: close normally, no error."""
 
 
+class Moved(Exception):
+    """The presenter was placed on another node and told so ("redirect"): close normally."""
+
+
 class Closed(Exception):
     """The socket is closed (by the client, an error, or the server stopping)."""
 
@@ -56,6 +61,8 @@ class Connection:
         self.violations = 0
         self.address = ws.address
         self.pending = False  # counted among the connections that have not said hello
+        # With --cluster: the slot another node reserved here (the redirect URL's ?reservation=).
+        self.reservation = getattr(ws, "reservation", None)
 
     async def run(self) -> None:
         if not self.state.open_pending(self.address):
@@ -100,6 +107,9 @@ class Connection:
             except Goodbye:
                 await self._release()  # the slot is free before the client sees the close
                 await self.ws.close(1000, "bye")
+                return
+            except Moved:
+                await self.ws.close(1000, "redirect")
                 return
             except ProtocolError as e:
                 await self._send_error(e.code, e.message)
@@ -185,7 +195,13 @@ class Connection:
         self._check_identity(name, allow, fatal=True)
         try:
             self.session = session = await self.state.open_session(name, room, who=self.state.who(token),
-                                                                   address=self.address)
+                                                                   address=self.address,
+                                                                   reservation=self.reservation)
+        except Redirect as e:
+            # The same hello, token included, is to be sent again there (docs/PROTOCOL.md).
+            log.info("presenter placed on %s", e.url)
+            await self._send({"type": "redirect", "url": e.ws_url()})
+            raise Moved
         except RoomBusy as e:
             raise ProtocolError("room_busy", f"{e}; pick another room", fatal=True)
         except ServerBusy as e:
@@ -205,6 +221,12 @@ class Connection:
     async def _hello_viewer(self, token, room) -> None:
         if not room_allowed(self.state.auth.rooms(token), room):
             raise ProtocolError("forbidden", f"this token may not watch room {room!r}", fatal=True)
+        cluster = self.state.cluster
+        if cluster is not None and self.state.rooms.live(room) is None:
+            elsewhere = await cluster.room_url(room)
+            if elsewhere is not None:  # the room's presenter is live on another node: watch it there
+                await self._send({"type": "redirect", "url": f"{ws_base(elsewhere)}ws"})
+                raise Moved
         try:
             self.session = viewer = await self.state.open_viewer(room, notify=self._room_changed,
                                                                  who=self.state.who(token), address=self.address)

@@ -6,6 +6,10 @@ standard player can watch, with no signaling WebSocket.
     POST   /whep/{room}                   SDP offer (receive-only) -> 201 answer, Location
     DELETE /whep/{room}/{id}              end that viewer
 
+With --cluster (docs/CLUSTER.md) a WHIP POST whose slot is on another node gets 307 with a
+Location on that node (same path, ?identity and the ?reservation held there), and a WHEP POST
+for a room live on another node gets 307 to it: send the same request again there.
+
 Authorization: Bearer token (a presenter token for WHIP; a viewer or presenter token for
 WHEP). Trickle-free: aiortc gathers every candidate before it answers, so the answer is
 complete and PATCH is not supported (405). A resource may be deleted only with the token
@@ -22,13 +26,14 @@ import asyncio
 import hashlib
 import hmac
 import logging
+from urllib.parse import urlencode
 
 from aiohttp import ClientConnectionError, web
 
 from engines.identity import DEFAULT_IDENTITY, ConsentError, IdentityError, check_name
 from ..rooms.room import RoomBusy, RoomFull
 from ..security import bearer as parse_bearer, check_offer_sdp, check_room, identity_allowed, room_allowed
-from ..state import ServerBusy
+from ..state import Redirect, ServerBusy
 
 log = logging.getLogger("avatar.whip")
 SDP = "application/sdp"
@@ -74,7 +79,12 @@ class Endpoints:
                 raise Refused(fail(404, f"no identity named {identity!r}"))
             try:
                 peer = await state.open_session(identity, room, who=state.who(token), address=request.remote,
-                                                badge_own_video=True)
+                                                badge_own_video=True,
+                                                reservation=request.query.get("reservation"))
+            except Redirect as e:
+                # The same request (body, Authorization) to the node that holds the slot.
+                where = f"{e.url}whip/{room}?{urlencode({'identity': identity, 'reservation': e.reservation})}"
+                raise Refused(fail(307, f"placed on {e.url}", Location=where))
             except RoomBusy as e:
                 raise Refused(fail(409, f"{e}; end it first or pick another room"))
             except ConsentError as e:
@@ -95,6 +105,9 @@ class Endpoints:
             if not room_allowed(state.auth.rooms(token), room):
                 raise Refused(fail(403, f"this token may not watch room {room!r}"))
             if state.rooms.live(room) is None:
+                elsewhere = await state.cluster.room_url(room) if state.cluster is not None else None
+                if elsewhere is not None:  # live on another node of the cluster: watch it there
+                    raise Refused(fail(307, f"room {room!r} is on {elsewhere}", Location=f"{elsewhere}whep/{room}"))
                 raise Refused(fail(404, f"no presenter is live in room {room!r}; try again when one is"))
             try:
                 peer = await state.open_viewer(room, who=state.who(token), address=request.remote)

@@ -1,0 +1,488 @@
+"""Many machines, one service (issue #37): avatar servers as separate processes sharing a real
+Redis (`serve --cluster`), on loopback. Presenters are placed on the least-loaded node and
+redirected there; a burst never over-admits; a killed node's registration expires; Redis lost
+and back drops no running session; WHIP follows a 307 to a node with a free slot."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiortc import RTCPeerConnection, RTCSessionDescription
+
+from helpers import AvatarClient, ClipTrack, clip, read_seconds, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+PASSWORD = "cluster-test-password"
+TOKEN = "pres"
+REDIS_SERVER = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server")
+                                                else None)
+pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed "
+                                                             "(Debian: apt-get install redis-server)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Redis:
+    """A throwaway redis-server with a password, no persistence, on a free port."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{PASSWORD}@127.0.0.1:{self.port}/0"
+
+    def start(self) -> "Redis":
+        self.proc = subprocess.Popen([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no", "--requirepass", PASSWORD,
+                                      "--dir", str(self.workdir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class Node:
+    """`python -m server.cli serve --cluster ...` as a process of its own, with its own home."""
+
+    def __init__(self, redis: Redis, home: Path, max_sessions: int, port: int | None = None, extra=()):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
+        home.mkdir(parents=True, exist_ok=True)
+        self.log = home / "serve.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "--home", str(home), "serve", "--port", str(self.port),
+             "--cluster", redis.url, "--advertise-url", self.url, "--cluster-allow", "http://127.0.0.1:",
+             "--max-sessions", str(max_sessions), "--compute", "thread", "--max-pending-per-address", "64",
+             "--idle-timeout", "60", *extra],
+            cwd=REPO, env={**os.environ, "AVATAR_TOKENS": f"{TOKEN}:*"},
+            stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True)
+
+    def wait_listening(self) -> None:
+        line = self.proc.stdout.readline()  # "avatar server: open http://..." once it listens
+        if "open http" not in line:
+            raise AssertionError(f"node did not start: {line!r}\n{self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Cluster:
+    def __init__(self, tmp_path: Path, nodes: int, max_sessions: int):
+        self.redis = Redis(tmp_path).start()
+        # Each node accepts pages loaded from any other (a redirected page keeps its origin).
+        ports = [free_port() for _ in range(nodes)]
+        origins = [a for p in ports for a in ("--origin", f"http://127.0.0.1:{p}")]
+        self.nodes = [Node(self.redis, tmp_path / f"node{i}", max_sessions, ports[i], origins)
+                      for i in range(nodes)]
+        for n in self.nodes:
+            n.wait_listening()
+
+    def close(self) -> None:
+        for n in self.nodes:
+            n.stop()
+        self.redis.stop()
+
+
+@pytest.fixture
+def cluster_of(tmp_path):
+    made: list[Cluster] = []
+
+    def make(nodes: int = 3, max_sessions: int = 1) -> Cluster:
+        made.append(Cluster(tmp_path, nodes, max_sessions))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def avatar(*argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server.cli", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=30)
+
+
+async def get_json(url: str, path: str) -> dict:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url + path, headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            assert r.status == 200, await r.text()
+            return await r.json()
+
+
+async def get_text(url: str, path: str) -> str:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url + path) as r:
+            assert r.status == 200
+            return await r.text()
+
+
+def port_of(ws_url: str) -> int:
+    return int(ws_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+
+
+async def presenter(node: Node, room: str | None = None) -> tuple[AvatarClient, dict]:
+    c = await AvatarClient(node.ws_url).connect()
+    return c, await c.hello(token=TOKEN, room=room)
+
+
+async def eventually(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}") from None
+            await asyncio.sleep(0.2)
+
+
+async def test_presenters_land_on_different_nodes_then_busy_rooms_span_the_cluster(cluster_of):
+    cluster = cluster_of(3, max_sessions=1)
+    first = cluster.nodes[0]
+    clients = []
+    try:
+        for i in range(3):  # all arrive at the same node
+            c, reply = await presenter(first, room=f"room{i}")
+            assert reply["type"] == "session", reply
+            clients.append(c)
+        assert sorted(port_of(c.ws_url) for c in clients) == sorted(n.port for n in cluster.nodes)
+        assert clients[0].redirects == [] and all(len(c.redirects) == 1 for c in clients[1:])
+        # A poisoned registry entry (a free "node" outside --cluster-allow) sends no one anywhere.
+        import redis.asyncio as redis
+        r = redis.Redis.from_url(cluster.redis.url, decode_responses=True)
+        await r.hset("avatar:node:evil", mapping={"url": "http://evil.example/", "capacity": 100, "sessions": 0,
+                                                  "load": 0, "state": "up"})
+        await r.sadd("avatar:nodes", "evil")
+        await r.aclose()
+        fourth, reply = await presenter(cluster.nodes[1])
+        assert (reply["type"], reply["code"]) == ("error", "busy"), reply
+        assert fourth.redirects == []
+        await fourth.close()
+
+        # A room live on another node has its presenter: no second one anywhere.
+        second, reply = await presenter(first, room="room1")
+        assert reply.get("code") == "room_busy" and second.redirects == [], reply
+        await second.close()
+
+        # A viewer that asks any node for a room is sent to the room's node.
+        viewer = await AvatarClient(first.ws_url).connect()
+        hello = await viewer.watch("room2", token=TOKEN)
+        assert hello["presenter"] == {"identity": "demo"} and port_of(viewer.ws_url) == port_of(clients[2].ws_url)
+        await viewer.close()
+
+        # Every node lists every room, with its node; WHEP for a room elsewhere is sent there.
+        rooms = (await get_json(cluster.nodes[2].url, "rooms"))["rooms"]
+        assert [(r["room"], r["url"]) for r in rooms] == \
+            [(f"room{i}", f"http://127.0.0.1:{port_of(c.ws_url)}/") for i, c in enumerate(clients)]
+        player = RTCPeerConnection()
+        player.addTransceiver("video", direction="recvonly")
+        await player.setLocalDescription(await player.createOffer())
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{first.url}whep/room1", data=player.localDescription.sdp.encode(),
+                                 headers={"Content-Type": "application/sdp", "Authorization": f"Bearer {TOKEN}"},
+                                 allow_redirects=False) as r:
+                assert r.status == 307 and r.headers["Location"] == \
+                    f"http://127.0.0.1:{port_of(clients[1].ws_url)}/whep/room1"
+        await player.close()
+
+        # `avatar nodes` from any node: three nodes, one session each, no slot reserved.
+        out = avatar("nodes", "--url", cluster.nodes[2].url, "--token", TOKEN, "--json")
+        nodes = [n for n in json.loads(out.stdout)["nodes"] if n["id"] != "evil"]
+        assert sorted(n["url"] for n in nodes) == sorted(n.url for n in cluster.nodes)
+        assert [(n["sessions"], n["reserved"], n["capacity"], n["state"]) for n in nodes] == [(1, 0, 1, "up")] * 3
+        out = avatar("nodes", "--url", cluster.nodes[2].url, "--token", TOKEN)
+        assert "http://evil.example/" in out.stdout and "not in --cluster-allow" in out.stdout, out.stdout
+    finally:
+        for c in clients:
+            await c.close()
+
+
+@pytest.mark.slow
+async def test_a_burst_of_hellos_over_three_nodes_admits_exactly_their_capacity(cluster_of):
+    cluster = cluster_of(3, max_sessions=2)
+    clients = [await AvatarClient(cluster.nodes[i % 3].ws_url).connect() for i in range(20)]
+    try:
+        replies = await asyncio.gather(*(c.hello(token=TOKEN) for c in clients))
+        kinds = [r.get("type") if r.get("type") == "session" else r.get("code") for r in replies]
+        assert kinds.count("session") == 6 and kinds.count("busy") == 14, kinds
+        landed = [port_of(c.ws_url) for c, r in zip(clients, replies) if r["type"] == "session"]
+        assert sorted(landed) == sorted([n.port for n in cluster.nodes] * 2)
+
+        async def settled():  # reservations all consumed, the counts are the sessions
+            nodes = (await get_json(cluster.nodes[0].url, "nodes"))["nodes"]
+            assert [(n["sessions"], n["reserved"]) for n in nodes] == [(2, 0)] * 3, nodes
+        await eventually(settled, 5, "three nodes of two sessions each")
+    finally:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+@pytest.mark.slow
+async def test_a_killed_node_is_gone_within_seconds(cluster_of):
+    cluster = cluster_of(3, max_sessions=1)
+    victim = cluster.nodes[2]
+    listed = json.loads(avatar("nodes", "--url", cluster.nodes[0].url, "--token", TOKEN, "--json").stdout)
+    assert victim.url in [n["url"] for n in listed["nodes"]]
+    victim.proc.kill()  # kill -9: no withdrawal, only the key's expiry
+    victim.proc.wait(10)
+    killed = time.monotonic()
+
+    async def gone():
+        nodes = (await get_json(cluster.nodes[0].url, "nodes"))["nodes"]
+        assert sorted(n["url"] for n in nodes) == sorted(n.url for n in cluster.nodes[:2]), nodes
+    await eventually(gone, 8, "the killed node to leave the list")
+    assert time.monotonic() - killed < 5.5  # its key's TTL is 3 s after its last refresh
+    out = avatar("nodes", "--url", cluster.nodes[1].url, "--token", TOKEN)
+    assert out.returncode == 0 and victim.url not in out.stdout and out.stdout.count("http://127.0.0.1:") == 2, \
+        out.stdout + out.stderr
+    # Placement no longer counts it: two presenters fit, the third is busy.
+    clients = []
+    try:
+        for expected in ("session", "session", "busy"):
+            c, reply = await presenter(cluster.nodes[0])
+            clients.append(c)
+            assert (reply.get("code") or reply["type"]) == expected, reply
+    finally:
+        for c in clients:
+            await c.close()
+
+
+@pytest.mark.slow
+async def test_a_reservation_nobody_takes_expires(cluster_of):
+    cluster = cluster_of(2, max_sessions=1)
+    full, spare = cluster.nodes
+    holder, reply = await presenter(full)
+    assert reply["type"] == "session"
+    clients = [holder]
+    try:
+        truant = await AvatarClient(full.ws_url).connect()  # told where to go, never goes
+        clients.append(truant)
+        reply = await truant.hello(token=TOKEN, max_redirects=0)
+        target = reply.get("url", "")
+        assert reply["type"] == "redirect" and target.startswith(f"ws://127.0.0.1:{spare.port}/ws?reservation=")
+        reserved_at = time.monotonic()
+        nodes = {n["url"]: n for n in (await get_json(full.url, "nodes"))["nodes"]}
+        assert (nodes[spare.url]["sessions"], nodes[spare.url]["reserved"]) == (0, 1)
+        late, reply = await presenter(full)  # the one free slot is promised
+        clients.append(late)
+        assert reply.get("code") == "busy", reply
+
+        async def expired():
+            nodes = {n["url"]: n for n in (await get_json(full.url, "nodes"))["nodes"]}
+            assert nodes[spare.url]["reserved"] == 0
+        await eventually(expired, 8, "the reservation to expire")
+        assert time.monotonic() - reserved_at < 6.5  # held for 5 s
+        # Going there late: the expired reservation counts for nothing, the hello is placed
+        # afresh (the slot is free again); then the cluster is full once, not twice.
+        truant_late = await AvatarClient(target).connect()
+        clients.append(truant_late)
+        reply = await truant_late.hello(token=TOKEN)
+        assert reply["type"] == "session" and truant_late.redirects == [], reply
+        last, reply = await presenter(full)
+        clients.append(last)
+        assert reply.get("code") == "busy", reply
+    finally:
+        for c in clients:
+            await c.close()
+
+
+@pytest.mark.slow
+async def test_a_node_started_before_redis_serves_and_registers_when_redis_comes(tmp_path):
+    redis = Redis(tmp_path)  # not started yet
+    node = Node(redis, tmp_path / "node", 1)
+    try:
+        node.wait_listening()
+        assert (await get_text(node.url, "healthz")).splitlines() == ["ok", "cluster: redis unreachable"]
+        c, reply = await presenter(node)  # admitted locally meanwhile
+        assert reply["type"] == "session"
+        redis.start()
+
+        async def registered():
+            assert await get_text(node.url, "healthz") == "ok\n"
+            nodes = (await get_json(node.url, "nodes"))["nodes"]
+            assert [(n["url"], n["sessions"]) for n in nodes] == [(node.url, 1)]
+        await eventually(registered, 5, "the node to register")
+        await c.close()
+    finally:
+        node.stop()
+        redis.stop()
+
+
+def drive() -> ClipTrack:
+    return ClipTrack(read_seconds(clip("drive_expressive.mp4"), 1.0), loop=True)
+
+
+@pytest.mark.slow
+async def test_redis_lost_and_back_drops_no_session_and_nodes_reregister(cluster_of):
+    cluster = cluster_of(3, max_sessions=1)
+    a, b = cluster.nodes[0], cluster.nodes[1]
+    streaming = await AvatarClient(a.ws_url).connect()
+    local = None
+    try:
+        await streaming.start_session(drive(), token=TOKEN)
+        await wait_for(lambda: len(streaming.received) >= 5, 20, "avatar frames")
+        cluster.redis.stop()
+
+        async def reported():
+            assert (await get_text(a.url, "healthz")).splitlines() == ["ok", "cluster: redis unreachable"]
+        await eventually(reported, 5, "/healthz to report Redis lost")
+        # Admitted locally only, within the node's own capacity: b has a free slot, a has none.
+        local, reply = await presenter(b)
+        assert reply["type"] == "session" and local.redirects == [], reply
+        refused, reply = await presenter(a)
+        assert reply.get("code") == "busy", reply
+        await refused.close()
+        n = len(streaming.received)  # down for longer than a registration lives (3 s)
+        await wait_for(lambda: len(streaming.received) >= n + 90, 15, "frames while Redis is down")
+        assert (await get_text(a.url, "healthz")).splitlines()[1] == "cluster: redis unreachable"
+        assert (await get_json(a.url, "nodes"))["cluster"] == "redis unreachable"
+
+        cluster.redis.start()  # empty: every node registers again, with its sessions
+
+        async def back():
+            assert await get_text(a.url, "healthz") == "ok\n"
+            nodes = (await get_json(a.url, "nodes"))["nodes"]
+            assert sorted((n["url"], n["sessions"]) for n in nodes) == \
+                sorted([(a.url, 1), (b.url, 1), (cluster.nodes[2].url, 0)]), nodes
+        await eventually(back, 6, "the nodes to re-register")
+        n = len(streaming.received)
+        await wait_for(lambda: len(streaming.received) >= n + 10, 10, "frames after Redis came back")
+        assert streaming.ws.close_code is None
+    finally:
+        await streaming.close()
+        if local is not None:
+            await local.close()
+
+
+async def test_whip_to_a_full_node_is_redirected_and_streams(cluster_of):
+    cluster = cluster_of(2, max_sessions=1)
+    full, spare = cluster.nodes
+    holder, reply = await presenter(full)
+    assert reply["type"] == "session" and holder.redirects == []
+    camera = RTCPeerConnection()
+    received = asyncio.get_running_loop().create_future()
+
+    def on_track(track):
+        async def first_frame():
+            frame = await track.recv()
+            if not received.done():
+                received.set_result(frame)
+        if track.kind == "video":
+            asyncio.ensure_future(first_frame())
+    camera.on("track", on_track)
+    try:
+        camera.addTrack(drive())
+        await camera.setLocalDescription(await camera.createOffer())
+        offer = camera.localDescription.sdp.encode()
+        headers = {"Content-Type": "application/sdp", "Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{full.url}whip/stage?identity=demo", data=offer, headers=headers,
+                                 allow_redirects=False) as r:
+                assert r.status == 307, await r.text()
+                location = r.headers["Location"]
+            assert location.startswith(f"{spare.url}whip/stage?identity=demo&reservation=")
+            async with http.post(location, data=offer, headers=headers, allow_redirects=False) as r:
+                assert r.status == 201, await r.text()
+                answer = await r.text()
+        await camera.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        await asyncio.wait_for(received, 20)  # the avatar, back from the spare node
+        rooms = (await get_json(full.url, "rooms"))["rooms"]
+        assert [(r["room"], r["url"]) for r in rooms] == [("stage", spare.url)]
+    finally:
+        await camera.close()
+        await holder.close()
+
+
+def test_cluster_settings_are_checked_before_anything_starts():
+    from server.config import ServerConfig
+    from server.security import ConfigError
+
+    redis_url = "redis://:pw@127.0.0.1:6379/0"
+    for kwargs, needle in [({"cluster": redis_url, "cluster_allow": ["http://n"]}, "--advertise-url"),
+                           ({"cluster": redis_url, "advertise_url": "http://n1:8080/"}, "--cluster-allow"),
+                           ({"cluster": redis_url, "advertise_url": "http://n1:8080/",
+                             "cluster_allow": ["https://n"]}, "matches no --cluster-allow"),
+                           ({"cluster": redis_url, "advertise_url": "ftp://n1/", "cluster_allow": ["ftp"]},
+                            "http(s)://"),
+                           ({"advertise_url": "http://n1:8080/"}, "go with --cluster")]:
+        with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            ServerConfig(**kwargs).validate()
+    ServerConfig(cluster=redis_url, advertise_url="http://n1:8080", cluster_allow=["http://n"]).validate()
+
+
+@pytest.mark.slow
+async def test_the_presenter_page_follows_a_redirect_and_streams(cluster_of, tmp_path):
+    from server.bench.chromium import CHROMIUM, browser_page, write_y4m
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    y4m = tmp_path / "camera.y4m"
+    write_y4m(clip("drive_wink.mp4"), y4m)
+    cluster = cluster_of(2, max_sessions=1)
+    full, spare = cluster.nodes
+    holder, reply = await presenter(full)
+    assert reply["type"] == "session"
+    page_state = """(() => ({frames: (document.getElementById('avatar').getVideoPlaybackQuality
+        ? document.getElementById('avatar').getVideoPlaybackQuality().totalVideoFrames : 0),
+        url: window.avatar.url, message: document.getElementById('message').textContent}))()"""
+    try:
+        async with browser_page(f"{full.url}?autostart=1&token={TOKEN}&room=onstage", y4m,
+                                tmp_path / "profile") as tools:
+            deadline = time.monotonic() + 40
+            state = {}
+            while time.monotonic() < deadline:
+                state = await tools.eval(page_state) or {}
+                if state.get("frames", 0) > 10:
+                    break
+                await asyncio.sleep(0.5)
+            rooms = (await get_json(full.url, "rooms"))["rooms"]
+        assert state.get("frames", 0) > 10 and "Streaming" in state.get("message", ""), state
+        assert (state.get("url") or "").startswith(f"ws://127.0.0.1:{spare.port}/ws?reservation="), state
+        assert [(r["room"], r["url"]) for r in rooms] == [("onstage", spare.url)]
+    finally:
+        await holder.close()
+
+
+def test_one_address_gets_a_bounded_number_of_redirects():
+    from server.cluster import node
+
+    n = node.ClusterNode("redis://127.0.0.1:1/0", "http://a:1/", ["http://"], 1,
+                         node.LocalView(lambda: 0, lambda: []))
+    for _ in range(node.REDIRECTS_PER_ADDRESS):
+        assert n._may_redirect("10.0.0.1")
+        n._redirected.setdefault("10.0.0.1", node.collections.deque()).append(node.time.monotonic())
+    assert not n._may_redirect("10.0.0.1") and n._may_redirect("10.0.0.2") and n._may_redirect(None)
+    n._redirected["10.0.0.1"][-1] -= 60  # older than a reservation lives: it no longer counts...
+    n._redirected["10.0.0.1"].rotate(1)  # (oldest first)
+    assert n._may_redirect("10.0.0.1")
