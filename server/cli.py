@@ -306,19 +306,24 @@ def cmd_serve(args) -> int:
     return app.run(args)
 
 
-def cmd_rooms(args) -> int:
+def get_json(url: str, path: str, token: str | None) -> dict:
+    """GET url/path of a running server with a bearer token; RuntimeError saying what failed."""
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(args.url.rstrip("/") + "/rooms",
-                                     headers={"Authorization": f"Bearer {args.token}"} if args.token else {})
+    request = urllib.request.Request(url.rstrip("/") + "/" + path,
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
-            body = json.load(response)
+            return json.load(response)
     except urllib.error.HTTPError as e:
-        raise RuntimeError(f"{args.url} refused: {e.code} {e.read().decode(errors='replace').strip()}")
+        raise RuntimeError(f"{url} refused: {e.code} {e.read().decode(errors='replace').strip()}")
     except (urllib.error.URLError, OSError) as e:
-        raise RuntimeError(f"cannot reach an avatar server at {args.url}: {getattr(e, 'reason', e)}")
+        raise RuntimeError(f"cannot reach an avatar server at {url}: {getattr(e, 'reason', e)}")
+
+
+def cmd_rooms(args) -> int:
+    body = get_json(args.url, "rooms", args.token)
     if args.json:
         print(json.dumps(body, indent=2))
         return 0
@@ -336,18 +341,7 @@ def cmd_rooms(args) -> int:
 
 
 def cmd_nodes(args) -> int:
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(args.url.rstrip("/") + "/nodes",
-                                     headers={"Authorization": f"Bearer {args.token}"} if args.token else {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            body = json.load(response)
-    except urllib.error.HTTPError as e:
-        raise RuntimeError(f"{args.url} refused: {e.code} {e.read().decode(errors='replace').strip()}")
-    except (urllib.error.URLError, OSError) as e:
-        raise RuntimeError(f"cannot reach an avatar server at {args.url}: {getattr(e, 'reason', e)}")
+    body = get_json(args.url, "nodes", args.token)
     if args.json:
         print(json.dumps(body, indent=2))
         return 0
