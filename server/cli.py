@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     nodes.add_argument("--json", action="store_true", help="print the JSON as the server sent it")
     nodes.set_defaults(func=cmd_nodes)
 
+    drain = sub.add_parser("drain", help="stop a running server taking new presenters; its sessions move",
+                           description="Ask a server on this machine to drain, as SIGTERM does but without "
+                           "stopping: /healthz answers 503, new presenters are refused (with --cluster, "
+                           "placed on other nodes), and running sessions get --drain-timeout seconds to end "
+                           "before they are told to connect again. Only the server's own machine may ask.")
+    drain.add_argument("--url", default="http://127.0.0.1:8080/", help="the server (default: %(default)s)")
+    drain.set_defaults(func=cmd_drain)
+
     ext = sub.add_parser(
         "extension", help="write the \"Avatar camera\" browser extension, configured for a server",
         description="Write the \"Avatar camera\" extension (Chromium, Chrome, Edge; Manifest V3) as an "
@@ -308,18 +316,28 @@ def cmd_serve(args) -> int:
 
 def get_json(url: str, path: str, token: str | None) -> dict:
     """GET url/path of a running server with a bearer token; RuntimeError saying what failed."""
+    return json.loads(ask_server(url, path, token))
+
+
+def ask_server(url: str, path: str, token: str | None = None, method: str = "GET") -> str:
+    """The body of url/path of a running server; RuntimeError saying what failed."""
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(url.rstrip("/") + "/" + path,
+    request = urllib.request.Request(url.rstrip("/") + "/" + path, method=method,
                                      headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
-            return json.load(response)
+            return response.read().decode()
     except urllib.error.HTTPError as e:
         raise RuntimeError(f"{url} refused: {e.code} {e.read().decode(errors='replace').strip()}")
     except (urllib.error.URLError, OSError) as e:
         raise RuntimeError(f"cannot reach an avatar server at {url}: {getattr(e, 'reason', e)}")
+
+
+def cmd_drain(args) -> int:
+    print(ask_server(args.url, "drain", method="POST").strip())
+    return 0
 
 
 def cmd_rooms(args) -> int:

@@ -73,6 +73,9 @@ class ServerConfig:
                                 minimum=1, default_text="the CPU count", metavar="N")
     idle_timeout: float = setting(30.0, "seconds without messages or camera frames before a session ends",
                                   positive=True, metavar="SECONDS")
+    drain_timeout: float = setting(30.0, "seconds running sessions get to end after SIGTERM or `avatar drain` "
+                                         "before they are told to connect again (elsewhere, with --cluster)",
+                                   positive=True, metavar="SECONDS")
     hello_timeout: float = setting(10.0, "seconds a new connection has to say hello", positive=True,
                                    metavar="SECONDS")
     connect_timeout: float = setting(15.0, "seconds a presenter or viewer has, from its answer, to connect "

@@ -42,6 +42,7 @@ class ServerState:
         self.addresses = AddressLimits(config.max_pending_per_address, config.address_rate, config.address_burst,
                                        config.auth_rate, config.auth_burst)
         self.pending = 0  # connections that have not said hello yet
+        self.draining = False  # drain(): no new presenters
         self.metrics.watch(self)
         # Next to the identities: <home>/audit.db. open() (at start) ends what a killed server left open.
         home = config.identities_root.parent if config.identities_root else None
@@ -70,8 +71,8 @@ class ServerState:
 
     # ---- admission: check and reserve with no await in between ---------------------------
     def admit(self) -> bool:
-        """Reserve a session slot; False when the server is at max_sessions."""
-        if self.metrics.sessions_active >= self.config.max_sessions:
+        """Reserve a session slot; False when the server is at max_sessions or draining."""
+        if self.draining or self.metrics.sessions_active >= self.config.max_sessions:
             return False
         self.metrics.sessions_active += 1
         self.metrics.sessions_total += 1
@@ -127,6 +128,8 @@ class ServerState:
                 self.rooms.tidy(room)
                 if placed:  # the cluster's room entry made for this presenter goes too
                     self.cluster.vacate_soon(room_name)
+            if self.draining:
+                raise ServerBusy("this server is draining before it stops; connect again to be placed elsewhere")
             raise ServerBusy(f"the server is at its limit of {self.config.max_sessions} sessions; "
                              "try again later")
         session = Session(self, identity, room, badge_own_video)
@@ -202,6 +205,25 @@ class ServerState:
     def close_pending(self, address: str) -> None:
         self.pending -= 1
         self.addresses.close_pending(address)
+
+    async def drain(self, grace: float) -> None:
+        """Stop admitting presenters (with --cluster, placement sends them to other nodes), let
+        running sessions end by themselves for `grace` seconds, then end the rest with
+        `server_draining`, which tells their pages to connect again (and be placed elsewhere)."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining: no new presenters; %d session(s) have %g s to end", len(self.sessions), grace)
+        if self.cluster is not None:
+            await self.cluster.set_state("draining")
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.sessions and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.2)
+        for session in list(self.sessions.values()):
+            session.end_code, session.end_reason = "server_draining", "the server is draining: connect again"
+            session.ended.set()  # WebSocket and WHIP owners end it, and say why
+        while self.sessions and asyncio.get_running_loop().time() < deadline + 5:
+            await asyncio.sleep(0.1)
 
     async def close(self) -> None:
         """End everything still open (WHIP/WHEP peers have no socket that ends them)."""

@@ -486,3 +486,22 @@ def test_one_address_gets_a_bounded_number_of_redirects():
     n._redirected["10.0.0.1"][-1] -= 60  # older than a reservation lives: it no longer counts...
     n._redirected["10.0.0.1"].rotate(1)  # (oldest first)
     assert n._may_redirect("10.0.0.1")
+
+
+@pytest.mark.slow
+async def test_a_draining_node_sends_new_presenters_to_the_others(cluster_of):
+    cluster = cluster_of(2, max_sessions=2)
+    draining, other = cluster.nodes
+    out = avatar("drain", "--url", draining.url)
+    assert out.returncode == 0 and "draining" in out.stdout, out.stdout + out.stderr
+
+    async def marked():
+        nodes = {n["url"]: n["state"] for n in (await get_json(other.url, "nodes"))["nodes"]}
+        assert nodes[draining.url] == "draining", nodes
+    await eventually(marked, 5, "the node to say it is draining")
+    c, reply = await presenter(draining)
+    try:
+        assert reply["type"] == "session" and c.redirects and port_of(c.redirects[-1]) == other.port, \
+            (reply, c.redirects)
+    finally:
+        await c.close()

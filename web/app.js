@@ -155,6 +155,9 @@ function onError(msg) {
     fail(msg.code === "unauthorized" ? "The server did not accept the token." : `Refused: ${msg.message}`);
   } else if (msg.code === "session_ended" || msg.code === "timeout") {
     scheduleReconnect(`The session ended (${msg.message}).`);
+  } else if (msg.code === "server_draining") {  // this server stops: connect again, to be placed elsewhere
+    state.retryDelay = 500;
+    scheduleReconnect("This server is stopping; reconnecting.");
   } else {
     say(`Server says: ${msg.message} (${msg.code})`, "warn");
   }

@@ -23,6 +23,7 @@ succeeds again re-registers it (and its rooms).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import collections
 import logging
 import os
@@ -228,6 +229,7 @@ class ClusterNode:
         self.reachable = False
         self.error: str | None = "not registered yet"
         self.started = time.time()
+        self.state = "up"  # or "draining": placement picks only nodes that are up
         self._client = client
         self._task: asyncio.Task | None = None
         self._scripts: dict = {}
@@ -282,12 +284,18 @@ class ClusterNode:
             except ClusterUnavailable:
                 pass  # logged once by _lost; the next refresh that gets through re-registers
 
+    async def set_state(self, state: str) -> None:
+        """Say it at once (placement elsewhere reads it), not at the next refresh."""
+        self.state = state
+        with contextlib.suppress(ClusterUnavailable):
+            await self.refresh()
+
     def reported_sessions(self) -> int:
         return self.local.sessions() + self.in_flight
 
     async def refresh(self) -> None:
         fields = {"url": self.url, "capacity": self.capacity, "sessions": self.reported_sessions(),
-                  "load": cpu_load(), "state": "up", "started": int(self.started)}
+                  "load": cpu_load(), "state": self.state, "started": int(self.started)}
         args = [PREFIX, self.id, TTL_MS, len(fields)]
         for k, v in fields.items():
             args += [k, v]

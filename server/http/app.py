@@ -39,6 +39,7 @@ log = logging.getLogger("avatar.server")
 # an installed `avatar` serves it too, not only a checkout.
 WEB = files("server.web")
 LINGER = 2.0  # seconds
+DRAINING = web.AppKey("draining", asyncio.Task)  # the drain POST /drain started
 STATIC = {"/": "index.html", "/index.html": "index.html", "/app.js": "app.js",
           "/viewer.html": "viewer.html", "/viewer.js": "viewer.js", "/common.js": "common.js", "/style.css": "style.css",
           "/enroll.html": "enroll.html", "/enroll.js": "enroll.js"}
@@ -155,12 +156,25 @@ async def static(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    # Always 200 "ok" on its first line while the node serves; with --cluster and Redis lost, a
-    # second line says so (the node still admits presenters, locally only).
+    # 200 "ok" on its first line while the node serves; with --cluster and Redis lost, a second
+    # line says so (the node still admits presenters, locally only). Draining: 503, so load
+    # balancers send no one new.
+    if request.app[STATE].draining:
+        return text(503, "draining")
     cluster = request.app[STATE].cluster
     if cluster is not None and cluster.status != "ok":
         return text(200, f"ok\ncluster: {cluster.status}")
     return text(200, "ok")
+
+
+async def drain(request: web.Request) -> web.Response:
+    """POST /drain (`avatar drain`), from this machine only: as SIGTERM, without the stop."""
+    state = request.app[STATE]
+    if not is_loopback(client_address(request)):
+        return text(403, "drain is asked from the server's own machine (avatar drain)")
+    if not state.draining:
+        request.app[DRAINING] = asyncio.get_running_loop().create_task(state.drain(state.config.drain_timeout))
+    return text(202, f"draining: {len(state.sessions)} session(s) have {state.config.drain_timeout:g} s to end")
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -290,6 +304,7 @@ def make_app(state: ServerState) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/identities", identities)
     app.router.add_get("/rooms", rooms)
+    app.router.add_post("/drain", drain)
     app.router.add_get("/nodes", nodes)
     app.router.add_get("/ws", websocket)
     whip.add_routes(app, STATE)
@@ -405,9 +420,14 @@ async def _serve_until_stopped(config: ServerConfig) -> None:
               f"room at {srv.url}viewer.html?room=NAME; Ctrl-C stops)", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
+
+        async def drain_then_stop():  # SIGTERM (systemd, Kubernetes): sessions get time to move
+            await srv.state.drain(config.drain_timeout)
+            stop.set()
+
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGINT, stop.set)
+            loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(drain_then_stop()))
         await stop.wait()
         print("avatar server: stopping", flush=True)
 
