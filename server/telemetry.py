@@ -125,9 +125,26 @@ class Metrics:
         with self._lock:
             self.frames_dropped += n
 
-    def exposition(self) -> tuple[bytes, str]:
-        """The scrape body and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+    def exposition(self, node: str | None = None) -> tuple[bytes, str]:
+        """The scrape body and its content type; with `node` (a cluster node's advertised URL),
+        every sample carries it as the label `node`, so one query sees the whole cluster."""
+        if node is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        labelled = CollectorRegistry(auto_describe=False)
+        labelled.register(_Labelled(self.registry, node))
+        return generate_latest(labelled), CONTENT_TYPE_LATEST
+
+
+class _Labelled:
+    """Another registry's metrics, each sample with one more label."""
+
+    def __init__(self, registry: CollectorRegistry, node: str):
+        self.registry, self.node = registry, node
+
+    def collect(self):
+        for metric in self.registry.collect():
+            metric.samples = [s._replace(labels={**s.labels, "node": self.node}) for s in metric.samples]
+            yield metric
 
 
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.045, 0.06, 0.1, 0.2, 0.5, 1.0)

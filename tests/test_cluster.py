@@ -499,6 +499,8 @@ async def test_a_draining_node_sends_new_presenters_to_the_others(cluster_of):
         nodes = {n["url"]: n["state"] for n in (await get_json(other.url, "nodes"))["nodes"]}
         assert nodes[draining.url] == "draining", nodes
     await eventually(marked, 5, "the node to say it is draining")
+    metrics = await get_text(other.url, "metrics")  # a loopback scrape: every sample names its node
+    assert f'avatar_sessions_active{{node="{other.url}"}}' in metrics, metrics[:500]
     c, reply = await presenter(draining)
     try:
         assert reply["type"] == "session" and c.redirects and port_of(c.redirects[-1]) == other.port, \

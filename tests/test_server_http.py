@@ -200,3 +200,16 @@ async def test_internal_failure_ends_only_that_connection(tmp_path, monkeypatch)
         assert (await http_get(srv.url, "/healthz"))[0] == 200
         await asyncio.sleep(0.2)
         assert srv.state.metrics.sessions_active == 0
+
+
+def test_metrics_carry_the_cluster_node_in_a_label():
+    from server.telemetry import Metrics
+
+    metrics = Metrics()
+    metrics.sessions_active = 2
+    plain = metrics.exposition()[0].decode()
+    labelled = metrics.exposition("http://node1.example:8080/")[0].decode()
+    samples = [line for line in labelled.splitlines() if line and not line.startswith("#")]
+    assert samples and all('node="http://node1.example:8080/"' in line for line in samples)
+    assert 'avatar_sessions_active{node="http://node1.example:8080/"} 2.0' in samples
+    assert "node=" not in plain

@@ -182,7 +182,7 @@ async def metrics(request: web.Request) -> web.Response:
     if not (state.config.metrics_public or is_loopback(client_address(request))
             or state.auth.allowed(bearer_token(request)) is not None):
         return text(401, "metrics: a token, or a loopback client")
-    body, content_type = state.metrics.exposition()
+    body, content_type = state.metrics.exposition(state.cluster.url if state.cluster is not None else None)
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
