@@ -12,8 +12,10 @@ when the connection is gone (app.Socket wraps aiohttp's).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import time
 
 from engines.identity import DEFAULT_IDENTITY, ConsentError, IdentityError, check_name
 from engines.retarget import check_gain
@@ -22,11 +24,13 @@ from ..security import RateLimiter, check_offer_sdp, check_room, identity_allowe
 from ..cluster.node import ws_base
 from ..state import Redirect, ServerBusy
 from ..telemetry import STAGES
+from ..voice_session import MAX_FRAME_BYTES, RATES, VoiceSession
 
 log = logging.getLogger("avatar.signaling")
 VERSION = 1
 CONTROL_KEYS = {"expression_gain", "head_gain", "freeze_head", "identity", "recalibrate", "pause"}
 MAX_RATE_VIOLATIONS = 20  # then the client is closed: it is not listening to errors
+AUDIO_FRAME_RATE = 200  # an agent's binary frames a second (bursts of twice as many)
 FAILED_HELLO_DELAY = 0.5  # seconds before "unauthorized": guessing tokens is slow
 
 
@@ -58,6 +62,7 @@ class Connection:
         self.session = None  # a Session (presenter) or a Viewer, once hello succeeded
         self.allow = None  # identity allow list once authenticated
         self.limiter = RateLimiter(self.config.rate, self.config.burst)
+        self.audio_limiter = RateLimiter(AUDIO_FRAME_RATE, 2 * AUDIO_FRAME_RATE)  # an agent's binary frames
         self.violations = 0
         self.address = ws.address
         self.pending = False  # counted among the connections that have not said hello
@@ -126,13 +131,23 @@ class Connection:
                 return
 
     async def _handle(self, raw) -> None:
+        if isinstance(raw, bytes) and self.session is not None and self.session.role == "agent":
+            # An agent's audio is bounded by its buffer (overflow), not by the message rate;
+            # only the count of its frames is (10 ms frames are 100 a second).
+            if not self.audio_limiter.allow():
+                self.violations += 1
+                raise ProtocolError("rate_limited", f"more than {AUDIO_FRAME_RATE} audio frames a second; "
+                                                    "send larger ones", self.violations > MAX_RATE_VIOLATIONS)
+            return self._pcm(raw)
         # Both buckets: this connection's, and its address's (reconnecting does not refill it).
         if not (self.limiter.allow() and self.state.addresses.allow_message(self.address)):
             self.violations += 1
             fatal = self.violations > MAX_RATE_VIOLATIONS
             raise ProtocolError("rate_limited", "too many messages; slow down", fatal)
         if isinstance(raw, bytes):
-            raise ProtocolError("bad_message", "binary messages are not supported")
+            if self.session is None or self.session.role != "agent":
+                raise ProtocolError("bad_message", "binary messages are only for voice agents' audio")
+            return self._pcm(raw)
         if len(raw.encode()) > self.config.max_message:
             raise ProtocolError("too_large", f"messages are limited to {self.config.max_message} bytes")
         try:
@@ -146,11 +161,18 @@ class Connection:
             raise ProtocolError("bad_version", f"this server speaks protocol v{VERSION}", fatal=True)
         kind = msg["type"]
         if kind == "ping":
+            if self.session is not None and self.session.role == "agent":
+                self.session.last_activity = time.monotonic()  # an agent may be silent a while
             await self._send({"type": "pong", "id": msg.get("id") if is_number(msg.get("id")) else None})
         elif kind == "hello":
             await self._hello(msg)
         elif self.session is None:
             raise ProtocolError("bad_message", f"send 'hello' before {kind[:40]!r}")
+        elif self.session.role == "agent" and kind in ("say", "interrupt"):
+            self.session.last_activity = time.monotonic()  # an agent's messages are its media
+            await (self._say(msg) if kind == "say" else self._interrupt())
+        elif kind in ("offer", "control") and self.session.role == "agent":
+            raise ProtocolError("bad_message", f"a voice agent sends no {kind!r}: audio and say/interrupt")
         elif kind == "offer":
             await self._offer(msg)
         elif kind == "control" and self.session.role == "viewer":
@@ -170,10 +192,15 @@ class Connection:
         if addresses.auth_blocked(self.address):
             raise ProtocolError("rate_limited", "too many failed hellos from this address; wait", fatal=True)
         role = msg.get("role", "presenter")
-        if role not in ("presenter", "viewer"):
-            raise ProtocolError("bad_value", "role must be 'presenter' or 'viewer'", fatal=True)
+        if role not in ("presenter", "viewer", "agent"):
+            raise ProtocolError("bad_value", "role must be 'presenter', 'viewer' or 'agent'", fatal=True)
         room = msg.get("room")
-        if room is not None or role == "viewer":
+        if role == "agent":
+            rate = msg.get("sample_rate", 48000)
+            if isinstance(rate, bool) or rate not in RATES:
+                raise ProtocolError("bad_value", f"sample_rate must be one of {', '.join(map(str, RATES))} "
+                                                 "(s16le mono PCM)", fatal=True)
+        if room is not None or role in ("viewer", "agent"):
             try:
                 check_room(room)
             except ValueError as e:
@@ -185,18 +212,24 @@ class Connection:
             raise ProtocolError("unauthorized", "missing or invalid token", fatal=True)
         if role == "viewer":
             await self._hello_viewer(token, room)
+        elif role == "agent":
+            await self._hello_presenter(token, msg.get("identity", DEFAULT_IDENTITY), room, agent_rate=rate)
         else:
             await self._hello_presenter(token, msg.get("identity", DEFAULT_IDENTITY), room)
 
-    async def _hello_presenter(self, token, name, room) -> None:
+    async def _hello_presenter(self, token, name, room, agent_rate: int | None = None) -> None:
         allow = self.state.auth.allowed(token)
         if allow is None:
             raise ProtocolError("forbidden", "a viewer token cannot present; use a presenter token", fatal=True)
         self._check_identity(name, allow, fatal=True)
+        make = {}
+        if agent_rate is not None:
+            make["make"] = functools.partial(VoiceSession, sample_rate=agent_rate,
+                                             notify=lambda m: asyncio.ensure_future(self._notice(m)))
         try:
             self.session = session = await self.state.open_session(name, room, who=self.state.who(token),
                                                                    address=self.address,
-                                                                   reservation=self.reservation)
+                                                                   reservation=self.reservation, **make)
         except Redirect as e:
             # The same hello, token included, is to be sent again there (docs/PROTOCOL.md).
             log.info("presenter placed on %s", e.url)
@@ -306,6 +339,35 @@ class Connection:
             session.set_paused(changes["pause"])
         await self._send({"type": "control_ok", "identity": session.identity_name,
                           "paused": session.paused, "controls": vars(session.controls)})
+
+    # ---- a voice agent's messages ---------------------------------------------------------
+    def _pcm(self, data: bytes) -> None:
+        if len(data) > MAX_FRAME_BYTES:
+            raise ProtocolError("too_large", f"audio frames are limited to {MAX_FRAME_BYTES} bytes")
+        code = self.session.push_pcm(data)
+        if code == "bad_audio":
+            raise ProtocolError("bad_audio", "audio frames are s16le mono PCM: an even number of bytes")
+        if code == "overflow":
+            now = asyncio.get_running_loop().time()
+            if now - self.session._last_overflow >= 1.0:  # one error a second, not one per frame
+                self.session._last_overflow = now
+                raise ProtocolError("overflow", "audio arrives faster than real time: more than "
+                                                "10 s waits; the excess was dropped")
+
+    async def _say(self, msg: dict) -> None:
+        from engines.voice.espeak import DEFAULT_VOICE, check_text, synthesize
+        from engines.voice.speech import SpeechError
+        try:
+            text = check_text(msg.get("text"))
+            voice = msg.get("voice", DEFAULT_VOICE)
+            speech = await asyncio.get_running_loop().run_in_executor(None, synthesize, text, voice)
+        except SpeechError as e:
+            raise ProtocolError("bad_value", str(e)[:200])
+        if self.session is not None and self.session.say_speech(speech) == "overflow":
+            raise ProtocolError("overflow", "more than 10 s of speech already waits; say it later")
+
+    async def _interrupt(self) -> None:
+        self.session.interrupt()
 
     def _check_identity(self, name, allow, fatal: bool = False) -> None:
         try:

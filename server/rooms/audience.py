@@ -119,6 +119,10 @@ class ViewerAudioTrack(MediaStreamTrack):
         self._queue.append(chunk)
         self._ready.set()
 
+    def clear(self) -> None:
+        """Forget what waits to be sent."""
+        self._queue.clear()
+
     async def recv(self) -> av.AudioFrame | av.Packet:
         while True:
             while not self._queue:

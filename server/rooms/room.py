@@ -60,6 +60,7 @@ class Room:
         self._latency: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
         self._sending: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
         self._loop = asyncio.get_running_loop()
+        self._held: collections.deque = collections.deque()  # (due, TimerHandle) of audio held back
 
     # ---- who is in the room --------------------------------------------------------------
     def claim(self, presenter) -> None:
@@ -142,7 +143,17 @@ class Room:
         if hold <= 0:
             self._deliver_audio(chunk)
         else:
-            self._loop.call_later(hold, self._deliver_audio, chunk)
+            now = self._loop.time()
+            while self._held and self._held[0][0] < now:
+                self._held.popleft()
+            self._held.append((now + hold, self._loop.call_later(hold, self._deliver_audio, chunk)))
+
+    def clear_audio(self) -> None:
+        """Drop the audio held back and queued for viewers (a voice agent's barge-in)."""
+        while self._held:
+            self._held.popleft()[1].cancel()
+        for a in self._feeds():
+            a.audio.clear()
 
     def _deliver_audio(self, item) -> None:
         for a in self._feeds():
