@@ -122,11 +122,23 @@ def _chain_lines(label: str, s: dict) -> list[str]:
                      f"(together {server + client:.0f}: they share this machine's cores)")
     elif client is not None:
         lines.append(f"bench client CPU per session: {client:.0f}% of a core")
+    lines += _placement_lines(s.get("placement") or {})
     machine = s.get("machine_cpu_percent") or {}
     if machine.get("busy") is not None:
         lines.append(f"the whole machine meanwhile, % of a core: busy {machine['busy']:.0f}, "
                      f"steal {machine['steal']:.0f} (its hypervisor's other guests)")
     return lines
+
+
+def _placement_lines(p: dict) -> list[str]:
+    """Only where a cluster spread the sessions, or redirected one."""
+    landed, redirected = p.get("landed") or {}, (p.get("connect_ms_redirected") or {}).get("n")
+    if len(landed) < 2 and not redirected:
+        return []
+    where = ", ".join(f"{url} x{n}" for url, n in sorted(landed.items()))
+    ms = lambda d: "-" if not d or d.get("p50") is None else f"p50 {d['p50']:.0f} / p95 {d['p95']:.0f} ms"  # noqa: E731
+    return [f"placement: {where}; session setup direct {ms(p.get('connect_ms_direct'))}, "
+            f"after a redirect {ms(p.get('connect_ms_redirected'))}"]
 
 
 def write_reports(report: dict, out: Path) -> None:

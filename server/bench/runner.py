@@ -216,9 +216,11 @@ async def open_session(url: str, track, token, cfg: RunConfig, **publish) -> Ava
     their slots until cleaned up."""
     deadline = time.monotonic() + BUSY_WAIT_S
     while True:
+        started = time.perf_counter()
         client = await AvatarClient(ws_url(cfg.url or url), marker_completion=cfg.marker).connect()
         try:
             await client.start_session(track, token, cfg.identity, **publish)
+            client.connect_ms = (time.perf_counter() - started) * 1e3
             return client
         except ClientError as e:
             await client.close()
@@ -267,7 +269,9 @@ async def run_sessions(url: str, configs: list[RunConfig], camera: Camera, durat
     same_clock = server_pid is not None
     results = [analyse(cfg.label, i, c, t, start + warmup, start + warmup + duration, same_clock)
                for i, (cfg, c, t) in enumerate(zip(configs, clients, tracks))]
-    for r, cfg in zip(results, configs):
+    for r, cfg, c in zip(results, configs, clients):
+        r.landed, r.redirects = c.ws_url.split("?", 1)[0], len(c.redirects)  # no reservation id
+        r.connect_ms = round(c.connect_ms, 1)
         r.client_cpu_percent = cpu
         r.server_cpu_percent = server_cpu.get(cfg.server_pid)
         r.machine_cpu_percent = machine

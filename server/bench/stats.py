@@ -35,6 +35,9 @@ class SessionResult:
     client_cpu_percent: float | None = None  # the bench process's CPU per session, % of a core
     server_cpu_percent: float | None = None  # a local server's CPU per session, % of a core
     machine_cpu_percent: dict | None = None  # the whole machine's {"busy", "steal"}, % of a core
+    landed: str | None = None  # the server (signaling URL) the session ended up on
+    redirects: int = 0  # cluster redirects its hello followed
+    connect_ms: float | None = None  # connect + hello (+ redirects) + offer/answer
     error: str | None = None
 
 
@@ -110,10 +113,22 @@ def summarize(results: list[SessionResult], duration: float) -> dict:
         "chain_p95_ms": chain_summary([c for r in results for c in r.chain], 95),
         "client_cpu_percent_per_session": _mean([r.client_cpu_percent for r in results]),
         "server_cpu_percent_per_session": _mean([r.server_cpu_percent for r in results]),
+        "placement": placement(results),
         # The whole machine while they ran (sessions of one run share one reading).
         "machine_cpu_percent": {k: _mean([r.machine_cpu_percent[k] for r in results if r.machine_cpu_percent])
                                 for k in ("busy", "steal")},
     }
+
+
+def placement(results: list[SessionResult]) -> dict:
+    """Where the sessions landed (a cluster spreads them) and what reaching them cost: the
+    setup time of sessions placed where they knocked against those redirected first."""
+    landed: dict[str, int] = {}
+    for r in results:
+        landed[r.landed or "?"] = landed.get(r.landed or "?", 0) + 1
+    setup = lambda redirected: percentiles([r.connect_ms for r in results  # noqa: E731
+                                            if r.connect_ms is not None and (r.redirects > 0) == redirected])
+    return {"landed": landed, "connect_ms_direct": setup(False), "connect_ms_redirected": setup(True)}
 
 
 def _mean(values) -> float | None:
