@@ -3,6 +3,9 @@
     <root>/<name>/manifest.json      schema, names, engine, crop, consent, files + sha256
     <root>/<name>/reference.png      the face the engines animate (RENDER_SIZE square)
     <root>/<name>/neutral.npy        its (478, 3) landmarks
+    <root>/<name>/scene.jpg          photo identities: the photo around the face (at most
+                                     SCENE_SIDE px), where call frames paste the avatar back;
+                                     the manifest's "scene" says where the face square sits in it
 
 IdentityStore.write is the one writer (photo identities and neural enrollments alike);
 loading checks every field and every file's hash and says exactly what is wrong.
@@ -48,6 +51,9 @@ STAGING_RE = re.compile(r"\.[a-z0-9][a-z0-9_-]{0,62}-[a-z0-9_]{8}(\.staging)?")
 # character belongs in a name people read.
 JOINERS = frozenset("\u200c\u200d")
 CROP_SCALE = 1.9  # crop side over the landmarks' extent: room for hair and neck
+SCENE_SIDE = 1920  # a scene's longer side at most (a 1080p call frame needs no more)
+SCENE_REACH = (3.0, 2.2)  # how far a scene reaches from the face square's centre, in its sides (x, y)
+SCENE_FILE = "scene.jpg"
 
 
 class IdentityError(ValueError):
@@ -173,6 +179,19 @@ class Identity:
         except (OSError, KeyError, ValueError) as e:
             raise IdentityError(f"identity {self.name!r}: {name} is not a {kind.replace('_', ' ')} ({e})") from None
 
+    def scene(self) -> tuple[np.ndarray, tuple[float, float, float]] | None:
+        """The photo around the face (RGB) and where the face square sits in it, (x0, y0,
+        side) in scene pixels; None for a bundle without one (enrolled identities, bundles
+        made before scenes were kept). Its hash was checked at load; read here, when asked."""
+        entry = self.manifest.get("scene")
+        if entry is None:
+            return None
+        bgr = cv2.imread(str(self.path / entry["image"]), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise IdentityError(f"identity {self.name!r}: {entry['image']} is not a readable image")
+        x0, y0, x1, y1 = (float(v) for v in entry["box"])
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (x0, y0, (x1 - x0 + y1 - y0) / 2)
+
     @property
     def size(self) -> int:
         return self.reference.shape[0]
@@ -289,8 +308,16 @@ class IdentityStore:
             neutral = landmarker(reference)
         if neutral is None:
             raise IdentityError("the face was lost after cropping; try a larger, frontal photo")
+        scene, box = scene_around(rgb, crop)
+
+        def keep_scene(staging: Path) -> tuple[list[str], dict]:
+            cv2.imwrite(str(staging / SCENE_FILE), cv2.cvtColor(scene, cv2.COLOR_RGB2BGR),
+                        [cv2.IMWRITE_JPEG_QUALITY, 93])
+            return [SCENE_FILE], {"scene": {"image": SCENE_FILE, "box": [round(v, 2) for v in box]}}
+
         return self.write(name, display_name, "warp", consent, reference, neutral, crop,
-                          {"source": source}, tool="avatar identity create", overwrite=overwrite)
+                          {"source": source}, tool="avatar identity create", extra=keep_scene,
+                          overwrite=overwrite)
 
     def write(self, name: str, display_name: str, engine: str, consent: Consent, reference: np.ndarray,
               neutral: np.ndarray, crop: Sequence[int], provenance: dict, tool: str,
@@ -442,6 +469,29 @@ def crop_face(rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     return crop_with_box(rgb, x0, y0, side, size), crop_corners(x0, y0, side)
 
 
+def scene_around(rgb: np.ndarray, crop: Sequence[int]) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """The part of the photo around the face square `crop` (left, top, right, bottom, photo
+    pixels) that a call frame may show, SCENE_REACH square sides from its centre, scaled so
+    its longer side is at most SCENE_SIDE; and the square in its pixels (left, top, right,
+    bottom, fractional)."""
+    h, w = rgb.shape[:2]
+    left, top, right, bottom = (float(v) for v in crop)
+    side = right - left
+    cx, cy = (left + right) / 2, (top + bottom) / 2
+    x0, x1 = max(0, math.floor(cx - SCENE_REACH[0] * side)), min(w, math.ceil(cx + SCENE_REACH[0] * side))
+    y0, y1 = max(0, math.floor(cy - SCENE_REACH[1] * side)), min(h, math.ceil(cy + SCENE_REACH[1] * side))
+    part = rgb[y0:y1, x0:x1]
+    k = min(1.0, SCENE_SIDE / max(part.shape[:2]))
+    if k < 1.0:
+        size = (max(1, round(part.shape[1] * k)), max(1, round(part.shape[0] * k)))
+        part = cv2.resize(part, size, interpolation=cv2.INTER_AREA)
+        kx, ky = size[0] / (x1 - x0), size[1] / (y1 - y0)
+    else:
+        kx = ky = 1.0
+    box = ((left - x0) * kx, (top - y0) * ky, (right - x0) * kx, (bottom - y0) * ky)
+    return np.ascontiguousarray(part), box
+
+
 def face_box(points: np.ndarray) -> tuple[float, float, float]:
     """The crop square (x0, y0, side) around a face's landmarks, with hair and neck."""
     lo, hi = points[:, :2].min(0), points[:, :2].max(0)
@@ -562,6 +612,15 @@ def _from_manifest(folder: Path, m: object) -> Identity:
     for key in MEMORIES:
         if key in m and m[key] not in files:
             fail(f"{key} {m[key]!r} is not listed in 'files'")
+    if "scene" in m:
+        scene = m["scene"]
+        if not isinstance(scene, dict) or scene.get("image") not in files:
+            fail("scene must name an image listed in 'files'")
+        box = scene.get("box")
+        if (not isinstance(box, list) or len(box) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+                or not (box[2] - box[0] > 1 and abs((box[2] - box[0]) - (box[3] - box[1])) <= 2)):
+            fail("scene.box must be a square [left, top, right, bottom] in the scene's pixels")
     bgr = cv2.imread(str(folder / m["reference_image"]), cv2.IMREAD_COLOR)
     if bgr is None:
         fail(f"{m['reference_image']} is not a readable image")

@@ -10,7 +10,10 @@ browser, ...) pick like any other (issue #34).
           watermarked with the audit use's id, the visible badge unless the identity turned
           it off; or `RemoteAvatar`: an aiortc client of a running avatar server (the
           server's session watermarks; the badge is drawn here)
-  fit     engines.render.frame.fit_to_frame: the square avatar, undistorted, in 16:9
+  frame   the call's 16:9 frame: by default the identity's own photo around the face with
+          the avatar pasted back (engines.render.scene, marked after composing, so the mark
+          spans the whole frame); else engines.render.frame.fit_to_frame: the square avatar,
+          undistorted, the bars beside it filled
   sink    `VirtualCamera` (pyvirtualcam: v4l2loopback on Linux, OBS's virtual camera on
           Windows and macOS), or anything with send(rgb) and close() (the tests' recorder)
 
@@ -65,7 +68,8 @@ DESCRIPTION = f"""\
 Your avatar as a camera for desktop call apps: reads your webcam, drives the avatar, and
 writes it to the system's virtual camera, which Zoom, Teams, Slack, or a browser's Meet
 then offer as a camera. The frame is 16:9 (--size, default 1280x720) at --fps; the
-square avatar sits in its middle, unstretched, the sides filled (--fill).
+avatar is pasted back into the identity's own photo (--fill scene), or the square avatar sits
+in its middle, unstretched, the sides filled.
 
 Two ways to make the avatar:
   local (default)   the engines run here, on an identity of this machine's store
@@ -285,10 +289,11 @@ class LocalAvatar:
     when it changed, so a revocation or an expiry stops the camera within a second, as it
     ends a server's session). A label switch on disk follows too, unless `label` was given."""
 
-    def __init__(self, source, store, identity, marker, label: bool | None = None):
+    def __init__(self, source, store, identity, marker, label: bool | None = None, compose=None):
         from engines.pipeline import AvatarPipeline
 
         self.source, self.store, self.identity, self.marker = source, store, identity, marker
+        self.compose = compose  # avatar square -> the call's frame (a SceneComposer), or None
         self.forced_label = label
         self.label = identity.label_viewers if label is None else label
         self.stamp = store.consent_stamp(identity.name)
@@ -319,6 +324,8 @@ class LocalAvatar:
         points = timer.run("landmarks", self.pipeline.detect, frame.rgb)
         target = timer.run("retarget", self.pipeline.retarget, points, frame.t - self.t0)
         out = timer.run("render", self.pipeline.render, target)
+        if self.compose is not None:
+            out = timer.run("compose", self.compose, out)
         out = timer.run("mark", self.marker, out, self.label)  # the badge first, then the mark over all
         return out, timer.ms
 
@@ -590,7 +597,7 @@ def run(avatar, sink, width: int, height: int, fps: float, stop: threading.Event
             continue
         image, ms = got
         t = time.perf_counter()
-        out = fit_to_frame(image, width, height, fill)
+        out = image if image.shape[:2] == (height, width) else fit_to_frame(image, width, height, fill)
         t1 = time.perf_counter()
         sink.send(out)
         t2 = time.perf_counter()
@@ -645,9 +652,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=frame_size, default=SIZE, metavar="WxH",
                         help="the frame call apps receive (default: 1280x720); the avatar fills its height")
     parser.add_argument("--fps", type=frame_rate, default=FPS, help="frames per second at most (default: 30)")
-    parser.add_argument("--fill", choices=FILLS, default="edge",
-                        help="beside the square avatar: its own edges blurred and darkened, or a dark grey "
-                        "(default: %(default)s)")
+    parser.add_argument("--fill", choices=("scene",) + FILLS, default="scene",
+                        help="scene: the avatar pasted back into the identity's own photo (photo identities "
+                        "made by `avatar identity create`; others, and --server, fall back to edge); edge: "
+                        "the square avatar with its own edges blurred and darkened beside it; dark: a dark "
+                        "grey beside it (default: %(default)s)")
     parser.add_argument("--label", action=argparse.BooleanOptionalAction, default=None,
                         help="draw the visible \"AI avatar\" badge (default: the identity's setting, on unless "
                         "its owner turned it off; with --server: on)")
@@ -722,6 +731,7 @@ def _print_started(sink, source, what: str, width: int, height: int, fps: float)
 def _run_local(args, source, sink, stop, on_frame) -> RunStats:
     from engines.identity import IdentityStore, identities_dir
     from engines.provenance.watermark import Marker, Payload
+    from engines.render.scene import composer
     from server.audit import AuditLog, audit_path, local_user
 
     store = IdentityStore(identities_dir(args.home))
@@ -732,11 +742,12 @@ def _run_local(args, source, sink, stop, on_frame) -> RunStats:
     try:
         with log_.use("session", local_user(), identity.name, address="local camera") as use:
             stats = RunStats()
-            avatar = LocalAvatar(source, store, identity, Marker(Payload.here(use.id)), args.label)
+            compose = composer(identity, *args.size) if args.fill == "scene" else None
+            avatar = LocalAvatar(source, store, identity, Marker(Payload.here(use.id)), args.label, compose)
             try:
                 _print_started(sink, source, f"identity {identity.name!r} (watermark use {use.id[:8]})",
                                *args.size, args.fps)
-                run(avatar, sink, *args.size, args.fps, stop, frames=args.frames, fill=args.fill,
+                run(avatar, sink, *args.size, args.fps, stop, frames=args.frames, fill=_square_fill(args.fill),
                     on_frame=on_frame, stats=stats)
             finally:
                 use.frames = stats.frames  # also when it ends in an error (consent revoked, camera gone)
@@ -747,6 +758,11 @@ def _run_local(args, source, sink, stop, on_frame) -> RunStats:
     return stats
 
 
+def _square_fill(fill: str) -> str:
+    """How a square avatar's bars are filled where no scene composed the frame."""
+    return "edge" if fill == "scene" else fill
+
+
 def _run_remote(args, source, sink, stop, on_frame) -> RunStats:
     source.start()
     avatar = RemoteAvatar(source, args.server, args.token, args.identity, True if args.label is None else args.label)
@@ -754,7 +770,8 @@ def _run_remote(args, source, sink, stop, on_frame) -> RunStats:
     try:
         _print_started(sink, source, f"identity {avatar.session.get('identity')!r} on {args.server} "
                        f"(session {avatar.session.get('id', '?')[:8]})", *args.size, args.fps)
-        return run(avatar, sink, *args.size, args.fps, stop, frames=args.frames, fill=args.fill, on_frame=on_frame)
+        return run(avatar, sink, *args.size, args.fps, stop, frames=args.frames, fill=_square_fill(args.fill),
+                   on_frame=on_frame)
     finally:
         avatar.close()
 

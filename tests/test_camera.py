@@ -51,8 +51,10 @@ def decoded(frames) -> watermark.Detection:
 
 
 def has_badge(avatar: np.ndarray) -> bool:
-    """The badge's box (dark grey, 60%) with white text in the top-left corner."""
-    corner = avatar[4:22, 4:80].max(axis=2)
+    """The badge's box (dark grey, 60%) with white text in the top-left corner (its size
+    follows the frame's width: a 256-wide frame's box is about 76 x 18)."""
+    k = avatar.shape[1] / 256
+    corner = avatar[round(4 * k):round(22 * k), round(4 * k):round(80 * k)].max(axis=2)
     return (corner > 220).mean() > 0.05 and (corner < 110).mean() > 0.3
 
 
@@ -109,7 +111,7 @@ def test_fit_refuses_what_it_cannot_fit():
 def test_local_camera_sends_marked_labelled_avatars_and_audits_the_use(tmp_path):
     video = clip("drive_wink.mp4")
     sinks, seen = [], []
-    args = command("--home", str(tmp_path), "camera", "--video", str(video), "--frames", "12")
+    args = command("--home", str(tmp_path), "camera", "--video", str(video), "--frames", "12", "--fill", "edge")
 
     def open_sink(width, height, fps):
         sinks.append(RecordingSink(width, height, fps))
@@ -140,6 +142,44 @@ def test_local_camera_sends_marked_labelled_avatars_and_audits_the_use(tmp_path)
     detection = decoded([f[:, 280:1000] for f in sink.frames])  # what a call app receives, its middle
     assert detection.found, detection
     assert detection.payload.use == int(use["use_id"][:6], 16)
+
+
+def test_by_default_the_avatar_is_pasted_back_into_its_photo_and_the_whole_frame_is_marked(tmp_path):
+    """--fill scene (the default): the call gets the identity's own photo around the face with
+    the moving avatar in it (issue #35), not a square between bars; the badge sits in the
+    frame's corner and the watermark decodes from the whole frame."""
+    from engines.identity import IdentityStore, identities_dir
+    from engines.render.scene import composer
+
+    sinks = []
+
+    def open_sink(width, height, fps):
+        sinks.append(RecordingSink(width, height, fps))
+        return sinks[-1]
+
+    args = command("--home", str(tmp_path), "camera", "--video", str(clip("drive_wink.mp4")), "--frames", "12")
+    stages = []
+    assert camera.run_command(args, open_sink=open_sink, on_frame=lambda a, f, ms: stages.append(ms)) == 0
+    frames = sinks[0].frames
+    assert len(frames) == 12 and all(f.shape == (720, 1280, 3) for f in frames)
+    assert all("compose" in ms for ms in stages)
+    demo = IdentityStore(identities_dir(tmp_path)).load("demo")
+    scene = composer(demo, 1280, 720)
+    # Outside the face square the frame is the still photo (the mark's few levels aside):
+    # no bars, no square edge.
+    outside = np.ones((720, 1280), bool)
+    outside[max(0, scene.sy):scene.sy + scene.side, max(0, scene.sx):scene.sx + scene.side] = False
+    outside[:140, :380] = False  # the badge
+    diff = np.abs(frames[-1].astype(int) - scene.background.astype(int))[outside]
+    assert np.median(diff) <= 3, np.median(diff)
+    # Inside it the driver's motion shows: frames differ there, not outside.
+    square = (slice(max(0, scene.sy), scene.sy + scene.side), slice(max(0, scene.sx), scene.sx + scene.side))
+    motion = [np.abs(a[square].astype(int) - b[square].astype(int)).mean() for a, b in zip(frames, frames[1:])]
+    assert max(motion) > 1.0, motion
+    cv2.imwrite(str(tmp_path / "scene.png"), cv2.cvtColor(frames[-1], cv2.COLOR_RGB2BGR))  # to look at
+    assert all(has_badge(f) for f in frames)
+    detection = decoded(frames)
+    assert detection.found, detection
 
 
 def test_a_revoked_identity_stops_the_camera(tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ def test_create_list_load_delete(fresh, photo):
     assert fresh.names() == ["jo"]
     manifest = json.loads((ident.path / "manifest.json").read_text())
     assert manifest["consent"]["statement"] == CONSENT.statement
-    assert set(manifest["files"]) == {"reference.png", "neutral.npy"}
+    assert set(manifest["files"]) == {"reference.png", "neutral.npy", "scene.jpg"}  # scene: issue #35
     assert fresh.load("jo").display_name == "Jo"
     with pytest.raises(IdentityError, match="already exists"):
         fresh.create_from_image(photo, "jo", CONSENT)
@@ -105,7 +105,7 @@ def _set(path, key, value):
 def test_manifest_common_fields(fresh, photo):
     m = fresh.create_from_image(photo, "jo", CONSENT, "Jo").manifest
     assert list(m) == ["schema_version", "name", "display_name", "engine", "reference_image",
-                       "neutral_landmarks", "crop", "consent", "provenance", "files"]
+                       "neutral_landmarks", "crop", "consent", "provenance", "scene", "files"]
     assert list(m["provenance"]) == ["source", "created_at", "tool"]
     assert m["provenance"]["source"] == "face.png" and m["provenance"]["tool"] == "avatar identity create"
     assert m["engine"] == "warp" and all(isinstance(v, int) for v in m["crop"])

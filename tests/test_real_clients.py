@@ -119,7 +119,7 @@ async def click(tools: DevTools, element_id: str) -> None:
         await tools.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
 
 
-async def present(srv, seconds: float = 8.0) -> Client:
+async def present(srv, seconds: float = 8.0) -> AvatarClient:
     """An aiortc presenter in room main: the driver clip, looping, and a 440 Hz hum. Set
     keep_frames to keep its own avatar frames (what the room's viewers should see)."""
     presenter = AvatarClient(srv.ws_url)

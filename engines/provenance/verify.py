@@ -52,8 +52,8 @@ def regions(height: int, width: int) -> dict[str, tuple[slice, slice]]:
     if max(height, width) <= 1.25 * min(height, width):
         return {"whole": (slice(None), slice(None))}
     side = min(height, width)
-    if width > height:
-        return {"left": (slice(None), slice(0, side)), "right": (slice(None), slice(width - side, width)),
+    if width > height:  # "whole": a frame marked whole (composed into the identity's scene, issue #35)
+        return {"whole": (slice(None), slice(None)), "left": (slice(None), slice(0, side)), "right": (slice(None), slice(width - side, width)),
                 "centre": (slice(None), slice((width - side) // 2, (width + side) // 2))}
     return {"top": (slice(0, side), slice(None)), "bottom": (slice(height - side, height), slice(None)),
             "middle": (slice((height - side) // 2, (height + side) // 2), slice(None))}
