@@ -1,7 +1,8 @@
 """`avatar bench watermark`: does the invisible mark survive what happens to a stream, is it
 invisible, what does it cost, and does unmarked footage stay unmarked?
 
-Each clip is cut to 256² (the avatar's size), marked, and passed through the channels a
+Each clip is cut to 256² (the avatar's size; --size for others, e.g. 512x512 or a 1280x720
+call frame), marked, and passed through the channels a
 frame really meets: the VP8 and H.264 encoders the server sends with (aiortc's; VP8 at
 the server's default speed, server/media/vp8.py) at the given bitrates (what a WebRTC viewer
 receives), a 50% downscale and re-encode, and a screen-recording-style re-encode
@@ -27,6 +28,7 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from tqdm import tqdm
 
 from engines.provenance import watermark
+from engines.render.frame import parse_frame_size
 from engines.measure import timing_summary
 from engines.provenance.verify import SEGMENT_SECONDS
 from engines.video import read_video
@@ -38,6 +40,8 @@ FPS = 30
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("clips", type=Path, nargs="+", help="talking-head videos (real footage)")
     parser.add_argument("--seconds", type=float, default=10.0, help="per clip (default: %(default)s)")
+    parser.add_argument("--size", type=_size, default=(SIZE, SIZE), metavar="WxH",
+                        help="the marked frame: each clip's middle cut to its shape and scaled (default: 256x256)")
     parser.add_argument("--vp8-kbps", type=int, default=300, help="default: %(default)s")
     parser.add_argument("--h264-kbps", type=int, default=500, help="default: %(default)s")
     parser.add_argument("--json", type=Path, default=Path("bench-watermark.json"),
@@ -45,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    report = bench(args.clips, args.seconds, args.vp8_kbps * 1000, args.h264_kbps * 1000)
+    report = bench(args.clips, args.seconds, args.vp8_kbps * 1000, args.h264_kbps * 1000, args.size)
     print(format_table(report))
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {args.json}")
@@ -62,7 +66,8 @@ def channels(vp8_bps: int, h264_bps: int) -> dict:
     }
 
 
-def bench(clips: list[Path], seconds: float, vp8_bps: int, h264_bps: int) -> dict:
+def bench(clips: list[Path], seconds: float, vp8_bps: int, h264_bps: int,
+          size: tuple[int, int] = (SIZE, SIZE)) -> dict:
     marker = watermark.Marker(watermark.Payload.for_use("bench", "b0b0b0"))
     expected = str(marker.payload)
     chans = channels(vp8_bps, h264_bps)
@@ -70,7 +75,7 @@ def bench(clips: list[Path], seconds: float, vp8_bps: int, h264_bps: int) -> dic
     psnr, cost, false_pos, segments_clean = [], [], 0, 0
     for clip in tqdm(clips, desc="clips", unit="clip"):
         raw = list(read_video(clip, int(seconds * FPS)))
-        frames = [_square(f) for f in raw]
+        frames = [_cut(f, *size) for f in raw]
         marked = []
         for f in frames:
             t0 = time.perf_counter()
@@ -86,7 +91,7 @@ def bench(clips: list[Path], seconds: float, vp8_bps: int, h264_bps: int) -> dic
             segments_clean += 1
     return {
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
-        "frame": f"{SIZE}x{SIZE}",
+        "frame": f"{size[0]}x{size[1]}",
         "segment_seconds": SEGMENT_SECONDS,
         "clips": [str(c) for c in clips],
         "survival": {k: {"detected": d, "segments": n, "ratio": round(d / max(n, 1), 3)}
@@ -187,11 +192,21 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _square(rgb: np.ndarray) -> np.ndarray:
+def _cut(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The frame's middle of the shape width:height, scaled to width x height."""
     h, w = rgb.shape[:2]
-    s = min(h, w)
-    y0, x0 = (h - s) // 2, (w - s) // 2
-    return cv2.resize(rgb[y0:y0 + s, x0:x0 + s], (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+    k = min(w / width, h / height)
+    cw, ch = round(width * k), round(height * k)
+    y0, x0 = (h - ch) // 2, (w - cw) // 2
+    part = rgb[y0:y0 + ch, x0:x0 + cw]
+    return cv2.resize(part, (width, height), interpolation=cv2.INTER_AREA if k > 1 else cv2.INTER_CUBIC)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        return parse_frame_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _scale(rgb: np.ndarray, k: float) -> np.ndarray:
