@@ -45,7 +45,7 @@ from aiortc.mediastreams import MediaStreamError
 from engines.identity import DEFAULT_IDENTITY
 from engines.measure import StageTimer, timing_summary
 from engines.provenance.label import draw_label
-from engines.render.frame import FILLS, fit_to_frame
+from engines.render.frame import FILLS, fit_to_frame, parse_frame_size
 from engines.video import open_video
 from server.bench.client import TIME_BASE, AvatarClient, ClientError, camera_frame
 
@@ -616,13 +616,9 @@ def run(avatar, sink, width: int, height: int, fps: float, stop: threading.Event
 # ---- the command ----------------------------------------------------------------------------
 def frame_size(text: str) -> tuple[int, int]:
     try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1280x720, got {text!r}") from None
-    if not (32 <= w <= 3840 and 32 <= h <= 2160) or w % 2 or h % 2:
-        raise argparse.ArgumentTypeError(f"{text}: width 32-3840 and height 32-2160, both even "
-                                         "(cameras carry 4:2:0 video)")
-    return w, h
+        return parse_frame_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def frame_rate(text: str) -> float:

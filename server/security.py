@@ -21,6 +21,7 @@ from collections import OrderedDict
 from urllib.parse import urlsplit
 
 from engines.identity import NAME_RE, IdentityError, check_name
+from engines.render.frame import parse_frame_size
 
 ALL = "*"  # allow list meaning "every identity in the store" (or every room)
 
@@ -35,6 +36,16 @@ def check_room(name: object) -> str:
         raise ValueError(f"invalid room name {str(name)[:70]!r}: use 1-63 lowercase letters, digits, "
                          "'-' or '_', starting with a letter or digit")
     return name
+
+
+MAX_CALL_FRAME = (1920, 1080)  # the largest call frame a client may ask a session to send
+
+
+def check_call_frame(text: object) -> tuple[int, int]:
+    """A client's call frame ("1280x720"): (width, height). ValueError says what is wrong."""
+    if not isinstance(text, str):
+        raise ValueError("frame must be a string such as \"1280x720\"")
+    return parse_frame_size(text, MAX_CALL_FRAME)
 
 
 def _check_identity(name: object) -> str:

@@ -40,6 +40,7 @@ class Session:
         # The video it sends back is shown to other people (a WHIP client: an encoder, the
         # in-call camera), so it carries the viewers' badge; the presenter page's preview does not.
         self.badge_own_video = badge_own_video
+        self.frame: tuple[int, int] | None = None  # a call frame's (width, height) the client asked for
         # Two single-thread stages (see media.FrameProcessor): landmarks, retarget and the
         # render's first half; then its second half and the watermark.
         self.stages = make_stages(state.config.compute, self.id, state.config.opencv_threads)
@@ -64,7 +65,7 @@ class Session:
     # ---- setup -------------------------------------------------------------------------
     async def start(self) -> None:
         identity = await self._off_loop(self._load, self.identity_name)  # file I/O
-        await self.stages.start(identity, Payload.here(self.id))
+        await self.stages.start(identity, Payload.here(self.id), self.frame)
         self._spawn(self._watchdog())
 
     async def offer(self, sdp: str) -> str:

@@ -102,13 +102,15 @@ class ServerState:
 
     async def open_session(self, identity: str, room_name: str | None = None, *, who: str,
                            address: str | None = None, badge_own_video: bool = False,
-                           reservation: str | None = None, make=Session) -> Session:
+                           reservation: str | None = None, make=Session,
+                           frame: tuple[int, int] | None = None) -> Session:
         """A started presenter session, publishing into `room_name` if given, on record in the
         audit log as used by `who` (ServerState.who) from `address`. Raises RoomBusy,
         ServerBusy, IdentityError (the identity cannot be loaded), or the audit log's error
         (a use that cannot be recorded is refused). With --cluster it may raise Redirect (the
         slot is on another node); `reservation` is the slot another node reserved here. `make`
-        builds the session (a Session subclass: a voice agent's, server/voice_session.py)."""
+        builds the session (a Session subclass: a voice agent's, server/voice_session.py). `frame`
+        (width, height): the avatar is sent composed into a call frame of that size."""
         if room_name and self.rooms.live(room_name) is not None:
             raise RoomBusy(f"room {room_name!r} already has a presenter")
         placed = False
@@ -134,6 +136,7 @@ class ServerState:
             raise ServerBusy(f"the server is at its limit of {self.config.max_sessions} sessions; "
                              "try again later")
         session = make(self, identity, room, badge_own_video)
+        session.frame = frame
         self.sessions[session.id] = session
         if room is not None:
             room.claim(session)

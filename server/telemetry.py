@@ -15,7 +15,8 @@ from engines.measure import percentiles
 # the stats messages, /metrics, the web client (sent in the session message) and the
 # benchmark all read it. queue: waiting for a thread or the previous frame; total:
 # camera frame received -> avatar frame handed to the sender.
-COMPUTE_STAGES = ("convert", "landmarks", "retarget", "render", "mark")  # mark: the invisible watermark
+# compose: into a 16:9 call frame (the identity's scene), when the client asked for one; mark: the watermark
+COMPUTE_STAGES = ("convert", "landmarks", "retarget", "render", "compose", "mark")
 STAGES = ("queue", *COMPUTE_STAGES, "total")
 
 

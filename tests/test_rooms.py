@@ -200,6 +200,42 @@ async def test_whip_presenter_and_whep_player(tmp_path, monkeypatch):
         await wait_for(lambda: not srv.state.viewers, 10, "the WHEP player to be gone")
 
 
+async def test_whip_call_frame_is_composed_into_the_identitys_scene(tmp_path, monkeypatch):
+    """?frame=1280x720 (the in-call extension's): the session sends the avatar pasted back into
+    the demo's own photo at that size, to its publisher and the room alike; a frame it cannot
+    send is refused before anything is admitted."""
+    async with running_server(tmp_path, monkeypatch, **TOKENS) as srv, aiohttp.ClientSession() as http:
+        base = srv.url.rstrip("/")
+        refused = RTCPeerConnection()
+        refused.addTrack(drive())
+        sdp = await whip_offer(refused)
+        await refused.close()
+        for bad in ("1281x720", "4000x2250", "16x9", "big", "1280x720x3"):
+            status, _, text = await post(http, f"{base}/whip/main?frame={bad}", sdp, "pres")
+            assert status == 400 and "frame" in text, (bad, status, text)
+        assert not srv.state.sessions and srv.state.metrics.sessions_active == 0
+
+        camera = RTCPeerConnection()
+        camera.addTrack(drive())
+        status, headers, answer = await post(http, f"{base}/whip/main?frame=960x540", await whip_offer(camera), "pres")
+        assert status == 201, answer
+        await camera.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        viewer = AvatarClient(srv.ws_url, keep_frames=True)
+        try:
+            await viewer.connect()
+            await viewer.watch("main", "watch")
+            await streaming(viewer, 15)
+            frame = viewer.received[-1][2]
+            assert frame.shape == (540, 960, 3), frame.shape
+            # Beside the face is the demo's photo (its flag on the left), not plain bars.
+            assert frame[:, :120].std() > 20, frame[:, :120].std()
+            session = next(iter(srv.state.sessions.values()))
+            assert session.frame == (960, 540) and session.stats.summary()["stages_ms"]["compose"]["p50"] > 0
+        finally:
+            await viewer.close()
+            await camera.close()
+
+
 async def test_avatar_rooms_lists_who_presents(tmp_path, monkeypatch, capsys):
     from server.cli import main
 

@@ -138,3 +138,32 @@ def test_verify_finds_the_mark_on_a_composed_720p_frame(demo_scene, tmp_path):
     cv2.imwrite(str(path), cv2.cvtColor(marked, cv2.COLOR_RGB2BGR))
     verdict = verify_file(path)
     assert verdict.found and verdict.segments[0].region == "whole", verdict
+
+
+def test_a_session_asked_for_a_call_frame_composes_then_marks(store):
+    """server.media.tracks.FrameProcessor with frame=(960, 540): what leaves is the 16:9 scene
+    with the avatar in it, marked over the whole frame; an identity switch keeps the size."""
+    import av
+
+    from engines.provenance.watermark import Payload, detect, luma, project
+    from server.media.tracks import FrameProcessor, camera_planes
+
+    demo = store.load("demo")
+    payload = Payload.here("c0ffee")
+    processor = FrameProcessor(demo, payload, (960, 540))
+    try:
+        camera = camera_planes(av.VideoFrame.from_ndarray(demo.reference, format="rgb24"))
+        outs = []
+        for _ in range(3):
+            handle, found, _ = processor.prepare(camera)
+            own, labelled, ms = processor.finish(handle, viewer_label=True)
+            outs.append(cv2.cvtColor(own, cv2.COLOR_YUV2RGB_I420))
+        assert found and outs[0].shape == (540, 960, 3) and ms["compose"] > 0
+        compose = framer(demo, 960, 540)
+        assert np.abs(outs[0].astype(int) - compose(demo.reference).astype(int)).mean() < 4
+        assert detect(np.array([project(luma(f)) for f in outs * 20])).payload == payload
+        processor.set_identity(demo)
+        handle, _, _ = processor.prepare(camera)
+        assert processor.finish(handle)[0].shape == (540 * 3 // 2, 960)
+    finally:
+        processor.close()

@@ -79,6 +79,10 @@ async def test_bad_input_gets_error_codes_and_healthy_session_streams(tmp_path, 
             c = await fresh()
             await expect_error(c, {"v": 1, "type": "hello", "token": "good-token", "identity": "../../etc"},
                                "bad_value")
+            for frame in ("1281x720", "7680x4320", 1280, "1280x"):  # a call frame the server will not send
+                c = await fresh()
+                await expect_error(c, {"v": 1, "type": "hello", "token": "good-token", "frame": frame}, "bad_value")
+                await asyncio.wait_for(c.ws.wait_closed(), 5)
             c = await fresh()
             await expect_error(c, {"v": 1, "type": "hello", "token": "good-token", "identity": "alice"},
                                "forbidden_identity")

@@ -29,6 +29,18 @@ BRIGHTNESS = (0.55, 0.25)  # of the edge colour: beside the image, at the frame'
 BAR_SCALE = 8  # bars are computed this much smaller, then enlarged (smooth anyway)
 
 
+def parse_frame_size(text: str, most: tuple[int, int] = (3840, 2160)) -> tuple[int, int]:
+    """"WIDTHxHEIGHT" -> (width, height): both even (4:2:0 video), at least 32 and at most
+    `most`. ValueError says what is wrong."""
+    try:
+        w, h = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"expected WIDTHxHEIGHT such as 1280x720, got {str(text)[:40]!r}") from None
+    if not (32 <= w <= most[0] and 32 <= h <= most[1]) or w % 2 or h % 2:
+        raise ValueError(f"{w}x{h}: width 32-{most[0]} and height 32-{most[1]}, both even (4:2:0 video)")
+    return w, h
+
+
 class Placement(NamedTuple):
     x: int
     y: int

@@ -197,23 +197,26 @@ class AvatarClient:
             reply = await self.request(msg)
         return reply
 
-    async def hello(self, token=None, identity="demo", room=None, max_redirects: int = 3) -> dict:
-        """The server's reply to a presenter hello. A cluster node may answer "redirect": the
-        same hello goes to the URL it names (at most `max_redirects` times)."""
+    async def hello(self, token=None, identity="demo", room=None, max_redirects: int = 3, frame=None) -> dict:
+        """The server's reply to a presenter hello (`frame`: a call frame "WxH" to be sent). A
+        cluster node may answer "redirect": the same hello goes to the URL it names (at most
+        `max_redirects` times)."""
         msg = {"v": 1, "type": "hello", "identity": identity}
         if token is not None:
             msg["token"] = token
         if room is not None:
             msg["room"] = room
+        if frame is not None:
+            msg["frame"] = frame
         reply = await self._following(msg, max_redirects)
         if reply.get("type") == "session":
             self.session = reply
         return reply
 
-    async def start_session(self, track, token=None, identity="demo", room=None, audio=None) -> dict:
+    async def start_session(self, track, token=None, identity="demo", room=None, audio=None, frame=None) -> dict:
         """hello + offer/answer; raises ClientError with the server's error message. With a
         room, the avatar (and `audio`, a microphone track) go to the room's viewers."""
-        reply = await self.hello(token, identity, room)
+        reply = await self.hello(token, identity, room, frame=frame)
         if reply.get("type") != "session":
             raise ClientError(f"server refused the session: {reply.get('code')}: {reply.get('message')}",
                               reply.get("code"))

@@ -36,7 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "aiortc, one frame later, on the server and in this client) and/or "
                         "opencv-threads=N, vp8-speed=N, compute=process|thread (the server's "
                         "--opencv-threads, --vp8-speed, --compute), client-encode=live|once (this "
-                        "client's, as --client-encode), e.g. --compare marker=off marker=on")
+                        "client's, as --client-encode), frame=WxH (the session sends a call frame "
+                        "of that size, the identity's scene composed: issue #35), e.g. --compare "
+                        "marker=off marker=on, or --compare identity=demo frame=1280x720")
     p.add_argument("--client-vp8-speed", type=int, default=VP8_SPEED_AIORTC, metavar="N",
                    help=f"libvpx speed of this client's camera encode ({VP8_SPEED_MIN}..{VP8_SPEED_MAX}; "
                         f"default {VP8_SPEED_AIORTC}: aiortc's own settings, denoiser on, as a browser "

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..config import VP8_SPEED_MAX as MAX_SPEED, VP8_SPEED_MIN as MIN_SPEED
 from ..media.stages import KINDS as COMPUTE_KINDS
+from ..security import check_call_frame
 from .avsync import MouthMeter, ToneTrack, audio_series, mouth_series, summary, windowed_offsets
 from .client import AvatarClient, ClientError, ClipTrack, EncodedClip, ReplayTrack, encode_clip
 from .stats import SessionResult, analyse, drift, meets_target, ratios, series, summarize
@@ -48,6 +49,7 @@ class RunConfig:
     vp8_speed: int | None = None  # the server's --vp8-speed (None: its default)
     compute: str | None = None  # the server's --compute (None: its default)
     client_encode: str | None = None  # "live" or "once" (None: --client-encode's)
+    frame: str | None = None  # a call frame "WxH" the session sends (the scene composed), None: the square
     url: str | None = None
     server_pid: int | None = None  # the local server's process, to read its CPU time
 
@@ -68,11 +70,13 @@ class RunConfig:
                 values[key] = value
             elif sep and key == "client-encode" and value in CLIENT_ENCODE:
                 values["client_encode"] = value
+            elif sep and key == "frame" and _call_frame(value):
+                values[key] = value
             else:
                 raise ValueError(f"bad configuration {text!r}: use identity=NAME, marker=on|off, "
                                  f"opencv-threads=N, vp8-speed={MIN_SPEED}..{MAX_SPEED}, "
-                                 f"compute={'|'.join(COMPUTE_KINDS)} and/or client-encode={'|'.join(CLIENT_ENCODE)}, "
-                                 "e.g. identity=demo,marker=off")
+                                 f"compute={'|'.join(COMPUTE_KINDS)}, client-encode={'|'.join(CLIENT_ENCODE)} "
+                                 "and/or frame=WxH (a call frame, e.g. 1280x720), e.g. identity=demo,marker=off")
         return cls(label=text, **values)
 
     def server_flags(self) -> tuple[str, ...]:
@@ -85,6 +89,14 @@ class RunConfig:
         if self.compute is not None:
             flags += ("--compute", self.compute)
         return flags
+
+
+def _call_frame(text: str) -> bool:
+    try:
+        check_call_frame(text)
+    except ValueError:
+        return False
+    return True
 
 
 # ---- the server ------------------------------------------------------------------------
@@ -219,7 +231,7 @@ async def open_session(url: str, track, token, cfg: RunConfig, **publish) -> Ava
         started = time.perf_counter()
         client = await AvatarClient(ws_url(cfg.url or url), marker_completion=cfg.marker).connect()
         try:
-            await client.start_session(track, token, cfg.identity, **publish)
+            await client.start_session(track, token, cfg.identity, frame=cfg.frame, **publish)
             client.connect_ms = (time.perf_counter() - started) * 1e3
             return client
         except ClientError as e:

@@ -20,7 +20,8 @@ import time
 from engines.identity import DEFAULT_IDENTITY, ConsentError, IdentityError, check_name
 from engines.retarget import check_gain
 from ..rooms.room import RoomBusy, RoomFull
-from ..security import RateLimiter, check_offer_sdp, check_room, identity_allowed, is_number, room_allowed
+from ..security import (RateLimiter, check_call_frame, check_offer_sdp, check_room, identity_allowed, is_number,
+                        room_allowed)
 from ..cluster.node import ws_base
 from ..state import Redirect, ServerBusy
 from ..telemetry import STAGES
@@ -200,6 +201,12 @@ class Connection:
             if isinstance(rate, bool) or rate not in RATES:
                 raise ProtocolError("bad_value", f"sample_rate must be one of {', '.join(map(str, RATES))} "
                                                  "(s16le mono PCM)", fatal=True)
+        frame = None
+        if role == "presenter" and msg.get("frame") is not None:
+            try:
+                frame = check_call_frame(msg["frame"])
+            except ValueError as e:
+                raise ProtocolError("bad_value", str(e), fatal=True)
         if room is not None or role in ("viewer", "agent"):
             try:
                 check_room(room)
@@ -215,14 +222,14 @@ class Connection:
         elif role == "agent":
             await self._hello_presenter(token, msg.get("identity", DEFAULT_IDENTITY), room, agent_rate=rate)
         else:
-            await self._hello_presenter(token, msg.get("identity", DEFAULT_IDENTITY), room)
+            await self._hello_presenter(token, msg.get("identity", DEFAULT_IDENTITY), room, frame=frame)
 
-    async def _hello_presenter(self, token, name, room, agent_rate: int | None = None) -> None:
+    async def _hello_presenter(self, token, name, room, agent_rate: int | None = None, frame=None) -> None:
         allow = self.state.auth.allowed(token)
         if allow is None:
             raise ProtocolError("forbidden", "a viewer token cannot present; use a presenter token", fatal=True)
         self._check_identity(name, allow, fatal=True)
-        make = {}
+        make = {"frame": frame}
         if agent_rate is not None:
             make["make"] = functools.partial(VoiceSession, sample_rate=agent_rate,
                                              notify=lambda m: asyncio.ensure_future(self._notice(m)))

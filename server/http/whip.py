@@ -32,7 +32,7 @@ from aiohttp import ClientConnectionError, web
 
 from engines.identity import DEFAULT_IDENTITY, ConsentError, IdentityError, check_name
 from ..rooms.room import RoomBusy, RoomFull
-from ..security import bearer as parse_bearer, check_offer_sdp, check_room, identity_allowed, room_allowed
+from ..security import bearer as parse_bearer, check_call_frame, check_offer_sdp, check_room, identity_allowed, room_allowed
 from ..state import Redirect, ServerBusy
 
 log = logging.getLogger("avatar.whip")
@@ -77,13 +77,22 @@ class Endpoints:
                 raise Refused(fail(403, f"this token may not use identity {identity!r}"))
             if identity not in state.visible_identities(allow):
                 raise Refused(fail(404, f"no identity named {identity!r}"))
+            frame = None
+            if "frame" in request.query:  # a call's camera-shaped picture (the in-call extension)
+                try:
+                    frame = check_call_frame(request.query["frame"])
+                except ValueError as e:
+                    raise Refused(fail(400, f"frame: {e}"))
             try:
                 peer = await state.open_session(identity, room, who=state.who(token), address=request.remote,
-                                                badge_own_video=True,
+                                                badge_own_video=True, frame=frame,
                                                 reservation=request.query.get("reservation"))
             except Redirect as e:
                 # The same request (body, Authorization) to the node that holds the slot.
-                where = f"{e.url}whip/{room}?{urlencode({'identity': identity, 'reservation': e.reservation})}"
+                query = {"identity": identity, "reservation": e.reservation}
+                if frame is not None:
+                    query["frame"] = request.query["frame"]
+                where = f"{e.url}whip/{room}?{urlencode(query)}"
                 raise Refused(fail(307, f"placed on {e.url}", Location=where))
             except RoomBusy as e:
                 raise Refused(fail(409, f"{e}; end it first or pick another room"))

@@ -23,6 +23,7 @@ from engines.identity import Identity
 from engines.pipeline import AvatarPipeline, Prepared
 from engines.retarget import RetargetControls
 from engines.provenance.watermark import Marker, Payload
+from engines.render.scene import framer
 from ..telemetry import COMPUTE_STAGES, FrameRecord
 
 # Camera frames are scaled so their longer side is at most this before landmarks, in either
@@ -153,7 +154,8 @@ class FrameProcessor:
       prepare() on the first thread: I420 camera planes -> RGB -> landmarks -> retarget ->
                 the renderer's first half (the neural engine's warp and network input)
       finish() on the second thread: the renderer's second half (the warp engine's warp, the
-                neural generator) -> watermark -> the avatar image
+                neural generator) -> composed into the asked call frame, if any (the
+                identity's scene, engines/render/scene.py) -> watermark -> the avatar image
 
     so frame n+1 is prepared while frame n finishes, and with the neural engine each thread
     has about half the work. The pipeline is not thread-safe: everything on it but the
@@ -163,9 +165,11 @@ class FrameProcessor:
 
     KEEP = 4  # prepared frames waiting for finish(); older ones were abandoned
 
-    def __init__(self, identity: Identity, payload: Payload):
+    def __init__(self, identity: Identity, payload: Payload, frame: tuple[int, int] | None = None):
         self.pipeline = AvatarPipeline(identity)
         self.marker = Marker(payload)  # every frame that leaves carries the session's watermark
+        self.frame = frame  # (width, height) the client asked for (a call's 16:9), or None: the square
+        self.compose = self._framer(identity)
         self.source_size: tuple[int, int] | None = None
         self.t0 = time.monotonic()
         self._prepared: dict[int, Prepared] = {}
@@ -192,7 +196,9 @@ class FrameProcessor:
         points = timer.run("landmarks", self.pipeline.detect, rgb)
         target = timer.run("retarget", self.pipeline.retarget, points, time.monotonic() - self.t0)
         handle = next(self._handles)
-        self._prepared[handle] = timer.run("render", self.pipeline.prepare, target)
+        # With the composer of this moment: an identity switch on this thread changes it for
+        # the frames prepared after it, not under one the second thread is finishing.
+        self._prepared[handle] = (timer.run("render", self.pipeline.prepare, target), self.compose)
         self._prepared.pop(handle - self.KEEP, None)
         return handle, points is not None, timer.ms
 
@@ -201,7 +207,10 @@ class FrameProcessor:
         visible badge drawn first and then marked, as a badge drawn over a watermark would
         erase it), both as encoder_planes(), and ms per stage."""
         timer = StageTimer()
-        out = timer.run("render", self.pipeline.finish, self._prepared.pop(handle))
+        prepared, compose = self._prepared.pop(handle)
+        out = timer.run("render", self.pipeline.finish, prepared)
+        if compose is not None:  # into the call frame first: badge and mark span all of it
+            out = timer.run("compose", compose, out)
         labelled = timer.run("mark", self.marker, out, True) if viewer_label else None
         out = timer.run("mark", self.marker, out)
         if labelled is not None:
@@ -214,6 +223,12 @@ class FrameProcessor:
 
     def set_identity(self, identity: Identity) -> None:
         self.pipeline.set_identity(identity)
+        self.compose = self._framer(identity)
+
+    def _framer(self, identity: Identity):
+        """avatar square -> the asked frame: composed into the identity's scene (or fitted,
+        for one without a scene); None when the square itself is sent."""
+        return None if self.frame is None else framer(identity, *self.frame)
 
     def recalibrate(self) -> None:
         self.pipeline.recalibrate()

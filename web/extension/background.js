@@ -13,12 +13,17 @@ async function settings() {
   return { ...(await DEFAULTS), ...chosen };
 }
 
+const CALL_FRAME = "1280x720"; // page.js's FRAME
+
 function whipUrl(s) {
   const base = s.server.endsWith("/") ? s.server : `${s.server}/`;
   // WHIP needs a room: without one of yours, a private one nobody else knows.
   const room = s.room || `cam-${crypto.randomUUID().slice(0, 12)}`;
   const url = new URL(`whip/${encodeURIComponent(room)}`, base);
   if (s.identity) url.searchParams.set("identity", s.identity);
+  // A call's camera-shaped picture: the server pastes the avatar back into the identity's
+  // own photo (or centres it with plain sides, for an identity without one).
+  url.searchParams.set("frame", CALL_FRAME);
   return url;
 }
 

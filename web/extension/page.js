@@ -1,7 +1,7 @@
 // Avatar camera, in the page's own world (MAIN): every page sees one more camera,
 // "Avatar camera (IDENTITY)". Picking it opens the real default camera, sends it to the avatar
 // server (the extension holds the token and makes the request) and hands the page the avatar
-// instead, in a 16:9 frame; asked for audio too, the page gets the real microphone delayed by
+// instead, in a 16:9 frame (the server pastes it back into the identity's photo); asked for audio too, the page gets the real microphone delayed by
 // the avatar's latency, so lips and voice match in the call. Any other request passes through.
 //
 // What the page can see: this extra device and the identity's name in its label, the avatar
@@ -100,8 +100,10 @@
     });
   }
 
-  // The square avatar drawn, unstretched, in the middle of a 16:9 frame. Frame by frame, so
-  // a call in a background tab is not throttled to a timer's pace.
+  // The server's avatar drawn, unstretched, into a 16:9 frame: it fills it when the server
+  // composed the call frame (the identity's scene, 16:9), a square sits in the middle with
+  // plain sides (an older server). Frame by frame, so a call in a background tab is not
+  // throttled to a timer's pace.
   function inCallFrame(square) {
     if (typeof MediaStreamTrackProcessor !== "function" || typeof MediaStreamTrackGenerator !== "function") {
       return { track: square, stop: () => {} }; // the square as it is: the call app fits it
@@ -111,16 +113,18 @@
     const generator = new MediaStreamTrackGenerator({ kind: "video" });
     const reader = new MediaStreamTrackProcessor({ track: square }).readable.getReader();
     const writer = generator.writable.getWriter();
-    const side = FRAME.height;
-    const left = Math.round((FRAME.width - side) / 2);
     (async () => {
       for (;;) {
         const { value: frame, done } = await reader.read().catch(() => ({ done: true }));
         if (done) break;
         const started = performance.now();
-        g.fillStyle = "#15181c";
-        g.fillRect(0, 0, FRAME.width, FRAME.height);
-        g.drawImage(frame, left, 0, side, side);
+        const k = Math.min(FRAME.width / frame.displayWidth, FRAME.height / frame.displayHeight);
+        const w = Math.round(frame.displayWidth * k), h = Math.round(frame.displayHeight * k);
+        if (w < FRAME.width || h < FRAME.height) {
+          g.fillStyle = "#15181c";
+          g.fillRect(0, 0, FRAME.width, FRAME.height);
+        }
+        g.drawImage(frame, Math.floor((FRAME.width - w) / 2), Math.floor((FRAME.height - h) / 2), w, h);
         const out = new VideoFrame(canvas, { timestamp: frame.timestamp });
         frame.close();
         composeMs.push(performance.now() - started);
