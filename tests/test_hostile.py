@@ -257,3 +257,46 @@ def test_accept_errors_are_logged_once_per_interval(caplog):
         assert "999 more" in caplog.records[-1].getMessage()
     finally:
         loop.close()
+
+
+async def test_closing_a_peer_while_it_connects_leaves_no_unretrieved_error(monkeypatch):
+    """A connect deadline or a client that leaves at once closes a peer whose ICE is still
+    starting; aiortc's connect task, which nobody awaits, then fails "RTCIceTransport is
+    closed" (seen in CI). The server's peers drop that error; a plain aiortc peer shows that
+    this test does reproduce the race."""
+    import gc
+
+    from aiortc import RTCPeerConnection
+    from aiortc.exceptions import InvalidStateError
+    from aiortc.rtcicetransport import RTCIceTransport
+
+    from server.media.peer import close_peer, new_peer
+
+    loop = asyncio.get_running_loop()
+    unretrieved = []
+    loop.set_exception_handler(lambda loop, context: unretrieved.append(context["message"]))
+    answerer = None
+
+    async def closed_while_starting(self, remote_parameters):
+        await close_peer(answerer)
+        raise InvalidStateError("RTCIceTransport is closed")
+
+    monkeypatch.setattr(RTCIceTransport, "start", closed_while_starting)
+    counts = []
+    try:
+        for make in (new_peer, RTCPeerConnection):
+            offerer, answerer = RTCPeerConnection(), make()
+            offerer.addTransceiver("video", direction="recvonly")
+            offerer.createDataChannel("stats")
+            await offerer.setLocalDescription(await offerer.createOffer())
+            await answerer.setRemoteDescription(offerer.localDescription)
+            await answerer.setLocalDescription(await answerer.createAnswer())  # starts connecting
+            await wait_for(lambda: answerer.connectionState == "closed", 5, "the close mid-connect")
+            await close_peer(offerer)
+            await asyncio.sleep(0.05)
+            gc.collect()
+            await asyncio.sleep(0)
+            counts.append(sum("never retrieved" in m for m in unretrieved))
+    finally:
+        loop.set_exception_handler(None)
+    assert counts == [0, 1], counts

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 import av
 import numpy as np
 import websockets
-from aiortc import (RTCConfiguration, RTCPeerConnection, RTCRtpCodecParameters, RTCSessionDescription,
-                    VideoStreamTrack)
+from aiortc import RTCPeerConnection, RTCRtpCodecParameters, RTCSessionDescription, VideoStreamTrack
 from aiortc.codecs.vpx import MAX_BITRATE, VpxPayloadDescriptor
 from aiortc.mediastreams import MediaStreamError
 
 from server.media import vp8
 from server.media.jitter import install_for_track, shorten_audio_buffer
+from server.media.peer import new_peer
 
 TIME_BASE = fractions.Fraction(1, 90000)
 RTP_WRAP = 2 ** 32
@@ -228,7 +228,7 @@ class AvatarClient:
 
     async def start_media(self, track, audio=None) -> dict:
         """Offer the camera track (+ a microphone track) + a 'stats' data channel; apply the answer."""
-        self.pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc = pc = new_peer()
         pc.addTrack(track)
         if audio is not None:
             pc.addTrack(audio)
@@ -274,7 +274,7 @@ class AvatarClient:
             raise ClientError(f"server refused the viewer: {reply.get('code')}: {reply.get('message')}",
                               reply.get("code"))
         self.session = reply
-        self.pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc = pc = new_peer()
         pc.addTransceiver("video", direction="recvonly")
         pc.addTransceiver("audio", direction="recvonly")
         pc.on("track", self._on_track)

@@ -8,12 +8,29 @@ import logging
 from collections.abc import Callable
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.exceptions import InvalidStateError
 
 log = logging.getLogger("avatar.peer")
 
 
-def new_peer(ice_servers: list[str]) -> RTCPeerConnection:
-    return RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(u) for u in ice_servers]))
+class PeerConnection(RTCPeerConnection):
+    """aiortc's peer connection, minus one race: setting a description starts a connect task
+    nobody awaits, and closing the connection while that task waits on ICE or DTLS makes it
+    raise InvalidStateError ("RTCIceTransport is closed"), which asyncio then reports as a
+    task exception never retrieved. Closing mid-connect is normal here (connect deadlines,
+    clients that leave at once), so that error is dropped once the connection is closed."""
+
+    async def _RTCPeerConnection__connect(self) -> None:  # overrides aiortc's private __connect
+        try:
+            await super()._RTCPeerConnection__connect()
+        except InvalidStateError:
+            if self.connectionState != "closed":
+                raise
+            log.debug("peer connection closed while connecting")
+
+
+def new_peer(ice_servers: list[str] = ()) -> RTCPeerConnection:
+    return PeerConnection(RTCConfiguration(iceServers=[RTCIceServer(u) for u in ice_servers]))
 
 
 async def answer(pc: RTCPeerConnection, sdp: str, add_tracks: Callable[[RTCPeerConnection], None]) -> str:

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import aiohttp
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+
+from server.media.peer import new_peer
 
 log = logging.getLogger(__name__)
 
@@ -464,7 +466,7 @@ class JanusPublisher(_RoomClient):
             raise JanusError(f"{self.role}: not open (use it as an async context manager)")
         if self.pc is not None:
             raise JanusError(f"{self.role}: already published in room {self.room}")
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc = new_peer()
         for track in tracks:
             _prefer(self.pc.addTransceiver(track, direction="sendonly"), CODECS[track.kind])
         await self.pc.setLocalDescription(await self.pc.createOffer())
@@ -521,7 +523,7 @@ class JanusSubscriber(_RoomClient):
         self._joined = True
         if not reply.jsep or reply.jsep.get("type") != "offer":
             raise JanusError(f"{self.role}: Janus sent no SDP offer for feed {self.feed_id}: {reply.data}")
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc = new_peer()
         self.pc.on("track", self._track)
         await self.pc.setRemoteDescription(RTCSessionDescription(reply.jsep["sdp"], "offer"))
         await self.pc.setLocalDescription(await self.pc.createAnswer())
