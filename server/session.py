@@ -235,7 +235,8 @@ class Session:
     async def _render(self, prepared: PreparedFrame) -> None:
         # Sends its frame as soon as it is ready, not when the next camera frame arrives.
         viewer_label = (self.room is not None or self.badge_own_video) and self.label_viewers
-        result = await self._stage("render", "finish", prepared.handle, viewer_label)
+        plain = not (viewer_label and self.badge_own_video)  # else every copy sent is labelled
+        result = await self._stage("render", "finish", prepared.handle, viewer_label, plain)
         if result is None:
             self.stats.rejected += 1
             return

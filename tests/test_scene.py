@@ -165,5 +165,10 @@ def test_a_session_asked_for_a_call_frame_composes_then_marks(store):
         processor.set_identity(demo)
         handle, _, _ = processor.prepare(camera)
         assert processor.finish(handle)[0].shape == (540 * 3 // 2, 960)
+        marks = []  # a WHIP camera sends only the labelled copy: one mark, not two
+        processor.marker = lambda image, label=False, mark=processor.marker: marks.append(label) or mark(image, label)
+        handle, _, _ = processor.prepare(camera)
+        own, labelled, _ = processor.finish(handle, viewer_label=True, plain=False)
+        assert own is None and labelled.shape == (540 * 3 // 2, 960) and marks == [True]
     finally:
         processor.close()

@@ -202,20 +202,22 @@ class FrameProcessor:
         self._prepared.pop(handle - self.KEEP, None)
         return handle, points is not None, timer.ms
 
-    def finish(self, handle: int, viewer_label: bool = False) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
-        """The avatar image of a prepared frame, the viewers' copy if `viewer_label` (the
-        visible badge drawn first and then marked, as a badge drawn over a watermark would
-        erase it), both as encoder_planes(), and ms per stage."""
+    def finish(self, handle: int, viewer_label: bool = False, plain: bool = True
+               ) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, float]]:
+        """The avatar image of a prepared frame (None unless `plain`), the viewers' copy if
+        `viewer_label` (the visible badge drawn first and then marked, as a badge drawn over
+        a watermark would erase it), both as encoder_planes(), and ms per stage. Each copy
+        costs a mark, the dearest stage at call sizes, so only the ones asked for are made."""
         timer = StageTimer()
         prepared, compose = self._prepared.pop(handle)
         out = timer.run("render", self.pipeline.finish, prepared)
         if compose is not None:  # into the call frame first: badge and mark span all of it
             out = timer.run("compose", compose, out)
         labelled = timer.run("mark", self.marker, out, True) if viewer_label else None
-        out = timer.run("mark", self.marker, out)
+        out = timer.run("mark", self.marker, out) if plain or labelled is None else None
         if labelled is not None:
             labelled = timer.run("convert", encoder_planes, labelled)
-        return timer.run("convert", encoder_planes, out), labelled, timer.ms
+        return (None if out is None else timer.run("convert", encoder_planes, out)), labelled, timer.ms
 
     # On the first thread, like prepare():
     def set_controls(self, controls: RetargetControls) -> None:
