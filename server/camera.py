@@ -339,9 +339,11 @@ class RemoteAvatar:
 
     CONNECT = 20.0  # s for the session to start
 
-    def __init__(self, source, url: str, token: str | None, identity: str, label: bool = True):
+    def __init__(self, source, url: str, token: str | None, identity: str, label: bool = True,
+                 frame: tuple[int, int] | None = None):
         self.ws_url = ws_url(url)
         self.url, self.source, self.token, self.identity_name, self.label = url, source, token, identity, label
+        self.frame = frame  # (w, h): the server pastes the avatar back into the identity's scene at that size
         self._slot = Newest()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -373,7 +375,8 @@ class RemoteAvatar:
         track = SourceTrack(self.source)
         try:
             await client.connect()
-            self.session = await client.start_session(track, self.token, self.identity_name)
+            frame = None if self.frame is None else "%dx%d" % self.frame
+            self.session = await client.start_session(track, self.token, self.identity_name, frame=frame)
             client.pc.on("connectionstatechange", lambda: client.pc.connectionState == "failed"
                          and self._fail("the connection to the avatar server failed"))
             self._ready.set()
@@ -761,7 +764,8 @@ def _square_fill(fill: str) -> str:
 
 def _run_remote(args, source, sink, stop, on_frame) -> RunStats:
     source.start()
-    avatar = RemoteAvatar(source, args.server, args.token, args.identity, True if args.label is None else args.label)
+    avatar = RemoteAvatar(source, args.server, args.token, args.identity, True if args.label is None else args.label,
+                          frame=args.size if args.fill == "scene" else None)
     avatar.start()
     try:
         _print_started(sink, source, f"identity {avatar.session.get('identity')!r} on {args.server} "

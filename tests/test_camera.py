@@ -302,7 +302,8 @@ async def test_server_mode_delivers_the_servers_avatar(tmp_path, monkeypatch):
         return sinks[0]
 
     async with running_server(tmp_path, monkeypatch) as srv:
-        args = command("camera", "--video", str(video), "--server", srv.url, "--frames", "40", "--size", "640x360")
+        args = command("camera", "--video", str(video), "--server", srv.url, "--frames", "40", "--size", "640x360",
+                       "--fill", "edge")
         stop = threading.Event()
         task = asyncio.ensure_future(asyncio.to_thread(
             camera.run_command, args, open_sink=open_sink, on_frame=lambda a, f, ms: seen.append(a), stop=stop))
@@ -322,3 +323,30 @@ async def test_server_mode_delivers_the_servers_avatar(tmp_path, monkeypatch):
         assert decoded([f[:, 140:500] for f in sink.frames[-30:]]).found
         await asyncio.sleep(0.5)
         assert not srv.state.sessions, "the camera ends its session when it stops"
+
+
+async def test_server_mode_asks_the_server_to_paste_the_avatar_into_its_scene(tmp_path, monkeypatch, demo):
+    """--fill scene (the default) with --server: the server composes the call frame (hello
+    "frame"), so its watermark spans the whole frame and the scene is the identity's photo."""
+    from engines.render.scene import composer
+
+    sinks, seen = [], []
+    async with running_server(tmp_path, monkeypatch) as srv:
+        args = command("camera", "--video", str(clip("drive_wink.mp4")), "--server", srv.url, "--frames", "70",
+                       "--size", "640x360")
+        stop = threading.Event()
+        task = asyncio.ensure_future(asyncio.to_thread(
+            camera.run_command, args, open_sink=lambda *size: sinks.append(RecordingSink(*size)) or sinks[0],
+            on_frame=lambda a, f, ms: seen.append(a), stop=stop))
+        try:
+            assert await asyncio.wait_for(asyncio.shield(task), 40) == 0
+        finally:
+            stop.set()
+            await asyncio.gather(task, return_exceptions=True)
+    frames = sinks[0].frames
+    assert len(frames) == 70 and all(a.shape == (360, 640, 3) for a in seen)
+    assert all(np.array_equal(f, a) for f, a in zip(frames, seen)) and has_badge(frames[-1])
+    scene = composer(demo, 640, 360)
+    left = slice(0, max(scene.sx, 0))  # the photo beside the head and below the badge (after VP8)
+    assert scene.sx > 40 and np.abs(frames[-1][60:, left].astype(int) - scene.background[60:, left]).mean() < 6
+    assert decoded(frames[-30:]).found  # once VP8 has ramped up from its first second's bitrate
