@@ -245,12 +245,65 @@ class IdentityStore:
 
     def revoke(self, name: str, by: str, reason: str = "") -> Consent:
         """Mark the identity's consent revoked: every use stops (a running server ends live
-        sessions within a second), the record and the bundle stay."""
+        sessions within a second), the record and the bundle stay. Identities made from it
+        (its styles) carry its consent, so they are revoked with it."""
         def change(m: dict) -> None:
             if m["consent"].get("revoked_at"):
                 raise IdentityError(f"consent for identity {name!r} was already revoked on {m['consent']['revoked_at']}")
             m["consent"].update(revoked_at=_now(), revoked_by=by, revoke_reason=reason or None)
-        return self.update_manifest(name, change).consent
+        consent = self.update_manifest(name, change).consent
+        for derived in self.derived_from(name):
+            if not self.load(derived).consent.revoked_at:
+                self.revoke(derived, by, f"revoked with {name!r}" + (f": {reason}" if reason else ""))
+        return consent
+
+    def derived_from(self, name: str) -> list[str]:
+        """The identities made from identity `name` (`avatar identity style`)."""
+        found = []
+        for other in self.names():
+            try:
+                provenance = json.loads((self.path(other) / "manifest.json").read_text()).get("provenance")
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                continue  # a broken bundle is refused wherever it is loaded
+            if isinstance(provenance, dict) and provenance.get("derived_from") == name:
+                found.append(other)
+        return found
+
+    def style(self, name: str, style: str, new_name: str, display_name: str | None = None,
+              overwrite: bool = False) -> Identity:
+        """A new identity: identity `name` in `style` (engines/render/style.py). The reference and
+        the scene are repainted as one picture, the landmarks stay; it inherits the consent
+        record (scope, expiry, and revocation: see revoke) and names its origin."""
+        from .render.style import check_style, stylize
+
+        try:
+            check_style(style)
+        except ValueError as e:
+            raise IdentityError(str(e)) from None
+        if check_name(new_name) == name:
+            raise IdentityError("a style is a new identity: give it a new --name")
+        origin = self.load(name)
+        if origin.engine != "warp" or any(kind in origin.manifest for kind in MEMORIES):
+            raise IdentityError(f"identity {name!r} is an enrolled ({origin.engine}) identity: its generator "
+                                "and memories learned the real face, and restyling them (training on a "
+                                "restyled self-scan) is not built yet; style a photo identity")
+        origin.consent.check("enrollment")  # a refused origin makes nothing, not even a staging folder
+        scene = origin.scene()
+        if scene is None:  # a bundle made before scenes were kept
+            reference, extra = stylize(origin.reference, style, origin.size), None
+        else:
+            picture, (x0, y0, side) = scene
+            picture = stylize(picture, style, side)
+            reference = crop_with_box(picture, x0, y0, side, origin.size)  # the same strokes at the seam
+
+            def extra(staging: Path) -> tuple[list[str], dict]:
+                cv2.imwrite(str(staging / SCENE_FILE), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR),
+                            [cv2.IMWRITE_JPEG_QUALITY, 93])
+                return [SCENE_FILE], {"scene": origin.manifest["scene"]}
+        provenance = {"source": f"identity {name}", "derived_from": name, "style": style}
+        return self.write(new_name, display_name or f"{origin.display_name} ({style})", "warp", origin.consent,
+                          reference, origin.neutral, origin.manifest["crop"], provenance,
+                          tool="avatar identity style", extra=extra, overwrite=overwrite)
 
     def set_label(self, name: str, viewers: bool) -> None:
         """Show (or not) the visible "AI avatar" badge to the identity's viewers."""

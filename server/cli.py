@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_arguments(aud)
     aud.set_defaults(func=lambda a: audit.run(a, a.home))
 
-    ident = sub.add_parser("identity", help="create, list, show, revoke, label or delete identities")
+    ident = sub.add_parser("identity", help="create, list, show, style, revoke, label or delete identities")
     isub = ident.add_subparsers(title="identity commands", metavar="ACTION")
     create = isub.add_parser("create", help="create an identity from one photo (warp engine)")
     create.add_argument("--image", type=Path, required=True, help="a frontal photo of one person")
@@ -277,6 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("--reason", default="", help="why (kept with the record)")
     revoke.add_argument("--by", default=os.environ.get("USER", "operator"), help="who revokes (default: $USER)")
     revoke.set_defaults(func=cmd_identity_revoke)
+    from engines.render.style import STYLES
+
+    style = isub.add_parser("style", help="make a stylized identity from an existing one (painted, toon)",
+                            description="Repaint a photo identity's face and the scene around it in a look, "
+                            "once, as a new identity: animated live like any other, at no cost per frame, "
+                            "watermarked like any other. It inherits the consent record: its scope and expiry "
+                            "apply, and revoking the original revokes it too. Looks: "
+                            + "; ".join(f"{k}: {v}" for k, v in STYLES.items()) + ".")
+    style.add_argument("name", help="the identity to restyle (a photo identity)")
+    style.add_argument("--style", required=True, choices=tuple(STYLES), help="the look")
+    style.add_argument("--name", dest="new_name", required=True, help="the new identity's name")
+    style.add_argument("--display-name", default=None, help="shown in the web client (default: the "
+                       "original's, with the style)")
+    style.add_argument("--overwrite", action="store_true", help="replace an existing identity of that name")
+    style.set_defaults(func=cmd_identity_style)
     label = isub.add_parser("label", help="show viewers the visible \"AI avatar\" badge, or not",
                             description="Turn the visible badge on or off for this identity's viewers and "
                             "renders (on by default). The invisible watermark stays either way.")
@@ -700,6 +715,12 @@ def cmd_identity_revoke(args) -> int:
     consent = store(args).revoke(args.name, args.by, args.reason)
     print(f"consent for identity {args.name!r} revoked at {consent.revoked_at}; a running server ends "
           "its live sessions within a second")
+    return 0
+
+
+def cmd_identity_style(args) -> int:
+    identity = store(args).style(args.name, args.style, args.new_name, args.display_name, args.overwrite)
+    print(f"created identity {identity.name!r} ({args.style} {args.name!r}) in {identity.path}")
     return 0
 
 
