@@ -1,7 +1,6 @@
 """Provenance: the invisible watermark, the visible badge, consent enforcement, `avatar verify`."""
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import subprocess
@@ -44,7 +43,12 @@ def test_payload_survives_its_bits_and_rejects_a_wrong_check():
         assert watermark.Payload.from_bits(flipped) is None
 
 
-def test_marked_frame_carries_the_payload_invisibly(portrait):
+@pytest.mark.parametrize("call_frame", [False, True])  # the avatar square; 1280x720 (its mask at half size)
+def test_marked_frame_carries_the_payload_invisibly(portrait, call_frame, demo):
+    if call_frame:  # the demo pasted back into its photo, as a call gets it
+        from engines.render.scene import framer
+
+        portrait = framer(demo, 1280, 720)(demo.reference)
     marked = watermark.Marker(PAYLOAD)(portrait)
     assert psnr(marked, portrait) >= 40
     assert decoded([marked]).payload == PAYLOAD
