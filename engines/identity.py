@@ -180,9 +180,9 @@ class Identity:
             raise IdentityError(f"identity {self.name!r}: {name} is not a {kind.replace('_', ' ')} ({e})") from None
 
     def scene(self) -> tuple[np.ndarray, tuple[float, float, float]] | None:
-        """The photo around the face (RGB) and where the face square sits in it, (x0, y0,
-        side) in scene pixels; None for a bundle without one (enrolled identities, bundles
-        made before scenes were kept). Its hash was checked at load; read here, when asked."""
+        """The photo (or the self-scan's reference frame) around the face (RGB) and where the
+        face square sits in it, (x0, y0, side) in scene pixels; None for a bundle made before
+        scenes were kept. Its hash was checked at load; read here, when asked."""
         entry = self.manifest.get("scene")
         if entry is None:
             return None
@@ -297,9 +297,7 @@ class IdentityStore:
             reference = crop_with_box(picture, x0, y0, side, origin.size)  # the same strokes at the seam
 
             def extra(staging: Path) -> tuple[list[str], dict]:
-                cv2.imwrite(str(staging / SCENE_FILE), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR),
-                            [cv2.IMWRITE_JPEG_QUALITY, 93])
-                return [SCENE_FILE], {"scene": origin.manifest["scene"]}
+                return write_scene(staging, picture, origin.manifest["scene"]["box"])
         provenance = {"source": f"identity {name}", "derived_from": name, "style": style}
         return self.write(new_name, display_name or f"{origin.display_name} ({style})", "warp", origin.consent,
                           reference, origin.neutral, origin.manifest["crop"], provenance,
@@ -362,15 +360,9 @@ class IdentityStore:
         if neutral is None:
             raise IdentityError("the face was lost after cropping; try a larger, frontal photo")
         scene, box = scene_around(rgb, crop)
-
-        def keep_scene(staging: Path) -> tuple[list[str], dict]:
-            cv2.imwrite(str(staging / SCENE_FILE), cv2.cvtColor(scene, cv2.COLOR_RGB2BGR),
-                        [cv2.IMWRITE_JPEG_QUALITY, 93])
-            return [SCENE_FILE], {"scene": {"image": SCENE_FILE, "box": [round(v, 2) for v in box]}}
-
         return self.write(name, display_name, "warp", consent, reference, neutral, crop,
-                          {"source": source}, tool="avatar identity create", extra=keep_scene,
-                          overwrite=overwrite)
+                          {"source": source}, tool="avatar identity create",
+                          extra=lambda staging: write_scene(staging, scene, box), overwrite=overwrite)
 
     def write(self, name: str, display_name: str, engine: str, consent: Consent, reference: np.ndarray,
               neutral: np.ndarray, crop: Sequence[int], provenance: dict, tool: str,
@@ -543,6 +535,13 @@ def scene_around(rgb: np.ndarray, crop: Sequence[int]) -> tuple[np.ndarray, tupl
         kx = ky = 1.0
     box = ((left - x0) * kx, (top - y0) * ky, (right - x0) * kx, (bottom - y0) * ky)
     return np.ascontiguousarray(part), box
+
+
+def write_scene(staging: Path, scene: np.ndarray, box: Sequence[float]) -> tuple[list[str], dict]:
+    """The scene file in a bundle being written, and its manifest field (IdentityStore.write's
+    `extra`): the picture around the face and where the face square sits in it."""
+    cv2.imwrite(str(staging / SCENE_FILE), cv2.cvtColor(scene, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 93])
+    return [SCENE_FILE], {"scene": {"image": SCENE_FILE, "box": [round(float(v), 2) for v in box]}}
 
 
 def face_box(points: np.ndarray) -> tuple[float, float, float]:

@@ -447,7 +447,9 @@ def _interrupt(*args, **kwargs):
 
 @pytest.mark.slow
 def test_enrollment_smoke_bundle(enrolled):
+    from engines.identity import crop_with_box
     from engines.pipeline import make_renderer
+    from engines.render.scene import composer
     from engines.neural.runtime import NeuralRenderer
 
     s, first, second = enrolled
@@ -472,6 +474,11 @@ def test_enrollment_smoke_bundle(enrolled):
     assert len(ident.memory("mouth_memory").patches) > 1 and r.warp.mouth.memory is not None
     out = r.render(ident.neutral)
     assert out.shape == (256, 256, 3) and out.dtype == np.uint8
+    # The scan's room around the reference frame's face: call frames paste the avatar back into it.
+    scene, box = ident.scene()
+    face = crop_with_box(scene, *box, ident.size)
+    assert np.abs(face.astype(int) - ident.reference).mean() < 6  # the very frame the reference came from
+    assert composer(ident, 1280, 720)(out).shape == (720, 1280, 3)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..identity import RENDER_SIZE, Consent, Identity, IdentityStore, crop_corners
+from ..identity import RENDER_SIZE, Consent, Identity, IdentityStore, crop_corners, write_scene
 from .config import (EVAL_FILE, EVAL_HTML, EYE_MEMORY_FILE, IN_CHANNELS, INT8_FILE, MODEL_CONFIG, MODEL_FILE,
                      MOUTH_MEMORY_FILE, WEIGHTS_FILE)
 from .data import PairBuilder
@@ -52,7 +52,8 @@ def write_bundle(store: IdentityStore, name: str, display_name: str, consent: Co
                  model, info: dict, source: Path, preset_name: str, eval_report: dict | None,
                  overwrite: bool = False) -> Identity:
     """Publish the enrolled identity: reference and neutral from the scan's reference frame,
-    the generator files and the "neural" manifest section (what was trained on what)."""
+    the generator files, the "neural" manifest section (what was trained on what), and that
+    frame's surroundings as the identity's scene."""
 
     def neural_files(staging: Path) -> tuple[list[str], dict]:
         files = write_generator(staging, model)
@@ -65,6 +66,10 @@ def write_bundle(store: IdentityStore, name: str, display_name: str, consent: Co
             write_report(eval_report, staging / EVAL_FILE, staging / EVAL_HTML, f"{name}: enrollment evaluation")
             files += [EVAL_FILE, EVAL_HTML]
         fields = {"neural": neural_manifest(builder, info, preset_name, eval_report is not None, int8)}
+        if builder.data.scene is not None:  # the scan's room around the face, for call frames
+            scene_files, scene_field = write_scene(staging, *builder.data.scene)
+            files += scene_files
+            fields.update(scene_field)
         for kind, memory in builder.memories.items():  # its own mouths and eyes, which its warp input drew on
             if memory is not None:
                 memory.save(staging / MEMORY_FILES[kind])
