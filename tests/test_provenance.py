@@ -58,6 +58,23 @@ def test_marked_frame_carries_the_payload_invisibly(portrait, call_frame, demo):
         assert psnr(watermark.Marker(PAYLOAD)(flat), flat) >= 40
 
 
+def test_marking_i420_luma_is_the_rgb_mark(portrait):
+    """Sessions mark the I420 planes they encode (luma rows only, studio range): a viewer
+    decoding them to RGB sees the same mark, as strong and as faint, as the RGB path gives."""
+    def rgb(planes):
+        return cv2.cvtColor(planes, cv2.COLOR_YUV2RGB_I420)
+
+    planes = cv2.cvtColor(portrait, cv2.COLOR_RGB2YUV_I420)
+    marker = watermark.Marker(PAYLOAD)
+    marked = marker.mark_i420(planes.copy())
+    h = portrait.shape[0]
+    assert np.array_equal(marked[h:], planes[h:])  # chroma untouched
+    via_rgb = watermark.project(watermark.luma(rgb(cv2.cvtColor(marker(portrait), cv2.COLOR_RGB2YUV_I420))))
+    via_i420 = watermark.project(watermark.luma(rgb(marked)))
+    assert decoded([rgb(marked)]).payload == PAYLOAD and psnr(rgb(marked), rgb(planes)) >= 40
+    assert np.corrcoef(via_rgb, via_i420)[0, 1] > 0.97 and 0.9 < np.abs(via_i420).mean() / np.abs(via_rgb).mean() < 1.1
+
+
 def test_soft_decoding_recovers_a_weak_wrong_bit(portrait):
     projections = watermark.project(watermark.luma(watermark.Marker(PAYLOAD)(portrait)))
     weakest = int(np.argmin(np.abs(projections)))

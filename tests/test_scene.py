@@ -165,10 +165,24 @@ def test_a_session_asked_for_a_call_frame_composes_then_marks(store):
         processor.set_identity(demo)
         handle, _, _ = processor.prepare(camera)
         assert processor.finish(handle)[0].shape == (540 * 3 // 2, 960)
-        marks = []  # a WHIP camera sends only the labelled copy: one mark, not two
-        processor.marker = lambda image, label=False, mark=processor.marker: marks.append(label) or mark(image, label)
-        handle, _, _ = processor.prepare(camera)
+        marker = processor.marker = CountingMarker(processor.marker)
+        handle, _, _ = processor.prepare(camera)  # a WHIP camera sends only the labelled copy: one mark
         own, labelled, _ = processor.finish(handle, viewer_label=True, plain=False)
-        assert own is None and labelled.shape == (540 * 3 // 2, 960) and marks == [True]
+        assert own is None and labelled.shape == (540 * 3 // 2, 960) and marker.calls == 1
+        corner = cv2.cvtColor(labelled, cv2.COLOR_YUV2RGB_I420)[12:50, 12:180].max(axis=2)
+        assert (corner > 220).mean() > 0.05 and (corner < 110).mean() > 0.3  # the badge's text on its box
     finally:
         processor.close()
+
+
+class CountingMarker:
+    def __init__(self, marker):
+        self.marker, self.calls = marker, 0
+
+    def __call__(self, rgb, badge=False):
+        self.calls += 1
+        return self.marker(rgb, badge)
+
+    def mark_i420(self, planes):
+        self.calls += 1
+        return self.marker.mark_i420(planes)

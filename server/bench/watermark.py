@@ -2,7 +2,8 @@
 invisible, what does it cost, and does unmarked footage stay unmarked?
 
 Each clip is cut to 256² (the avatar's size; --size for others, e.g. 512x512 or a 1280x720
-call frame), marked, and passed through the channels a
+call frame), marked as a session marks it (the luma of the I420 planes it encodes, timed as
+the cost), and passed through the channels a
 frame really meets: the VP8 and H.264 encoders the server sends with (aiortc's; VP8 at
 the server's default speed, server/media/vp8.py) at the given bitrates (what a WebRTC viewer
 receives), a 50% downscale and re-encode, and a screen-recording-style re-encode
@@ -75,12 +76,15 @@ def bench(clips: list[Path], seconds: float, vp8_bps: int, h264_bps: int,
     psnr, cost, false_pos, segments_clean = [], [], 0, 0
     for clip in tqdm(clips, desc="clips", unit="clip"):
         raw = list(read_video(clip, int(seconds * FPS)))
-        frames = [_cut(f, *size) for f in raw]
+        # As a session sends them: I420 planes, marked in their luma rows (server/media/tracks.py).
+        frames = [_as_sent(_cut(f, *size)) for f in raw]
         marked = []
         for f in frames:
+            planes = cv2.cvtColor(f, cv2.COLOR_RGB2YUV_I420)
             t0 = time.perf_counter()
-            marked.append(marker(f))
+            marker.mark_i420(planes)
             cost.append((time.perf_counter() - t0) * 1e3)
+            marked.append(cv2.cvtColor(planes, cv2.COLOR_YUV2RGB_I420))
         psnr += [_psnr(a, b) for a, b in zip(marked, frames)]
         for name, channel in chans.items():
             for payload in segment_payloads(channel(marked)):
@@ -200,6 +204,12 @@ def _cut(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     y0, x0 = (h - ch) // 2, (w - cw) // 2
     part = rgb[y0:y0 + ch, x0:x0 + cw]
     return cv2.resize(part, (width, height), interpolation=cv2.INTER_AREA if k > 1 else cv2.INTER_CUBIC)
+
+
+def _as_sent(rgb: np.ndarray) -> np.ndarray:
+    """The frame as a viewer would see it unmarked: through I420 and back (chroma halved),
+    so that PSNR measures the mark alone."""
+    return cv2.cvtColor(cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420), cv2.COLOR_YUV2RGB_I420)
 
 
 def _size(text: str) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from engines.measure import StageTimer
 from engines.identity import Identity
 from engines.pipeline import AvatarPipeline, Prepared
 from engines.retarget import RetargetControls
+from engines.provenance.label import draw_label
 from engines.provenance.watermark import Marker, Payload
 from engines.render.scene import framer
 from ..telemetry import COMPUTE_STAGES, FrameRecord
@@ -213,11 +214,15 @@ class FrameProcessor:
         out = timer.run("render", self.pipeline.finish, prepared)
         if compose is not None:  # into the call frame first: badge and mark span all of it
             out = timer.run("compose", compose, out)
-        labelled = timer.run("mark", self.marker, out, True) if viewer_label else None
-        out = timer.run("mark", self.marker, out) if plain or labelled is None else None
-        if labelled is not None:
-            labelled = timer.run("convert", encoder_planes, labelled)
-        return (None if out is None else timer.run("convert", encoder_planes, out)), labelled, timer.ms
+        labelled = self._marked(timer, timer.run("mark", draw_label, out)) if viewer_label else None
+        plain_planes = self._marked(timer, out) if plain or labelled is None else None
+        return plain_planes, labelled, timer.ms
+
+    def _marked(self, timer: StageTimer, rgb: np.ndarray) -> np.ndarray:
+        """encoder_planes(rgb), marked: in its I420 luma rows (a tenth of the cost of marking
+        three channels), or as RGB when a side is odd and the planes are RGB."""
+        planes = timer.run("convert", encoder_planes, rgb)
+        return timer.run("mark", self.marker if planes.ndim == 3 else self.marker.mark_i420, planes)
 
     # On the first thread, like prepare():
     def set_controls(self, controls: RetargetControls) -> None:
