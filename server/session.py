@@ -14,6 +14,8 @@ import logging
 import secrets
 import time
 
+import av
+
 from aiortc import RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 
@@ -22,7 +24,8 @@ from engines.retarget import RetargetControls
 from engines.provenance.watermark import Payload
 from .media.peer import answer, close_peer, connect_deadline, new_peer
 from .media.jitter import IncompatibleAiortc, install_for_track, shorten_audio_buffer, tap_encoded
-from .media.tracks import AvatarTrack, LatestFrame, PreparedFrame, VIDEO_TIME_BASE, avatar_frame, camera_planes, drain
+from .media.tracks import (AvatarTrack, LatestFrame, PreparedFrame, VIDEO_TIME_BASE, avatar_frame, camera_planes, drain,
+                           video_frame)
 from .media.stages import ComputeDied, make_stages
 from .telemetry import SessionStats
 
@@ -60,6 +63,9 @@ class Session:
         self.end_code = "session_ended"  # the signaling error code the client gets at the end
         self.consent_stamp, self.consent, self.label_viewers = None, None, True  # set by _load()
         self.last_activity = time.monotonic()  # last camera frame: idle means no media
+        self.voice = None  # camera off, voice on: a VoiceSession fed the microphone (set_voice_only)
+        self._to_voice = None  # the microphone's frames as 48 kHz mono s16, for it
+        self._voice_clock = None  # (pts, wall time) of its first frame
         self._closed = False
 
     # ---- setup -------------------------------------------------------------------------
@@ -136,6 +142,10 @@ class Session:
         identity = await self._off_loop(self._load, name)  # file I/O: off the stages
         await self.stages.call("prepare", "set_identity", identity)
         self.identity_name = name
+        if self.voice is not None:  # the voice drives the new face from now on
+            make_voice = type(self.voice)
+            await self.set_voice_only(False, make_voice)
+            await self.set_voice_only(True, make_voice)
 
     def _load(self, name: str):
         """The identity, if its consent covers live use now (ConsentError otherwise); notes
@@ -156,6 +166,39 @@ class Session:
         except IdentityError as e:
             return e
         return None
+
+    async def set_voice_only(self, on: bool, make_voice) -> None:
+        """Camera off, voice on: the microphone drives the face, through a voice agent's
+        session (make_voice: VoiceSession) fed what it hears; the camera's frames are dropped
+        meanwhile. ValueError without a microphone (a presenter sends one in a room)."""
+        if on == (self.voice is not None):
+            return
+        if not on:
+            voice, self.voice, self._voice_clock = self.voice, None, None
+            await voice.close()
+            return
+        if not self.have_audio:
+            raise ValueError("voice_only needs the microphone, which a presenter sends in a room")
+        voice = make_voice(self.state, self.identity_name, self.room, on_frame=self._voice_frame)
+        try:
+            await voice.start()
+        except BaseException:
+            await voice.close()
+            raise
+        self._to_voice = av.AudioResampler(format="s16", layout="mono", rate=48000)
+        self.voice = voice
+
+    def _voice_frame(self, image, rec) -> None:
+        """A frame the voice made: the presenter's own video and stats, as a camera's would be.
+        Its pts go on from the camera's at the wall clock's pace (a receiver drops frames whose
+        timestamps go back), as the camera's will when it takes over again."""
+        if self._voice_clock is None:
+            self._voice_clock = (self.out_track.last_pts + 3000, rec.recv_time)
+        first_pts, first_time = self._voice_clock
+        video = video_frame(image)
+        video.pts, video.time_base = first_pts + round((rec.recv_time - first_time) * 90000), VIDEO_TIME_BASE
+        self.out_track.push(video)
+        self.stats.add(rec)
 
     def set_paused(self, paused: bool) -> None:
         """Paused: camera frames are still received (and dropped), no avatar frames go out."""
@@ -188,7 +231,7 @@ class Session:
         """Each microphone packet as it arrives (jitter.tap_encoded): Opus goes to the room as is."""
         if codec.mimeType.lower() == "audio/opus":
             self.opus_in = True
-            if not self.paused and frame.data:
+            if not self.paused and self.voice is None and frame.data:  # with the voice driving, it publishes
                 self.room.publish_opus(bytes(frame.data))
 
     async def _forward_audio(self, track) -> None:
@@ -198,7 +241,11 @@ class Session:
             while True:
                 frame = await track.recv()
                 self.last_activity = time.monotonic()
-                if not self.paused and not self.opus_in:
+                if self.voice is not None:
+                    if not self.paused:
+                        for mono in self._to_voice.resample(frame):
+                            self.voice.push_pcm(mono.to_ndarray().tobytes())
+                elif not self.paused and not self.opus_in:
                     self.room.publish_audio(frame)
         except MediaStreamError:
             pass
@@ -209,7 +256,7 @@ class Session:
         try:
             while True:
                 frame, recv_time = await self.latest.get()
-                if self.paused:
+                if self.paused or self.voice is not None:
                     continue
                 prepared = await self._prepare(frame, recv_time)
                 if rendering is not None:
@@ -301,6 +348,8 @@ class Session:
             return
         self._closed = True
         self._end("closed")
+        if self.voice is not None:
+            await self.voice.close()
         if self.room is not None:
             self.room.vacate(self)
         current = asyncio.current_task()

@@ -1,6 +1,8 @@
 """A voice agent's session (docs/PROTOCOL.md, "Voice agents"): speech pushed over the signaling
 WebSocket (PCM, or `say` text through eSpeak NG) drives the identity's face, and the room's
 viewers get the rendered frames and the voice together. No camera, no peer connection.
+A presenter who turns the camera off (control `voice_only`) runs one inside its session,
+fed the microphone (server/session.py).
 
 One clock: stream time s runs with the wall clock from the session's start. Audio for s is
 handed to the room at wall T0 + s (the room holds it by its measured avatar latency, as a
@@ -57,10 +59,11 @@ class VoiceSession(Session):
     role = "agent"
 
     def __init__(self, state, identity_name: str, room=None, badge_own_video: bool = False, *,
-                 sample_rate: int = 48000, notify=None):
+                 sample_rate: int = 48000, notify=None, on_frame=None):
         super().__init__(state, identity_name, room, badge_own_video)
         self.sample_rate = sample_rate
         self.notify = notify  # notify(message dict) to the agent
+        self.on_frame = on_frame  # on_frame(image, FrameRecord) after each frame: a presenter's own video
         self.stages = _NoStages()
         self._render = ThreadPoolExecutor(1, thread_name_prefix=f"voice-{self.id[:8]}-render")
         self._listen = ThreadPoolExecutor(1, thread_name_prefix=f"voice-{self.id[:8]}-listen")
@@ -273,6 +276,8 @@ class VoiceSession(Session):
                               {"render": (done - started) * 1e3, "total": (done - received) * 1e3})
             self.stats.add(rec)
             self.state.metrics.frame(rec)
+            if self.on_frame is not None:
+                self.on_frame(image, rec)
             k += 1
 
 

@@ -140,6 +140,7 @@ async function onMessage(msg) {
     }
     case "control_ok":
       $("pause").textContent = msg.paused ? "Resume" : "Pause";
+      setVoiceOnly(!!msg.voice_only);
       break;
     case "error":
       onError(msg);
@@ -181,6 +182,7 @@ async function negotiate() {
       state.retryDelay = 1000;
       say(`Streaming as “${state.session.identity}”.`, "ok");
       setSessionControls(true);
+      if ($("voice-only").checked) send({ type: "control", voice_only: true });  // kept across a reconnect
     } else if (pc.connectionState === "failed") {
       scheduleReconnect("The media connection failed.");
     }
@@ -195,6 +197,14 @@ async function negotiate() {
 // ---- controls ------------------------------------------------------------------------
 function setSessionControls(on) {
   ["recalibrate", "pause"].forEach((id) => { $(id).disabled = !on; });
+  $("voice-only").disabled = !on || !room();  // the voice reaches the server only in a room
+}
+
+// Voice only: the camera stops sending (its track is disabled: no picture leaves this page),
+// and the server drives the face from the microphone until it is switched back.
+function setVoiceOnly(on) {
+  $("voice-only").checked = on;
+  if (state.camera) state.camera.getVideoTracks().forEach((t) => { t.enabled = !on; });
 }
 
 function fillIdentities(names, current) {
@@ -223,6 +233,7 @@ for (const id of ["expression-gain", "head-gain"]) {
 $("freeze-head").addEventListener("change", sendGains);
 $("recalibrate").addEventListener("click", () => send({ type: "control", recalibrate: true }));
 $("pause").addEventListener("click", () => send({ type: "control", pause: $("pause").textContent === "Pause" }));
+$("voice-only").addEventListener("change", () => send({ type: "control", voice_only: $("voice-only").checked }));
 $("identity").addEventListener("change", () => send({ type: "control", identity: $("identity").value }));
 $("connect-form").addEventListener("submit", (ev) => { ev.preventDefault(); start(); });
 $("stop").addEventListener("click", stop);

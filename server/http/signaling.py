@@ -29,7 +29,7 @@ from ..voice_session import MAX_FRAME_BYTES, RATES, VoiceSession
 
 log = logging.getLogger("avatar.signaling")
 VERSION = 1
-CONTROL_KEYS = {"expression_gain", "head_gain", "freeze_head", "identity", "recalibrate", "pause"}
+CONTROL_KEYS = {"expression_gain", "head_gain", "freeze_head", "identity", "recalibrate", "pause", "voice_only"}
 MAX_RATE_VIOLATIONS = 20  # then the client is closed: it is not listening to errors
 AUDIO_FRAME_RATE = 200  # an agent's binary frames a second (bursts of twice as many)
 FAILED_HELLO_DELAY = 0.5  # seconds before "unauthorized": guessing tokens is slow
@@ -321,7 +321,7 @@ class Connection:
                     check_gain(key, changes[key])
                 except ValueError as e:
                     raise ProtocolError("bad_value", str(e))
-        for key in ("freeze_head", "pause", "recalibrate"):
+        for key in ("freeze_head", "pause", "recalibrate", "voice_only"):
             if key in changes and not isinstance(changes[key], bool):
                 raise ProtocolError("bad_value", f"{key} must be true or false")
         if "identity" in changes:
@@ -344,8 +344,15 @@ class Connection:
             await session.recalibrate()
         if "pause" in changes:
             session.set_paused(changes["pause"])
-        await self._send({"type": "control_ok", "identity": session.identity_name,
-                          "paused": session.paused, "controls": vars(session.controls)})
+        if "voice_only" in changes:
+            try:
+                await session.set_voice_only(changes["voice_only"], VoiceSession)
+            except ConsentError as e:
+                raise ProtocolError(e.code, str(e))
+            except ValueError as e:
+                raise ProtocolError("bad_value", str(e))
+        await self._send({"type": "control_ok", "identity": session.identity_name, "paused": session.paused,
+                          "voice_only": session.voice is not None, "controls": vars(session.controls)})
 
     # ---- a voice agent's messages ---------------------------------------------------------
     def _pcm(self, data: bytes) -> None:

@@ -74,8 +74,10 @@ class AvatarTrack(MediaStreamTrack):
         self._latest = LatestFrame()
         self._on_sent = on_sent  # on_sent(pts, wall time) once a frame's packets are out
         self._in_flight: int | None = None
+        self.last_pts = 0  # of the frame pushed last
 
     def push(self, frame: av.VideoFrame) -> None:
+        self.last_pts = frame.pts
         self._latest.put(frame)
 
     async def recv(self) -> av.VideoFrame:

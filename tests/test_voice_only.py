@@ -1,0 +1,170 @@
+"""A presenter turns the camera off and keeps talking as the avatar (issue #36): control
+`voice_only` makes the microphone drive the face, for the room's viewers and the presenter's
+own video; turning it off hands the face back to the camera."""
+from __future__ import annotations
+
+import asyncio
+import ctypes.util
+import fractions
+import threading
+import time
+
+import numpy as np
+import pytest
+from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
+from helpers import Client, ClipTrack, clip, rms, running_server, wait_for
+from test_voice_agent import SENTENCE, openness, voice_to_mouth
+
+pytestmark = pytest.mark.skipif(ctypes.util.find_library("espeak-ng") is None,
+                                reason="eSpeak NG is not installed (apt-get install -y espeak-ng libespeak-ng1)")
+
+
+class SpeechTrack(MediaStreamTrack):
+    """A microphone that says one sentence over and over (eSpeak NG, 48 kHz mono), in real time."""
+
+    kind = "audio"
+
+    def __init__(self, text: str):
+        super().__init__()
+        from engines.voice.audio import resample
+        from engines.voice.espeak import synthesize
+
+        speech = synthesize(text)
+        pcm = np.clip(resample(speech.samples, speech.rate, 48000) * 32767, -32768, 32767).astype(np.int16)
+        self.pcm = np.concatenate([pcm, np.zeros(24000, np.int16)])  # half a second between sayings
+        self.samples, self.start = 0, None
+
+    async def recv(self):
+        import av
+
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self.start is None:
+            self.start = time.monotonic()
+        await asyncio.sleep(max(0.0, self.start + self.samples / 48000 - time.monotonic()))
+        at = self.samples % (len(self.pcm) - 960)
+        frame = av.AudioFrame.from_ndarray(self.pcm[at:at + 960].reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = 48000, self.samples, fractions.Fraction(1, 48000)
+        self.samples += 960
+        return frame
+
+
+async def control(client, **fields) -> dict:
+    await client.send({"type": "control", **fields})
+    while True:
+        reply = await asyncio.wait_for(client.recv(), 15)
+        if reply.get("type") in ("control_ok", "error"):
+            return reply
+
+
+async def test_camera_off_the_voice_moves_the_face_and_back(tmp_path, monkeypatch, demo):
+    async with running_server(tmp_path, monkeypatch, compute="thread") as srv:
+        viewer = Client(srv.ws_url)
+        await viewer.connect()
+        await viewer.watch("r")
+        presenter = Client(srv.ws_url)
+        await presenter.connect()
+        # A still camera: the demo's own face, mouth shut. Only the voice can open it.
+        await presenter.start_session(ClipTrack([demo.reference], loop=True), room="r", audio=SpeechTrack(SENTENCE))
+        try:
+            await wait_for(lambda: len(viewer.received) > 30, 15, "the camera's avatar at the viewer")
+            camera_from = time.time()
+            await asyncio.sleep(1.5)
+            reply = await control(presenter, voice_only=True)
+            assert reply["type"] == "control_ok" and reply["voice_only"] is True, reply
+            voice_from = time.time()
+            await asyncio.sleep(4.0)
+            voice_until = time.time()
+            still, talking = openness(viewer, camera_from, voice_from), openness(viewer, voice_from + 0.5, voice_until)
+            assert len(talking) > 60 and len(still) > 20, (len(talking), len(still))
+            assert np.ptp(talking) > 3 * max(np.ptp(still), 0.01), (np.ptp(talking), np.ptp(still))
+            assert max(rms(f) for t, f in viewer.audio if t > voice_from) > 0.02  # and the voice is heard
+            offset, confidence = voice_to_mouth(viewer, voice_from + 0.5, voice_until)
+            print(f"voice only: mouth vs voice at the viewer {offset * 1e3:+.0f} ms (correlation {confidence:.2f})")
+            own = openness(presenter, voice_from + 0.5, voice_until)  # the presenter sees it too
+            assert len(own) > 60 and np.ptp(own) > 3 * max(np.ptp(still), 0.01)
+            assert any(t.name.startswith("voice-") for t in threading.enumerate())
+
+            reply = await control(presenter, voice_only=False)
+            assert reply["type"] == "control_ok" and reply["voice_only"] is False, reply
+            await asyncio.sleep(1.0)
+            back_from = time.time()
+            await asyncio.sleep(1.5)
+            back = openness(viewer, back_from, time.time())
+            assert len(back) > 20 and np.ptp(back) < np.ptp(talking) / 3  # the still camera again
+            assert not any(t.name.startswith("voice-") for t in threading.enumerate())
+
+            await control(presenter, voice_only=True)  # left on: closing the session ends it too
+        finally:
+            await presenter.close()
+            await viewer.close()
+        await wait_for(lambda: not srv.state.sessions, 5, "the session's end")
+        await wait_for(lambda: not any(t.name.startswith("voice-") for t in threading.enumerate()), 5,
+                       "the voice's threads to end")
+
+
+async def test_voice_only_needs_a_microphone_and_a_boolean(tmp_path, monkeypatch, demo):
+    async with running_server(tmp_path, monkeypatch, compute="thread") as srv:
+        presenter = Client(srv.ws_url)
+        await presenter.connect()
+        await presenter.start_session(ClipTrack([demo.reference], loop=True))  # no room: no microphone
+        try:
+            reply = await control(presenter, voice_only=True)
+            assert reply["type"] == "error" and reply["code"] == "bad_value" and "microphone" in reply["message"]
+            reply = await control(presenter, voice_only="yes")
+            assert reply["type"] == "error" and reply["code"] == "bad_value" and "true or false" in reply["message"]
+            reply = await control(presenter, voice_only=False)  # off while off: nothing to do
+            assert reply["type"] == "control_ok" and reply["voice_only"] is False
+            await wait_for(lambda: len(presenter.received) > 10, 10, "frames still coming")
+        finally:
+            await presenter.close()
+
+
+@pytest.mark.slow
+async def test_presenter_page_switches_the_camera_off(tmp_path, monkeypatch, demo):
+    """The presenter page in Chromium (a fake camera, a fake microphone saying a sentence):
+    ticking "Camera off" disables its camera track and the server drives the face by voice."""
+    import wave
+
+    from engines.voice.audio import resample
+    from engines.voice.espeak import synthesize
+    from server.bench.chromium import CHROMIUM, browser_page, write_y4m
+
+    if not __import__("os").path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    y4m, wav = tmp_path / "camera.y4m", tmp_path / "speech.wav"
+    write_y4m(clip("drive_wink.mp4"), y4m)
+    speech = synthesize(SENTENCE)
+    pcm = np.clip(resample(speech.samples, speech.rate, 48000) * 32767, -32768, 32767).astype(np.int16)
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(48000)
+        w.writeframes(np.concatenate([pcm, np.zeros(24000, np.int16)]).tobytes())
+    page_state = """(() => ({connected: !!(window.avatar.pc && window.avatar.pc.connectionState === 'connected'),
+        box: !document.getElementById('voice-only').disabled, ticked: document.getElementById('voice-only').checked,
+        camera: window.avatar.camera ? window.avatar.camera.getVideoTracks().map((t) => t.enabled) : null}))()"""
+    async with running_server(tmp_path, monkeypatch, compute="thread") as srv:
+        async with browser_page(f"{srv.url}?autostart=1&room=r", y4m, tmp_path / "profile",
+                                f"--use-file-for-fake-audio-capture={wav}") as tools:
+            from test_browser import poll
+
+            state = await poll(tools, lambda s: s.get("connected") and s.get("box"), 45, page_state)
+            assert state.get("box"), state
+            session = next(iter(srv.state.sessions.values()))
+            await tools.eval("document.getElementById('voice-only').click()")
+            state = await poll(tools, lambda s: s.get("ticked") and s.get("camera") == [False], 10, page_state)
+            assert state.get("camera") == [False], state  # no picture leaves the page
+            await wait_for(lambda: session.voice is not None, 10, "the voice to drive the face")
+            viewer = Client(srv.ws_url)
+            await viewer.connect()
+            await viewer.watch("r")
+            try:
+                await wait_for(lambda: len(viewer.received) > 90, 20, "frames at the viewer")
+                talking = openness(viewer, 0, time.time())
+                assert np.ptp(talking) > 0.05, np.ptp(talking)  # the fake microphone's sentence moves the mouth
+            finally:
+                await viewer.close()
+            await tools.eval("document.getElementById('voice-only').click()")
+            state = await poll(tools, lambda s: not s.get("ticked") and s.get("camera") == [True], 10, page_state)
+            assert state.get("camera") == [True], state
+            await wait_for(lambda: session.voice is None, 10, "the camera to drive the face again")
