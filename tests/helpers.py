@@ -72,16 +72,18 @@ async def wait_for(predicate, timeout: float, what: str):
         await asyncio.sleep(0.05)
 
 
-class SineTrack(MediaStreamTrack):
-    """A microphone that hums: 48 kHz mono s16, 20 ms frames of a 440 Hz sine, in real time."""
+class MicTrack(MediaStreamTrack):
+    """A microphone in real time: 48 kHz mono s16 in 20 ms frames of what pcm(at, n) gives."""
 
     kind = "audio"
 
-    def __init__(self, amplitude: float = 0.3):
+    def __init__(self):
         super().__init__()
-        self.amplitude = amplitude
         self.samples = 0
         self.start = None
+
+    def pcm(self, at: int, n: int) -> np.ndarray:
+        raise NotImplementedError
 
     async def recv(self):
         import av
@@ -91,12 +93,38 @@ class SineTrack(MediaStreamTrack):
         if self.start is None:
             self.start = time.monotonic()
         await asyncio.sleep(max(0.0, self.start + self.samples / 48000 - time.monotonic()))
-        t = (self.samples + np.arange(960)) / 48000
-        pcm = (self.amplitude * 32767 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
-        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame = av.AudioFrame.from_ndarray(self.pcm(self.samples, 960).reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate, frame.pts, frame.time_base = 48000, self.samples, fractions.Fraction(1, 48000)
         self.samples += 960
         return frame
+
+
+class SineTrack(MicTrack):
+    """A microphone that hums: a 440 Hz sine."""
+
+    def __init__(self, amplitude: float = 0.3):
+        super().__init__()
+        self.amplitude = amplitude
+
+    def pcm(self, at: int, n: int) -> np.ndarray:
+        t = (at + np.arange(n)) / 48000
+        return (self.amplitude * 32767 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+
+
+class SpeechTrack(MicTrack):
+    """A microphone that says one sentence over and over (eSpeak NG), half a second apart."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        from engines.voice.audio import resample
+        from engines.voice.espeak import synthesize
+
+        speech = synthesize(text)
+        pcm = np.clip(resample(speech.samples, speech.rate, 48000) * 32767, -32768, 32767).astype(np.int16)
+        self.speech = np.concatenate([pcm, np.zeros(24000, np.int16)])
+
+    def pcm(self, at: int, n: int) -> np.ndarray:
+        return np.take(self.speech, np.arange(at, at + n), mode="wrap")
 
 
 def rms(frame) -> float:

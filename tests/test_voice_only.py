@@ -5,49 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import ctypes.util
-import fractions
 import threading
 import time
 
 import numpy as np
 import pytest
-from aiortc import MediaStreamTrack
-from aiortc.mediastreams import MediaStreamError
-from helpers import Client, ClipTrack, clip, rms, running_server, wait_for
+from helpers import Client, ClipTrack, SpeechTrack, clip, rms, running_server, wait_for
 from test_voice_agent import SENTENCE, openness, voice_to_mouth
 
 pytestmark = pytest.mark.skipif(ctypes.util.find_library("espeak-ng") is None,
                                 reason="eSpeak NG is not installed (apt-get install -y espeak-ng libespeak-ng1)")
-
-
-class SpeechTrack(MediaStreamTrack):
-    """A microphone that says one sentence over and over (eSpeak NG, 48 kHz mono), in real time."""
-
-    kind = "audio"
-
-    def __init__(self, text: str):
-        super().__init__()
-        from engines.voice.audio import resample
-        from engines.voice.espeak import synthesize
-
-        speech = synthesize(text)
-        pcm = np.clip(resample(speech.samples, speech.rate, 48000) * 32767, -32768, 32767).astype(np.int16)
-        self.pcm = np.concatenate([pcm, np.zeros(24000, np.int16)])  # half a second between sayings
-        self.samples, self.start = 0, None
-
-    async def recv(self):
-        import av
-
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self.start is None:
-            self.start = time.monotonic()
-        await asyncio.sleep(max(0.0, self.start + self.samples / 48000 - time.monotonic()))
-        at = self.samples % (len(self.pcm) - 960)
-        frame = av.AudioFrame.from_ndarray(self.pcm[at:at + 960].reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate, frame.pts, frame.time_base = 48000, self.samples, fractions.Fraction(1, 48000)
-        self.samples += 960
-        return frame
 
 
 async def control(client, **fields) -> dict:
