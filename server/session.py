@@ -15,6 +15,7 @@ import secrets
 import time
 
 import av
+import cv2
 
 from aiortc import RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
@@ -30,6 +31,9 @@ from .media.stages import ComputeDied, make_stages
 from .telemetry import SessionStats
 
 log = logging.getLogger("avatar.session")
+
+FACE_LOST = 1.0  # seconds without a face before the voice takes over (a presenter with a microphone)
+FADE_FRAMES = 8  # frames a hand-over between camera and voice dissolves over (~0.27 s)
 
 
 class Session:
@@ -63,9 +67,16 @@ class Session:
         self.end_code = "session_ended"  # the signaling error code the client gets at the end
         self.consent_stamp, self.consent, self.label_viewers = None, None, True  # set by _load()
         self.last_activity = time.monotonic()  # last camera frame: idle means no media
-        self.voice = None  # camera off, voice on: a VoiceSession fed the microphone (set_voice_only)
+        # Camera off, voice on: a VoiceSession fed the microphone (set_voice_only), made by
+        # make_voice (ServerState wires it: this module cannot import that one).
+        self.make_voice = None
+        self.voice = None
+        self.voice_auto = False  # the voice took over because the camera lost the face
+        self._faceless_since: float | None = None
         self._to_voice = None  # the microphone's frames as 48 kHz mono s16, for it
         self._voice_clock = None  # (pts, wall time) of its first frame
+        self._last_out = None  # the last frame viewers got: what a hand-over fades from
+        self._fade: tuple | None = None  # (from frame, frames left) after a hand-over
         self._closed = False
 
     # ---- setup -------------------------------------------------------------------------
@@ -143,9 +154,10 @@ class Session:
         await self.stages.call("prepare", "set_identity", identity)
         self.identity_name = name
         if self.voice is not None:  # the voice drives the new face from now on
-            make_voice = type(self.voice)
-            await self.set_voice_only(False, make_voice)
-            await self.set_voice_only(True, make_voice)
+            auto = self.voice_auto
+            await self.set_voice_only(False)
+            await self.set_voice_only(True)
+            self.voice_auto = auto
 
     def _load(self, name: str):
         """The identity, if its consent covers live use now (ConsentError otherwise); notes
@@ -167,38 +179,79 @@ class Session:
             return e
         return None
 
-    async def set_voice_only(self, on: bool, make_voice) -> None:
+    async def set_voice_only(self, on: bool) -> None:
         """Camera off, voice on: the microphone drives the face, through a voice agent's
-        session (make_voice: VoiceSession) fed what it hears; the camera's frames are dropped
-        meanwhile. ValueError without a microphone (a presenter sends one in a room)."""
+        session fed what it hears; the camera's frames are dropped meanwhile. ValueError
+        without a microphone (a presenter sends one in a room) or voice here."""
+        self.voice_auto = False  # asked for: it stays until asked otherwise
         if on == (self.voice is not None):
             return
         if not on:
             voice, self.voice, self._voice_clock = self.voice, None, None
+            self._fade = (self._last_out, FADE_FRAMES) if self._last_out is not None else None
             await voice.close()
             return
-        if not self.have_audio:
+        if not self.have_audio or self.make_voice is None:
             raise ValueError("voice_only needs the microphone, which a presenter sends in a room")
-        voice = make_voice(self.state, self.identity_name, self.room, on_frame=self._voice_frame)
+        voice = self.make_voice(self.state, self.identity_name, self.room, on_frame=self._voice_frame)
         try:
             await voice.start()
         except BaseException:
             await voice.close()
             raise
         self._to_voice = av.AudioResampler(format="s16", layout="mono", rate=48000)
+        self._fade = (self._last_out, FADE_FRAMES) if self._last_out is not None else None
         self.voice = voice
 
+    async def _follow_face(self, found: bool) -> None:
+        """The voice takes over when the camera has lost the face for FACE_LOST seconds (with
+        a microphone to follow), and hands back when the face returns."""
+        if found:
+            self._faceless_since = None
+            if self.voice is not None and self.voice_auto:
+                await self.set_voice_only(False)
+            return
+        now = time.monotonic()
+        self._faceless_since = self._faceless_since or now
+        if self.voice is None and self.have_audio and now - self._faceless_since >= FACE_LOST:
+            try:
+                await self.set_voice_only(True)
+            except Exception:
+                log.exception("session %s: the voice could not take over", self.id[:8])
+                self._faceless_since = None  # tried: not again at once
+                return
+            self.voice_auto = True
+
     def _voice_frame(self, image, rec) -> None:
-        """A frame the voice made: the presenter's own video and stats, as a camera's would be.
-        Its pts go on from the camera's at the wall clock's pace (a receiver drops frames whose
-        timestamps go back), as the camera's will when it takes over again."""
+        """A frame the voice made: to the room, the presenter's own video and stats, as a
+        camera's would be. Its pts go on from the camera's at the wall clock's pace (a
+        receiver drops frames whose timestamps go back), as the camera's will again."""
         if self._voice_clock is None:
             self._voice_clock = (self.out_track.last_pts + 3000, rec.recv_time)
         first_pts, first_time = self._voice_clock
+        image, _ = self._dissolve(image, None)
+        if self.room is not None:
+            self.room.publish_video(image, rec.recv_time)
         video = video_frame(image)
         video.pts, video.time_base = first_pts + round((rec.recv_time - first_time) * 90000), VIDEO_TIME_BASE
         self.out_track.push(video)
         self.stats.add(rec)
+
+    def _dissolve(self, image, labelled):
+        """After a hand-over between camera and voice, the first FADE_FRAMES frames (both
+        copies of one, as given) dissolve from the last one viewers saw, so the head does not
+        jump from one pose to the other."""
+        self._last_out = labelled if labelled is not None else image
+        if self._fade is None:
+            return image, labelled
+        before, left = self._fade
+        self._fade = (before, left - 1) if left > 1 else None
+        w = left / (FADE_FRAMES + 1)
+
+        def blend(x):
+            return x if x is None or x.shape != before.shape else cv2.addWeighted(before, w, x, 1.0 - w, 0.0)
+
+        return blend(image), blend(labelled)
 
     def set_paused(self, paused: bool) -> None:
         """Paused: camera frames are still received (and dropped), no avatar frames go out."""
@@ -256,9 +309,13 @@ class Session:
         try:
             while True:
                 frame, recv_time = await self.latest.get()
-                if self.paused or self.voice is not None:
+                if self.paused or (self.voice is not None and not self.voice_auto):
                     continue
                 prepared = await self._prepare(frame, recv_time)
+                if prepared is not None:
+                    await self._follow_face(prepared.face_found)
+                    if self.voice is not None:
+                        continue  # the voice drives: the camera was only asked for a face
                 if rendering is not None:
                     await rendering  # frame n goes out before frame n+1 starts finishing
                     rendering = None
@@ -288,6 +345,7 @@ class Session:
             self.stats.rejected += 1
             return
         image, labelled, ms = result
+        image, labelled = self._dissolve(image, labelled)
         own = labelled if self.badge_own_video and labelled is not None else image
         video, rec = avatar_frame(own, prepared, ms)
         self.out_track.push(video)

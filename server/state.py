@@ -19,6 +19,7 @@ from .config import ServerConfig
 from .rooms.room import RoomBusy, Rooms
 from .security import AddressLimits, TokenAuth, identity_allowed
 from .session import Session
+from .voice_session import VoiceSession
 from .telemetry import Metrics
 from .rooms.viewer import Viewer
 
@@ -137,6 +138,8 @@ class ServerState:
                              "try again later")
         session = make(self, identity, room, badge_own_video)
         session.frame = frame
+        if session.role == "session":  # a presenter: its microphone may drive the face (voice only)
+            session.make_voice = VoiceSession
         self.sessions[session.id] = session
         if room is not None:
             room.claim(session)

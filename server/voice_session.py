@@ -63,7 +63,7 @@ class VoiceSession(Session):
         super().__init__(state, identity_name, room, badge_own_video)
         self.sample_rate = sample_rate
         self.notify = notify  # notify(message dict) to the agent
-        self.on_frame = on_frame  # on_frame(image, FrameRecord) after each frame: a presenter's own video
+        self.on_frame = on_frame  # on_frame(image, FrameRecord) publishes each frame instead (a presenter's)
         self.stages = _NoStages()
         self._render = ThreadPoolExecutor(1, thread_name_prefix=f"voice-{self.id[:8]}-render")
         self._listen = ThreadPoolExecutor(1, thread_name_prefix=f"voice-{self.id[:8]}-listen")
@@ -269,7 +269,7 @@ class VoiceSession(Session):
                 continue
             self._last_frame_t = t
             received = self.t0 + t
-            if self.room is not None:
+            if self.room is not None and self.on_frame is None:
                 self.room.publish_video(image, received)
             done = time.time()
             rec = FrameRecord(k * 3000, received, done, True,

@@ -135,3 +135,47 @@ async def test_presenter_page_switches_the_camera_off(tmp_path, monkeypatch, dem
             state = await poll(tools, lambda s: not s.get("ticked") and s.get("camera") == [True], 10, page_state)
             assert state.get("camera") == [True], state
             await wait_for(lambda: session.voice is None, 10, "the camera to drive the face again")
+
+
+async def test_the_voice_takes_over_while_the_camera_has_lost_the_face(tmp_path, monkeypatch, demo):
+    """No face for a second (the presenter looks away, leaves the frame): the voice drives the
+    face until the camera finds it again, by itself."""
+    blank = np.full_like(demo.reference, 90)
+    frames = [demo.reference] * 60 + [blank] * 120 + [demo.reference] * 240  # 2 s, 4 s without, 8 s
+    async with running_server(tmp_path, monkeypatch, compute="thread") as srv:
+        viewer = Client(srv.ws_url)
+        await viewer.connect()
+        await viewer.watch("r")
+        presenter = Client(srv.ws_url)
+        await presenter.connect()
+        await presenter.start_session(ClipTrack(frames, loop=True), room="r", audio=SpeechTrack(SENTENCE))
+        try:
+            session = next(iter(srv.state.sessions.values()))
+            await wait_for(lambda: session.voice is not None, 10, "the voice to take over")
+            took_over = time.time()
+            assert session.voice_auto
+            await asyncio.sleep(2.0)
+            talking = openness(viewer, took_over + 0.5, time.time())
+            assert len(talking) > 30 and np.ptp(talking) > 0.05, (len(talking), np.ptp(talking))
+            await wait_for(lambda: session.voice is None, 6, "the camera to take the face back")
+            back = time.time()
+            await asyncio.sleep(1.5)
+            camera = openness(viewer, back + 0.5, time.time())
+            assert len(camera) > 20 and np.ptp(camera) < np.ptp(talking) / 3
+        finally:
+            await presenter.close()
+            await viewer.close()
+
+
+def test_a_hand_over_dissolves_from_the_last_frame_shown():
+    from types import SimpleNamespace
+
+    from server.session import FADE_FRAMES, Session
+
+    before, after = np.zeros((6, 4), np.uint8), np.full((6, 4), 180, np.uint8)
+    s = SimpleNamespace(_fade=(before, FADE_FRAMES), _last_out=before)
+    shown = [Session._dissolve(s, after, None)[0][0, 0] for _ in range(FADE_FRAMES + 2)]
+    assert all(a < b for a, b in zip(shown, shown[1:FADE_FRAMES + 1])), shown  # step by step, no jump
+    assert shown[0] > 0 and shown[FADE_FRAMES - 1] < 180 and shown[-2:] == [180, 180] and s._fade is None
+    image, labelled = Session._dissolve(s, after, after + 10)  # no hand-over: untouched
+    assert image is after and s._last_out is not None and labelled[0, 0] == 190

@@ -346,7 +346,7 @@ class Connection:
             session.set_paused(changes["pause"])
         if "voice_only" in changes:
             try:
-                await session.set_voice_only(changes["voice_only"], VoiceSession)
+                await session.set_voice_only(changes["voice_only"])
             except ConsentError as e:
                 raise ProtocolError(e.code, str(e))
             except ValueError as e:
