@@ -98,3 +98,18 @@ def test_speed_settings_are_validated():
     for bad in ("vp8-speed=3", "vp8-speed=17", "vp8-speed=x"):
         with pytest.raises(ValueError, match="vp8-speed=4..16"):
             RunConfig.parse(bad)
+
+
+@pytest.mark.parametrize("size, start", [((256, 256), 500_000), ((384, 384), 1_125_000), ((640, 360), 1_500_000),
+                                          ((1280, 720), 1_500_000)])
+def test_a_stream_starts_at_a_bitrate_for_its_size_then_follows_the_receiver(size, start):
+    """A call frame's mark needs more than aiortc's 500 kbps start (server/media/vp8.py)."""
+    encoder = vp8.TunedVp8Encoder()
+    frame = av.VideoFrame(*size, "yuv420p")
+    frame.pts, frame.time_base = 0, Fraction(1, 90000)
+    encoder.encode(frame, force_keyframe=True)
+    assert encoder.target_bitrate == start and encoder.codec.bit_rate == start
+    encoder.target_bitrate = 400_000  # the receiver's REMB: it rules from then on
+    frame.pts = 3000
+    encoder.encode(frame)
+    assert encoder.target_bitrate == 400_000 and encoder.codec.bit_rate == 400_000
