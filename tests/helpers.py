@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fractions
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from aiortc import MediaStreamTrack
-from aiortc.mediastreams import MediaStreamError
 
+from server.bench.avsync import TimedMicrophone
 from server.bench.client import AvatarClient, ClipTrack  # noqa: F401  (for the tests)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -72,59 +70,15 @@ async def wait_for(predicate, timeout: float, what: str):
         await asyncio.sleep(0.05)
 
 
-class MicTrack(MediaStreamTrack):
-    """A microphone in real time: 48 kHz mono s16 in 20 ms frames of what pcm(at, n) gives."""
-
-    kind = "audio"
-
-    def __init__(self):
-        super().__init__()
-        self.samples = 0
-        self.start = None
-
-    def pcm(self, at: int, n: int) -> np.ndarray:
-        raise NotImplementedError
-
-    async def recv(self):
-        import av
-
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self.start is None:
-            self.start = time.monotonic()
-        await asyncio.sleep(max(0.0, self.start + self.samples / 48000 - time.monotonic()))
-        frame = av.AudioFrame.from_ndarray(self.pcm(self.samples, 960).reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate, frame.pts, frame.time_base = 48000, self.samples, fractions.Fraction(1, 48000)
-        self.samples += 960
-        return frame
-
-
-class SineTrack(MicTrack):
-    """A microphone that hums: a 440 Hz sine."""
+class SineTrack(TimedMicrophone):
+    """A microphone that hums: a 440 Hz sine, in real time from its first frame on."""
 
     def __init__(self, amplitude: float = 0.3):
-        super().__init__()
+        super().__init__(period=1.0)
         self.amplitude = amplitude
 
-    def pcm(self, at: int, n: int) -> np.ndarray:
-        t = (at + np.arange(n)) / 48000
-        return (self.amplitude * 32767 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
-
-
-class SpeechTrack(MicTrack):
-    """A microphone that says one sentence over and over (eSpeak NG), half a second apart."""
-
-    def __init__(self, text: str):
-        super().__init__()
-        from engines.voice.audio import resample
-        from engines.voice.espeak import synthesize
-
-        speech = synthesize(text)
-        pcm = np.clip(resample(speech.samples, speech.rate, 48000) * 32767, -32768, 32767).astype(np.int16)
-        self.speech = np.concatenate([pcm, np.zeros(24000, np.int16)])
-
-    def pcm(self, at: int, n: int) -> np.ndarray:
-        return np.take(self.speech, np.arange(at, at + n), mode="wrap")
+    def pcm(self, samples: np.ndarray) -> np.ndarray:
+        return (self.amplitude * 32767 * np.sin(2 * np.pi * 440 * samples / 48000)).astype(np.int16)
 
 
 def rms(frame) -> float:

@@ -327,3 +327,28 @@ def test_scale_verdict_says_what_cpu_each_step_used():
             "3 sessions 195 (machine 198) (the machine has 200;") in format_table(report)
     steps[2]["server_cpu_percent_per_session"] = None  # a remote server: no sum to show
     assert "CPU each step used" not in format_table(report)
+
+
+@pytest.mark.slow
+def test_voice_run_reports_the_offset_the_delay_and_the_cpu(tmp_path):
+    """--voice (issue #36): the camera off, eSpeak NG sentences as the microphone."""
+    import ctypes.util
+
+    if ctypes.util.find_library("espeak-ng") is None:
+        pytest.skip("eSpeak NG is not installed (apt-get install -y espeak-ng libespeak-ng1)")
+    out = tmp_path / "report"
+    result = bench("--voice", "--duration", "12", "--warmup", "3", "--out", str(out), home=tmp_path / "home")
+    assert result.returncode == 0, result.stderr[-3000:]
+    voice = json.loads((out / "report.json").read_text())["voice"]
+    print(result.stdout)
+    delay, offset = voice["voice_to_mouth"], voice["av_offset"]
+    assert delay["windows"] >= 1 and 100 < delay["offset_ms"]["p50"] < 600, delay  # ~the recognizer's lookahead
+    assert offset["windows"] >= 1 and abs(offset["offset_ms"]["p50"]) < 120, offset  # the room holds the voice
+    assert 0 < voice["server_cpu_percent"] < 200
+    assert "from the sound leaving the presenter to the mouth at the viewer" in result.stdout
+    assert "A/V offset at the viewer" in result.stdout
+
+
+def test_voice_is_one_presenter_and_one_viewer(tmp_path):
+    result = bench("--voice", "--sessions", "2", home=tmp_path / "home", timeout=60)
+    assert result.returncode == 2 and "--voice measures one presenter and one viewer" in result.stderr

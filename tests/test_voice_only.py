@@ -10,8 +10,10 @@ import time
 
 import numpy as np
 import pytest
-from helpers import Client, ClipTrack, SpeechTrack, clip, rms, running_server, wait_for
+from helpers import Client, ClipTrack, clip, rms, running_server, wait_for
 from test_voice_agent import SENTENCE, openness, voice_to_mouth
+
+from server.bench.avsync import SpeechTrack, speech_samples
 
 pytestmark = pytest.mark.skipif(ctypes.util.find_library("espeak-ng") is None,
                                 reason="eSpeak NG is not installed (apt-get install -y espeak-ng libespeak-ng1)")
@@ -33,7 +35,8 @@ async def test_camera_off_the_voice_moves_the_face_and_back(tmp_path, monkeypatc
         presenter = Client(srv.ws_url)
         await presenter.connect()
         # A still camera: the demo's own face, mouth shut. Only the voice can open it.
-        await presenter.start_session(ClipTrack([demo.reference], loop=True), room="r", audio=SpeechTrack(SENTENCE))
+        speech = SpeechTrack(speech_samples([SENTENCE]))
+        await presenter.start_session(ClipTrack([demo.reference], loop=True), room="r", audio=speech)
         try:
             await wait_for(lambda: len(viewer.received) > 30, 15, "the camera's avatar at the viewer")
             camera_from = time.time()
@@ -94,19 +97,15 @@ async def test_presenter_page_switches_the_camera_off(tmp_path, monkeypatch, dem
     ticking "Camera off" disables its camera track and the server drives the face by voice."""
     import wave
 
-    from engines.voice.audio import resample
-    from engines.voice.espeak import synthesize
     from server.bench.chromium import CHROMIUM, browser_page, write_y4m
 
     if not __import__("os").path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
     y4m, wav = tmp_path / "camera.y4m", tmp_path / "speech.wav"
     write_y4m(clip("drive_wink.mp4"), y4m)
-    speech = synthesize(SENTENCE)
-    pcm = np.clip(resample(speech.samples, speech.rate, 48000) * 32767, -32768, 32767).astype(np.int16)
     with wave.open(str(wav), "wb") as w:
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(48000)
-        w.writeframes(np.concatenate([pcm, np.zeros(24000, np.int16)]).tobytes())
+        w.writeframes(speech_samples([SENTENCE]).tobytes())
     page_state = """(() => ({connected: !!(window.avatar.pc && window.avatar.pc.connectionState === 'connected'),
         box: !document.getElementById('voice-only').disabled, ticked: document.getElementById('voice-only').checked,
         camera: window.avatar.camera ? window.avatar.camera.getVideoTracks().map((t) => t.enabled) : null}))()"""
@@ -148,7 +147,8 @@ async def test_the_voice_takes_over_while_the_camera_has_lost_the_face(tmp_path,
         await viewer.watch("r")
         presenter = Client(srv.ws_url)
         await presenter.connect()
-        await presenter.start_session(ClipTrack(frames, loop=True), room="r", audio=SpeechTrack(SENTENCE))
+        speech = SpeechTrack(speech_samples([SENTENCE]))
+        await presenter.start_session(ClipTrack(frames, loop=True), room="r", audio=speech)
         try:
             session = next(iter(srv.state.sessions.values()))
             await wait_for(lambda: session.voice is not None, 10, "the voice to take over")

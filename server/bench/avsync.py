@@ -159,40 +159,33 @@ def envelope(series) -> np.ndarray:
     return out
 
 
-class ToneTrack(MediaStreamTrack):
-    """A microphone whose loudness follows a mouth series, kept in step with the video.
+class TimedMicrophone(MediaStreamTrack):
+    """A microphone kept in step with a clock: sample s is due at start() + s/48000.
 
-    `series`: one value per video frame at `fps` (e.g. mouth_series of the clip sent as the
-    camera); the amplitude is envelope(series), interpolated linearly between frames.
     `start()`: time.monotonic() at which the video's frame 0 was due, None until the video
-    starts (e.g. `lambda: clip_track.start`); the track waits for it, then sample s is due at
-    start() + s/48000. 48 kHz mono s16, 20 ms frames, pts in samples (time_base 1/48000),
-    contiguous. With loop=True it repeats with the clip's period len(series)/fps; otherwise it
-    ends after one period (MediaStreamError, as aiortc's tracks end). sent_at[pts] is the
-    time.time() each frame was handed over."""
+    starts (e.g. `lambda: clip_track.start`); the track waits for it. None instead of a
+    callable: it starts with its first frame. 48 kHz mono s16, 20 ms frames of pcm(samples),
+    pts in samples (time_base 1/48000), contiguous. With loop=True it goes on for ever;
+    otherwise it ends after `period` seconds (MediaStreamError, as aiortc's tracks end).
+    sent_at[pts] is the time.time() each frame was handed over."""
 
     kind = "audio"
 
-    def __init__(self, series, fps: float, start: Callable[[], float | None], loop: bool = True,
-                 level: float = 0.5):
+    def __init__(self, period: float, start: Callable[[], float | None] | None = None, loop: bool = True):
         super().__init__()
-        self.envelope = envelope(series)
-        if not len(self.envelope):
-            raise ValueError("ToneTrack needs a non-empty series")
-        self.fps, self.start, self.loop, self.level = float(fps), start, loop, level
-        self.period = len(self.envelope) / self.fps
+        self.period, self.loop = period, loop
+        self._own_start = None
+        self.start = start if start is not None else (lambda: self._own_start)
         self.samples = 0
         self.sent_at: dict[int, float] = {}
 
-    def amplitude(self, samples: np.ndarray) -> np.ndarray:
-        """The envelope at sample indices (0..1)."""
-        position = samples / RATE * self.fps
-        index = np.arange(len(self.envelope))
-        if self.loop:
-            return np.interp(position, index, self.envelope, period=len(self.envelope))
-        return np.interp(position, index, self.envelope)
+    def pcm(self, samples: np.ndarray) -> np.ndarray:
+        """The int16 samples at these indices."""
+        raise NotImplementedError
 
     async def recv(self) -> av.AudioFrame:
+        if self._own_start is None:
+            self._own_start = time.monotonic()
         while self.readyState == "live" and self.start() is None:
             await asyncio.sleep(0.005)
         if self.readyState != "live":
@@ -203,15 +196,71 @@ class ToneTrack(MediaStreamTrack):
         await asyncio.sleep(max(0.0, self.start() + self.samples / RATE - time.monotonic()))
         if self.readyState != "live":
             raise MediaStreamError
-        s = self.samples + np.arange(FRAME)
-        t = s / RATE
-        wave = sum(np.sin(2 * np.pi * f * t) for f in TONE_HZ) / len(TONE_HZ)
-        pcm = np.round(self.level * 32767 * self.amplitude(s) * wave).astype(np.int16)
+        pcm = self.pcm(self.samples + np.arange(FRAME))
         frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate, frame.pts, frame.time_base = RATE, self.samples, fractions.Fraction(1, RATE)
         self.sent_at[self.samples] = time.time()
         self.samples += FRAME
         return frame
+
+
+class ToneTrack(TimedMicrophone):
+    """A microphone whose loudness follows a mouth series, kept in step with the video.
+
+    `series`: one value per video frame at `fps` (e.g. mouth_series of the clip sent as the
+    camera); the amplitude is envelope(series), interpolated linearly between frames. Its
+    period is the clip's, len(series)/fps."""
+
+    def __init__(self, series, fps: float, start: Callable[[], float | None] | None, loop: bool = True,
+                 level: float = 0.5):
+        self.envelope = envelope(series)
+        if not len(self.envelope):
+            raise ValueError("ToneTrack needs a non-empty series")
+        self.fps, self.level = float(fps), level
+        super().__init__(len(self.envelope) / self.fps, start, loop)
+
+    def amplitude(self, samples: np.ndarray) -> np.ndarray:
+        """The envelope at sample indices (0..1)."""
+        position = samples / RATE * self.fps
+        index = np.arange(len(self.envelope))
+        if self.loop:
+            return np.interp(position, index, self.envelope, period=len(self.envelope))
+        return np.interp(position, index, self.envelope)
+
+    def pcm(self, samples: np.ndarray) -> np.ndarray:
+        t = samples / RATE
+        wave = sum(np.sin(2 * np.pi * f * t) for f in TONE_HZ) / len(TONE_HZ)
+        return np.round(self.level * 32767 * self.amplitude(samples) * wave).astype(np.int16)
+
+
+class SpeechTrack(TimedMicrophone):
+    """A microphone saying `speech` (int16, 48 kHz mono) over and over, half a second apart:
+    what `bench live --voice` presents with (eSpeak NG sentences, speech_samples())."""
+
+    def __init__(self, speech: np.ndarray, start: Callable[[], float | None] | None = None, loop: bool = True):
+        self.speech = np.concatenate([np.asarray(speech, np.int16), np.zeros(RATE // 2, np.int16)])
+        super().__init__(len(self.speech) / RATE, start, loop)
+
+    def pcm(self, samples: np.ndarray) -> np.ndarray:
+        return np.take(self.speech, samples, mode="wrap")
+
+    def loudness_series(self) -> tuple[np.ndarray, np.ndarray]:
+        """(time.time() at the middle of each frame sent, its loudness): the voice as it left."""
+        times = np.array([t + FRAME / (2 * RATE) for t in self.sent_at.values()], dtype=np.float64)
+        values = [float(np.sqrt(np.mean((self.pcm(s + np.arange(FRAME)) / 32768.0) ** 2))) for s in self.sent_at]
+        return times, np.array(values, dtype=np.float64)
+
+
+def speech_samples(sentences: Iterable[str]) -> np.ndarray:
+    """eSpeak NG saying each sentence, 48 kHz mono int16, a quarter second between them."""
+    from engines.voice.audio import resample
+    from engines.voice.espeak import synthesize
+
+    parts = []
+    for text in sentences:
+        speech = synthesize(text)
+        parts += [resample(speech.samples, speech.rate, RATE), np.zeros(RATE // 4)]
+    return np.clip(np.concatenate(parts) * 32767, -32768, 32767).astype(np.int16)
 
 
 def loudness(frame: av.AudioFrame) -> float:

@@ -185,6 +185,19 @@ class AvatarClient:
         await self.send(msg)
         return await self.recv(timeout)
 
+    async def control(self, timeout: float = 20.0, **controls) -> dict:
+        """A presenter's `control` (docs/PROTOCOL.md): the server's control_ok; ClientError
+        with the server's code if it refuses."""
+        await self.send({"v": 1, "type": "control", **controls})
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = await self.recv(max(0.1, deadline - time.monotonic()))
+            if reply.get("type") == "control_ok":
+                return reply
+            if reply.get("type") == "error":
+                raise ClientError(f"server refused the control: {reply.get('code')}: {reply.get('message')}",
+                                  reply.get("code"))
+
     async def _following(self, msg: dict, max_redirects: int = 3) -> dict:
         """The reply to `msg` (a hello), sent again wherever a cluster's "redirect" says."""
         reply = await self.request(msg)

@@ -59,6 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the clip's mouth as its microphone; a viewer of the room measures how much the "
                         "avatar's mouth lags the sound (p50/p95 ms per 10 s window, drift). Not with "
                         "--compare, --scale or --sessions")
+    p.add_argument("--voice", action="store_true",
+                   help="the voice drives the face: the session presents in a room with the camera off "
+                        "(control voice_only) and eSpeak NG sentences as its microphone; a viewer of the "
+                        "room measures the A/V offset it gets and the delay from the sound leaving the "
+                        "presenter to the mouth moving at the viewer (per 10 s window), and the server's "
+                        "CPU. Not with --compare, --scale, --sessions or --avsync")
     p.add_argument("--target-p95", type=float, default=150.0, help="target glass-to-glass p95 ms (150)")
     p.add_argument("--target-fps", type=float, default=20.0, help="target fps per session (20)")
     p.add_argument("--out", type=Path, default=Path("bench-live"),
@@ -110,8 +116,11 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--scale must be from 1 to 16")
     if args.avsync and (args.compare or args.scale or args.sessions != 1):
         raise ValueError("--avsync measures one presenter and one viewer: not with --compare, --scale or --sessions")
-    if args.avsync and args.duration < 10:
-        raise ValueError("--avsync needs --duration of at least 10 s (the offset is measured per 10 s window)")
+    if args.voice and (args.compare or args.scale or args.sessions != 1 or args.avsync):
+        raise ValueError("--voice measures one presenter and one viewer: not with --compare, --scale, "
+                         "--sessions or --avsync")
+    if (args.avsync or args.voice) and args.duration < 10:
+        raise ValueError("--avsync and --voice need --duration of at least 10 s (offsets are measured per 10 s window)")
     if args.url and any(c.opencv_threads or c.vp8_speed is not None or c.compute for c in run_configs(args)):
         raise ValueError("opencv-threads=N, vp8-speed=N and compute=KIND need the local server; for --url, "
                          "start it with --opencv-threads N, --vp8-speed N or --compute KIND")

@@ -30,7 +30,8 @@ def format_table(report: dict) -> str:
         rows = [(f"scale {s['sessions']}" + (" ok" if s["meets_target"] else ""), s) for s in report["scale"]["steps"]]
     width = max([22] + [len(label) + 2 for label, _ in rows])  # labels whole: "vp8-speed=1" is not "=10"
     head = f"{'run':<{width}}{'sess':>5}{'p50':>8}{'p95':>8}{'p99':>8}{'max':>8}{'fps/s':>8}{'matched':>9}{'jitter':>8}"
-    lines.append(head + "   (glass-to-glass ms)")
+    if rows:  # (--voice has none: no camera frame is shown, so there is no glass-to-glass)
+        lines.append(head + "   (glass-to-glass ms)")
     lines += [_row(label, s, width) for label, s in rows]
     return "\n".join(lines + _notes(report))
 
@@ -61,6 +62,8 @@ def _notes(report: dict) -> list[str]:
         lines += _scale_cpu_line(report)
     if report.get("avsync"):
         lines.append(_avsync_line(report["avsync"]))
+    if report.get("voice"):
+        lines += _voice_lines(report["voice"])
     if report.get("drift"):
         d = report["drift"]
         windows = [v for v in d.get("window_p95_ms") or [] if v is not None]
@@ -85,6 +88,25 @@ def _avsync_line(a: dict) -> str:
     return (f"A/V offset at a viewer (+: video late), {a['windows']} windows of 10 s: p50 {o['p50']:+.1f} ms, "
             f"p95 {o['p95']:+.1f}, range {o['min']:+.1f}..{o['max']:+.1f}{drift}; "
             f"within +-{a['target_ms']:.0f} ms: {'yes' if a['within_target'] else 'no'}")
+
+
+def _voice_lines(v: dict) -> list[str]:
+    """--voice: the viewer's A/V offset and the delay from the sound leaving to the mouth there."""
+    if not v["av_offset"]["windows"] and not v["voice_to_mouth"]["windows"]:
+        return [f"voice drives the face: no measurable window ({v['viewer_video_frames']} frames, "
+                f"{v['viewer_audio_frames']} audio frames at the viewer)"]
+    lines = []
+    for key, what in (("av_offset", "A/V offset at the viewer (+: video late)"),
+                      ("voice_to_mouth", "from the sound leaving the presenter to the mouth at the viewer")):
+        f = v[key]
+        if f["windows"]:
+            o = f["offset_ms"]
+            lines.append(f"voice drives the face: {what}, {f['windows']} windows of 10 s: p50 {o['p50']:+.1f} ms, "
+                         f"p95 {o['p95']:+.1f} (goal within {f['target_ms']:.0f} ms: "
+                         f"{'met' if f['abs_p95_ms'] <= f['target_ms'] else 'not met'})")
+    if v.get("server_cpu_percent") is not None:
+        lines.append(f"voice drives the face: server {v['server_cpu_percent']:.0f}% of a core")
+    return lines
 
 
 def _scale_cpu_line(report: dict) -> list[str]:
