@@ -130,6 +130,10 @@ class ServerConfig:
     audio_delay: float = setting(0.0, "extra milliseconds the presenter's audio is held on top of the "
                                       "measured avatar latency (calibration for A/V sync; negative: less)",
                                  minimum=-200, maximum=500, metavar="MS")
+    voice_lookahead: float = setting(0.06, "seconds of speech recognized before the frame showing it is made, "
+                                           "where the voice drives the face (voice agents, a presenter's camera "
+                                           "off): more gives steadier lips, later (docs/BENCHMARKS.md)",
+                                     minimum=0.0, maximum=1.0, metavar="SECONDS")
     janus_url: str | None = setting(None, "publish every live room into this Janus VideoRoom HTTP API, e.g. "
                                           "http://127.0.0.1:8088/janus (docs/SFU.md); viewers then watch "
                                           "through Janus", metavar="URL")

@@ -6,8 +6,8 @@ fed the microphone (server/session.py).
 
 One clock: stream time s runs with the wall clock from the session's start. Audio for s is
 handed to the room at wall T0 + s (the room holds it by its measured avatar latency, as a
-presenter's microphone); the frame for s is made at T0 + s + LOOKAHEAD (its phones recognized
-by then) and published with `received` = T0 + s, so the room measures LOOKAHEAD + render as
+presenter's microphone); the frame for s is made at T0 + s + lookahead (its phones recognized
+by then; --voice-lookahead) and published with `received` = T0 + s, so the room measures lookahead + render as
 the avatar's latency and the voice leaves with the frames that show it.
 """
 from __future__ import annotations
@@ -32,7 +32,6 @@ RATES = (16000, 48000)  # what an agent may declare
 OUT_RATE = 48000  # what the room gets
 CHUNK = 960  # 20 ms at 48 kHz
 FPS = 30
-LOOKAHEAD = 0.25  # seconds: a frame is made this long after its audio left (recognition's lookahead)
 MAX_BUFFER = 10.0  # seconds of pushed speech that may wait to be played
 MAX_FRAME_BYTES = 65536  # one binary frame of PCM
 
@@ -246,16 +245,17 @@ class VoiceSession(Session):
             self._utterance = []
 
     async def _frames(self) -> None:
-        """Frame k (stream time k/30) made at T0 + k/30 + LOOKAHEAD; newest-frame: late frames are skipped."""
+        """Frame k (stream time k/30) made at T0 + k/30 + lookahead; newest-frame: late frames are skipped."""
         loop = asyncio.get_running_loop()
+        lookahead = self.state.config.voice_lookahead
         k = 0
         while True:
             t = k / FPS
-            await asyncio.sleep(max(0.0, t + LOOKAHEAD - self.now()))
+            await asyncio.sleep(max(0.0, t + lookahead - self.now()))
             now = self.now()
-            if now - LOOKAHEAD - t > 2 / FPS:  # behind: skip to the newest frame
-                self.stats.dropped += int((now - LOOKAHEAD - t) * FPS)
-                k = int((now - LOOKAHEAD) * FPS)
+            if now - lookahead - t > 2 / FPS:  # behind: skip to the newest frame
+                self.stats.dropped += int((now - lookahead - t) * FPS)
+                k = int((now - lookahead) * FPS)
                 t = k / FPS
             self.phones = [p for p in self.phones if p.end > t - 2]
             phones = self.phones + list(self._utterance)
