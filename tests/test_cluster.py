@@ -474,6 +474,40 @@ async def test_the_presenter_page_follows_a_redirect_and_streams(cluster_of, tmp
         await holder.close()
 
 
+@pytest.mark.slow
+async def test_the_viewer_page_follows_a_redirect_to_the_rooms_node(cluster_of, tmp_path):
+    """A viewer link of any node plays the room: the page follows the redirect to the node
+    where the room's presenter is."""
+    from server.bench.chromium import CHROMIUM, browser_page, write_y4m
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    y4m = tmp_path / "camera.y4m"
+    write_y4m(clip("drive_wink.mp4"), y4m)  # the page asks for no camera; the flag wants a file
+    cluster = cluster_of(2, max_sessions=1)
+    elsewhere, home = cluster.nodes
+    streaming = await AvatarClient(home.ws_url).connect()
+    page_state = """(() => ({frames: (document.getElementById('stream').getVideoPlaybackQuality
+        ? document.getElementById('stream').getVideoPlaybackQuality().totalVideoFrames : 0),
+        url: window.viewer.url, message: document.getElementById('message').textContent}))()"""
+    try:
+        await streaming.start_session(drive(), token=TOKEN, room="onstage")
+        await wait_for(lambda: len(streaming.received) >= 5, 20, "avatar frames")
+        async with browser_page(f"{elsewhere.url}viewer.html?room=onstage&token={TOKEN}", y4m,
+                                tmp_path / "profile", "--autoplay-policy=no-user-gesture-required") as tools:
+            deadline = time.monotonic() + 40
+            state = {}
+            while time.monotonic() < deadline:
+                state = await tools.eval(page_state) or {}
+                if state.get("frames", 0) > 10:
+                    break
+                await asyncio.sleep(0.5)
+        assert state.get("frames", 0) > 10, state
+        assert (state.get("url") or "").startswith(f"ws://127.0.0.1:{home.port}/ws"), state
+    finally:
+        await streaming.close()
+
+
 def test_one_address_gets_a_bounded_number_of_redirects():
     from server.cluster import node
 
