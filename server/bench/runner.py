@@ -291,34 +291,43 @@ async def run_sessions(url: str, configs: list[RunConfig], camera: Camera, durat
     return results, memory
 
 
-async def run_avsync(url: str, cfg: RunConfig, camera: Camera, duration, warmup, token, server_pid=None
-                     ) -> tuple[SessionResult, dict]:
-    """One session presenting in a room with a tone that follows the clip's mouth as its
-    microphone, and one viewer of that room measuring the A/V offset it gets (avsync.py).
-    The session's own glass-to-glass is measured as usual."""
-    mouth = await asyncio.to_thread(mouth_series, camera.frames)
+@contextlib.asynccontextmanager
+async def presenter_and_viewer(url: str, cfg: RunConfig, track, microphone, token, first_frame):
+    """A presenter sending `track` and `microphone` into a room of its own, and one viewer of
+    that room whose avatar frames a MouthMeter measures: (presenter, viewer, meter). At the
+    end the tracks stop and both clients and the meter close; what they received stays."""
     room = f"bench-{secrets.token_hex(3)}"
-    track = camera.track(replay=cfg.client_encode == "once")
-    tone = ToneTrack(mouth, camera.fps, lambda: track.start)
     meter = MouthMeter()
-    await asyncio.to_thread(meter.measure, camera.frames[0])  # mediapipe loads now, not on the first frames
+    await asyncio.to_thread(meter.measure, first_frame)  # mediapipe loads now, not on the first frames
     meter.results.clear()
     viewer = await AvatarClient(ws_url(cfg.url or url), marker_completion=cfg.marker).connect()
     presenter = None
     try:
         await viewer.watch(room, token)
         viewer.on_video = meter.submit
-        presenter = await open_session(url, track, token, cfg, room=room, audio=tone)
-        start = time.time()
-        await asyncio.sleep(warmup + duration)
+        presenter = await open_session(url, track, token, cfg, room=room, audio=microphone)
+        yield presenter, viewer, meter
     finally:
         track.stop()
-        tone.stop()
+        microphone.stop()
         await asyncio.sleep(0.3)
         for client in (presenter, viewer):
             if client is not None:
                 await client.close()
         meter.close()
+
+
+async def run_avsync(url: str, cfg: RunConfig, camera: Camera, duration, warmup, token, server_pid=None
+                     ) -> tuple[SessionResult, dict]:
+    """One session presenting in a room with a tone that follows the clip's mouth as its
+    microphone, and one viewer of that room measuring the A/V offset it gets (avsync.py).
+    The session's own glass-to-glass is measured as usual."""
+    mouth = await asyncio.to_thread(mouth_series, camera.frames)
+    track = camera.track(replay=cfg.client_encode == "once")
+    tone = ToneTrack(mouth, camera.fps, lambda: track.start)
+    async with presenter_and_viewer(url, cfg, track, tone, token, camera.frames[0]) as (presenter, viewer, meter):
+        start = time.time()
+        await asyncio.sleep(warmup + duration)
     t0 = start + warmup
     result = analyse(cfg.label, 0, presenter, track, t0, t0 + duration, server_pid is not None)
     video = [(t, m) for t, m in meter.results if t >= t0]
@@ -344,17 +353,8 @@ async def run_voice(url: str, cfg: RunConfig, camera: Camera, duration, warmup, 
     and the voice-to-mouth delay: from the sound leaving the presenter to the mouth moving
     at the viewer (both by windowed_offsets, the mouth against the sound's loudness)."""
     speech = SpeechTrack(await asyncio.to_thread(speech_samples, VOICE_SENTENCES))
-    room = f"bench-{secrets.token_hex(3)}"
     track = camera.track(replay=cfg.client_encode == "once")
-    meter = MouthMeter()
-    await asyncio.to_thread(meter.measure, camera.frames[0])  # mediapipe loads now, not on the first frames
-    meter.results.clear()
-    viewer = await AvatarClient(ws_url(cfg.url or url), marker_completion=cfg.marker).connect()
-    presenter = None
-    try:
-        await viewer.watch(room, token)
-        viewer.on_video = meter.submit
-        presenter = await open_session(url, track, token, cfg, room=room, audio=speech)
+    async with presenter_and_viewer(url, cfg, track, speech, token, camera.frames[0]) as (presenter, viewer, meter):
         await presenter.control(voice_only=True)
         start = time.time()
         await asyncio.sleep(warmup)
@@ -362,14 +362,6 @@ async def run_voice(url: str, cfg: RunConfig, camera: Camera, duration, warmup, 
         server_start = cpu_seconds(server_pid) if server_pid else None
         await asyncio.sleep(duration)
         server_cpu = server_cpu_percent(server_pid, server_start, cpu_start, 1) if server_pid else None
-    finally:
-        track.stop()
-        speech.stop()
-        await asyncio.sleep(0.3)
-        for client in (presenter, viewer):
-            if client is not None:
-                await client.close()
-        meter.close()
     t0 = start + warmup
     seen = [(t, m) for t, m in meter.results if t >= t0]
     mouth_t, mouth_v = (np.array([t for t, _ in seen]), np.array([m for _, m in seen])) if seen else ([], [])
