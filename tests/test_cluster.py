@@ -444,6 +444,7 @@ def test_cluster_settings_are_checked_before_anything_starts():
 @pytest.mark.slow
 async def test_the_presenter_page_follows_a_redirect_and_streams(cluster_of, tmp_path):
     from server.bench.chromium import CHROMIUM, browser_page, write_y4m
+    from test_browser import poll
 
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
@@ -459,13 +460,7 @@ async def test_the_presenter_page_follows_a_redirect_and_streams(cluster_of, tmp
     try:
         async with browser_page(f"{full.url}?autostart=1&token={TOKEN}&room=onstage", y4m,
                                 tmp_path / "profile") as tools:
-            deadline = time.monotonic() + 40
-            state = {}
-            while time.monotonic() < deadline:
-                state = await tools.eval(page_state) or {}
-                if state.get("frames", 0) > 10:
-                    break
-                await asyncio.sleep(0.5)
+            state = await poll(tools, lambda s: s.get("frames", 0) > 10, 40, page_state)
             rooms = (await get_json(full.url, "rooms"))["rooms"]
         assert state.get("frames", 0) > 10 and "Streaming" in state.get("message", ""), state
         assert (state.get("url") or "").startswith(f"ws://127.0.0.1:{spare.port}/ws?reservation="), state
@@ -479,6 +474,7 @@ async def test_the_viewer_page_follows_a_redirect_to_the_rooms_node(cluster_of, 
     """A viewer link of any node plays the room: the page follows the redirect to the node
     where the room's presenter is."""
     from server.bench.chromium import CHROMIUM, browser_page, write_y4m
+    from test_browser import poll
 
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
@@ -495,13 +491,7 @@ async def test_the_viewer_page_follows_a_redirect_to_the_rooms_node(cluster_of, 
         await wait_for(lambda: len(streaming.received) >= 5, 20, "avatar frames")
         async with browser_page(f"{elsewhere.url}viewer.html?room=onstage&token={TOKEN}", y4m,
                                 tmp_path / "profile", "--autoplay-policy=no-user-gesture-required") as tools:
-            deadline = time.monotonic() + 40
-            state = {}
-            while time.monotonic() < deadline:
-                state = await tools.eval(page_state) or {}
-                if state.get("frames", 0) > 10:
-                    break
-                await asyncio.sleep(0.5)
+            state = await poll(tools, lambda s: s.get("frames", 0) > 10, 40, page_state)
         assert state.get("frames", 0) > 10, state
         assert (state.get("url") or "").startswith(f"ws://127.0.0.1:{home.port}/ws"), state
     finally:

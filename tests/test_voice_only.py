@@ -4,6 +4,7 @@ own video; turning it off hands the face back to the camera."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes.util
 import threading
 import time
@@ -14,35 +15,38 @@ from helpers import Client, ClipTrack, clip, rms, running_server, wait_for
 from test_voice_agent import SENTENCE, openness, voice_to_mouth
 
 from server.bench.avsync import SpeechTrack, speech_samples
+from server.bench.client import ClientError
 
 pytestmark = pytest.mark.skipif(ctypes.util.find_library("espeak-ng") is None,
                                 reason="eSpeak NG is not installed (apt-get install -y espeak-ng libespeak-ng1)")
 
 
-async def control(client, **fields) -> dict:
-    await client.send({"type": "control", **fields})
-    while True:
-        reply = await asyncio.wait_for(client.recv(), 15)
-        if reply.get("type") in ("control_ok", "error"):
-            return reply
+@contextlib.asynccontextmanager
+async def speaking_in_a_room(srv, frames):
+    """A viewer of room "r", and a presenter there whose camera plays `frames` (looped) and
+    whose microphone says SENTENCE over and over: (presenter, viewer), closed at the end."""
+    viewer, presenter = Client(srv.ws_url), Client(srv.ws_url)
+    try:
+        await viewer.connect()
+        await viewer.watch("r")
+        await presenter.connect()
+        speech = SpeechTrack(speech_samples([SENTENCE]))
+        await presenter.start_session(ClipTrack(frames, loop=True), room="r", audio=speech)
+        yield presenter, viewer
+    finally:
+        await presenter.close()
+        await viewer.close()
 
 
 async def test_camera_off_the_voice_moves_the_face_and_back(tmp_path, monkeypatch, demo):
     async with running_server(tmp_path, monkeypatch, compute="thread") as srv:
-        viewer = Client(srv.ws_url)
-        await viewer.connect()
-        await viewer.watch("r")
-        presenter = Client(srv.ws_url)
-        await presenter.connect()
         # A still camera: the demo's own face, mouth shut. Only the voice can open it.
-        speech = SpeechTrack(speech_samples([SENTENCE]))
-        await presenter.start_session(ClipTrack([demo.reference], loop=True), room="r", audio=speech)
-        try:
+        async with speaking_in_a_room(srv, [demo.reference]) as (presenter, viewer):
             await wait_for(lambda: len(viewer.received) > 30, 15, "the camera's avatar at the viewer")
             camera_from = time.time()
             await asyncio.sleep(1.5)
-            reply = await control(presenter, voice_only=True)
-            assert reply["type"] == "control_ok" and reply["voice_only"] is True, reply
+            reply = await presenter.control(voice_only=True)
+            assert reply["voice_only"] is True, reply
             voice_from = time.time()
             await asyncio.sleep(4.0)
             voice_until = time.time()
@@ -56,8 +60,8 @@ async def test_camera_off_the_voice_moves_the_face_and_back(tmp_path, monkeypatc
             assert len(own) > 60 and np.ptp(own) > 3 * max(np.ptp(still), 0.01)
             assert any(t.name.startswith("voice-") for t in threading.enumerate())
 
-            reply = await control(presenter, voice_only=False)
-            assert reply["type"] == "control_ok" and reply["voice_only"] is False, reply
+            reply = await presenter.control(voice_only=False)
+            assert reply["voice_only"] is False, reply
             await asyncio.sleep(1.0)
             back_from = time.time()
             await asyncio.sleep(1.5)
@@ -65,10 +69,7 @@ async def test_camera_off_the_voice_moves_the_face_and_back(tmp_path, monkeypatc
             assert len(back) > 20 and np.ptp(back) < np.ptp(talking) / 3  # the still camera again
             assert not any(t.name.startswith("voice-") for t in threading.enumerate())
 
-            await control(presenter, voice_only=True)  # left on: closing the session ends it too
-        finally:
-            await presenter.close()
-            await viewer.close()
+            await presenter.control(voice_only=True)  # left on: closing the session ends it too
         await wait_for(lambda: not srv.state.sessions, 5, "the session's end")
         await wait_for(lambda: not any(t.name.startswith("voice-") for t in threading.enumerate()), 5,
                        "the voice's threads to end")
@@ -80,11 +81,13 @@ async def test_voice_only_needs_a_microphone_and_a_boolean(tmp_path, monkeypatch
         await presenter.connect()
         await presenter.start_session(ClipTrack([demo.reference], loop=True))  # no room: no microphone
         try:
-            reply = await control(presenter, voice_only=True)
-            assert reply["type"] == "error" and reply["code"] == "bad_value" and "microphone" in reply["message"]
-            reply = await control(presenter, voice_only="yes")
-            assert reply["type"] == "error" and reply["code"] == "bad_value" and "true or false" in reply["message"]
-            reply = await control(presenter, voice_only=False)  # off while off: nothing to do
+            with pytest.raises(ClientError) as refused:
+                await presenter.control(voice_only=True)
+            assert refused.value.code == "bad_value" and "microphone" in str(refused.value)
+            with pytest.raises(ClientError) as refused:
+                await presenter.control(voice_only="yes")
+            assert refused.value.code == "bad_value" and "true or false" in str(refused.value)
+            reply = await presenter.control(voice_only=False)  # off while off: nothing to do
             assert reply["type"] == "control_ok" and reply["voice_only"] is False
             await wait_for(lambda: len(presenter.received) > 10, 10, "frames still coming")
         finally:
@@ -98,6 +101,7 @@ async def test_presenter_page_switches_the_camera_off(tmp_path, monkeypatch, dem
     import wave
 
     from server.bench.chromium import CHROMIUM, browser_page, write_y4m
+    from test_browser import poll
 
     if not __import__("os").path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
@@ -112,8 +116,6 @@ async def test_presenter_page_switches_the_camera_off(tmp_path, monkeypatch, dem
     async with running_server(tmp_path, monkeypatch, compute="thread") as srv:
         async with browser_page(f"{srv.url}?autostart=1&room=r", y4m, tmp_path / "profile",
                                 f"--use-file-for-fake-audio-capture={wav}") as tools:
-            from test_browser import poll
-
             state = await poll(tools, lambda s: s.get("connected") and s.get("box"), 45, page_state)
             assert state.get("box"), state
             session = next(iter(srv.state.sessions.values()))
@@ -142,14 +144,7 @@ async def test_the_voice_takes_over_while_the_camera_has_lost_the_face(tmp_path,
     blank = np.full_like(demo.reference, 90)
     frames = [demo.reference] * 60 + [blank] * 120 + [demo.reference] * 240  # 2 s, 4 s without, 8 s
     async with running_server(tmp_path, monkeypatch, compute="thread") as srv:
-        viewer = Client(srv.ws_url)
-        await viewer.connect()
-        await viewer.watch("r")
-        presenter = Client(srv.ws_url)
-        await presenter.connect()
-        speech = SpeechTrack(speech_samples([SENTENCE]))
-        await presenter.start_session(ClipTrack(frames, loop=True), room="r", audio=speech)
-        try:
+        async with speaking_in_a_room(srv, frames) as (presenter, viewer):
             session = next(iter(srv.state.sessions.values()))
             await wait_for(lambda: session.voice is not None, 10, "the voice to take over")
             took_over = time.time()
@@ -162,9 +157,6 @@ async def test_the_voice_takes_over_while_the_camera_has_lost_the_face(tmp_path,
             await asyncio.sleep(1.5)
             camera = openness(viewer, back + 0.5, time.time())
             assert len(camera) > 20 and np.ptp(camera) < np.ptp(talking) / 3
-        finally:
-            await presenter.close()
-            await viewer.close()
 
 
 def test_a_hand_over_dissolves_from_the_last_frame_shown():
