@@ -7,8 +7,8 @@ fed the microphone (server/session.py).
 One clock: stream time s runs with the wall clock from the session's start. Audio for s is
 handed to the room at wall T0 + s (the room holds it by its measured avatar latency, as a
 presenter's microphone); the frame for s is made at T0 + s + lookahead (its phones recognized
-by then; --voice-lookahead) and published with `received` = T0 + s, so the room measures lookahead + render as
-the avatar's latency and the voice leaves with the frames that show it.
+by then; --voice-lookahead) and published with `received` = T0 + s, so the room measures
+lookahead + render as the avatar's latency and the voice leaves with the frames that show it.
 """
 from __future__ import annotations
 

@@ -29,10 +29,10 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from tqdm import tqdm
 
 from engines.provenance import watermark
-from engines.render.frame import parse_frame_size
 from engines.measure import timing_summary
 from engines.provenance.verify import SEGMENT_SECONDS
 from engines.video import read_video
+from ..camera import frame_size
 
 SIZE = 256
 FPS = 30
@@ -41,7 +41,7 @@ FPS = 30
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("clips", type=Path, nargs="+", help="talking-head videos (real footage)")
     parser.add_argument("--seconds", type=float, default=10.0, help="per clip (default: %(default)s)")
-    parser.add_argument("--size", type=_size, default=(SIZE, SIZE), metavar="WxH",
+    parser.add_argument("--size", type=frame_size, default=(SIZE, SIZE), metavar="WxH",
                         help="the marked frame: each clip's middle cut to its shape and scaled (default: 256x256)")
     parser.add_argument("--vp8-kbps", type=int, default=300, help="default: %(default)s")
     parser.add_argument("--h264-kbps", type=int, default=500, help="default: %(default)s")
@@ -210,13 +210,6 @@ def _as_sent(rgb: np.ndarray) -> np.ndarray:
     """The frame as a viewer would see it unmarked: through I420 and back (chroma halved),
     so that PSNR measures the mark alone."""
     return cv2.cvtColor(cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420), cv2.COLOR_YUV2RGB_I420)
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        return parse_frame_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _scale(rgb: np.ndarray, k: float) -> np.ndarray:

@@ -32,7 +32,8 @@ from aiohttp import ClientConnectionError, web
 
 from engines.identity import DEFAULT_IDENTITY, ConsentError, IdentityError, check_name
 from ..rooms.room import RoomBusy, RoomFull
-from ..security import bearer as parse_bearer, check_call_frame, check_offer_sdp, check_room, identity_allowed, room_allowed
+from ..security import (bearer as parse_bearer, check_call_frame, check_offer_sdp, check_room, identity_allowed,
+                        room_allowed)
 from ..state import Redirect, ServerBusy
 
 log = logging.getLogger("avatar.whip")

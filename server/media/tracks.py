@@ -175,7 +175,7 @@ class FrameProcessor:
         self.compose = self._framer(identity)
         self.source_size: tuple[int, int] | None = None
         self.t0 = time.monotonic()
-        self._prepared: dict[int, Prepared] = {}
+        self._prepared: dict[int, tuple[Prepared, object]] = {}  # handle -> (prepared, its composer or None)
         self._handles = itertools.count()
 
     def prepare(self, i420: np.ndarray) -> tuple[int, bool, dict[str, float]] | None:
