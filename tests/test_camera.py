@@ -332,7 +332,7 @@ async def test_server_mode_asks_the_server_to_paste_the_avatar_into_its_scene(tm
 
     sinks, seen = [], []
     async with running_server(tmp_path, monkeypatch) as srv:
-        args = command("camera", "--video", str(clip("drive_wink.mp4")), "--server", srv.url, "--frames", "100",
+        args = command("camera", "--video", str(clip("drive_wink.mp4")), "--server", srv.url, "--frames", "160",
                        "--size", "640x360")
         stop = threading.Event()
         task = asyncio.ensure_future(asyncio.to_thread(
@@ -344,9 +344,11 @@ async def test_server_mode_asks_the_server_to_paste_the_avatar_into_its_scene(tm
             stop.set()
             await asyncio.gather(task, return_exceptions=True)
     frames = sinks[0].frames
-    assert len(frames) == 100 and all(a.shape == (360, 640, 3) for a in seen)
+    assert len(frames) == 160 and all(a.shape == (360, 640, 3) for a in seen)
     assert all(np.array_equal(f, a) for f, a in zip(frames, seen)) and has_badge(frames[-1])
     scene = composer(demo, 640, 360)
     left = slice(0, max(scene.sx, 0))  # the photo beside the head and below the badge (after VP8)
     assert scene.sx > 40 and np.abs(frames[-1][60:, left].astype(int) - scene.background[60:, left]).mean() < 6
-    assert decoded(frames[40:]).found  # once VP8 has ramped up from its first second's bitrate
+    # 4 s after the first: the demo's smooth photo carries a weak mark at 640x360 (margins 0.50-0.62
+    # over 120 frames, by payload), too weak for 2-s reads at every payload (docs/BENCHMARKS.md).
+    assert decoded(frames[40:]).found
