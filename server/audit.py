@@ -31,6 +31,10 @@ again; no other connection can write in between, and a crash rolls all of it bac
 (a FULL-sync commit is an fsync: 0.5 ms typically, 10 ms and more on a busy disk) and is
 awaited until committed.
 
+In a cluster (`serve --cluster`) each node also copies its events into Redis
+(server/cluster/audit.py); `fold_uses` makes them the same rows, with each use's node, for
+`avatar audit --cluster`. This file stays each node's truth.
+
 `avatar audit` is `add_arguments` + `run` below.
 """
 from __future__ import annotations
@@ -378,30 +382,21 @@ class AuditLog:
         switch); since: uses active at or after then (a datetime, or text parse_since reads:
         '7d', '2026-11-01'); id_prefix: the use id starts with it (watermarks carry a session
         id prefix). ValueError for a `since` it cannot read."""
-        if isinstance(since, datetime):
-            since = _stamp(since if since.tzinfo else since.replace(tzinfo=timezone.utc))
-        elif since is not None:
-            since = parse_since(since, self.clock())
-        where, args = [], []
-        if kind is not None:
-            where.append("kind = ?")
-            args.append(kind)
-        if id_prefix:
-            where.append("substr(use_id, 1, ?) = ?")
-            args += [len(id_prefix), id_prefix.lower()]
-        if since is not None:
-            where.append("COALESCE(ended, '9999') >= ?")
-            args.append(since)
-        if identity is not None:
-            where.append("(identity = ? OR use_id IN (SELECT use_id FROM events WHERE event = 'identity' "
-                         "AND identity = ?))")
-            args += [identity, identity]
-        sql = "SELECT * FROM uses" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY started, seq"
-        return [_use(row) for row in self._db().execute(sql, args)]
+        return _select_uses(self._db(), identity, _since_stamp(since, self.clock), kind, id_prefix)
 
     def events(self) -> list[dict]:
         """Every event, in order: the raw log."""
         return [dict(row) for row in self._db().execute("SELECT * FROM events ORDER BY seq")]
+
+    def events_after(self, seq: int, limit: int) -> list[dict]:
+        """The first `limit` events after event `seq`, in order (seq only grows: a reader that
+        remembers the last seq it saw misses nothing, pruned events aside)."""
+        return [dict(row) for row in self._db().execute(
+            "SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))]
+
+    def last_seq(self) -> int:
+        """The seq of the newest event (0 for an empty log)."""
+        return self._db().execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
 
     def close(self) -> None:
         with self._guard:
@@ -416,6 +411,34 @@ class AuditLog:
             with contextlib.suppress(OSError):
                 self._lock_path(run_id).unlink()
             lock.close()
+
+
+def _since_stamp(since: str | datetime | None, clock=_utcnow) -> str | None:
+    """`since` as a log timestamp: a datetime, or text parse_since reads."""
+    if isinstance(since, datetime):
+        return _stamp(since if since.tzinfo else since.replace(tzinfo=timezone.utc))
+    return None if since is None else parse_since(since, clock())
+
+
+def _select_uses(db: sqlite3.Connection, identity: str | None, since: str | None, kind: str | None,
+                 id_prefix: str | None) -> list[dict]:
+    """The `uses` view of `db`, filtered as AuditLog.query says; `since` a log timestamp."""
+    where, args = [], []
+    if kind is not None:
+        where.append("kind = ?")
+        args.append(kind)
+    if id_prefix:
+        where.append("substr(use_id, 1, ?) = ?")
+        args += [len(id_prefix), id_prefix.lower()]
+    if since is not None:
+        where.append("COALESCE(ended, '9999') >= ?")
+        args.append(since)
+    if identity is not None:
+        where.append("(identity = ? OR use_id IN (SELECT use_id FROM events WHERE event = 'identity' "
+                     "AND identity = ?))")
+        args += [identity, identity]
+    sql = "SELECT * FROM uses" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY started, seq"
+    return [_use(row) for row in db.execute(sql, args)]
 
 
 def _use(row: sqlite3.Row) -> dict:
@@ -444,6 +467,7 @@ class AuditThread:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar-audit")
         self._pruned = time.monotonic()
         self._closed = False
+        self.seq_at_open: int | None = None  # the newest event before open(): later ones are this server's time
 
     async def _call(self, fn, *args, **kwargs):
         if self._closed:
@@ -455,6 +479,7 @@ class AuditThread:
         """Recover what an earlier run left open, then prune: at server start. ConfigError if
         the log cannot be used (the server does not run unrecorded)."""
         try:
+            self.seq_at_open = await self._call(self.log.last_seq)
             await self._call(self.log.recover)
             await self._call(self.log.prune, self.retention_days)
         except (sqlite3.Error, OSError) as e:
@@ -478,12 +503,65 @@ class AuditThread:
         except Exception:
             log.exception("audit: cannot record the end of %s", use_id[:8])
 
+    async def events_after(self, seq: int, limit: int) -> list[dict]:
+        return await self._call(self.log.events_after, seq, limit)
+
+    async def last_seq(self) -> int:
+        return await self._call(self.log.last_seq)
+
     async def close(self) -> None:
         if not self._closed:
             with contextlib.suppress(Exception):
                 await self._call(self.log.close)
             self._closed = True
             self._executor.shutdown(wait=False)
+
+
+# ---- many nodes' events: the cluster's view ----------------------------------------------
+NODE_LOST = "node lost"  # the status of an open use whose node left the cluster
+_EVENT_COLUMNS = ("use_id", "event", "at", "kind", "who", "identity", "room", "address", "frames", "status",
+                  "reason", "run_id")
+
+
+def fold_uses(events: list[dict], live_nodes: set[str], identity: str | None = None, since=None,
+              kind: str | None = None, id_prefix: str | None = None) -> list[dict]:
+    """The uses that many nodes' events make (the cluster's stream, server/cluster/audit.py),
+    as AuditLog.query's rows and filters, plus `node` and `node_url`: the node the use started
+    on. Folded by the log's own schema and view in a database in memory, so the same rules make
+    the same rows, and an event sent twice counts once. An open use whose node is not in
+    `live_nodes` is 'node lost': nothing there will end it. A use whose start is not among
+    `events` (trimmed from the stream) is left out."""
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    db.row_factory = sqlite3.Row
+    for statement in SCHEMA:
+        db.execute(statement)
+    db.execute("CREATE UNIQUE INDEX events_resent ON events (use_id, event, at, identity)")  # a switch sent twice
+    insert = (f"INSERT OR IGNORE INTO events ({', '.join(_EVENT_COLUMNS)}) "  # OR IGNORE: a malformed one too
+              f"VALUES ({', '.join('?' * len(_EVENT_COLUMNS))})")
+    started_on = {}
+    db.execute("BEGIN")
+    for event in events:
+        if not _is_stamp(event.get("at")):
+            continue  # the rows' durations are read from it
+        inserted = db.execute(insert, [event.get(c) for c in _EVENT_COLUMNS]).rowcount
+        if inserted and event["event"] == "start":
+            started_on[event["use_id"]] = (event.get("node"), event.get("node_url"))
+    db.execute("COMMIT")
+    uses = _select_uses(db, identity, _since_stamp(since), kind, id_prefix)
+    db.close()
+    for use in uses:
+        use["node"], use["node_url"] = started_on[use["use_id"]]
+        if use["status"] == "open" and use["node"] not in live_nodes:
+            use["status"] = NODE_LOST
+    return uses
+
+
+def _is_stamp(text) -> bool:
+    try:
+        _parse_stamp(text)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 # ---- avatar audit ------------------------------------------------------------------------
@@ -495,30 +573,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id", dest="id_prefix", metavar="PREFIX",
                    help="only the use whose id starts with PREFIX (e.g. from a watermark)")
     p.add_argument("--json", action="store_true", help="one JSON object per use and line (an export)")
+    p.add_argument("--cluster", metavar="REDIS_URL",
+                   help="every node's uses instead of this machine's: read from the Redis of a cluster "
+                        "(serve --cluster's URL, redis://[:PASSWORD@]HOST:6379/0), with the node of each")
 
 
 def run(args: argparse.Namespace, home=None, out=None) -> int:
     """Print the uses the flags select: a table, or JSON lines with --json."""
     out = out or sys.stdout
     since = parse_since(args.since) if args.since is not None else None  # a bad --since fails first
-    path = audit_path(home)
-    uses = []
-    if path.exists():
-        audit = AuditLog(path)
-        try:
-            uses = audit.query(identity=args.identity, since=since, kind=args.kind, id_prefix=args.id_prefix)
-        finally:
-            audit.close()
+    filters = {"identity": args.identity, "since": since, "kind": args.kind, "id_prefix": args.id_prefix}
+    uses, source = _cluster_uses(args.cluster, filters) if args.cluster else _local_uses(audit_path(home), filters)
     if args.json:
         for use in uses:
             print(json.dumps(use), file=out)
         return 0
     if not uses:
-        filtered = any(getattr(args, k) for k in ("identity", "since", "kind", "id_prefix"))
-        print("no uses recorded" + (" that match" if filtered else "") + f" (audit log: {path})", file=out)
+        filtered = any(filters.values())
+        print("no uses recorded" + (" that match" if filtered else "") + f" ({source})", file=out)
         return 0
     print(format_table(uses), file=out)
     return 0
+
+
+def _local_uses(path: Path, filters: dict) -> tuple[list[dict], str]:
+    uses = []
+    if path.exists():
+        audit = AuditLog(path)
+        try:
+            uses = audit.query(**filters)
+        finally:
+            audit.close()
+    return uses, f"audit log: {path}"
+
+
+def _cluster_uses(redis_url: str, filters: dict) -> tuple[list[dict], str]:
+    """Every node's uses, from the cluster's stream; ValueError or RuntimeError (one line) if
+    it cannot be read."""
+    from .cluster.audit import read_stream
+    from .cluster.node import redacted
+
+    events, live_nodes = read_stream(redis_url)
+    return fold_uses(events, live_nodes, **filters), f"the cluster's audit stream at {redacted(redis_url)}"
 
 
 COLUMNS = ("id", "kind", "who", "identity", "room", "address", "started (UTC)", "ended", "duration",
@@ -526,16 +622,20 @@ COLUMNS = ("id", "kind", "who", "identity", "room", "address", "started (UTC)", 
 
 
 def format_table(uses: list[dict]) -> str:
-    rows = [COLUMNS]
+    """A use per line; a `node` column after the id when the uses have one (the cluster's view)."""
+    with_node = any("node" in u for u in uses)
+    columns = COLUMNS[:1] + ("node",) + COLUMNS[1:] if with_node else COLUMNS
+    rows = [columns]
     for u in uses:
         started = u["started"][:19].replace("T", " ")
         ended = u["ended"] or ""
         ended = ended[11:19] if ended[:10] == u["started"][:10] else ended[:19].replace("T", " ")
         status = u["status"] + (f": {u['reason']}" if u["status"] != "ok" and u["reason"] else "")
-        rows.append((u["use_id"][:8], u["kind"], u["who"], "→".join(u["identities"]) or "-", u["room"] or "-",
-                     u["address"] or "-", started, ended or "-", _duration(u["duration_s"]),
+        node = (u.get("node") or "-",) if with_node else ()
+        rows.append((u["use_id"][:8], *node, u["kind"], u["who"], "→".join(u["identities"]) or "-",
+                     u["room"] or "-", u["address"] or "-", started, ended or "-", _duration(u["duration_s"]),
                      "-" if u["frames"] is None else str(u["frames"]), status))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
 
 

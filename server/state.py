@@ -15,6 +15,7 @@ from engines.identity import DEFAULT_IDENTITY, IdentityStore, identities_dir
 from .audit import AuditLog, AuditThread, audit_path, token_id
 # Redirect (placed on another node, --cluster) is raised by open_session; http/ imports it from here.
 from .cluster.node import ClusterNode, LocalView, NoSlot, Redirect, RoomTaken  # noqa: F401 (Redirect)
+from .cluster.audit import AuditMirror
 from .config import ServerConfig
 from .rooms.room import RoomBusy, Rooms
 from .security import AddressLimits, TokenAuth, identity_allowed
@@ -48,10 +49,12 @@ class ServerState:
         # Next to the identities: <home>/audit.db. open() (at start) ends what a killed server left open.
         home = config.identities_root.parent if config.identities_root else None
         self.audit = AuditThread(AuditLog(audit_path(home), "avatar serve"), config.audit_retention_days)
-        # With --cluster: this node in Redis (server/cluster/); started by start_cluster().
+        # With --cluster: this node in Redis (server/cluster/), and its audit events copied there
+        # for `avatar audit --cluster`; started by start_cluster().
         self.cluster = (ClusterNode(config.cluster, config.advertise_url, config.cluster_allow, config.max_sessions,
                                     LocalView(lambda: self.metrics.sessions_active, self._live_rooms))
                         if config.cluster else None)
+        self.audit_mirror = AuditMirror(self.cluster, self.audit) if config.cluster else None
 
     def _live_rooms(self) -> list[tuple[str, str, int]]:
         return [(r.name, r.presenter.identity_name, len(r.audience))
@@ -61,6 +64,7 @@ class ServerState:
         """Register in the cluster (a Redis that cannot be reached yet is logged, and retried)."""
         if self.cluster is not None:
             await self.cluster.start()
+            await self.audit_mirror.start()
 
     def who(self, token) -> str:
         """The audit log's name for a client: its token's id (never the token), or 'demo'."""
@@ -238,5 +242,6 @@ class ServerState:
         await asyncio.gather(*(self.end(p) for p in peers), return_exceptions=True)
         await self.rooms.close()
         if self.cluster is not None:
+            await self.audit_mirror.stop()  # the ends just recorded reach the stream before the node leaves
             await self.cluster.stop()
         await self.audit.close()

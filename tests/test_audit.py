@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from helpers import Client, ClipTrack, clip, read_seconds, running_server, wait_for
-from server.audit import (ABNORMAL, AuditLog, add_arguments, audit_path, format_table, parse_since, run,
-                          token_id)
+from server.audit import (ABNORMAL, NODE_LOST, AuditLog, add_arguments, audit_path, fold_uses, format_table,
+                          parse_since, run, token_id)
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=timezone.utc)
@@ -209,6 +209,44 @@ def test_cli_table_json_lines_and_empty_log(tmp_path, clock):
     assert len(lines) == 1 and json.loads(lines[0])["use_id"] == s
     assert "no uses recorded that match" in cli(tmp_path, "--identity", "nobody")
     assert format_table([json.loads(lines[0])]).splitlines()[1].startswith(s[:8])
+
+
+# ---- the cluster's view (avatar audit --cluster) -------------------------------------------
+def test_stream_events_fold_into_the_same_uses_with_their_node(audit, clock):
+    """Events as nodes send them (server/cluster/audit.py: the log's rows, str values, plus the
+    node) make AuditLog.query's rows: sent twice, they count once; an open use on a node that
+    left is 'node lost'; a malformed event or one whose start is gone is left out."""
+    s = audit.start("session", "tok-a", "demo", room="main", use_id="ab12" + "0" * 28)
+    clock.advance(minutes=5)
+    audit.switched(s, "alice")
+    clock.advance(minutes=5)
+    audit.end(s, frames=9000, reason="bye")
+    v = audit.start("viewer", "tok-b", "alice", room="main")
+    r = audit.start("render", "local:jo", "bob")
+    local = {u["use_id"]: u for u in audit.query()}
+    sent = [{**{k: str(v) for k, v in e.items() if v is not None}, "node": "n1", "node_url": "http://n1/"}
+            for e in audit.events()]
+    sent[-1]["node"] = "n2"  # the render's start came from another node
+    orphan_end = {**sent[2], "use_id": "f" * 32}  # an end whose start was trimmed from the stream
+    malformed = [{**sent[0], "use_id": "e" * 32, "kind": "party"}, {**sent[0], "use_id": "d" * 32, "at": "soon"},
+                 {"event": "start"}]
+    uses = fold_uses(sent + sent[:4] + [orphan_end] + malformed, live_nodes={"n1"})
+
+    assert [u["use_id"] for u in uses] == [s, v, r]
+    for u in uses:  # the same row as the node's own log, plus its node
+        expected = {**local[u["use_id"]], "node": "n2" if u["use_id"] == r else "n1", "node_url": "http://n1/"}
+        if u["use_id"] == r:
+            expected["status"] = NODE_LOST  # open, and n2 is not in the cluster any more
+        assert u == expected
+    assert uses[0]["identities"] == ["demo", "alice"] and uses[0]["frames"] == 9000  # a switch sent twice: once
+    # The same filters as the local log.
+    assert [u["use_id"] for u in fold_uses(sent, {"n1"}, identity="alice")] == [s, v]
+    assert [u["use_id"] for u in fold_uses(sent, {"n1"}, kind="render")] == [r]
+    assert [u["use_id"] for u in fold_uses(sent, {"n1"}, id_prefix="AB12")] == [s]
+    assert [u["use_id"] for u in fold_uses(sent, {"n1"}, since="2026-11-01T09:11:00.000Z")] == [v, r]
+    table = format_table(uses).splitlines()
+    assert table[0].split()[:3] == ["id", "node", "kind"]
+    assert table[3].split()[:3] == [r[:8], "n2", "render"] and table[3].endswith(NODE_LOST)
 
 
 # ---- the server ----------------------------------------------------------------------------

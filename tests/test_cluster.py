@@ -1,10 +1,13 @@
 """Many machines, one service (issue #37): avatar servers as separate processes sharing a real
 Redis (`serve --cluster`), on loopback. Presenters are placed on the least-loaded node and
 redirected there; a burst never over-admits; a killed node's registration expires; Redis lost
-and back drops no running session; WHIP follows a 307 to a node with a free slot."""
+and back drops no running session; WHIP follows a 307 to a node with a free slot; one
+`avatar audit --cluster` sees every node's uses."""
 from __future__ import annotations
 
+import argparse
 import asyncio
+import io
 import json
 import os
 import shutil
@@ -435,7 +438,9 @@ def test_cluster_settings_are_checked_before_anything_starts():
                              "cluster_allow": ["https://n"]}, "matches no --cluster-allow"),
                            ({"cluster": redis_url, "advertise_url": "ftp://n1/", "cluster_allow": ["ftp"]},
                             "http(s)://"),
-                           ({"advertise_url": "http://n1:8080/"}, "go with --cluster")]:
+                           ({"advertise_url": "http://n1:8080/"}, "go with --cluster"),
+                           ({"cluster": "http://:pw@127.0.0.1:6379/0", "advertise_url": "http://n1:8080/",
+                             "cluster_allow": ["http://n"]}, "--cluster must be redis://")]:
         with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
             ServerConfig(**kwargs).validate()
     ServerConfig(cluster=redis_url, advertise_url="http://n1:8080", cluster_allow=["http://n"]).validate()
@@ -531,3 +536,155 @@ async def test_a_draining_node_sends_new_presenters_to_the_others(cluster_of):
             (reply, c.redirects)
     finally:
         await c.close()
+
+
+# ---- one audit across nodes ---------------------------------------------------------------
+async def cluster_audit(redis_url: str, *flags) -> dict[str, dict]:
+    """The uses by id that `avatar audit --cluster URL --json FLAGS` prints (run in this
+    process: it is polled)."""
+    from server.audit import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = io.StringIO()
+    assert await asyncio.to_thread(run, parser.parse_args(["--cluster", redis_url, "--json", *flags]), None, out) == 0
+    return {u["use_id"]: u for u in map(json.loads, out.getvalue().splitlines())}
+
+
+@pytest.mark.slow
+async def test_one_audit_query_sees_every_nodes_uses_and_a_killed_nodes_use_as_lost(cluster_of, tmp_path):
+    from server.audit import ABNORMAL
+
+    cluster = cluster_of(2, max_sessions=1)
+    first, second = cluster.nodes
+    node_id = {n["url"]: n["id"] for n in (await get_json(first.url, "nodes"))["nodes"]}
+    done, reply = await presenter(first, room="left")
+    assert reply["type"] == "session" and done.redirects == []
+    live, reply = await presenter(first, room="right")  # the first node is full: placed on the second
+    assert reply["type"] == "session" and port_of(live.ws_url) == second.port
+    done_id, live_id = done.session["id"], live.session["id"]
+    try:
+        await done.close()
+
+        async def both_on_record():
+            uses = await cluster_audit(cluster.redis.url)
+            assert {done_id, live_id} <= set(uses), uses
+            assert (uses[done_id]["node"], uses[done_id]["node_url"], uses[done_id]["status"]) == \
+                (node_id[first.url], first.url, "ok"), uses
+            assert (uses[live_id]["node"], uses[live_id]["status"]) == (node_id[second.url], "open"), uses
+        await eventually(both_on_record, 5, "both nodes' uses in the cluster's audit")
+        out = avatar("audit", "--cluster", cluster.redis.url, "--kind", "session")
+        table = out.stdout.splitlines()
+        assert out.returncode == 0 and table[0].split()[:2] == ["id", "node"], out.stdout + out.stderr
+        assert sorted(row.split()[1] for row in table[1:]) == sorted(node_id.values()), out.stdout
+
+        second.proc.kill()  # kill -9 mid-session: no end recorded, the node's key expires
+
+        async def lost():
+            assert (await cluster_audit(cluster.redis.url)).get(live_id, {}).get("status") == "node lost"
+        await eventually(lost, 8, "the killed node's session to show as lost")
+        assert list(await cluster_audit(cluster.redis.url, "--id", live_id[:8])) == [live_id]
+
+        # Started again on the same home, it ends what it left open, and says so to the cluster.
+        second.proc.wait(10)
+        cluster.nodes[1] = again = Node(cluster.redis, tmp_path / "node1", 1, second.port)
+        again.wait_listening()
+
+        async def recovered():
+            use = (await cluster_audit(cluster.redis.url)).get(live_id, {})
+            assert (use.get("status"), use.get("reason"), use.get("node")) == \
+                ("abnormal", ABNORMAL, node_id[second.url]), use
+        await eventually(recovered, 5, "the restarted node's 'ended abnormally' in the cluster's audit")
+    finally:
+        await done.close()
+        await live.close()
+
+
+async def test_the_audit_mirror_sends_what_waited_for_redis_and_what_a_stopped_mirror_left(tmp_path):
+    """In one process, a real Redis: events written while Redis is down reach the stream once
+    it is back; a mirror started again (a restarted node) sends what the last one did not."""
+    from server.audit import AuditLog, AuditThread, audit_path, fold_uses
+    from server.cluster.audit import MIRROR_EVERY, STREAM, AuditMirror, read_stream
+    from server.cluster.node import ClusterNode, LocalView
+
+    redis = Redis(tmp_path).start()
+    audit = AuditThread(AuditLog(audit_path(tmp_path / "home"), "test"))
+    node = ClusterNode(redis.url, "http://127.0.0.1:1/", ["http://127.0.0.1:"], 1, LocalView(lambda: 0, lambda: []))
+    mirror = AuditMirror(node, audit)
+
+    async def stream() -> list[dict]:
+        return (await asyncio.to_thread(read_stream, redis.url))[0]
+
+    async def streamed(expected: list[tuple[str, str]], what: str) -> list[dict]:
+        async def check():
+            entries = await stream()
+            assert [(e["use_id"], e["event"]) for e in entries] == expected, entries
+            assert {e["node"] for e in entries} == {node.id}
+            return entries
+        return await eventually(check, 6, what)
+
+    try:
+        older = await audit.start("render", "local:jo", "demo")  # before this server: never the cluster's
+        await audit.open()
+        await node.start()
+        await mirror.start()
+        a = await audit.start("session", "tok-a", "demo", room="main")
+        await streamed([(a, "start")], "a start in the stream")
+
+        redis.stop()
+
+        async def unreachable():
+            assert not node.reachable
+        await eventually(unreachable, 5, "the node to find Redis lost")
+        await audit.switched(a, "alice")
+        await audit.end(a, frames=10)
+        b = await audit.start("viewer", "tok-b", "alice", room="main")
+        await asyncio.sleep(MIRROR_EVERY)  # a flush meanwhile finds Redis lost: the events wait
+        redis.start()  # empty, as a restarted Redis without persistence is
+        await streamed([(a, "identity"), (a, "end"), (b, "start")], "the waiting events, once Redis is back")
+
+        mirror._task.cancel()  # as a killed node's: no last flush
+        await asyncio.gather(mirror._task, return_exceptions=True)
+        await audit.end(b, frames=3)
+        mirror = AuditMirror(node, audit)  # the node started again on the same home
+        await mirror.start()
+        entries = await streamed([(a, "identity"), (a, "end"), (b, "start"), (b, "end")], "what the last mirror left")
+        assert older not in {e["use_id"] for e in entries}
+        [viewer] = fold_uses(entries, {node.id})  # a's start went with the Redis that was lost
+        assert (viewer["use_id"], viewer["status"], viewer["frames"], viewer["node"]) == (b, "ok", 3, node.id)
+        assert mirror.cursor.read_text() == f"{mirror.seq}\n" and mirror.seq == await audit.last_seq()
+
+        # A Redis that answers the node but refuses the entries (the stream's key taken): they wait too.
+        await node.client.delete(STREAM)
+        await node.client.set(STREAM, "not a stream")
+        c = await audit.start("viewer", "tok-c", "alice", room="main")
+
+        async def refused():
+            assert mirror._failing and mirror.seq < await audit.last_seq()
+        await eventually(refused, 3, "the mirror to find its entries refused")
+        await node.client.delete(STREAM)
+        await streamed([(c, "start")], "the refused event, once Redis takes it")
+        await audit.end(c, frames=1)
+        await mirror.stop()  # a clean stop sends what is left before the node leaves
+        assert [(e["use_id"], e["event"]) for e in await stream()] == [(c, "start"), (c, "end")]
+    finally:
+        await mirror.stop()
+        await node.stop()
+        await audit.close()
+        redis.stop()
+
+
+def test_avatar_audit_cluster_says_in_one_line_what_is_wrong(tmp_path):
+    redis = Redis(tmp_path).start()
+    try:
+        for url, needle in [("http://127.0.0.1:6379/0", "error: --cluster must be redis://"),
+                            (f"redis://127.0.0.1:{free_port()}/0", "error: cannot read the cluster's audit stream "
+                                                                  "at redis://127.0.0.1:"),
+                            (redis.url.replace(PASSWORD, "wrong-password"), "error: cannot read the cluster's audit "
+                                                                            "stream at redis://:***@127.0.0.1:")]:
+            out = avatar("audit", "--cluster", url)
+            assert out.returncode == 2 and out.stdout == "", (url, out)
+            assert out.stderr.startswith(needle) and out.stderr.count("\n") == 1, (url, out.stderr)
+            assert "wrong-password" not in out.stderr
+    finally:
+        redis.stop()

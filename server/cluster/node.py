@@ -8,6 +8,7 @@ What Redis holds (prefix `avatar:`; one Redis, not Redis Cluster: the scripts bu
     avatar:node:ID:reserved      sorted set: reservation id -> expiry (ms, Redis's clock): slots
                                  promised to presenters redirected to that node
     avatar:room:NAME             hash: node, identity, viewers; expires as the node's key does
+    avatar:audit                 stream: every node's audit events (server/cluster/audit.py)
 
 Placement is one EVAL (PLACE): the live nodes' free slots (capacity - sessions - live
 reservations) are read, the least loaded node whose URL the caller allows is picked, and its
@@ -200,6 +201,39 @@ def redacted(url: str) -> str:
     return url.replace(f":{parts.password}@", ":***@", 1)
 
 
+def check_redis_url(url: str) -> str:
+    """The cluster's Redis URL as given; ValueError (its password hidden) if it is not
+    redis[s]://[[USER]:PASSWORD@]HOST[:PORT][/DB] or unix://PATH."""
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+        ok = (parts.scheme in ("redis", "rediss") and bool(parts.hostname)
+              and re.fullmatch(r"/?\d*", parts.path) is not None) or (parts.scheme == "unix" and bool(parts.path))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"--cluster must be redis://[:PASSWORD@]HOST[:PORT][/DB] (rediss:// for TLS), "
+                         f"got {redacted(url)!r}")
+    return url
+
+
+def redis_client(url: str, *, sync: bool = False, single_connection: bool = False):
+    """A client of the cluster's Redis, made as every part of the cluster makes one: a call
+    fails after TIMEOUT, with no retries, and replies are str. ValueError for a bad URL."""
+    check_redis_url(url)
+    if sync:  # a command's client (avatar audit --cluster)
+        import redis
+        from redis.retry import Retry
+    else:
+        import redis.asyncio as redis
+        from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return redis.Redis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
+                                retry=Retry(NoBackoff(), 0), single_connection_client=single_connection,
+                                decode_responses=True)
+
+
 def cpu_load() -> float:
     """The 1-minute load average per core (0 = idle, 1 = every core busy)."""
     try:
@@ -239,15 +273,9 @@ class ClusterNode:
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         if self._client is None:
-            import redis.asyncio as redis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-
             # One connection: commands reach Redis in the order they are issued, so a refresh
             # never overtakes a placement with an older session count.
-            self._client = redis.Redis.from_url(self.redis_url, socket_timeout=TIMEOUT,
-                                                socket_connect_timeout=TIMEOUT, retry=Retry(NoBackoff(), 0),
-                                                single_connection_client=True, decode_responses=True)
+            self._client = redis_client(self.redis_url, single_connection=True)
         for name, text in (("place", PLACE), ("consume", CONSUME), ("refresh", REFRESH_SCRIPT),
                            ("vacate", VACATE), ("withdraw", WITHDRAW)):
             self._scripts[name] = self._client.register_script(text)
@@ -327,6 +355,12 @@ class ClusterNode:
             else:
                 log.info("node %s registered", self.id)
         self.reachable, self.error = True, None
+
+    @property
+    def client(self):
+        """The node's one Redis connection (None before start()): what else this node writes to
+        the cluster's Redis (its audit events, server/cluster/audit.py) goes through it too."""
+        return self._client
 
     @property
     def status(self) -> str:
