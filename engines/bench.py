@@ -33,9 +33,9 @@ def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: boo
     import onnxruntime as ort
 
     from .landmarks import FaceLandmarker
-    from .neural.config import MODEL_FILE
-    from .neural.model import (Generator, contour_map, export_onnx, keep_warp_detail, make_input, param_count,
-                               still_for)
+    from .neural.config import MODEL_FILE, SIZE
+    from .neural.model import (Generator, add_warp_detail, contour_map, export_onnx, keep_warp_detail, make_input,
+                               param_count, still_for)
     from .neural.runtime import ORT_PROVIDERS, OrtRuntime, TorchRuntime, bundle_file
     from .neural.train import bf16_supported
     from .retarget import Retargeter
@@ -58,9 +58,17 @@ def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: boo
     stages["contour_map"] = _time(lambda: contour_map(targets[next(k) % len(targets)]), n)
     stages["rigid_warp"] = _time(lambda: warp.render_rigid(targets[next(k) % len(targets)]), n)
     rendered = [warp.render(t) for t in targets[:10]]
+    # The generator's stages run at its SIZE; an identity kept larger is scaled down for them.
+    small = identity.scaled(SIZE)
+    small_warp = warp if small is identity else WarpRenderer.for_identity(small)
+    small_targets = [(t * (SIZE / identity.size)).astype(np.float32) for t in targets]
+    small_rendered = [small_warp.render(t) for t in small_targets[:10]]
     # A neighbouring frame stands in for the generator's output: the work does not depend on it.
-    stages["keep_warp_detail"] = _time(lambda: keep_warp_detail(rendered[(i := next(k) % len(rendered)) - 1],
-                                                                rendered[i], targets[i]), n)
+    stages["keep_warp_detail"] = _time(lambda: keep_warp_detail(small_rendered[(i := next(k) % len(rendered)) - 1],
+                                                                small_rendered[i], small_targets[i]), n)
+    if small is not identity:
+        stages["add_warp_detail"] = _time(lambda: add_warp_detail(
+            small_rendered[(i := next(k) % len(rendered)) - 1], small_rendered[i], rendered[i]), n)
     marker = Marker(Payload(0, 0))
     stages["watermark"] = _time(lambda: marker(rendered[next(k) % len(rendered)]), n)  # budget: 2 ms
     stages["badge"] = _time(lambda: draw_label(rendered[next(k) % len(rendered)]), n)
@@ -74,8 +82,9 @@ def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: boo
         model = Generator().eval()  # config.MODEL_CONFIG, the size enrollments train
         onnx_path, source = Path(tempfile.mkdtemp()) / MODEL_FILE, "random init"
         export_onnx(model, onnx_path)
-    still = still_for(identity, model.input_channels)  # the model's own: a random-init one has no manifest
-    x = make_input(warp.render(targets[0]), warp.render_rigid(targets[0]), contour_map(targets[0]), None, still)
+    still = still_for(small, model.input_channels)  # the model's own: a random-init one has no manifest
+    t0 = small_targets[0]
+    x = make_input(small_warp.render(t0), small_warp.render_rigid(t0), contour_map(t0), None, still)
     gen = {}
     gen["torch-fp32"] = _time(lambda: TorchRuntime(model).run(x), n)
     if bf16_supported():

@@ -1,7 +1,7 @@
 """Identity bundles: a folder per consenting person (or demo face).
 
     <root>/<name>/manifest.json      schema, names, engine, crop, consent, files + sha256
-    <root>/<name>/reference.png      the face the engines animate (RENDER_SIZE square)
+    <root>/<name>/reference.png      the face the engines animate (a square, output_side())
     <root>/<name>/neutral.npy        its (478, 3) landmarks
     <root>/<name>/scene.jpg          photo identities: the photo around the face (at most
                                      SCENE_SIDE px), where call frames paste the avatar back;
@@ -158,7 +158,7 @@ class Identity:
     name: str
     display_name: str
     engine: str
-    reference: np.ndarray  # RGB uint8, a square: PHOTO_SIZE (photos since 512² output), RENDER_SIZE
+    reference: np.ndarray  # RGB uint8, a square: output_side() of its source (RENDER_SIZE before 512² output)
     neutral: np.ndarray  # (478, 3) float32 landmarks of the reference
     consent: Consent
     path: Path
@@ -167,7 +167,9 @@ class Identity:
     def memory(self, kind: str):
         """Its remembered appearances of one kind ("mouth_memory": engines.mouth.MouthMemory,
         "eye_memory": engines.eyes.EyeMemory) when the bundle has them, else None. The file
-        is listed in the manifest, so its hash was checked at load."""
+        is listed in the manifest, so its hash was checked at load. Memories are kept in
+        RENDER_SIZE crop pixels, where the generator was trained; they are scaled to this
+        identity's size."""
         name = self.manifest.get(kind)
         if name is None:
             return None
@@ -175,7 +177,8 @@ class Identity:
         from .render.mouth import MouthMemory
 
         try:
-            return {"mouth_memory": MouthMemory, "eye_memory": EyeMemory}[kind].load(self.path / name)
+            return {"mouth_memory": MouthMemory, "eye_memory": EyeMemory}[kind].load(self.path / name).scaled(
+                self.size / RENDER_SIZE)
         except (OSError, KeyError, ValueError) as e:
             raise IdentityError(f"identity {self.name!r}: {name} is not a {kind.replace('_', ' ')} ({e})") from None
 
@@ -198,12 +201,17 @@ class Identity:
 
     def at_most(self, side: int) -> "Identity":
         """This identity rendered no larger than `side` (an operator's --output-size): its
-        reference scaled down and its landmarks with it. One with remembered mouths and eyes
-        (an enrolled identity, whose generator has a size of its own) keeps its size."""
-        if self.size <= side or any(kind in self.manifest for kind in MEMORIES):
+        reference scaled down and its landmarks with it. An enrolled identity stays at least
+        RENDER_SIZE: its generator runs at that size."""
+        floor = RENDER_SIZE if self.engine == "neural" else 0
+        return self if self.size <= side else self.scaled(max(side, floor))
+
+    def scaled(self, side: int) -> "Identity":
+        """This identity with its reference resized to `side` and its landmarks with it."""
+        if side == self.size:
             return self
         k = side / self.size
-        reference = cv2.resize(self.reference, (side, side), interpolation=cv2.INTER_AREA)
+        reference = cv2.resize(self.reference, (side, side), interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC)
         return replace(self, reference=reference, neutral=(self.neutral * k).astype(np.float32))
 
     @property
@@ -502,16 +510,20 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def crop_face(rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """A square around the one face in rgb, with hair and neck, and its box: PHOTO_SIZE, or
-    the box's own side in the photo when that is smaller (no upscaled detail), at least
-    RENDER_SIZE."""
+    """A square around the one face in rgb, with hair and neck (output_side), and its box."""
     with FaceLandmarker(static=True) as landmarker:
         points = landmarker(rgb)
     if points is None:
         raise IdentityError("no face found in the image; use a well-lit, frontal photo of one person")
     x0, y0, side = face_box(points)
-    size = int(np.clip(side // SIZE_STEP * SIZE_STEP, RENDER_SIZE, PHOTO_SIZE))
-    return crop_with_box(rgb, x0, y0, side, size), crop_corners(x0, y0, side)
+    return crop_with_box(rgb, x0, y0, side, output_side(side)), crop_corners(x0, y0, side)
+
+
+def output_side(source_side: float, largest: int = PHOTO_SIZE) -> int:
+    """The side a face `source_side` px wide in its photo or scan is kept at: `largest`, or
+    its own side when that is smaller (no upscaled detail), in whole SIZE_STEPs, at least
+    RENDER_SIZE."""
+    return int(np.clip(source_side // SIZE_STEP * SIZE_STEP, RENDER_SIZE, max(largest, RENDER_SIZE)))
 
 
 def scene_around(rgb: np.ndarray, crop: Sequence[int]) -> tuple[np.ndarray, tuple[float, float, float, float]]:
@@ -564,11 +576,11 @@ def crop_matrix(x0: float, y0: float, side: float, size: int = RENDER_SIZE) -> n
     return np.array([[k, 0, -x0 * k], [0, k, -y0 * k]])
 
 
-def points_to_crop(points: np.ndarray, x0: float, y0: float, side: float) -> np.ndarray:
+def points_to_crop(points: np.ndarray, x0: float, y0: float, side: float, size: int = RENDER_SIZE) -> np.ndarray:
     """Landmarks (..., 478, 3) in image pixels -> float32 crop pixels, as crop_with_box moves
     the image: x and y scaled and shifted by crop_matrix, z scaled alike (landmarks keep z
     in the units of x)."""
-    m = crop_matrix(x0, y0, side)
+    m = crop_matrix(x0, y0, side, size)
     p = np.array(points, np.float64)
     p[..., :2] = p[..., :2] * m[0, 0] + m[:, 2]
     p[..., 2] *= m[0, 0]

@@ -192,8 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--no-bf16", action="store_true", help="train in float32 even if the CPU has bf16")
     enroll.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where to train (default: %(default)s; cuda is untested on these machines)")
-    enroll.add_argument("--resolution", type=int, choices=(256, 512), default=256,
-                        help="output size in pixels (default: %(default)s; 512 is not built yet)")
+    enroll.add_argument("--resolution", type=int, choices=(256, 512), default=512,
+                        help="the output's side in pixels, or the face's own side in the video when that "
+                             "is smaller (default: %(default)s). The generator trains at 256 either way; "
+                             "a larger output carries its correction onto a warp at that size")
     enroll.set_defaults(func=cmd_enroll)
 
     ev = sub.add_parser("eval", help="compare a neural identity against the warp engine",
@@ -211,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="report path without suffix (default: ./eval-NAME); writes .json and .html")
     ev.add_argument("--no-identity-distance", action="store_true",
                     help="skip the dlib identity distances (about 20 s for 300 frames)")
+    ev.add_argument("--output-size", type=int, default=None, metavar="PX",
+                    help="render no larger than PX, as `avatar serve --output-size` does (default: the "
+                         "identity's own size); compare two runs' detail and psnr_256")
     ev.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -647,11 +652,15 @@ def cmd_eval(args) -> int:
     from engines.neural.evaluate import evaluate_identity, write_report
     from engines.provenance.watermark import Marker, Payload
     from server.audit import AuditLog, audit_path, local_user
+    from server.config import check_output_size
 
     if args.driving is not None and not args.driving.is_file():
         raise IdentityError(f"{args.driving}: no such file")
     identity = store(args).load(args.name)
     identity.consent.check("offline-render")  # the report shows rendered frames of the person
+    if args.output_size is not None:
+        check_output_size(args.output_size)
+        identity = identity.at_most(args.output_size)
     # It renders the person offline: on record as a render, its report's frames marked.
     log = AuditLog(audit_path(args.home), "avatar eval")
     try:

@@ -1,5 +1,6 @@
 import json
 import shutil
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -199,6 +200,22 @@ def test_photo_identities_keep_their_faces_size_up_to_512(fresh):
     assert shrunk.reference.shape == (256, 256, 3) and big.reference.shape == (512, 512, 3)
     assert np.allclose(shrunk.neutral, big.neutral / 2, atol=1e-4)
     assert big.at_most(512) is big and small.at_most(512) is small
+    # An enrolled identity's generator runs at 256: no operator's setting takes it below.
+    neural = replace(big, engine="neural")
+    assert neural.at_most(128).size == 256 and neural.at_most(384).size == 384
+
+
+def test_remembered_mouths_scale_with_the_identity():
+    """Memories are cut from 256² crops; an identity rendered at 512 draws them at 512."""
+    from engines.render.mouth import MouthMemory
+
+    rng = np.random.default_rng(0)
+    points = rng.uniform(10, 90, (2, 478, 3)).astype(np.float32)
+    memory = MouthMemory(rng.integers(0, 255, (2, 96, 128, 3), dtype=np.uint8), points)
+    big = memory.scaled(2.0)
+    assert big.patches.shape == (2, 192, 256, 3) and np.allclose(big.points, points * 2)
+    assert np.allclose(big.shapes, memory.shapes, atol=1e-4)  # a shape is the same at any size
+    assert memory.scaled(1.0) is memory
 
 
 def test_a_reference_of_an_odd_size_is_refused(fresh, demo):

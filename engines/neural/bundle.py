@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import cv2
 import numpy as np
 
-from ..identity import RENDER_SIZE, Consent, Identity, IdentityStore, crop_corners, write_scene
+from ..identity import (PHOTO_SIZE, RENDER_SIZE, Consent, Identity, IdentityStore, crop_corners, output_side,
+                        write_scene)
 from .config import (EVAL_FILE, EVAL_HTML, EYE_MEMORY_FILE, IN_CHANNELS, INT8_FILE, MODEL_CONFIG, MODEL_FILE,
                      MOUTH_MEMORY_FILE, WEIGHTS_FILE)
 from .data import PairBuilder
@@ -50,10 +52,11 @@ def add_int8_model(staging: Path, builder: PairBuilder) -> dict:
 
 def write_bundle(store: IdentityStore, name: str, display_name: str, consent: Consent, builder: PairBuilder,
                  model, info: dict, source: Path, preset_name: str, eval_report: dict | None,
-                 overwrite: bool = False) -> Identity:
-    """Publish the enrolled identity: reference and neutral from the scan's reference frame,
-    the generator files, the "neural" manifest section (what was trained on what), and that
-    frame's surroundings as the identity's scene."""
+                 overwrite: bool = False, largest: int = PHOTO_SIZE) -> Identity:
+    """Publish the enrolled identity: reference and neutral from the scan's reference frame
+    (at its own size in the video, up to `largest`: the output's side), the generator files,
+    the "neural" manifest section (what was trained on what), and that frame's surroundings
+    as the identity's scene."""
 
     def neural_files(staging: Path) -> tuple[list[str], dict]:
         files = write_generator(staging, model)
@@ -77,10 +80,23 @@ def write_bundle(store: IdentityStore, name: str, display_name: str, consent: Co
                 fields[kind] = MEMORY_FILES[kind]
         return files, fields
 
-    return store.write(name, display_name, "neural", consent, builder.reference, builder.neutral,
-                       crop_corners(*builder.data.box),
+    reference, neutral = output_reference(builder, largest)
+    return store.write(name, display_name, "neural", consent, reference, neutral, crop_corners(*builder.data.box),
                        {"source": source.name, "source_path": str(source.resolve())},
                        tool="avatar enroll", extra=neural_files, overwrite=overwrite)
+
+
+def output_reference(builder: PairBuilder, largest: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reference (and its landmarks) the identity renders at: the scan's reference frame
+    cut at its own side in the video, at most `largest`. The generator still trains and runs
+    at RENDER_SIZE (NeuralRenderer scales between the two)."""
+    large = builder.data.large
+    side = RENDER_SIZE if large is None else output_side(large.shape[0], largest)
+    if side == RENDER_SIZE:
+        return builder.reference, builder.neutral
+    if side != large.shape[0]:
+        large = cv2.resize(large, (side, side), interpolation=cv2.INTER_AREA)
+    return large, (builder.neutral * (side / RENDER_SIZE)).astype(np.float32)
 
 
 MEMORY_FILES = {"mouth_memory": MOUTH_MEMORY_FILE, "eye_memory": EYE_MEMORY_FILE}

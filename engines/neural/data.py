@@ -16,8 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..identity import (RENDER_SIZE, IdentityError, crop_corners, crop_with_box, face_box, points_to_crop,
-                        scene_around)
+from ..identity import (RENDER_SIZE, IdentityError, crop_corners, crop_with_box, face_box, output_side,
+                        points_to_crop, scene_around)
 from ..landmarks import (FACE_LEFT, FACE_RIGHT, LEFT_EYE_OUTER, RIGHT_EYE_OUTER, FaceLandmarker,
                          eye_openness, inter_ocular, mouth_openness)
 from ..video import VideoError, read_video
@@ -43,6 +43,9 @@ class ScanData:
     # The reference's video frame around the face (engines.identity.scene_around): where a
     # call frame pastes the avatar back. None for data made otherwise (tests).
     scene: tuple[np.ndarray, tuple[float, float, float, float]] | None = None
+    # The reference frame's crop at the box's own side in the video (identity.output_side: at
+    # most 512, at least 256): the reference of a larger output. None for data made otherwise.
+    large: np.ndarray | None = None
 
 
 def read_frames(video: Path, limit: int | None = None, max_pixels: int | None = None) -> Iterator[np.ndarray]:
@@ -93,9 +96,9 @@ def extract(video: Path, max_frames: int | None = None, progress: bool = True, r
     n_train = int(round(len(points) * (1 - HOLDOUT)))
     ref = int(np.argmin([frontal_score(p) for p in points[:n_train]]))
     box = face_box(points[ref])
-    crops, scene = crop_frames(video, index, box, progress, max_pixels, scene_at=index[ref])
+    crops, scene, large = crop_frames(video, index, box, progress, max_pixels, scene_at=index[ref])
     pts = points_to_crop(np.stack(points), *box)
-    return ScanData(crops, pts, np.array(index), n_train, ref, box, n, scene)
+    return ScanData(crops, pts, np.array(index), n_train, ref, box, n, scene, large)
 
 
 def find_landmarks(video: Path, max_frames: int | None, progress: bool, report,
@@ -127,21 +130,23 @@ def find_landmarks(video: Path, max_frames: int | None, progress: bool, report,
 def crop_frames(video: Path, index: list[int], box: tuple[float, float, float], progress: bool,
                 max_pixels: int | None, scene_at: int | None = None):
     """The second pass: the crop of each frame in `index` (ascending), as it is decoded, and
-    the scene around the box in frame `scene_at` (scene_around: at most 1920 px), if asked."""
+    the scene around the box in frame `scene_at` (scene_around: at most 1920 px) and that
+    frame's crop at output_side, if asked."""
     from tqdm import tqdm
 
     crops = np.empty((len(index), RENDER_SIZE, RENDER_SIZE, 3), np.uint8)
-    scene, k = None, 0
+    scene, large, k = None, None, 0
     for i, rgb in enumerate(tqdm(read_frames(video, index[-1] + 1, max_pixels), desc="crops", unit="frame",
                                  disable=not progress, total=index[-1] + 1)):
         if i == scene_at:
             scene = scene_around(rgb, crop_corners(*box))
+            large = crop_with_box(rgb, *box, output_side(box[2]))
         if i == index[k]:
             crops[k] = crop_with_box(rgb, *box)
             k += 1
     if k < len(index):  # decoding is deterministic: only a file changed meanwhile gets here
         raise IdentityError(f"{video}: changed while it was read (frame {index[k]} is gone)")
-    return crops, scene
+    return crops, scene, large
 
 
 class PairBuilder:

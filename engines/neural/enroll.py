@@ -24,25 +24,27 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..identity import RENDER_SIZE, Consent, IdentityError, IdentityStore, check_labels, check_name
+from ..identity import PHOTO_SIZE, RENDER_SIZE, Consent, IdentityError, IdentityStore, check_labels, check_name
 from .bundle import write_bundle
 from .config import CHECKPOINT_FILE, PRESETS
 from .data import PairBuilder, extract
 from .train import bf16_supported, check_device, enrollment_key, train
 
 log = logging.getLogger(__name__)
+RESOLUTIONS = (RENDER_SIZE, PHOTO_SIZE)  # the output's largest side (the scan's own, when smaller)
 
 
 def enroll(store: IdentityStore, video: str | os.PathLike, name: str, consent: Consent,
            display_name: str | None = None, preset: str = "quick", steps: int | None = None,
            max_frames: int | None = None, overwrite: bool = False, fresh: bool = False,
            bf16: bool | None = None, evaluate: bool = True, progress: bool = True,
-           device: str = "cpu", resolution: int = RENDER_SIZE,
+           device: str = "cpu", resolution: int = PHOTO_SIZE,
            report: Callable[[str, int, int | None], None] | None = None, marker=None,
            max_pixels: int | None = None) -> tuple:
     """Enroll `name` from a self-scan video. Returns (Identity, summary dict). `marker`
     (engines.watermark.Marker, of the enrollment's audit use) marks the rendered frames in
-    its evaluation report. `max_pixels` bounds every frame's size (the server's upload limit)."""
+    its evaluation report. `max_pixels` bounds every frame's size (the server's upload limit).
+    `resolution`: the output's largest side; the scan's face at its own size when smaller."""
     video = _check_request(store, video, name, display_name, consent, preset, steps, device, resolution,
                            overwrite)
     stage = store.work_dir(name)
@@ -73,7 +75,7 @@ def enroll(store: IdentityStore, video: str | os.PathLike, name: str, consent: C
         evaluation = evaluate_holdout(builder, TorchRuntime(info["model"]), progress=progress, marker=marker)
     report("writing", 0, None)
     identity = write_bundle(store, name, display_name or name, consent, builder, info["model"], info,
-                            video, preset, evaluation, overwrite)
+                            video, preset, evaluation, overwrite, largest=resolution)
     summary = {k: v for k, v in info.items() if k != "model"}
     summary.update(extract_seconds=round(t_extract, 1), total_seconds=round(time.monotonic() - t_start, 1),
                    bf16=use_bf16, preset=preset, eval=evaluation["summary"] if evaluation else None,
@@ -95,9 +97,8 @@ def _check_request(store: IdentityStore, video: str | os.PathLike, name: str, di
     if preset not in PRESETS:
         raise IdentityError(f"unknown preset {preset!r} (use {', '.join(PRESETS)})")
     check_device(device)
-    if resolution != RENDER_SIZE:
-        raise IdentityError(f"--resolution {resolution}: only {RENDER_SIZE}² output is built so far "
-                            "(the warp engine, bundles and server all work at that size)")
+    if resolution not in RESOLUTIONS:
+        raise IdentityError(f"--resolution {resolution}: use one of {', '.join(map(str, RESOLUTIONS))}")
     if steps is not None and steps < 1:
         raise IdentityError("--steps must be at least 1")
     video = Path(video)

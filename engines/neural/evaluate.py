@@ -293,6 +293,7 @@ class Rendered:
     frame_ids: list = field(default_factory=list)  # the video's frame number of each frame
     kind: str = ""
     train_points: list | None = None  # the training frames' landmarks, with held-out frames only
+    source_detail: list = field(default_factory=list)  # metrics.face_detail of the source, per frame or one
 
 
 def evaluate_identity(identity, driving: Path | None = None, max_frames: int | None = None,
@@ -321,10 +322,45 @@ def evaluate_identity(identity, driving: Path | None = None, max_frames: int | N
     report = evaluate_frames(r.warps, r.neurals, r.points, r.truth, r.consecutive, drivers=r.drivers,
                              frame_ids=r.frame_ids, reference=identity.reference if identity_distance else None,
                              marker=marker, train_points=r.train_points)
+    report["summary"].update(_resolution_figures(r, identity.size))
     report["kind"] = r.kind
     report["runtime"] = renderer.runtime.name if neural else "warp engine"
     report["identity"] = identity.name
     return report
+
+
+def _resolution_figures(r: Rendered, size: int) -> dict:
+    """Each engine's detail against the source (metrics: detail) and, for an output larger
+    than the generator's, its PSNR at 256²."""
+    from .config import SIZE
+    from .metrics import DETAIL_DISPLAY, face_detail, psnr
+
+    def small(rgb):
+        return cv2.resize(rgb, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+
+    figures = {"output_size": size, "detail_display": DETAIL_DISPLAY}
+    source = np.resize(np.asarray(r.source_detail, float), len(r.points))
+    for name, outs in (("warp", r.warps), ("neural", r.neurals)):
+        if outs is None:
+            continue
+        ratios = [face_detail(out, p) / max(src, 1e-6) for out, p, src in zip(outs, r.points, source)]
+        figures[f"{name}_detail"] = round(float(np.median(ratios)), 3)
+        if r.truth is not None and size != SIZE:
+            figures[f"{name}_psnr_256"] = round(float(np.mean([psnr(small(o), small(t))
+                                                               for o, t in zip(outs, r.truth)])), 3)
+    return figures
+
+
+def _source(rgb: np.ndarray, x0: float, y0: float, side: float, points: np.ndarray | None = None,
+            size: int | None = None) -> float:
+    """metrics.face_detail of the face square (x0, y0, side) of rgb cut at its own resolution;
+    `points` in rgb's pixels, or in `size`-square crop pixels."""
+    from ..identity import crop_with_box, points_to_crop
+    from .metrics import face_detail
+
+    native = max(int(round(side)), 16)
+    points = points * (native / size) if size else points_to_crop(points, x0, y0, side, native)
+    return face_detail(crop_with_box(rgb, x0, y0, side, native), points)
 
 
 def _render_holdout(identity, renderer, max_frames: int | None, progress: bool) -> Rendered:
@@ -356,16 +392,17 @@ def _render_holdout(identity, renderer, max_frames: int | None, progress: bool) 
             if i < start:
                 p = lm(rgb) if train_span and train_span[0] <= i <= train_span[1] else None
                 if p is not None:
-                    r.train_points.append(points_to_crop(p, x0, y0, side))
+                    r.train_points.append(points_to_crop(p, x0, y0, side, identity.size))
                 continue
             p = lm(rgb)
             if p is None:
                 continue
-            p = points_to_crop(p, x0, y0, side)
+            r.source_detail.append(_source(rgb, x0, y0, side, p))
+            p = points_to_crop(p, x0, y0, side, identity.size)
             if prev_i != i - 1:
                 renderer.reset()
             r.neurals.append(renderer.render(p))
-            crop = crop_with_box(rgb, x0, y0, side)
+            crop = crop_with_box(rgb, x0, y0, side, identity.size)
             r.consecutive.append(prev_i == i - 1)
             r.warps.append(renderer.last_warp), r.points.append(p)
             r.truth.append(crop), r.drivers.append(crop), r.frame_ids.append(i)
@@ -387,6 +424,9 @@ def _render_driven(identity, renderer, driving: Path, max_frames: int | None, pr
     r = Rendered(truth=None, neurals=None if warp_only else [],
                  kind=f"cross-reenactment driven by {driving.name} (no ground truth)")
     retarget = Retargeter(identity.neutral)
+    scene = identity.scene()  # the source photo or scan frame, at its own resolution
+    source, box = (identity.reference, (0, 0, identity.size)) if scene is None else scene
+    r.source_detail.append(_source(source, *box, identity.neutral, identity.size))
     last_ok = False
     with FaceLandmarker(static=False) as lm:
         for i, rgb in enumerate(tqdm(read_frames(driving, max_frames or 300), desc="eval",

@@ -19,6 +19,14 @@
     psnr_near_pose,    psnr over the held-out frames whose head pose is nearest to a training
     psnr_mid_pose,     frame's (the third with the smallest pose_novelty), the middle third and
     psnr_far_pose      the farthest third: what the self-scan covered and what it never showed
+    psnr_256           psnr with output and truth both scaled to 256² (an output larger than the
+                       generator's, against the 256² output it grew from)
+    detail             the face's fine detail shown at DETAIL_DISPLAY px (variance of the
+                       Laplacian inside the face oval, face_detail) over the same measure of the
+                       identity's source at that size (the held-out frame itself, cut from the
+                       video at its own resolution; or the photo): median over the frames.
+                       1.0 is as sharp as the source; a render upscaled from half the source's
+                       resolution scores ~0.65
 """
 from __future__ import annotations
 
@@ -36,6 +44,9 @@ REGIONS = ("mouth", "eyes")
 
 # Identity distances: every 5th frame, at most 60 (a dlib descriptor costs ~0.13 s on this CPU).
 IDENTITY_EVERY, IDENTITY_FRAMES = 5, 60
+
+DETAIL_DISPLAY = 720  # px: a call participant's height on screen (issue #35)
+DETAIL_SHRINK = 0.8  # the face oval shrunk about its centre: the silhouette's edge is not detail
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1 and y1 exclusive
 
@@ -214,3 +225,18 @@ def identity_distances(reference: np.ndarray, outputs: dict[str, list[np.ndarray
                      "driver_distance": _median(distance(o, d) for o, d in zip(out, drv)),
                      "faces": sum(o is not None for o in out) / max(len(picks), 1)}
     return fig
+
+
+def face_detail(rgb: np.ndarray, points: np.ndarray, display: int = DETAIL_DISPLAY) -> float:
+    """Variance of the Laplacian of the face (inside its oval, shrunk by DETAIL_SHRINK) with
+    the square image `rgb` shown `display` px tall; `points` in rgb's pixels."""
+    from ..landmarks import FACE_OVAL
+
+    k = display / rgb.shape[0]
+    shown = cv2.resize(rgb, (display, display), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
+    lap = cv2.Laplacian(cv2.cvtColor(shown, cv2.COLOR_RGB2GRAY), cv2.CV_32F)
+    oval = points[FACE_OVAL, :2].astype(np.float64) * k
+    oval = oval.mean(0) + (oval - oval.mean(0)) * DETAIL_SHRINK
+    mask = np.zeros((display, display), np.uint8)
+    cv2.fillConvexPoly(mask, cv2.convexHull(np.round(oval).astype(np.int32)), 1)
+    return float(lap[mask.astype(bool)].var())

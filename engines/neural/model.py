@@ -38,6 +38,11 @@ FEATURE_FEATHER = 0.07
 # background; glasses' side frames) needs the generator's detail. The whole outline cost
 # selfscan_b 0.18 dB on its held-out frames, shrunk 0.03, at the same identity distance.
 FACE_SHRINK = 0.8
+# add_warp_detail: where the generator's output is within these levels of the warp (0-255,
+# the larger channel), the warp's finer detail is kept (all of it below the first, none
+# above the second); the weight is smoothed over KEPT_FEATHER pixels of SIZE.
+KEPT_LEVELS = (12.0, 40.0)
+KEPT_FEATHER = 1.5
 
 
 def _contour_edges() -> np.ndarray:
@@ -109,6 +114,24 @@ def keep_warp_detail(out: np.ndarray, warp: np.ndarray, points: np.ndarray) -> n
     kept, w = out.copy(), weight[box]
     kept[box] = cv2.blendLinear(cv2.add(warp[box], smooth, dtype=cv2.CV_8U), out[box], w, 1.0 - w)
     return kept
+
+
+def add_warp_detail(out: np.ndarray, warp: np.ndarray, detail: np.ndarray) -> np.ndarray:
+    """The generator's output at SIZE scaled up to the size of `detail` (the same warp as
+    `warp`, rendered at the identity's larger size), with the detail the large warp has
+    beyond SIZE added back where the generator kept the warp (they differ by less than
+    KEPT_LEVELS[0] levels, fading out by KEPT_LEVELS[1]). Where it painted something the
+    warp lacks (teeth, lids, the hair's outline), the warp's detail belongs to something
+    else, and the scaled-up output is left alone."""
+    size = detail.shape[1], detail.shape[0]
+    grown, scaled_warp = (cv2.resize(im, size, interpolation=cv2.INTER_CUBIC) for im in (out, warp))
+    lo, hi = KEPT_LEVELS
+    b, g, r = cv2.split(cv2.absdiff(out, warp))
+    kept = np.clip((hi - cv2.max(cv2.max(b, g), r).astype(np.float32)) / (hi - lo), 0.0, 1.0)
+    kept = cv2.resize(cv2.GaussianBlur(kept, (0, 0), KEPT_FEATHER), size, interpolation=cv2.INTER_LINEAR)
+    # Uint8 and int16 arithmetic and one blend: half the time of float32 (3.7 -> 1.9 ms at 512²).
+    detailed = cv2.add(cv2.subtract(detail, scaled_warp, dtype=cv2.CV_16S), grown, dtype=cv2.CV_8U)
+    return cv2.blendLinear(detailed, grown, kept, 1.0 - kept)
 
 
 def still_for(identity, channels: int) -> np.ndarray | None:

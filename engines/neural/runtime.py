@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+import cv2
 import numpy as np
 
 from .tensorrt_build import engine_path
@@ -212,12 +213,18 @@ def bundle_file(identity, name) -> Path | None:
 class GeneratorInput(NamedTuple):
     """NeuralRenderer.prepare's work, which finish completes (maybe on another thread)."""
     x: np.ndarray  # the generator's input
-    warp: np.ndarray  # the warp render in it, uint8
-    target: np.ndarray  # the target landmarks
+    warp: np.ndarray  # the warp render in it (SIZE), uint8
+    target: np.ndarray  # the target landmarks, in SIZE pixels
+    detail: np.ndarray | None  # the warp at the identity's own size, when that is larger
 
 
 class NeuralRenderer:
-    """Same interface as WarpRenderer: render(target_points) -> 256² RGB uint8."""
+    """Same interface as WarpRenderer: render(target_points) -> RGB uint8 at the identity's size.
+
+    The generator runs at SIZE (256). An identity kept larger (512² output) is warped at its
+    own size; the generator sees that warp scaled down, and its output is scaled up with the
+    large warp's finer detail added back where the generator left the warp alone
+    (add_warp_detail)."""
 
     def __init__(self, identity, prefer: str = "auto"):
         from ..render.warp import WarpRenderer
@@ -233,8 +240,11 @@ class NeuralRenderer:
                                      f"(generator input {neural.get('input')}); enroll it again")
         self.runtime = select_runtime(identity.path / neural["model"], bundle_file(identity, neural.get("weights")),
                                       prefer, int8_path=bundle_file(identity, (neural.get("int8") or {}).get("model")))
+        self.size, self._k = identity.size, SIZE / identity.size
+        small = identity.scaled(SIZE)
         self.warp = WarpRenderer.for_identity(identity)
-        self._still = still_for(identity, neural["input"][1])
+        self._rigid = self.warp if small is identity else WarpRenderer(small.reference, small.neutral)
+        self._still = still_for(small, neural["input"][1])
         self.last_warp: np.ndarray | None = None  # the warp render under the last output, for comparisons
         self._prev = None
 
@@ -246,18 +256,24 @@ class NeuralRenderer:
         return self.finish(self.prepare(target))
 
     def prepare(self, target: np.ndarray) -> GeneratorInput:
-        """The generator's input for `target`: the warp, the rigid head, the contour maps and
-        the still reference."""
+        """The generator's input for `target` (landmarks in the identity's pixels): the warp,
+        the rigid head, the contour maps and the still reference."""
+        from .config import SIZE
         from .model import contour_map, make_input
 
-        self.last_warp = self.warp.render(target)
+        self.last_warp = warp = self.warp.render(target)
+        detail = None
+        if self.size != SIZE:
+            detail, warp = warp, cv2.resize(warp, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+            target = (target * self._k).astype(np.float32)
         cmap = contour_map(target)
-        x = make_input(self.last_warp, self.warp.render_rigid(target), cmap, self._prev, self._still)
+        x = make_input(warp, self._rigid.render_rigid(target), cmap, self._prev, self._still)
         self._prev = cmap
-        return GeneratorInput(x, self.last_warp, target)
+        return GeneratorInput(x, warp, target, detail)
 
     def finish(self, prepared: GeneratorInput) -> np.ndarray:
         """The generator on a prepared input: the face."""
-        from .model import keep_warp_detail, to_image
+        from .model import add_warp_detail, keep_warp_detail, to_image
 
-        return keep_warp_detail(to_image(self.runtime.run(prepared.x)), prepared.warp, prepared.target)
+        out = keep_warp_detail(to_image(self.runtime.run(prepared.x)), prepared.warp, prepared.target)
+        return out if prepared.detail is None else add_warp_detail(out, prepared.warp, prepared.detail)

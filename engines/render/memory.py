@@ -58,6 +58,16 @@ class Memory:
         with np.load(path, allow_pickle=False) as z:
             return cls(z["patches"], z["points"])
 
+    def scaled(self, k: float):
+        """This memory for a reference `k` times the size of the one it was cut for."""
+        if k == 1:
+            return self
+        h, w = self.patches.shape[1:3]
+        size = (round(w * k), round(h * k))
+        patches = np.stack([cv2.resize(p, size, interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
+                            for p in self.patches])
+        return type(self)(patches, self.points * k)
+
     def save(self, path) -> None:
         np.savez_compressed(path, patches=self.patches, points=self.points)
 
