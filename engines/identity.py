@@ -282,20 +282,13 @@ class IdentityStore:
         """A new identity: identity `name` in `style` (engines/render/style.py). The reference and
         the scene are repainted as one picture, the landmarks stay; it inherits the consent
         record (scope, expiry, and revocation: see revoke) and names its origin."""
-        from .render.style import check_style, stylize
+        from .render.style import stylize
 
-        try:
-            check_style(style)
-        except ValueError as e:
-            raise IdentityError(str(e)) from None
-        if check_name(new_name) == name:
-            raise IdentityError("a style is a new identity: give it a new --name")
-        origin = self.load(name)
+        origin = self.style_origin(name, style, new_name)
         if origin.engine != "warp" or any(kind in origin.manifest for kind in MEMORIES):
             raise IdentityError(f"identity {name!r} is an enrolled ({origin.engine}) identity: its generator "
-                                "and memories learned the real face, and restyling them (training on a "
-                                "restyled self-scan) is not built yet; style a photo identity")
-        origin.consent.check("enrollment")  # a refused origin makes nothing, not even a staging folder
+                                "and memories learned the real face; engines.neural.enroll.restyle trains "
+                                "them again on its restyled self-scan")
         scene = origin.scene()
         if scene is None:  # a bundle made before scenes were kept
             reference, extra = stylize(origin.reference, style, origin.size), None
@@ -310,6 +303,21 @@ class IdentityStore:
         return self.write(new_name, display_name or f"{origin.display_name} ({style})", "warp", origin.consent,
                           reference, origin.neutral, origin.manifest["crop"], provenance,
                           tool="avatar identity style", extra=extra, overwrite=overwrite)
+
+    def style_origin(self, name: str, style: str, new_name: str) -> Identity:
+        """Identity `name`, checked as the origin of its style `new_name`: a known style, a new
+        name, and consent covering it (a refused origin makes nothing, not even a staging folder)."""
+        from .render.style import check_style
+
+        try:
+            check_style(style)
+        except ValueError as e:
+            raise IdentityError(str(e)) from None
+        if check_name(new_name) == name:
+            raise IdentityError("a style is a new identity: give it a new --name")
+        origin = self.load(name)
+        origin.consent.check("enrollment")
+        return origin
 
     def set_label(self, name: str, viewers: bool) -> None:
         """Show (or not) the visible "AI avatar" badge to the identity's viewers."""

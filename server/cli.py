@@ -285,17 +285,23 @@ def build_parser() -> argparse.ArgumentParser:
     from engines.render.style import STYLES
 
     style = isub.add_parser("style", help="make a stylized identity from an existing one (painted, toon)",
-                            description="Repaint a photo identity's face and the scene around it in a look, "
+                            description="Repaint an identity's face and the scene around it in a look, "
                             "once, as a new identity: animated live like any other, at no cost per frame, "
-                            "watermarked like any other. It inherits the consent record: its scope and expiry "
+                            "watermarked like any other. An enrolled identity's generator is trained again "
+                            "on its own self-scan, restyled (minutes, as `avatar enroll`; the scan its "
+                            "manifest names must still be there). It inherits the consent record: its scope and expiry "
                             "apply, and revoking the original revokes it too. Looks: "
                             + "; ".join(f"{k}: {v}" for k, v in STYLES.items()) + ".")
-    style.add_argument("name", help="the identity to restyle (a photo identity)")
+    style.add_argument("name", help="the identity to restyle")
     style.add_argument("--style", required=True, choices=tuple(STYLES), help="the look")
     style.add_argument("--name", dest="new_name", required=True, help="the new identity's name")
     style.add_argument("--display-name", default=None, help="shown in the web client (default: the "
                        "original's, with the style)")
     style.add_argument("--overwrite", action="store_true", help="replace an existing identity of that name")
+    style.add_argument("--preset", choices=("quick", "default", "quality"), default="quick",
+                       help="an enrolled identity's training preset (default: %(default)s), as `avatar enroll`")
+    style.add_argument("--steps", type=int, default=None, help="an enrolled identity's training steps "
+                       "(default: the preset's)")
     style.set_defaults(func=cmd_identity_style)
     label = isub.add_parser("label", help="show viewers the visible \"AI avatar\" badge, or not",
                             description="Turn the visible badge on or off for this identity's viewers and "
@@ -728,8 +734,27 @@ def cmd_identity_revoke(args) -> int:
 
 
 def cmd_identity_style(args) -> int:
-    identity = store(args).style(args.name, args.style, args.new_name, args.display_name, args.overwrite)
-    print(f"created identity {identity.name!r} ({args.style} {args.name!r}) in {identity.path}")
+    s = store(args)
+    if s.load(args.name).engine != "neural":
+        identity = s.style(args.name, args.style, args.new_name, args.display_name, args.overwrite)
+        print(f"created identity {identity.name!r} ({args.style} {args.name!r}) in {identity.path}")
+        return 0
+    from engines.neural.enroll import restyle
+    from engines.provenance.watermark import Marker, Payload
+
+    from server.audit import AuditLog, audit_path, local_user
+
+    # An enrolled identity learns the look from its own scan again: an enrollment on record.
+    log = AuditLog(audit_path(args.home), "avatar identity style")
+    try:
+        with log.use("enroll", local_user(), args.new_name, address="local") as use:
+            identity, summary = restyle(s, args.name, args.style, args.new_name, args.display_name, args.overwrite,
+                                        preset=args.preset, steps=args.steps, marker=Marker(Payload.here(use.id)))
+    finally:
+        log.close()
+    print(json.dumps(summary, indent=2))
+    print(f"created neural identity {identity.name!r} ({args.style} {args.name!r}, trained on its restyled "
+          f"self-scan) in {identity.path}")
     return 0
 
 

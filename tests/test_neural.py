@@ -587,6 +587,38 @@ def test_eval_and_bench_cli(enrolled, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_an_enrolled_identity_is_restyled_by_training_on_its_restyled_scan(enrolled, tmp_path, capsys):
+    from engines.identity import ConsentError, IdentityError
+    from engines.neural.enroll import restyle
+    from server.cli import main
+
+    s, _, _ = enrolled
+    origin = s.load("scan")
+    with pytest.raises(IdentityError, match="unknown style"):
+        restyle(s, "scan", "sepia", "scan-sepia")
+    with pytest.raises(IdentityError, match="give it a new --name"):
+        restyle(s, "scan", "toon", "scan")
+    assert main(["--home", str(s.root.parent), "identity", "style", "scan", "--style", "toon", "--name", "scan-toon",
+                 "--steps", "20"]) == 0
+    assert "trained on its restyled self-scan" in capsys.readouterr().out
+    toon = s.load("scan-toon")
+    assert toon.engine == "neural" and toon.size == origin.size and toon.consent == origin.consent
+    assert toon.manifest["provenance"]["derived_from"] == "scan" and toon.manifest["provenance"]["style"] == "toon"
+    assert toon.manifest["neural"]["steps"] == 20
+    # The look is in what it animates and in what its generator learned: flat tones.
+    tones = lambda rgb: len(np.unique(rgb.reshape(-1, 3) // 8, axis=0))
+    assert tones(toon.reference) < 0.6 * tones(origin.reference)
+    assert np.abs(toon.reference.astype(int) - origin.reference).mean() > 5
+    mouths = toon.memory("mouth_memory")
+    assert mouths is not None and tones(mouths.patches[0]) < tones(origin.memory("mouth_memory").patches[0])
+    # Its evaluation compares against the restyled held-out frames, not the real ones.
+    assert json.loads((toon.path / "eval.json").read_text())["neural"]["psnr"] > 15
+    s.revoke("scan", reason="test", by="pytest")  # revoking the origin revokes its styles
+    with pytest.raises(ConsentError):
+        s.load("scan-toon").consent.check("live-avatar")
+
+
+@pytest.mark.slow
 def test_delete_removes_checkpoint(enrolled):
     s, _, _ = enrolled
     s.delete("scan")

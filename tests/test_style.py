@@ -75,15 +75,25 @@ def test_bad_style_requests_get_clear_errors(fresh, args, message):
     assert fresh.names() == ["jo"]
 
 
-def test_an_enrolled_identity_is_not_restyled(fresh, demo):
+def test_an_enrolled_identity_is_restyled_only_by_training_on_its_scan(fresh, demo):
+    # Repainting its reference alone would leave a generator that draws the real face;
+    # enroll.restyle trains it again on its restyled scan (tests/test_neural.py), which
+    # needs the scan.
+    from engines.neural.enroll import restyle
+
     def extra(staging):
         (staging / "model.onnx").write_bytes(b"weights")
         return ["model.onnx"], {"neural": {"model": "model.onnx"}}
 
     fresh.write("nn", "NN", "neural", CONSENT, demo.reference, demo.neutral, (1, 2, 3, 4), {"source": "scan.mp4"},
                 tool="test", extra=extra)
-    with pytest.raises(IdentityError, match="enrolled .neural. identity.*not built yet"):
+    with pytest.raises(IdentityError, match="enrolled .neural. identity.*restyle trains"):
         fresh.style("nn", "toon", "nn-toon")
+    with pytest.raises(IdentityError, match="its self-scan .* is gone"):
+        restyle(fresh, "nn", "toon", "nn-toon")
+    with pytest.raises(IdentityError, match="is a warp identity"):
+        restyle(fresh, "demo", "toon", "x-toon")
+    assert "nn-toon" not in fresh.names() and "x-toon" not in fresh.names()
 
 
 def test_avatar_identity_style_command(tmp_path, monkeypatch, capsys):

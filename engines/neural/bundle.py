@@ -52,11 +52,12 @@ def add_int8_model(staging: Path, builder: PairBuilder) -> dict:
 
 def write_bundle(store: IdentityStore, name: str, display_name: str, consent: Consent, builder: PairBuilder,
                  model, info: dict, source: Path, preset_name: str, eval_report: dict | None,
-                 overwrite: bool = False, largest: int = PHOTO_SIZE) -> Identity:
+                 overwrite: bool = False, largest: int = PHOTO_SIZE, origin: dict | None = None) -> Identity:
     """Publish the enrolled identity: reference and neutral from the scan's reference frame
     (at its own size in the video, up to `largest`: the output's side), the generator files,
     the "neural" manifest section (what was trained on what), and that frame's surroundings
-    as the identity's scene."""
+    as the identity's scene. `origin` ({"derived_from", "style"}) goes into its provenance:
+    a restyled identity (enroll.restyle), revoked with the one it came from."""
 
     def neural_files(staging: Path) -> tuple[list[str], dict]:
         files = write_generator(staging, model)
@@ -82,7 +83,7 @@ def write_bundle(store: IdentityStore, name: str, display_name: str, consent: Co
 
     reference, neutral = output_reference(builder, largest)
     return store.write(name, display_name, "neural", consent, reference, neutral, crop_corners(*builder.data.box),
-                       {"source": source.name, "source_path": str(source.resolve())},
+                       {"source": source.name, "source_path": str(source.resolve()), **(origin or {})},
                        tool="avatar enroll", extra=neural_files, overwrite=overwrite)
 
 

@@ -11,9 +11,9 @@ overwrite=True (--overwrite), whatever checkpoint there is; publishing removes t
 checkpoint, so a finished enrollment is never resumed.
 
 `report(stage, done, total)`, if given, is told how far the work is (stages: "extracting"
-per frame, "preparing", "training" per step, "evaluating", "writing"; total None when
-unknown): for a caller that shows progress elsewhere than this terminal (the server's
-enrollment jobs).
+per frame, "styling" per frame (a restyle), "preparing", "training" per step, "evaluating",
+"writing"; total None when unknown): for a caller that shows progress elsewhere than this
+terminal (the server's enrollment jobs).
 """
 from __future__ import annotations
 
@@ -40,11 +40,13 @@ def enroll(store: IdentityStore, video: str | os.PathLike, name: str, consent: C
            bf16: bool | None = None, evaluate: bool = True, progress: bool = True,
            device: str = "cpu", resolution: int = PHOTO_SIZE,
            report: Callable[[str, int, int | None], None] | None = None, marker=None,
-           max_pixels: int | None = None) -> tuple:
+           max_pixels: int | None = None, style: str | None = None, derived_from: str | None = None) -> tuple:
     """Enroll `name` from a self-scan video. Returns (Identity, summary dict). `marker`
     (engines.watermark.Marker, of the enrollment's audit use) marks the rendered frames in
     its evaluation report. `max_pixels` bounds every frame's size (the server's upload limit).
-    `resolution`: the output's largest side; the scan's face at its own size when smaller."""
+    `resolution`: the output's largest side; the scan's face at its own size when smaller.
+    `style` (engines/render/style.py): the scan is restyled first, so the generator learns
+    the look (restyle, for identity `derived_from`)."""
     video = _check_request(store, video, name, display_name, consent, preset, steps, device, resolution,
                            overwrite)
     stage = store.work_dir(name)
@@ -56,9 +58,11 @@ def enroll(store: IdentityStore, video: str | os.PathLike, name: str, consent: C
     n_steps = steps if steps is not None else p.steps
     use_bf16 = bf16_supported() if bf16 is None else bf16
     t_start = time.monotonic()
-    key = enrollment_key(video, max_frames, consent)
+    key = {**enrollment_key(video, max_frames, consent), "style": style}
     report = report or _silent
     data = extract(video, max_frames, progress, report, max_pixels)
+    if style is not None:
+        data = stylize_scan(data, style, report, progress)
     t_extract = time.monotonic() - t_start
     report("preparing", 0, None)
     builder = PairBuilder(data)
@@ -74,13 +78,57 @@ def enroll(store: IdentityStore, video: str | os.PathLike, name: str, consent: C
         report("evaluating", 0, None)
         evaluation = evaluate_holdout(builder, TorchRuntime(info["model"]), progress=progress, marker=marker)
     report("writing", 0, None)
+    origin = None if style is None else {"derived_from": derived_from, "style": style}
     identity = write_bundle(store, name, display_name or name, consent, builder, info["model"], info,
-                            video, preset, evaluation, overwrite, largest=resolution)
+                            video, preset, evaluation, overwrite, largest=resolution, origin=origin)
     summary = {k: v for k, v in info.items() if k != "model"}
     summary.update(extract_seconds=round(t_extract, 1), total_seconds=round(time.monotonic() - t_start, 1),
                    bf16=use_bf16, preset=preset, eval=evaluation["summary"] if evaluation else None,
                    int8=identity.manifest["neural"]["int8"])
     return identity, summary
+
+
+def restyle(store: IdentityStore, name: str, style: str, new_name: str, display_name: str | None = None,
+            overwrite: bool = False, **options) -> tuple:
+    """A new neural identity: enrolled identity `name` in `style`, its generator trained again
+    on its own self-scan restyled (the video its manifest names must still be there). Like a
+    photo identity's style (IdentityStore.style) it inherits the consent record and names
+    its origin, so revoking the origin revokes it. `options` go to enroll (preset, steps...)."""
+    origin = store.style_origin(name, style, new_name)
+    if origin.engine != "neural":
+        raise IdentityError(f"identity {name!r} is a {origin.engine} identity: restyle it with IdentityStore.style")
+    source = Path((origin.manifest.get("provenance") or {}).get("source_path", ""))
+    if not source.is_file():
+        raise IdentityError(f"identity {name!r}: its self-scan {str(source) or '(not recorded)'} is gone, and "
+                            "its generator can only learn a style from it; enroll the scan again with the style")
+    options.setdefault("max_frames", (origin.manifest.get("neural") or {}).get("frames_decoded"))  # its frames
+    return enroll(store, source, new_name, origin.consent, display_name or f"{origin.display_name} ({style})",
+                  overwrite=overwrite, style=style, derived_from=name, **options)
+
+
+def stylize_scan(data, style: str, report: Callable[[str, int, int | None], None], progress: bool = False):
+    """The scan in `style`: every crop (what the generator learns to draw), and the reference
+    frame's scene, from which the large reference is cut again so the pasted-back head meets
+    the same strokes at the seam (as a photo identity's style does)."""
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from ..identity import crop_with_box
+    from ..render.style import stylize
+
+    crops = data.crops.copy()
+    for i, crop in enumerate(tqdm(crops, desc=style, unit="frame", disable=not progress)):
+        report("styling", i + 1, len(crops))
+        crops[i] = stylize(crop, style, crop.shape[0])
+    scene, large = data.scene, data.large
+    if scene is not None:
+        picture, (left, top, right, bottom) = scene
+        picture = stylize(picture, style, right - left)
+        scene = (picture, scene[1])
+        if large is not None:
+            large = crop_with_box(picture, left, top, right - left, large.shape[0])
+    return replace(data, crops=crops, scene=scene, large=large)
 
 
 def _silent(stage: str, done: int, total: int | None) -> None:

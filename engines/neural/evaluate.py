@@ -374,6 +374,7 @@ def _render_holdout(identity, renderer, max_frames: int | None, progress: bool) 
 
     neural_info = identity.manifest.get("neural") or {}
     source = Path(identity.manifest.get("provenance", {}).get("source_path", ""))
+    style = identity.manifest.get("provenance", {}).get("style")  # a restyled scan's truth is restyled
     span = neural_info.get("holdout_frames")
     if not span:
         raise IdentityError(f"identity {identity.name!r} has no held-out frames recorded; use --driving")
@@ -403,6 +404,10 @@ def _render_holdout(identity, renderer, max_frames: int | None, progress: bool) 
                 renderer.reset()
             r.neurals.append(renderer.render(p))
             crop = crop_with_box(rgb, x0, y0, side, identity.size)
+            if style:
+                from ..render.style import stylize
+
+                crop = stylize(crop, style, crop.shape[0])
             r.consecutive.append(prev_i == i - 1)
             r.warps.append(renderer.last_warp), r.points.append(p)
             r.truth.append(crop), r.drivers.append(crop), r.frame_ids.append(i)
