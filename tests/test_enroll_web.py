@@ -1,15 +1,19 @@
 """Browser enrollment (issue #13): the HTTP API (server/http/enroll.py), the job queue
 (server/enroll/queue.py) with a stand-in training worker, and the enroll page in headless
-Chromium with a fake camera playing a shared self-scan, trained for real on a tiny budget."""
+Chromium with a fake camera playing a shared self-scan, trained for real on a tiny budget;
+with a fake microphone speaking, or refused (issue #36: the recording carries the voice)."""
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
 import os
+import shutil
+import subprocess
 import sys
 import textwrap
 import time
+import wave
 from pathlib import Path
 
 import aiohttp
@@ -29,15 +33,18 @@ FIELDS = {"name": "jo", "display_name": "Jo", "subject": "Jo Doe",
 
 # Stands in for server/enroll/worker.py's training (the probe stays real): FAKE_ENROLL says how
 # it goes: "done" at once, "slow" until stopped (as the real worker: SIGTERM -> interrupted),
-# "fail" with a message. It logs each run's spec to FAKE_ENROLL_LOG.
+# "fail" with a message. It logs each run's spec to FAKE_ENROLL_LOG, and copies its recording
+# to FAKE_ENROLL_KEEP if set (the server deletes it when the job ends).
 FAKE_WORKER = textwrap.dedent("""
-    import json, os, signal, sys, time
+    import json, os, shutil, signal, sys, time
     if sys.argv[1] == "probe":
         from server.enroll.worker import main
         sys.exit(main(sys.argv[1:]))
     spec = json.loads(sys.stdin.read())
     with open(os.environ["FAKE_ENROLL_LOG"], "a") as f:
         f.write(json.dumps({**spec, "pid": os.getpid()}) + "\\n")
+    if os.environ.get("FAKE_ENROLL_KEEP"):
+        shutil.copyfile(spec["video"], os.environ["FAKE_ENROLL_KEEP"])
     def say(m):
         print(json.dumps(m), flush=True)
     def stop(*a):
@@ -65,19 +72,43 @@ def fake_worker(tmp_path, monkeypatch):
     return lambda mode: monkeypatch.setenv("FAKE_ENROLL", mode)
 
 
-def make_video(path: Path, seconds: float, size=(160, 160), fps: int = 10) -> Path:
-    """A small VP8 WebM of moving noise (the probe does not look for faces)."""
+def make_video(path: Path, seconds: float, size=(160, 160), fps: int = 10, sound_seconds: float = 0) -> Path:
+    """A small VP8 WebM of moving noise (the probe does not look for faces), with
+    `sound_seconds` of an Opus tone; sound alone if `seconds` is 0."""
     with av.open(str(path), "w", format="webm") as out:
-        stream = out.add_stream("libvpx", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
-        rng = np.random.default_rng(0)
-        for _ in range(round(seconds * fps)):
-            rgb = rng.integers(0, 255, (size[1], size[0], 3), np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+        if seconds:
+            video = out.add_stream("libvpx", rate=fps)
+            video.width, video.height, video.pix_fmt = *size, "yuv420p"
+        if sound_seconds:
+            audio = out.add_stream("libopus", rate=48000)
+        if seconds:
+            encode(out, video, noise_frames(round(seconds * fps), size))
+        if sound_seconds:
+            encode(out, audio, tone_frames(sound_seconds))
     return path
+
+
+def noise_frames(count: int, size) -> list[av.VideoFrame]:
+    rng = np.random.default_rng(0)
+    return [av.VideoFrame.from_ndarray(rng.integers(0, 255, (size[1], size[0], 3), np.uint8), format="rgb24")
+            for _ in range(count)]
+
+
+def tone_frames(seconds: float, rate: int = 48000, chunk: int = 960) -> list[av.AudioFrame]:
+    t = np.arange(round(seconds * rate)) / rate
+    samples = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)[None]
+    frames = []
+    for start in range(0, samples.shape[1], chunk):
+        frame = av.AudioFrame.from_ndarray(samples[:, start:start + chunk], format="flt", layout="mono")
+        frame.sample_rate, frame.pts = rate, start
+        frames.append(frame)
+    return frames
+
+
+def encode(out, stream, frames) -> None:
+    for frame in [*frames, None]:  # None: flush the encoder
+        for packet in stream.encode(frame):
+            out.mux(packet)
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +271,31 @@ async def test_recordings_checked_size_format_duration(tmp_path, monkeypatch, fa
         assert status == 201, "the name is free again after refusals"
 
 
+async def test_recordings_with_sound_are_taken_and_sound_alone_is_refused(tmp_path, monkeypatch, fake_worker,
+                                                                         video):
+    """Issue #36: the page records the voice too. Sound is welcome, never required, and never
+    counted as video: the frame and duration checks are the video's; sound alone is refused."""
+    voiced = make_video(tmp_path / "voiced.webm", 6, sound_seconds=6).read_bytes()
+    short_voiced = make_video(tmp_path / "short.webm", 2, sound_seconds=8).read_bytes()
+    voice_only = make_video(tmp_path / "voice.webm", 0, sound_seconds=8).read_bytes()
+    fake_worker("slow")
+    async with running_server(tmp_path, monkeypatch, enroll_queue=3) as srv, aiohttp.ClientSession() as http:
+        api = Api(http, srv.url)
+        status, job = await api.enroll(voiced, name="voiced")
+        assert status == 201, job
+        assert job["audio"] == "opus" and job["seconds"] == pytest.approx(6, abs=0.2), job
+        status, silent = await api.enroll(video, name="silent")
+        assert (status, silent["audio"]) == (201, None), "a recording without sound is still taken"
+        status, body = await api.enroll(short_voiced, name="short")
+        assert status == 400 and "at least 5 s" in body["message"], "8 s of sound do not lengthen 2 s of video"
+        status, body = await api.enroll(voice_only, name="voice")
+        assert (status, body["error"]) == (415, "bad_video"), body
+        assert "sound but no video" in body["message"] and "camera" in body["message"], body
+        jobs = {j["name"]: j["audio"] for j in (await api.call("GET", "/enrollments"))[1]["jobs"]}
+        assert jobs == {"voiced": "opus", "silent": None}
+        assert leftovers(srv) == sorted(f"{j['id']}.upload" for j in (job, silent)), "nothing refused stays"
+
+
 async def test_queue_bounds_cancel_and_events(tmp_path, monkeypatch, fake_worker, video):
     fake_worker("slow")
     async with running_server(tmp_path, monkeypatch, enroll_queue=1) as srv, aiohttp.ClientSession() as http:
@@ -348,7 +404,20 @@ FILL_FORM = """(() => {
 })()"""
 PAGE = """(() => ({state: window.enroll.state, job: window.enroll.job, error: window.enroll.lastError,
   message: document.getElementById('message').textContent,
-  stage: document.getElementById('train-stage').textContent}))()"""
+  stage: document.getElementById('train-stage').textContent, sound: window.enroll.sound,
+  soundNote: document.getElementById('sound').textContent,
+  trainSound: document.getElementById('train-sound').hidden ? null : document.getElementById('train-sound').textContent,
+  statement: document.getElementById('statement').textContent}))()"""
+NO_SOUND = "Recording without sound: your avatar's mouth will use general shapes."
+# The person refuses the microphone: getUserMedia rejects any request for sound, as a browser
+# does then. (Chromium's --use-fake-ui-for-media-stream grants every request, whatever the
+# DevTools permission settings say.)
+REFUSE_MICROPHONE = """(() => {
+  const ask = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+  navigator.mediaDevices.getUserMedia = (constraints) => constraints.audio
+    ? Promise.reject(new DOMException("Permission denied", "NotAllowedError")) : ask(constraints);
+  return true;
+})()"""
 
 
 @pytest.mark.slow
@@ -403,6 +472,98 @@ async def test_enroll_page_in_chromium_trains_an_identity(tmp_path, monkeypatch)
         selected = await tools.eval("document.getElementById('identity').value")
         await shot("5-presenter")
         assert "scan" in picker and selected == "scan", (picker, selected)
+
+
+def speech_wav(path: Path) -> Path:
+    """Speech for Chromium's fake microphone: espeak-ng counting, or without it a voice-like
+    stand-in (a 150 Hz buzz with its harmonics, swelling in syllables)."""
+    if shutil.which("espeak-ng"):
+        subprocess.run(["espeak-ng", "-w", str(path), "One, two, three, four, five, six, seven, eight."],
+                       check=True, timeout=60)
+        return path
+    rate = 16000
+    t = np.arange(4 * rate) / rate
+    buzz = sum(np.sin(2 * np.pi * 150 * k * t) / k for k in range(1, 6))
+    voice = 0.3 * buzz / np.abs(buzz).max() * np.clip(np.sin(2 * np.pi * 3 * t), 0, None)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1), out.setsampwidth(2), out.setframerate(rate)
+        out.writeframes((voice * 32767).astype(np.int16).tobytes())
+    return path
+
+
+async def scan_in_chromium(tmp_path, monkeypatch, label: str, *flags: str, microphone: bool = True
+                           ) -> tuple[dict, dict, Path]:
+    """The enroll page in Chromium, from consent to a 6-second recording, its upload and the
+    stand-in worker's "done" (set up by the fake_worker fixture); the page's state with the
+    camera on and at the end, and a copy of the recording the server received. Without
+    `microphone`, the page is refused it. Screenshots: tests/artifacts/enroll-<label>-*.png."""
+    from server.bench.chromium import CHROMIUM, browser_page, write_y4m
+    from test_browser import poll
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    y4m = tmp_path / "selfscan.y4m"
+    write_y4m(clip("selfscan_a.mp4"), y4m, seconds=2)
+    received = tmp_path / "received.webm"
+    monkeypatch.setenv("FAKE_ENROLL_KEEP", str(received))
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with running_server(tmp_path, monkeypatch) as srv, \
+            browser_page(f"{srv.url}enroll.html?seconds=6", y4m, tmp_path / "profile", *flags) as tools:
+        async def shot(name: str) -> None:
+            data = (await tools.call("Page.captureScreenshot", format="png"))["data"]
+            (ARTIFACTS / f"enroll-{label}-{name}.png").write_bytes(base64.b64decode(data))
+
+        await poll(tools, lambda s: s.get("state") == "form", 10, PAGE)
+        if not microphone:
+            await tools.eval(REFUSE_MICROPHONE)
+        await tools.eval(FILL_FORM)
+        await shot("1-consent")
+        camera = await poll(tools, lambda s: s.get("state") == "camera", 10, PAGE)
+        assert camera.get("state") == "camera", camera
+        await tools.eval("document.getElementById('record').click()")
+        await poll(tools, lambda s: s.get("state") == "recording", 10, PAGE)
+        await asyncio.sleep(2)
+        await shot("2-recording")
+        end = await poll(tools, lambda s: s.get("state") in ("done", "failed", "cancelled"), 60, PAGE)
+        await asyncio.sleep(0.5)  # the progress bar's slide to its end
+        await shot("3-done")
+    return camera, end, received
+
+
+@pytest.mark.slow
+async def test_enroll_page_records_the_voice_in_chromium(tmp_path, monkeypatch, fake_worker):
+    """Issue #36: the page asks for the microphone with the camera, and the recording the
+    server receives carries the voice (a fake microphone speaking), under a consent that says so."""
+    fake_worker("done")
+    wav = speech_wav(tmp_path / "speech.wav")
+    camera, end, received = await scan_in_chromium(tmp_path, monkeypatch, "voice",
+                                                   f"--use-file-for-fake-audio-capture={wav}")
+    assert camera["sound"] is True and "microphone records too" in camera["soundNote"], camera
+    assert NO_SOUND not in camera["message"], camera
+    assert end["state"] == "done" and end["job"]["audio"] == "opus", end
+    assert end["trainSound"].startswith("Recorded with sound"), end
+    with av.open(str(received)) as recording:
+        assert len(recording.streams.video) == 1 and len(recording.streams.audio) == 1
+        assert recording.streams.audio[0].codec_context.name == "opus"
+        sound = np.concatenate([frame.to_ndarray().ravel() for frame in recording.decode(audio=0)])
+    assert np.sqrt(np.mean(sound ** 2)) > 0.01, "the speech is in it, not silence"
+    statement = json.loads((tmp_path / "fake_runs.jsonl").read_text())["consent"]["statement"]
+    assert statement == end["statement"] and "my voice" in statement and "how my mouth moves" in statement
+    assert "deleted as soon as the training ends" in statement
+
+
+@pytest.mark.slow
+async def test_enroll_page_without_a_microphone_records_video_only(tmp_path, monkeypatch, fake_worker):
+    """A refused (or missing) microphone never blocks the enrollment: the page says it records
+    without sound, and the server takes the video."""
+    fake_worker("done")
+    camera, end, received = await scan_in_chromium(tmp_path, monkeypatch, "no-mic", microphone=False)
+    assert camera["sound"] is False and camera["soundNote"] == NO_SOUND, camera
+    assert camera["message"].startswith(NO_SOUND), camera
+    assert end["state"] == "done" and end["job"]["audio"] is None, end
+    assert end["trainSound"].startswith("Recorded without sound"), end
+    with av.open(str(received)) as recording:
+        assert len(recording.streams.video) == 1 and not recording.streams.audio
 
 
 def test_the_pages_prompts_put_teeth_and_turns_before_the_held_out_fifth():

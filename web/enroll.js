@@ -1,5 +1,6 @@
-// The enroll page: consent, a guided webcam self-scan, the upload, then the training's
-// progress until the new identity is ready (the HTTP API in docs/PROTOCOL.md, "Enrollment").
+// The enroll page: consent, a guided webcam self-scan with the microphone's sound if it is
+// allowed, the upload, then the training's progress until the new identity is ready (the
+// HTTP API in docs/PROTOCOL.md, "Enrollment").
 // ?seconds=N records N seconds instead of 30 (tests); ?token=T fills the token.
 "use strict";
 
@@ -28,9 +29,20 @@ const STAGES = {
   writing: "Saving the new identity",
   interrupted: "Resuming after a server restart",
 };
-const MIME_TYPES = ["video/webm;codecs=vp9", "video/webm;codecs=vp8", "video/webm", "video/mp4"];
+// The first the browser records; those that carry sound first, tried only when there is sound.
+const MIME_TYPES = ["video/webm;codecs=vp9,opus", "video/webm;codecs=vp8,opus", "video/mp4;codecs=avc1,mp4a.40.2",
+                    "video/webm;codecs=vp9", "video/webm;codecs=vp8", "video/webm", "video/mp4"];
+const SOUND_CODECS = /opus|mp4a/;
+const CAMERA = { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 30 } };
+// The voice as it is: the training learns mouth shapes from the sounds of speech, and echo
+// cancellation, noise suppression and gain control clip word onsets and thin out the quiet
+// consonants (s, f, th) it needs. Nothing plays while recording (the preview is muted), so
+// there is no echo to cancel. Plain values, not `exact`: a browser that cannot turn one off
+// still gives the microphone.
+const MICROPHONE = { echoCancellation: false, noiseSuppression: false, autoGainControl: false, channelCount: 1 };
+const NO_SOUND = "Recording without sound: your avatar's mouth will use general shapes.";
 
-const page = window.enroll = { state: "form", job: null, lastError: null, limits: null, seconds: 30 };
+const page = window.enroll = { state: "form", job: null, lastError: null, limits: null, seconds: 30, sound: null };
 let stream = null;
 let events = null;
 
@@ -65,10 +77,12 @@ async function api(method, path) {
 // ---- step 1: who, and the consent they accept ------------------------------------------
 function statement() {
   const who = $("subject").value.trim() || "[your full name]";
-  return `I, ${who}, agree that this recording of my face is used to build an avatar of me on this ` +
-    "server, and that the avatar may be used as a live avatar, in offline renders, and to train it. " +
-    "Everything it makes is marked as synthetic. I can withdraw this consent at any time, and then " +
-    "every use of the avatar stops.";
+  return `I, ${who}, agree that this recording of my face, and of my voice if I allow the microphone, is ` +
+    "used to build an avatar of me on this server. My voice is used only to learn how my mouth moves when I speak. " +
+    "The avatar may be used as a live avatar, in offline renders, and to train it. Everything it makes is " +
+    "marked as synthetic. The recording, sound included, is deleted as soon as the training ends or is " +
+    "cancelled; the avatar keeps pictures of my face and what it learned. I can withdraw this consent at " +
+    "any time, and then every use of the avatar stops.";
 }
 
 function formProblem() {
@@ -82,7 +96,9 @@ $("subject").addEventListener("input", () => {
   $("statement").textContent = statement();
   $("accepted").checked = false; // a changed statement must be accepted again
 });
-$("accepted").addEventListener("change", () => { if ($("accepted").checked) say("Thank you. Now turn on the camera.", "ok"); });
+$("accepted").addEventListener("change", () => {
+  if ($("accepted").checked) say("Thank you. Now turn on the camera and microphone.", "ok");
+});
 
 // ---- step 2: camera and the guided recording -------------------------------------------
 function show(step) {
@@ -99,16 +115,30 @@ async function cameraOn() {
     return fail(e.message);
   }
   try {
-    stream = await navigator.mediaDevices.getUserMedia({
-      video: { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 30 } }, audio: false });
+    stream = await cameraAndMicrophone();
   } catch (e) {
     return fail(`The camera is not available: ${e.message}. Allow it for this page (browsers allow it on https or localhost).`);
   }
+  page.sound = stream.getAudioTracks().length > 0;
   $("preview").srcObject = stream;
+  $("sound").textContent = page.sound ? "Your microphone records too: speak naturally, and your avatar learns how " +
+    "your mouth moves." : NO_SOUND;
   show("step-record");
   page.state = "camera";
   $("record").disabled = false;
-  say("Check that your whole face is in the picture and well lit, then start recording.", "info");
+  const check = "Check that your whole face is in the picture and well lit, then start recording.";
+  say(page.sound ? check : `${NO_SOUND} ${check}`, page.sound ? "info" : "warn");
+}
+
+// Both, or the camera alone if the microphone is refused or missing: sound helps, but it is
+// never what stops an enrollment.
+async function cameraAndMicrophone() {
+  try {
+    return await navigator.mediaDevices.getUserMedia({ video: CAMERA, audio: MICROPHONE });
+  } catch (e) {
+    console.warn("no microphone, recording without sound:", e);
+    return navigator.mediaDevices.getUserMedia({ video: CAMERA, audio: false });
+  }
 }
 
 function cameraOff() {
@@ -117,8 +147,9 @@ function cameraOff() {
   $("preview").srcObject = null;
 }
 
-function pickMimeType() {
-  return MIME_TYPES.find((t) => window.MediaRecorder && MediaRecorder.isTypeSupported(t)) || "";
+function pickMimeType(sound) {
+  const types = sound ? MIME_TYPES : MIME_TYPES.filter((t) => !SOUND_CODECS.test(t));
+  return types.find((t) => window.MediaRecorder && MediaRecorder.isTypeSupported(t)) || "";
 }
 
 // The prompt due `t` seconds into a recording of `total` seconds.
@@ -150,7 +181,7 @@ function countdown(seconds) {
 }
 
 async function record() {
-  const mimeType = pickMimeType();
+  const mimeType = pickMimeType(page.sound);
   if (!mimeType) return fail("This browser cannot record video (no MediaRecorder); try a current Chrome or Firefox.");
   $("record").disabled = true;
   $("record-cancel").disabled = true;
@@ -274,6 +305,7 @@ function showJob(job) {
   page.state = job.state;
   $("train-bar").style.width = `${100 * (job.fraction || 0)}%`;
   $("job-cancel").hidden = isFinal(job);
+  showSound(job);
   if (job.state === "queued") {
     $("train-stage").textContent = job.stage === "interrupted" ? STAGES.interrupted : "Waiting for the server";
     $("train-detail").textContent = job.position > 1 ? `Yours is number ${job.position} in line.`
@@ -284,6 +316,13 @@ function showJob(job) {
   } else {
     finished(job);
   }
+}
+
+// What the server found in the recording: sound or none (its probe's word, not the page's).
+function showSound(job) {
+  $("train-sound").hidden = !("audio" in job) || ["failed", "cancelled"].includes(job.state);
+  $("train-sound").textContent = job.audio ? "Recorded with sound: your avatar's mouth is learned from your own speech."
+    : "Recorded without sound: your avatar's mouth will use general shapes.";
 }
 
 function showRunning(job) {

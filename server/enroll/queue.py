@@ -84,6 +84,7 @@ class Job:
     address: str
     frames: int | None = None  # video frames, as the probe counted them
     seconds: float | None = None
+    audio: str | None = None  # the recording's sound codec, as the probe read it; None: no sound
     state: str = "queued"
     stage: str | None = None
     done: int = 0
@@ -98,7 +99,7 @@ class Job:
     audit_use: str | None = None
 
     PUBLIC = ("id", "name", "display_name", "state", "stage", "done", "total", "fraction", "eta", "error",
-              "seconds", "created_at", "started_at", "finished_at", "attempts")
+              "seconds", "audio", "created_at", "started_at", "finished_at", "attempts")
 
     def public(self) -> dict:
         """What its owner is told (not the consent record, token digest or address)."""
@@ -122,6 +123,8 @@ class Job:
                 raise ValueError(f"{key} must be a string")
         if not isinstance(job.attempts, int):
             raise ValueError("attempts must be a number")
+        if not (job.audio is None or isinstance(job.audio, str)):
+            raise ValueError("audio must be a codec name or null")
         return job
 
 

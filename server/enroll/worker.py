@@ -7,7 +7,8 @@ take the server down with it. So each is a process of its own, at a lower priori
 bounded threads, speaking JSON lines on stdout:
 
     python -m server.enroll_worker probe FILE
-        -> {"ok": true, "seconds", "width", "height", "frames", "codec", "container"}
+        -> {"ok": true, "seconds", "width", "height", "frames", "codec", "container",
+            "audio" (the sound's codec, or null: recorded without sound)}
            or {"ok": false, "status": 415 | 400, "error": "..."}
     python -m server.enroll_worker train  < {"identities_root", "video", "name", "display_name",
                                              "consent", "preset", "steps", "max_frames", "threads",
@@ -70,7 +71,8 @@ class Unusable(Exception):
 
 def probe(path: str) -> dict:
     """The facts of a recording the server accepts; Unusable (415: not a video it reads,
-    400: a video it will not train on) otherwise."""
+    400: a video it will not train on) otherwise. Sound is welcome but never required: the
+    checks are of the video stream alone."""
     import av
 
     try:
@@ -82,7 +84,7 @@ def probe(path: str) -> dict:
         if kind is None:
             raise Unusable(415, f"unsupported container {container.format.name!r} (send WebM or MP4)")
         if not container.streams.video:
-            raise Unusable(415, "the file has no video stream")
+            raise no_video(container)
         stream = container.streams.video[0]
         codec = stream.codec_context.name
         if codec not in CODECS:
@@ -94,7 +96,14 @@ def probe(path: str) -> dict:
     if seconds < MIN_SECONDS:
         raise Unusable(400, f"the recording is {seconds:.1f} s long; record at least {MIN_SECONDS:.0f} s")
     return {"ok": True, "seconds": round(seconds, 2), "width": width, "height": height, "frames": frames,
-            "codec": codec, "container": kind}
+            "codec": codec, "container": kind, "audio": sound(path)}
+
+
+def no_video(container) -> Unusable:
+    if container.streams.audio:  # the camera was off, or a sound file sent by mistake
+        return Unusable(415, "the recording has sound but no video: the avatar is learned from your face, "
+                             "so record with the camera on")
+    return Unusable(415, "the file has no video stream")
 
 
 def check_size(width: int, height: int) -> None:
@@ -140,6 +149,23 @@ def check_decodes(path: str) -> None:
     except av_errors() as e:
         raise Unusable(415, f"the video cannot be decoded ({str(e)[:120]})")
     raise Unusable(400, "the recording has no decodable video frame")
+
+
+def sound(path: str) -> str | None:
+    """The codec of the recording's sound if its first stretch decodes; None without sound.
+    Sound that cannot be read makes a recording without sound, not a refused one: the
+    microphone is never what stops an enrollment."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                return None
+            for _ in container.decode(audio=0):
+                return container.streams.audio[0].codec_context.name
+    except av_errors():
+        pass
+    return None
 
 
 def av_errors() -> tuple:

@@ -18,8 +18,8 @@ reserved, before the first byte of it is accepted. The body must keep a pace
 (enroll_min_rate, enroll_idle_timeout) and each client address may send only
 enroll_uploads_per_address at once; an upload takes a queue place only once its recording
 has arrived, so slow senders cannot hold the queue. A child process then reads it
-(server/enroll/worker.py probe: container, codec, frame size, duration) before the job is
-queued (server/enroll/queue.py).
+(server/enroll/worker.py probe: container, codec, frame size, duration; sound is optional,
+and the job says whether it has any) before the job is queued (server/enroll/queue.py).
 """
 from __future__ import annotations
 
@@ -296,15 +296,15 @@ class Upload:
             raise
         finally:
             self.queue.release(name)
-        log.info("enrollment %s of %r queued: %.1f s of %s, %d bytes", job_id[:8], name, job.seconds or 0,
-                 facts.get("codec"), size)
+        log.info("enrollment %s of %r queued: %.1f s of %s, sound: %s, %d bytes", job_id[:8], name,
+                 job.seconds or 0, facts.get("codec"), job.audio or "none", size)
         return web.json_response(self.queue.describe(job), status=201, headers={"Location": f"/enrollments/{job_id}"})
 
     def _new_job(self, job_id: str, consent: Consent, facts: dict) -> Job:
         name = self.fields["name"]
         return Job(job_id, name, self.fields.get("display_name", "").strip() or name, consent.__dict__,
                    owner_digest(self.token), self.state.who(self.token), self.request.remote or "unknown",
-                   frames=facts.get("frames"), seconds=facts.get("seconds"))
+                   frames=facts.get("frames"), seconds=facts.get("seconds"), audio=facts.get("audio"))
 
     async def _read_fields(self, reader) -> BodyPartReader:
         """Read the text fields up to the recording (the part named 'video'); that part."""
