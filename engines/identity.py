@@ -648,6 +648,15 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _visemes_ok(entry: object) -> bool:
+    """An enrollment's learned mouth shapes (engines/voice/learn.py), as the voice reads them."""
+    shapes = entry.get("shapes") if isinstance(entry, dict) else None
+    return isinstance(shapes, dict) and all(
+        isinstance(k, str) and isinstance(v, list) and len(v) == 3
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and -1 <= x <= 1 for x in v)
+        for k, v in shapes.items())
+
+
 def _from_manifest(folder: Path, m: object) -> Identity:
     where = folder / "manifest.json"
 
@@ -695,6 +704,8 @@ def _from_manifest(folder: Path, m: object) -> Identity:
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
                 or not (box[2] - box[0] > 1 and abs((box[2] - box[0]) - (box[3] - box[1])) <= 2)):
             fail("scene.box must be a square [left, top, right, bottom] in the scene's pixels")
+    if "visemes" in m and not _visemes_ok(m["visemes"]):
+        fail("visemes.shapes must map viseme names to [gap, spread, round], numbers within -1..1")
     bgr = cv2.imread(str(folder / m["reference_image"]), cv2.IMREAD_COLOR)
     if bgr is None:
         fail(f"{m['reference_image']} is not a readable image")

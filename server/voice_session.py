@@ -41,9 +41,10 @@ class VoiceProcessor:
 
     def __init__(self, identity, payload: Payload, seed: int = 0):
         from engines.pipeline import make_renderer
+        from engines.voice.learn import own_visemes
         from engines.voice.stream import StreamingAnimator
 
-        self.animator = StreamingAnimator(identity.neutral, seed)
+        self.animator = StreamingAnimator(identity.neutral, seed, own_visemes(identity))
         self.renderer = make_renderer(identity)
         self.marker = Marker(payload)
 

@@ -169,3 +169,51 @@ def test_a_text_with_no_words_is_a_clear_error(tmp_path, capsys, espeak):
     assert run_cli(tmp_path / "home", "say", "...", "-o", str(tmp_path / "out.mp4")) == 2
     assert "nothing eSpeak NG can say" in capsys.readouterr().err
     assert not (tmp_path / "out.mp4").exists()
+
+
+# ------------------------------------------------------------------ an identity's own mouth shapes
+
+def test_an_identitys_own_vowels_are_learned_from_its_speech_and_closures_are_not(demo):
+    # A talker who opens wide on "a" and barely on "i": frames posed by the rig with those
+    # shapes, phones heard at their times. The learned table follows them for the vowels,
+    # towards the general shape while it has few moments, and keeps p b m shut.
+    from engines.voice.coarticulation import mouth_track
+    from engines.voice.learn import MIN_PHONES, learn_visemes, own_visemes
+    from engines.voice.rig import FaceRig
+    from engines.voice.visemes import VISEMES
+
+    talker = {**VISEMES, "aa": VISEMES["aa"]._replace(gap=0.35), "ih": VISEMES["ih"]._replace(gap=0.01)}
+    phones = [Phone(0.2 + 0.3 * i, 0.5 + 0.3 * i, ("AA", "M", "IY")[i % 3]) for i in range(60)]
+    times = np.arange(0, 18.5, 1 / 30)
+    rig = FaceRig(demo.neutral)
+    frames = rig.pose(mouth_track(phones, times, visemes=talker))
+    learned = learn_visemes(phones, times, frames, demo.neutral)
+    aa, ih = learned["shapes"]["aa"][0], learned["shapes"]["ih"][0]
+    assert learned["moments"]["aa"] == learned["moments"]["ih"] == 20
+    assert VISEMES["aa"].gap < aa <= 0.36 and 0.0 <= ih < VISEMES["ih"].gap, learned["shapes"]
+    assert "PP" not in learned["shapes"] and "sil" not in learned["shapes"] and "DD" not in learned["shapes"]
+    assert learn_visemes(phones[:MIN_PHONES - 1], times, frames, demo.neutral) is None  # too little speech
+
+    class Enrolled:
+        manifest = {"visemes": learned}
+    table = own_visemes(Enrolled)
+    assert table["aa"].gap == aa and table["PP"] == VISEMES["PP"] and table["DD"] == VISEMES["DD"]
+    assert table["aa"].hold_gap == VISEMES["aa"].hold_gap  # how strongly a sound holds stays general
+
+
+def test_learned_shapes_in_a_manifest_are_checked_at_load(tmp_path):
+    import json
+
+    from engines.identity import IdentityError, IdentityStore
+
+    store = IdentityStore(tmp_path / "identities")
+    store.ensure_default()
+    path = store.path("demo") / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["visemes"] = {"shapes": {"aa": [0.3, float("nan"), 0.0]}}
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(IdentityError, match="visemes.shapes"):
+        store.load("demo")
+    manifest["visemes"] = {"phones": 50, "shapes": {"aa": [0.3, 0.01, 0.0]}}
+    path.write_text(json.dumps(manifest))
+    assert store.load("demo").manifest["visemes"]["shapes"]["aa"][0] == 0.3

@@ -52,12 +52,14 @@ def add_int8_model(staging: Path, builder: PairBuilder) -> dict:
 
 def write_bundle(store: IdentityStore, name: str, display_name: str, consent: Consent, builder: PairBuilder,
                  model, info: dict, source: Path, preset_name: str, eval_report: dict | None,
-                 overwrite: bool = False, largest: int = PHOTO_SIZE, origin: dict | None = None) -> Identity:
+                 overwrite: bool = False, largest: int = PHOTO_SIZE, origin: dict | None = None,
+                 visemes: dict | None = None) -> Identity:
     """Publish the enrolled identity: reference and neutral from the scan's reference frame
     (at its own size in the video, up to `largest`: the output's side), the generator files,
     the "neural" manifest section (what was trained on what), and that frame's surroundings
     as the identity's scene. `origin` ({"derived_from", "style"}) goes into its provenance:
-    a restyled identity (enroll.restyle), revoked with the one it came from."""
+    a restyled identity (enroll.restyle), revoked with the one it came from. `visemes`: the
+    mouth shapes learned from the scan's speech (engines/voice/learn.py), if any."""
 
     def neural_files(staging: Path) -> tuple[list[str], dict]:
         files = write_generator(staging, model)
@@ -70,6 +72,8 @@ def write_bundle(store: IdentityStore, name: str, display_name: str, consent: Co
             write_report(eval_report, staging / EVAL_FILE, staging / EVAL_HTML, f"{name}: enrollment evaluation")
             files += [EVAL_FILE, EVAL_HTML]
         fields = {"neural": neural_manifest(builder, info, preset_name, eval_report is not None, int8)}
+        if visemes is not None:
+            fields["visemes"] = visemes
         if builder.data.scene is not None:  # the scan's room around the face, for call frames
             scene_files, scene_field = write_scene(staging, *builder.data.scene)
             files += scene_files

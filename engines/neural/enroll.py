@@ -29,6 +29,7 @@ from .bundle import write_bundle
 from .config import CHECKPOINT_FILE, PRESETS
 from .data import PairBuilder, extract
 from .train import bf16_supported, check_device, enrollment_key, train
+from ..voice.learn import learn_from_video
 
 log = logging.getLogger(__name__)
 RESOLUTIONS = (RENDER_SIZE, PHOTO_SIZE)  # the output's largest side (the scan's own, when smaller)
@@ -65,6 +66,9 @@ def enroll(store: IdentityStore, video: str | os.PathLike, name: str, consent: C
         data = stylize_scan(data, style, report, progress)
     t_extract = time.monotonic() - t_start
     report("preparing", 0, None)
+    # Its own mouth shapes, from the speech of the frames it trains on (none without a voice).
+    visemes = learn_from_video(video, data.frame_index[:data.n_train], data.points[:data.n_train],
+                               data.points[data.reference])
     builder = PairBuilder(data)
     log.info("enrolling %r: %d frames with a face (%d train, %d held out), reference frame %d, device %s, "
              "bf16=%s", name, len(data.crops), data.n_train, len(data.crops) - data.n_train,
@@ -80,9 +84,11 @@ def enroll(store: IdentityStore, video: str | os.PathLike, name: str, consent: C
     report("writing", 0, None)
     origin = None if style is None else {"derived_from": derived_from, "style": style}
     identity = write_bundle(store, name, display_name or name, consent, builder, info["model"], info,
-                            video, preset, evaluation, overwrite, largest=resolution, origin=origin)
+                            video, preset, evaluation, overwrite, largest=resolution, origin=origin,
+                            visemes=visemes)
     summary = {k: v for k, v in info.items() if k != "model"}
-    summary.update(extract_seconds=round(t_extract, 1), total_seconds=round(time.monotonic() - t_start, 1),
+    summary.update(visemes_learned=None if visemes is None else visemes["phones"],
+                   extract_seconds=round(t_extract, 1), total_seconds=round(time.monotonic() - t_start, 1),
                    bf16=use_bf16, preset=preset, eval=evaluation["summary"] if evaluation else None,
                    int8=identity.manifest["neural"]["int8"])
     return identity, summary

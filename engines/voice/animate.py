@@ -15,6 +15,7 @@ from ..retarget import place_irises
 from .coarticulation import mouth_track
 from .rig import FaceRig
 from .speech import Phone
+from .visemes import VISEMES, Viseme
 
 FPS = 30
 # Head drift: per axis, (amplitude, period in seconds) of the sine waves that add up to it.
@@ -33,10 +34,11 @@ GLANCE_MOVE = 0.05  # seconds a glance takes
 class VoiceAnimator:
     """frames(phones, duration) -> (F, 478, 3) float32 target landmarks at FPS for one identity."""
 
-    def __init__(self, neutral: np.ndarray, seed: int = 0, fps: int = FPS):
+    def __init__(self, neutral: np.ndarray, seed: int = 0, fps: int = FPS, visemes: dict[str, Viseme] = VISEMES):
         self.rig = FaceRig(neutral)
         self.fps = fps
         self.seed = seed
+        self.visemes = visemes  # the mouth shapes: the identity's own (learn.own_visemes), or the general ones
         self._gaze, self._reach = iris_offsets(self.rig.neutral), iris_reach(self.rig.neutral)
         self._pivot = self.rig.neutral[RIGID].mean(0) + np.array([0.0, 0.0, PIVOT_DEPTH * self.rig.unit])
 
@@ -46,7 +48,7 @@ class VoiceAnimator:
     def frames(self, phones: list[Phone], duration: float) -> np.ndarray:
         times = self.frame_times(duration)
         rng = np.random.default_rng(self.seed)
-        shapes = self.rig.pose(mouth_track(phones, times))
+        shapes = self.rig.pose(mouth_track(phones, times, visemes=self.visemes))
         for shape, offset in zip(shapes, glances(times, rng)):  # irises placed in the open eyes
             place_irises(shape, self._gaze + offset, self._reach)
         shapes += blinks(times, rng)[:, None, None] * self.rig.blink_field

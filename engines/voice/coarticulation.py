@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .speech import Phone
-from .visemes import VISEMES, visemes_of
+from .visemes import VISEMES, Viseme, visemes_of
 
 TRANSITION = 0.045  # seconds from 10% to 90% of a move between two equally dominant visemes
 DECAY = TRANSITION / (2 * np.log(9))  # the strength's e-folding time outside its sound
@@ -57,10 +57,12 @@ def segments(phones: list[Phone], lead: float = LEAD) -> tuple[np.ndarray, np.nd
     return np.array(starts), np.array(ends), names
 
 
-def mouth_track(phones: list[Phone], times: np.ndarray, lead: float = LEAD) -> np.ndarray:
-    """(len(times), 3): gap, spread, round (as in visemes.Viseme) at each time, in seconds."""
+def mouth_track(phones: list[Phone], times: np.ndarray, lead: float = LEAD,
+                visemes: dict[str, Viseme] = VISEMES) -> np.ndarray:
+    """(len(times), 3): gap, spread, round (as in visemes.Viseme) at each time, in seconds.
+    `visemes`: the shapes (an identity's own: learn.own_visemes)."""
     starts, ends, names = segments(phones, lead)
-    table = np.array([VISEMES[n] for n in names])  # (S, 5)
+    table = np.array([visemes[n] for n in names])  # (S, 5)
     centres, halves = (starts + ends) / 2, (ends - starts) / 2
     read = np.asarray(times, np.float64) + lead
     out = np.empty((len(read), 3))

@@ -19,6 +19,7 @@ from ..provenance.watermark import Marker
 from ..reenact import RenderError, RenderSummary
 from .animate import VoiceAnimator
 from .audio import resample
+from .learn import own_visemes
 from .speech import Speech
 
 AAC_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
@@ -48,7 +49,7 @@ def render_speech(speech: Speech, identity: Identity, output: str | os.PathLike,
 
 def _render(speech: Speech, identity: Identity, output: Path, marker, label, progress, seed) -> RenderSummary:
     t0 = _now()
-    animator = VoiceAnimator(identity.neutral, seed)
+    animator = VoiceAnimator(identity.neutral, seed, visemes=own_visemes(identity))
     targets = animator.frames(speech.phones, speech.duration)
     times = {"animate_ms": [_now() - t0], "render_ms": [], "mark_ms": [], "encode_ms": []}
     rate = speech.rate if speech.rate in AAC_RATES else 48000

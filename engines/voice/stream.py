@@ -36,6 +36,7 @@ from .coarticulation import REACH, mouth_track
 from .recognize import FRAME, RATE, _decoder
 from .rig import FaceRig
 from .speech import Phone
+from .visemes import VISEMES, Viseme
 
 MAX_UTTERANCE = 20.0  # seconds: a longer stretch without a pause is ended at its next quiet 10 ms
 PAUSE = 0.25  # seconds under QUIET end an utterance
@@ -95,8 +96,9 @@ class StreamingAnimator:
     with the mouth of `phones` (those within a second of t are enough), the head's drift,
     blinks and glances. With no phones near t the mouth is closed."""
 
-    def __init__(self, neutral: np.ndarray, seed: int = 0):
+    def __init__(self, neutral: np.ndarray, seed: int = 0, visemes: dict[str, Viseme] = VISEMES):
         self.rig = FaceRig(neutral)
+        self.visemes = visemes  # the mouth shapes: the identity's own (learn.own_visemes), or the general ones
         self.rng = np.random.default_rng(seed)
         self._gaze, self._reach = iris_offsets(self.rig.neutral), iris_reach(self.rig.neutral)
         self._pivot = self.rig.neutral[RIGID].mean(0) + np.array([0.0, 0.0, PIVOT_DEPTH * self.rig.unit])
@@ -109,7 +111,7 @@ class StreamingAnimator:
 
     def frame(self, t: float, phones: list[Phone]) -> np.ndarray:
         near = [p for p in phones if p.end > t - 2 * REACH and p.start < t + 2 * REACH]
-        shape = self.rig.pose(mouth_track(near, np.array([t])), np.array([self._blink(t)]))[0]
+        shape = self.rig.pose(mouth_track(near, np.array([t]), visemes=self.visemes), np.array([self._blink(t)]))[0]
         place_irises(shape, self._gaze + self._glance(t), self._reach)
         yaw, pitch, roll, x, y = (sum(a * math.sin(2 * math.pi * t / p + ph) for a, p, ph in axis)
                                   for axis in self._waves)

@@ -85,8 +85,8 @@ def visemes_of(symbol: str) -> tuple[str, ...]:
     return tuple(found) or (UNKNOWN,)
 
 
-def openness(symbol: str) -> float:
+def openness(symbol: str, visemes: dict[str, Viseme] = VISEMES) -> float:
     """How open one phone holds the mouth: its visemes' mean lip gap (what `avatar bench
-    lipsync` correlates the rendered mouth with)."""
+    lipsync` correlates the rendered mouth with), in `visemes` (an identity's own shapes)."""
     names = visemes_of(symbol)
-    return sum(VISEMES[n].gap for n in names) / len(names)
+    return sum(visemes[n].gap for n in names) / len(names)
