@@ -281,6 +281,59 @@ async def test_a_killed_node_is_gone_within_seconds(cluster_of):
             await c.close()
 
 
+async def rejoin(entry: Node, room: str, role: str = "presenter") -> tuple[AvatarClient, float]:
+    """What a page does when its node is gone: start over at its entry node, again and again
+    (the pages back off from 0.5 s; here every 0.25 s), until it is placed and streams. The
+    client, and when it was placed."""
+    from server.bench.client import ClientError
+
+    while True:
+        c = await AvatarClient(entry.ws_url).connect()
+        try:
+            if role == "presenter":
+                await c.start_session(drive(), token=TOKEN, room=room)
+            else:
+                hello = await c.watch(room, token=TOKEN)
+                if hello.get("presenter") is None:  # the room is not back yet
+                    raise ClientError("no presenter yet")
+            return c, time.monotonic()
+        except (ClientError, aiohttp.ClientError, OSError):  # refused, or sent to a node just gone
+            await c.close()
+            await asyncio.sleep(0.25)
+
+
+@pytest.mark.slow
+async def test_a_killed_nodes_presenter_and_viewer_stream_again_from_a_live_node(cluster_of):
+    # kill -9 the node that holds a room: within 5 s its presenter, starting over at its entry
+    # node as the page does, streams from a live node, and the room's viewer sees the avatar again.
+    cluster = cluster_of(3, max_sessions=1)
+    entry = cluster.nodes[0]
+    holder, reply = await presenter(entry)  # the entry node is full: the room goes elsewhere
+    assert reply["type"] == "session", reply
+    first, _ = await rejoin(entry, "onstage")
+    viewer, _ = await rejoin(entry, "onstage", role="viewer")
+    clients = [holder, first, viewer]
+    try:
+        await wait_for(lambda: len(first.received) >= 5 and len(viewer.received) >= 5, 20, "the first frames")
+        victim = next(n for n in cluster.nodes if n.port == port_of(first.ws_url))
+        assert victim is not entry and port_of(viewer.ws_url) == victim.port
+        victim.proc.kill()
+        killed = time.monotonic()
+        again, placed = await rejoin(entry, "onstage")
+        clients.append(again)
+        await wait_for(lambda: len(again.received) >= 3, 10, "frames from the new node")
+        streaming = time.monotonic() - killed
+        assert port_of(again.ws_url) not in (victim.port, entry.port) and streaming < 5.0, streaming
+        watcher, _ = await rejoin(entry, "onstage", role="viewer")
+        clients.append(watcher)
+        await wait_for(lambda: len(watcher.received) >= 3, 10, "the viewer's frames from the new node")
+        assert port_of(watcher.ws_url) == port_of(again.ws_url)
+        print(f"presenter placed {placed - killed:.2f} s and streaming {streaming:.2f} s after kill -9; "
+              f"the viewer watching {time.monotonic() - killed:.2f} s after")
+    finally:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
 @pytest.mark.slow
 async def test_a_reservation_nobody_takes_expires(cluster_of):
     cluster = cluster_of(2, max_sessions=1)
