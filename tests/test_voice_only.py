@@ -132,6 +132,7 @@ async def test_presenter_page_switches_the_camera_off(tmp_path, monkeypatch, dem
                 assert np.ptp(talking) > 0.05, np.ptp(talking)  # the fake microphone's sentence moves the mouth
             finally:
                 await viewer.close()
+            await viewer_page_sees_and_hears(srv.url + "viewer.html?room=r", y4m, tmp_path / "viewer-profile")
             await tools.eval("document.getElementById('voice-only').click()")
             state = await poll(tools, lambda s: not s.get("ticked") and s.get("camera") == [True], 10, page_state)
             assert state.get("camera") == [True], state
@@ -171,3 +172,25 @@ def test_a_hand_over_dissolves_from_the_last_frame_shown():
     assert shown[0] > 0 and shown[FADE_FRAMES - 1] < 180 and shown[-2:] == [180, 180] and s._fade is None
     image, labelled = Session._dissolve(s, after, after + 10)  # no hand-over: untouched
     assert image is after and s._last_out is not None and labelled[0, 0] == 190
+
+
+async def viewer_page_sees_and_hears(url: str, y4m, profile) -> None:
+    """The viewer page (Chromium) on a voice-only presenter's room: the presenter's voice is
+    heard there, and the mouth it shows moves with it."""
+    from server.bench.chromium import browser_page
+    from test_real_clients import CAPTURE, PAGE, click, decode
+    from test_browser import poll
+    from test_server_e2e import openness as mouth_openness
+
+    async with browser_page(url, y4m, profile) as page:
+        state = await poll(page, lambda s: min(s.get("shown", 0), s.get("frames", 0)) > 45, 40, PAGE)
+        assert state["error"] is None and state["shown"] > 45, state
+        if state["muted"]:  # Chromium autoplays muted; a click unmutes, as a person's would
+            await click(page, "unmute")
+        heard = await poll(page, lambda s: not s.get("muted", True) and s.get("audio", {}).get("level", 0) > 0.02,
+                           15, PAGE)
+        assert not heard["muted"] and heard["audio"]["level"] > 0.02, heard  # the sentence, not silence
+        caps = await page.eval(CAPTURE % (3000, 3000))
+    mouth = mouth_openness([decode(u) for _, u in caps])
+    print(f"viewer page: {len(caps)} frames in 3 s, mouth range {np.ptp(mouth):.3f}, level {heard['audio']['level']:.3f}")
+    assert len(caps) > 30 and np.ptp(mouth) > 0.05, (len(caps), np.round(mouth, 3))
