@@ -556,18 +556,39 @@ async def test_the_viewer_page_follows_a_redirect_to_the_rooms_node(cluster_of, 
         await streaming.close()
 
 
-def test_one_address_gets_a_bounded_number_of_redirects():
+async def test_one_address_gets_a_bounded_number_of_redirects_across_the_cluster(tmp_path):
+    # Each redirect holds a slot elsewhere for a while: one client address gets at most
+    # REDIRECTS_PER_ADDRESS of them from all the nodes together, then is placed where it
+    # knocks or nowhere. Counted in Redis, so knocking at another node does not reset it.
+    import redis.asyncio as redis
+
     from server.cluster import node
 
-    n = node.ClusterNode("redis://127.0.0.1:1/0", "http://a:1/", ["http://"], 1,
-                         node.LocalView(lambda: 0, lambda: []))
-    for _ in range(node.REDIRECTS_PER_ADDRESS):
-        assert n._may_redirect("10.0.0.1")
-        n._redirected.setdefault("10.0.0.1", node.collections.deque()).append(node.time.monotonic())
-    assert not n._may_redirect("10.0.0.1") and n._may_redirect("10.0.0.2") and n._may_redirect(None)
-    n._redirected["10.0.0.1"][-1] -= 60  # older than a reservation lives: it no longer counts...
-    n._redirected["10.0.0.1"].rotate(1)  # (oldest first)
-    assert n._may_redirect("10.0.0.1")
+    server = Redis(tmp_path).start()
+    full = [node.ClusterNode(server.url, f"http://127.0.0.1:{9000 + i}/", ["http://127.0.0.1:"], 1,
+                             node.LocalView(lambda: 1, lambda: [])) for i in range(2)]  # no slot of their own
+    try:
+        for n in full:
+            await n.start()
+        r = redis.Redis.from_url(server.url, decode_responses=True)
+        await r.hset("avatar:node:spare", mapping={"url": "http://127.0.0.1:9100/", "capacity": 100,
+                                                   "sessions": 0, "load": 0, "state": "up"})
+        await r.sadd("avatar:nodes", "spare")
+        for i in range(node.REDIRECTS_PER_ADDRESS):  # alternating between the two entry nodes
+            with pytest.raises(node.Redirect):
+                await full[i % 2].place(address="10.0.0.1")
+        for n in full:
+            with pytest.raises(node.NoSlot):
+                await n.place(address="10.0.0.1")
+        with pytest.raises(node.Redirect):  # another address is sent on as before
+            await full[0].place(address="10.0.0.2")
+        assert int(await r.get("avatar:redirects:10.0.0.1")) == node.REDIRECTS_PER_ADDRESS
+        assert 0 < await r.pttl("avatar:redirects:10.0.0.1") <= node.RESERVATION_MS  # forgotten after
+        await r.aclose()
+    finally:
+        for n in full:
+            await n.stop()
+        server.stop()
 
 
 @pytest.mark.slow

@@ -8,6 +8,8 @@ What Redis holds (prefix `avatar:`; one Redis, not Redis Cluster: the scripts bu
     avatar:node:ID:reserved      sorted set: reservation id -> expiry (ms, Redis's clock): slots
                                  promised to presenters redirected to that node
     avatar:room:NAME             hash: node, identity, viewers; expires as the node's key does
+    avatar:redirects:ADDRESS     redirects given to a client address; expires RESERVATION_MS after
+                                 its first (REDIRECTS_PER_ADDRESS, cluster-wide)
     avatar:audit                 stream: every node's audit events (server/cluster/audit.py)
 
 Placement is one EVAL (PLACE): the live nodes' free slots (capacity - sessions - live
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import collections
 import logging
 import os
 import re
@@ -42,17 +43,23 @@ REFRESH = 1.0  # seconds between refreshes of this node's registration
 TTL_MS = 3000  # a node (and its rooms) not refreshed for this long is gone
 RESERVATION_MS = 5000  # a redirected presenter has this long to say hello on the target
 TIMEOUT = 1.0  # seconds any Redis call may take before Redis counts as unreachable
-# Redirects one client address may be given per RESERVATION_MS by this node: each holds a slot
-# elsewhere until it is used or expires, so a client that never follows could hoard them.
+# Redirects one client address may be given per RESERVATION_MS by the whole cluster (counted in
+# Redis by PLACE): each holds a slot elsewhere until it is used or expires, so a client that
+# never follows could hoard them. Past it, the address is placed where it knocked or nowhere.
 REDIRECTS_PER_ADDRESS = 8
 RESERVATION = re.compile(r"^[0-9a-f]{32}$")
 
-# ARGV: prefix, self id, reservation id, reservation ms, room ('' for none), n, allowed prefixes...
+# ARGV: prefix, self id, reservation id, reservation ms, room ('' for none), client address ('':
+# unknown), redirects per address, n, allowed prefixes...
 # Returns false (no free slot), {'room_busy', owner}, or {chosen id, chosen url}.
 PLACE = """
 local prefix, self_id, rid, ttl, room = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local address, per_address = ARGV[6], tonumber(ARGV[7])
+local akey = prefix .. 'redirects:' .. address
 local allow = {}
-for i = 1, tonumber(ARGV[6]) do allow[i] = ARGV[6 + i] end
+if address == '' or tonumber(redis.call('GET', akey) or '0') < per_address then
+  for i = 1, tonumber(ARGV[8]) do allow[i] = ARGV[8 + i] end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if room ~= '' then
@@ -93,6 +100,7 @@ if best == self_id then
 else
   redis.call('ZADD', key .. ':reserved', now + ttl, rid)
   redis.call('PEXPIRE', key .. ':reserved', ttl * 2)
+  if address ~= '' and redis.call('INCR', akey) == 1 then redis.call('PEXPIRE', akey, ttl) end
 end
 if room ~= '' then
   local rkey = prefix .. 'room:' .. room
@@ -268,7 +276,6 @@ class ClusterNode:
         self._task: asyncio.Task | None = None
         self._scripts: dict = {}
         self._tasks: set[asyncio.Task] = set()
-        self._redirected: dict[str, collections.deque] = {}  # address -> monotonic times of its redirects
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -367,25 +374,13 @@ class ClusterNode:
         return "ok" if self.reachable else (self.error or "redis unreachable")
 
     # ---- placement --------------------------------------------------------------------------
-    def _may_redirect(self, address: str | None) -> bool:
-        """Fewer than REDIRECTS_PER_ADDRESS redirects given to `address` in the last
-        RESERVATION_MS (or no address known)."""
-        if address is None:
-            return True
-        now, window = time.monotonic(), RESERVATION_MS / 1000
-        if len(self._redirected) > 10_000:  # forget addresses whose redirects are all old
-            self._redirected = {a: q for a, q in self._redirected.items() if q and q[-1] > now - window}
-        times = self._redirected.get(address)
-        while times and times[0] < now - window:
-            times.popleft()
-        return not times or len(times) < REDIRECTS_PER_ADDRESS
-
     async def place(self, reservation: str | None = None, room: str | None = None,
                     address: str | None = None) -> None:
         """Where a new presenter (from client `address`) goes. Returns (admit here: the caller
         admits locally, with no await in between, and then lowers `in_flight`, which the caller
         raised before this call), or raises Redirect, NoSlot or RoomTaken. Redis unreachable:
-        returns (local). An address past REDIRECTS_PER_ADDRESS is placed here or nowhere."""
+        returns (local). An address past REDIRECTS_PER_ADDRESS (cluster-wide) is placed here or
+        nowhere."""
         if not self.reachable:
             return
         try:
@@ -393,9 +388,8 @@ class ClusterNode:
                 if await self._call("consume", [PREFIX, self.id, reservation, self.reported_sessions()]):
                     return
             rid = secrets.token_hex(16)
-            allow = self.allow if self._may_redirect(address) else []  # [] : this node only
-            result = await self._call("place", [PREFIX, self.id, rid, RESERVATION_MS, room or "",
-                                                len(allow), *allow])
+            result = await self._call("place", [PREFIX, self.id, rid, RESERVATION_MS, room or "", address or "",
+                                                REDIRECTS_PER_ADDRESS, len(self.allow), *self.allow])
         except ClusterUnavailable:
             return
         if not result:
@@ -408,8 +402,6 @@ class ClusterNode:
         if not allowed(url, self.allow):  # the script checked it too: never send a client elsewhere
             log.warning("node %s advertises %r, outside --cluster-allow; not redirecting there", chosen, url)
             raise NoSlot("no node with a free slot may be used; try again later")
-        if address is not None:
-            self._redirected.setdefault(address, collections.deque()).append(time.monotonic())
         raise Redirect(url, rid)
 
     def vacate_soon(self, room: str) -> None:
