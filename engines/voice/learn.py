@@ -96,14 +96,14 @@ def learn_from_video(video, frame_index: np.ndarray, points: np.ndarray, neutral
     from .audio import load_audio
     from .recognize import recognize_phones
 
-    try:
-        speech = load_audio(video)
+    try:  # no sound, or no recognizer installed: the general shapes, not a failed enrollment
+        phones = recognize_phones(load_audio(video))
     except SpeechError as e:
         log.info("no mouth shapes learned from the scan's voice: %s", e)
         return None
     with open_video(video) as container:
         fps = float(container.streams.video[0].average_rate or 30)
-    learned = learn_visemes(recognize_phones(speech), np.asarray(frame_index) / fps, points, neutral)
+    learned = learn_visemes(phones, np.asarray(frame_index) / fps, points, neutral)
     if learned is None:
         log.info("no mouth shapes learned from the scan's voice: too little speech heard")
     else:
