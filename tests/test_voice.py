@@ -217,3 +217,25 @@ def test_learned_shapes_in_a_manifest_are_checked_at_load(tmp_path):
     manifest["visemes"] = {"phones": 50, "shapes": {"aa": [0.3, 0.01, 0.0]}}
     path.write_text(json.dumps(manifest))
     assert store.load("demo").manifest["visemes"]["shapes"]["aa"][0] == 0.3
+
+
+def test_a_scan_without_usable_speech_keeps_the_general_shapes(tmp_path, monkeypatch, demo):
+    # A silent scan, or no recognizer on this machine: the enrollment goes on without its own
+    # shapes (None), never fails for it.
+    from engines.voice import learn, recognize
+
+    silent = tmp_path / "silent.mp4"
+    with av.open(str(silent), "w") as c:
+        st = c.add_stream("mpeg4", rate=10)
+        st.width = st.height = 64
+        for _ in range(5):
+            c.mux(st.encode(av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")))
+        c.mux(st.encode())
+    points = np.repeat(demo.neutral[None], 5, axis=0)
+    assert learn.learn_from_video(silent, np.arange(5), points, demo.neutral) is None  # no audio stream
+
+    def no_recognizer(speech):
+        raise SpeechError("speech recognition needs pocketsphinx")
+    monkeypatch.setattr(recognize, "recognize_phones", no_recognizer)
+    speaking = shared_clip("selfscan_a.mp4")
+    assert learn.learn_from_video(speaking, np.arange(5), points, demo.neutral) is None
