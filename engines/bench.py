@@ -64,11 +64,11 @@ def bench_engines(identity, frames: list[np.ndarray], n: int = 30, progress: boo
     small_targets = [(t * (SIZE / identity.size)).astype(np.float32) for t in targets]
     small_rendered = [small_warp.render(t) for t in small_targets[:10]]
     # A neighbouring frame stands in for the generator's output: the work does not depend on it.
-    stages["keep_warp_detail"] = _time(lambda: keep_warp_detail(small_rendered[(i := next(k) % len(rendered)) - 1],
+    stages["keep_warp_detail"] = _time(lambda: keep_warp_detail(small_rendered[(i := next(k) % len(small_rendered)) - 1],
                                                                 small_rendered[i], small_targets[i]), n)
     if small is not identity:
         stages["add_warp_detail"] = _time(lambda: add_warp_detail(
-            small_rendered[(i := next(k) % len(rendered)) - 1], small_rendered[i], rendered[i]), n)
+            small_rendered[(i := next(k) % len(small_rendered)) - 1], small_rendered[i], rendered[i]), n)
     marker = Marker(Payload(0, 0))
     stages["watermark"] = _time(lambda: marker(rendered[next(k) % len(rendered)]), n)  # budget: 2 ms
     stages["badge"] = _time(lambda: draw_label(rendered[next(k) % len(rendered)]), n)

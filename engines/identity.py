@@ -294,8 +294,7 @@ class IdentityStore:
             reference, extra = stylize(origin.reference, style, origin.size), None
         else:
             picture, (x0, y0, side) = scene
-            picture = stylize(picture, style, side)
-            reference = crop_with_box(picture, x0, y0, side, origin.size)  # the same strokes at the seam
+            picture, reference = restyle_scene(picture, x0, y0, side, style, origin.size)
 
             def extra(staging: Path) -> tuple[list[str], dict]:
                 return write_scene(staging, picture, origin.manifest["scene"]["box"])
@@ -532,6 +531,16 @@ def output_side(source_side: float, largest: int = PHOTO_SIZE) -> int:
     its own side when that is smaller (no upscaled detail), in whole SIZE_STEPs, at least
     RENDER_SIZE."""
     return int(np.clip(source_side // SIZE_STEP * SIZE_STEP, RENDER_SIZE, max(largest, RENDER_SIZE)))
+
+
+def restyle_scene(picture: np.ndarray, x0: float, y0: float, side: float, style: str,
+                  size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The scene `picture` in `style`, and its face square (x0, y0, side) cut from it at `size`:
+    restyled as one picture, so the head pasted back into it meets the same strokes at the seam."""
+    from .render.style import stylize
+
+    picture = stylize(picture, style, side)
+    return picture, crop_with_box(picture, x0, y0, side, size)
 
 
 def scene_around(rgb: np.ndarray, crop: Sequence[int]) -> tuple[np.ndarray, tuple[float, float, float, float]]:

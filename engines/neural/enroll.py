@@ -120,7 +120,7 @@ def stylize_scan(data, style: str, report: Callable[[str, int, int | None], None
 
     from tqdm import tqdm
 
-    from ..identity import crop_with_box
+    from ..identity import restyle_scene
     from ..render.style import stylize
 
     crops = data.crops.copy()
@@ -128,12 +128,10 @@ def stylize_scan(data, style: str, report: Callable[[str, int, int | None], None
         report("styling", i + 1, len(crops))
         crops[i] = stylize(crop, style, crop.shape[0])
     scene, large = data.scene, data.large
-    if scene is not None:
+    if scene is not None:  # with its large reference: both are cut from the reference frame (data.crop_frames)
         picture, (left, top, right, bottom) = scene
-        picture = stylize(picture, style, right - left)
+        picture, large = restyle_scene(picture, left, top, right - left, style, large.shape[0])
         scene = (picture, scene[1])
-        if large is not None:
-            large = crop_with_box(picture, left, top, right - left, large.shape[0])
     return replace(data, crops=crops, scene=scene, large=large)
 
 

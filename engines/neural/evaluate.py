@@ -370,6 +370,7 @@ def _render_holdout(identity, renderer, max_frames: int | None, progress: bool) 
     from tqdm import tqdm
 
     from ..identity import IdentityError, crop_with_box, points_to_crop
+    from ..render.style import stylize
     from .data import read_frames
 
     neural_info = identity.manifest.get("neural") or {}
@@ -405,8 +406,6 @@ def _render_holdout(identity, renderer, max_frames: int | None, progress: bool) 
             r.neurals.append(renderer.render(p))
             crop = crop_with_box(rgb, x0, y0, side, identity.size)
             if style:
-                from ..render.style import stylize
-
                 crop = stylize(crop, style, crop.shape[0])
             r.consecutive.append(prev_i == i - 1)
             r.warps.append(renderer.last_warp), r.points.append(p)
