@@ -463,15 +463,14 @@ def cmd_render(args) -> int:
 
 def cmd_render_audio(args) -> int:
     from engines.voice.audio import load_audio
-    from engines.voice.recognize import recognize_phones
+    from engines.voice.recognize import recognize_speech
 
     if args.side_by_side or args.freeze_head or args.expression_gain != 1.0 or args.head_gain != 1.0:
         raise ValueError("--side-by-side, --freeze-head and the gains need a driving video, not --audio")
     speech = load_audio(args.audio)  # fail on a bad input before loading anything else
 
     def recognized():
-        speech.phones = recognize_phones(speech)
-        return speech, "recognize"
+        return recognize_speech(speech), "recognize"
     timings = args.timings or args.output.with_suffix(".timings.json")
     return _render_speaking(args, "avatar render", recognized, timings)
 

@@ -48,10 +48,10 @@ class VoiceProcessor:
         self.renderer = make_renderer(identity)
         self.marker = Marker(payload)
 
-    def frame(self, t: float, phones: list, label: bool) -> np.ndarray:
+    def frame(self, t: float, phones: list, label: bool, openness=None) -> np.ndarray:
         from .media.tracks import encoder_planes
 
-        out = self.renderer.render(self.animator.frame(t, phones))
+        out = self.renderer.render(self.animator.frame(t, phones, openness))
         return encoder_planes(self.marker(out, True) if label else self.marker(out))
 
 
@@ -69,6 +69,7 @@ class VoiceSession(Session):
         self._listen = ThreadPoolExecutor(1, thread_name_prefix=f"voice-{self.id[:8]}-listen")
         self.processor: VoiceProcessor | None = None
         self.recognizer = None
+        self.heard = None  # the pushed speech's own openness (engines/voice/envelope.py), beside its phones
         self.queue: collections.deque = collections.deque()  # (int16 48 kHz samples, phones or None)
         self.queued = 0  # samples waiting
         self.phones: list = []  # stream-time phones: final ones and the current utterance's
@@ -84,10 +85,12 @@ class VoiceSession(Session):
         identity = await self._off_loop(self._load, self.identity_name)
         loop = asyncio.get_running_loop()
         self.processor = await loop.run_in_executor(self._render, VoiceProcessor, identity, Payload.here(self.id))
+        from engines.voice.envelope import SoundOpenness
         from engines.voice.speech import SpeechError
         from engines.voice.stream import StreamingRecognizer
         try:
             self.recognizer = await loop.run_in_executor(self._listen, StreamingRecognizer)
+            self.heard = SoundOpenness()
         except (SpeechError, OSError, RuntimeError) as e:  # pocketsphinx missing: `say` still works, pushed PCM moves no lips
             log.warning("agent %s: no speech recognition (%s)", self.id[:8], e)
         self.t0 = time.time()
@@ -236,7 +239,9 @@ class VoiceSession(Session):
         else:
             final = None
             usable = len(pcm48) // 3 * 3  # 48 -> 16 kHz: a box of 3 (a cheap low-pass), decimated
-            r.feed(pcm48[:usable].reshape(-1, 3).mean(1).astype(np.int16), at)
+            pcm16 = pcm48[:usable].reshape(-1, 3).mean(1).astype(np.int16)
+            r.feed(pcm16, at)
+            self.heard.feed(pcm16, at)
             if r.should_end():
                 final = r.end()
             else:
@@ -263,7 +268,7 @@ class VoiceSession(Session):
             label = self.label_viewers
             started = time.time()
             try:
-                image = await loop.run_in_executor(self._render, self.processor.frame, t, phones, label)
+                image = await loop.run_in_executor(self._render, self.processor.frame, t, phones, label, self.heard)
             except Exception:
                 log.exception("agent %s: frame failed", self.id[:8])
                 k += 1

@@ -121,6 +121,83 @@ def test_phones_without_sound_are_silence():
     assert np.abs(track).max() < 1e-9
 
 
+
+# ---- the sound's own openness (engines/voice/envelope.py) -------------------------------------
+def band_noise(seconds: float, rng, rate: int = 16000) -> np.ndarray:
+    """White noise through 1-3 kHz: what a voice puts in the band the envelope listens to."""
+    from scipy.signal import butter, sosfilt
+
+    noise = rng.standard_normal(int(seconds * rate))
+    return sosfilt(butter(4, (1000, 3000), btype="band", fs=rate, output="sos"), noise) * 0.1
+
+
+def test_syllables_open_the_mouth_and_a_held_sound_or_low_music_does_not():
+    from engines.voice.envelope import sound_openness
+
+    rng, rate = np.random.default_rng(0), 16000
+    t = np.arange(4 * rate) / rate
+    syllables = band_noise(4, rng) * (0.02 + np.clip(np.sin(2 * np.pi * 4 * t), 0, None))  # 4 a second
+    opened = sound_openness(syllables, rate)
+    peaks, dips = np.arange(1.0, 4, 0.25) + 1 / 16, np.arange(1.0, 4, 0.25) + 3 / 16
+    assert opened(peaks).min() > 0.6 and opened(dips).max() < 0.25
+    held = sound_openness(band_noise(4, rng), rate)  # loud, but never dipping: a tone, music, a hum
+    assert held(np.arange(1.0, 3.9, 0.1)).max() < 0.15
+    low = 0.5 * np.sin(2 * np.pi * 200 * t) * np.clip(np.sin(2 * np.pi * 4 * t), 0, None)  # music below the band
+    assert sound_openness(low.astype(np.float32), rate)(np.arange(1.0, 3.9, 0.05)).max() < 0.15
+    assert sound_openness(np.zeros(rate, np.float32), rate)(np.arange(0.1, 0.9, 0.1)).max() == 0.0
+
+
+def test_the_openness_heard_live_is_the_whole_recordings_and_a_gap_is_not_heard():
+    from engines.voice.envelope import SoundOpenness, sound_openness
+
+    rng, rate = np.random.default_rng(1), 16000
+    t = np.arange(3 * rate) / rate
+    speech = band_noise(3, rng) * (0.05 + np.abs(np.sin(2 * np.pi * 3 * t)))
+    whole = sound_openness(speech, rate)
+    live = SoundOpenness()
+    pcm = np.round(speech * 32767).astype(np.int16)
+    for start in range(0, len(pcm), 320):  # 20 ms at a time, as a session feeds it
+        live.feed(pcm[start:start + 320], start / rate)
+    times = np.arange(0.05, 2.9, 0.01)
+    np.testing.assert_allclose(live(times), whole(times), atol=0.01)
+    assert np.isnan(live([3.5, 10.0])).all()  # nothing fed there: not heard, which is not silence
+    live.feed(pcm[:rate], 10.0)  # a jump in time starts afresh
+    assert np.isnan(live([4.5])).all() and np.isfinite(live([10.5])).all()
+
+
+def test_the_sound_parts_the_lips_but_never_opens_a_closure():
+    from engines.voice.coarticulation import mouth_track
+
+    phones = [Phone(0.0, 0.3, "AA"), Phone(0.3, 0.45, "M"), Phone(0.45, 0.8, "IH")]
+    times = np.array([0.15, 0.4, 0.62])
+    alone = mouth_track(phones, times)[:, 0]
+    shut, wide = (mouth_track(phones, times, openness=lambda t, v=v: np.full(len(t), v))[:, 0] for v in (0.0, 1.0))
+    assert wide[0] > alone[0] > shut[0] and wide[2] > alone[2] > shut[2]  # vowels follow the sound
+    assert max(wide[1], shut[1]) < 0.02  # /m/: the lips meet however loud
+    not_heard = mouth_track(phones, times, openness=lambda t: np.full(len(t), np.nan))
+    np.testing.assert_allclose(not_heard, mouth_track(phones, times))
+
+
+@pytest.mark.slow
+def test_a_real_voice_moves_the_mouth_more_like_its_own_with_the_sound_heard(pocketsphinx):
+    """selfscan_a's own speech (over music) drives the general mouth: its lip gap follows the
+    clip's own better with the sound's openness than with the phones alone (bench: 0.38 vs 0.24)."""
+    from engines.landmarks import FaceLandmarker
+    from engines.video import read_video
+    from engines.voice.audio import load_audio
+    from engines.voice.bench import pearson
+    from engines.voice.coarticulation import mouth_track
+    from engines.voice.recognize import recognize_speech
+
+    clip = shared_clip("selfscan_a.mp4")
+    speech = recognize_speech(load_audio(clip))
+    with FaceLandmarker(static=False) as landmarker:
+        own = np.array([np.nan if p is None else lip_gap(p) for p in map(landmarker, read_video(clip))])
+    times = np.arange(len(own)) / 30
+    heard = pearson(mouth_track(speech.phones, times, openness=speech.openness)[:, 0], own)
+    phones_only = pearson(mouth_track(speech.phones, times)[:, 0], own)
+    assert heard > 0.32 and heard > phones_only + 0.08, (heard, phones_only)
+
 # ---- the commands ---------------------------------------------------------------------------
 def run_cli(home, *argv) -> int:
     from server.cli import main

@@ -45,10 +45,11 @@ class VoiceAnimator:
     def frame_times(self, duration: float) -> np.ndarray:
         return np.arange(max(1, math.ceil(duration * self.fps))) / self.fps
 
-    def frames(self, phones: list[Phone], duration: float) -> np.ndarray:
+    def frames(self, phones: list[Phone], duration: float, openness=None) -> np.ndarray:
+        """`openness`: recognized speech's own (Speech.openness), blended into the mouth's gap."""
         times = self.frame_times(duration)
         rng = np.random.default_rng(self.seed)
-        shapes = self.rig.pose(mouth_track(phones, times, visemes=self.visemes))
+        shapes = self.rig.pose(mouth_track(phones, times, visemes=self.visemes, openness=openness))
         for shape, offset in zip(shapes, glances(times, rng)):  # irises placed in the open eyes
             place_irises(shape, self._gaze + offset, self._reach)
         shapes += blinks(times, rng)[:, None, None] * self.rig.blink_field

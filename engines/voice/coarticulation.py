@@ -20,6 +20,8 @@ hand-written sentences, the correlation of the landmarks' lip gap with the phone
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from .speech import Phone
@@ -30,6 +32,8 @@ DECAY = TRANSITION / (2 * np.log(9))  # the strength's e-folding time outside it
 LEAD = 0.01  # seconds the mouth runs ahead of the sound
 MIN_CLOSURE = 0.07  # seconds: lips stay together at least this long for p, b, m (eSpeak times the release)
 REACH = 0.5  # seconds: a segment further than this from a time has no say there
+HEARD = 0.5  # share of a sound's gap taken from the sound's own openness (envelope.py), when given
+CLOSING = ("sil", "PP", "FF")  # lips that meet keep their gap whatever the sound's level
 BLOCK = 512  # times evaluated at once (bounds the times x segments arrays)
 
 
@@ -58,11 +62,16 @@ def segments(phones: list[Phone], lead: float = LEAD) -> tuple[np.ndarray, np.nd
 
 
 def mouth_track(phones: list[Phone], times: np.ndarray, lead: float = LEAD,
-                visemes: dict[str, Viseme] = VISEMES) -> np.ndarray:
+                visemes: dict[str, Viseme] = VISEMES,
+                openness: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """(len(times), 3): gap, spread, round (as in visemes.Viseme) at each time, in seconds.
-    `visemes`: the shapes (an identity's own: learn.own_visemes)."""
+    `visemes`: the shapes (an identity's own: learn.own_visemes). `openness`: for recognized
+    speech, the sound's own openness at given times (envelope.SoundOpenness; NaN where none
+    was heard): every sound but the CLOSING ones then takes HEARD of its gap from it, scaled to
+    the open "aa"."""
     starts, ends, names = segments(phones, lead)
     table = np.array([visemes[n] for n in names])  # (S, 5)
+    heard = np.array([n not in CLOSING for n in names]) * HEARD
     centres, halves = (starts + ends) / 2, (ends - starts) / 2
     read = np.asarray(times, np.float64) + lead
     out = np.empty((len(read), 3))
@@ -74,6 +83,11 @@ def mouth_track(phones: list[Phone], times: np.ndarray, lead: float = LEAD,
         rows = table[near]
         gap_w = falloff * rows[:, 3]
         shape_w = falloff * rows[:, 4]
-        out[b:b + BLOCK, 0] = gap_w @ rows[:, 0] / gap_w.sum(1)
+        gaps = np.broadcast_to(rows[None, :, 0], gap_w.shape)
+        if openness is not None:
+            heard_here = np.asarray(openness(t), np.float64)[:, None]
+            share = heard[near][None, :] * np.isfinite(heard_here)
+            gaps = gaps * (1 - share) + share * visemes["aa"].gap * np.nan_to_num(heard_here)
+        out[b:b + BLOCK, 0] = (gap_w * gaps).sum(1) / gap_w.sum(1)
         out[b:b + BLOCK, 1:] = shape_w @ rows[:, 1:3] / shape_w.sum(1)[:, None]
     return out

@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from .audio import resample
+from .envelope import sound_openness
 from .speech import Phone, Speech, SpeechError
 
 RATE = 16000  # the acoustic model's
@@ -26,6 +27,14 @@ def _decoder():
     return Decoder(hmm=os.path.join(model, "en-us", "en-us"),
                    allphone=os.path.join(model, "en-us", "en-us-phone.lm.bin"),
                    lw=2.0, pip=0.1, beam=1e-20, pbeam=1e-10, loglevel="FATAL")
+
+
+def recognize_speech(speech: Speech) -> Speech:
+    """`speech` with the phones heard in it and its sound's openness (envelope.py), which on a
+    real voice says how far the mouth opens better than the phones do."""
+    speech.phones = recognize_phones(speech)
+    speech.openness = sound_openness(speech.samples, speech.rate)
+    return speech
 
 
 def recognize_phones(speech: Speech) -> list[Phone]:

@@ -50,7 +50,7 @@ def render_speech(speech: Speech, identity: Identity, output: str | os.PathLike,
 def _render(speech: Speech, identity: Identity, output: Path, marker, label, progress, seed) -> RenderSummary:
     t0 = _now()
     animator = VoiceAnimator(identity.neutral, seed, visemes=own_visemes(identity))
-    targets = animator.frames(speech.phones, speech.duration)
+    targets = animator.frames(speech.phones, speech.duration, speech.openness)
     times = {"animate_ms": [_now() - t0], "render_ms": [], "mark_ms": [], "encode_ms": []}
     rate = speech.rate if speech.rate in AAC_RATES else 48000
     samples = resample(speech.samples, speech.rate, rate)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -22,6 +23,9 @@ class Speech:
     samples: np.ndarray  # float32 mono in [-1, 1]
     rate: int  # samples per second
     phones: list[Phone] = field(default_factory=list)
+    # For recognized speech: how open its sound is at given times (envelope.sound_openness).
+    # Synthesized speech has none: its phones' timings are the synthesizer's own.
+    openness: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def duration(self) -> float:

@@ -109,9 +109,11 @@ class StreamingAnimator:
         self._glances = [(0.0, np.zeros(2))]  # (time a glance begins, offset it moves to)
         self._glance_from = np.zeros(2)
 
-    def frame(self, t: float, phones: list[Phone]) -> np.ndarray:
+    def frame(self, t: float, phones: list[Phone], openness=None) -> np.ndarray:
+        """`openness`: the recognized speech's own (envelope.SoundOpenness), or None."""
         near = [p for p in phones if p.end > t - 2 * REACH and p.start < t + 2 * REACH]
-        shape = self.rig.pose(mouth_track(near, np.array([t]), visemes=self.visemes), np.array([self._blink(t)]))[0]
+        mouth = mouth_track(near, np.array([t]), visemes=self.visemes, openness=openness)
+        shape = self.rig.pose(mouth, np.array([self._blink(t)]))[0]
         place_irises(shape, self._gaze + self._glance(t), self._reach)
         yaw, pitch, roll, x, y = (sum(a * math.sin(2 * math.pi * t / p + ph) for a, p, ph in axis)
                                   for axis in self._waves)
