@@ -69,9 +69,18 @@ class TunedVp8Encoder(Vp8Encoder):
 
     def encode(self, frame, force_keyframe: bool = False):
         if not self._started:  # before the receiver has said anything: its REMB rules from then on
-            self._started = True
             self.target_bitrate = start_bitrate(frame.width, frame.height)
         return super().encode(frame, force_keyframe)
+
+    @property
+    def target_bitrate(self) -> int:
+        return Vp8Encoder.target_bitrate.fget(self)
+
+    @target_bitrate.setter
+    def target_bitrate(self, bitrate: int) -> None:
+        """A bitrate set before the first frame (a REMB, a benchmark's) is kept, not the start's."""
+        self._started = True
+        Vp8Encoder.target_bitrate.fset(self, bitrate)
 
     @property
     def codec(self):
