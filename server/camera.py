@@ -9,7 +9,8 @@ browser, ...) pick like any other (issue #34).
           for live use (and again whenever the identity changes on disk), every frame
           watermarked with the audit use's id, the visible badge unless the identity turned
           it off; or `RemoteAvatar`: an aiortc client of a running avatar server (the
-          server's session watermarks; the badge is drawn here)
+          server's session watermarks; it badges a call frame it composed, else the badge
+          is drawn here)
   frame   the call's 16:9 frame: by default the identity's own photo around the face with
           the avatar pasted back (engines.render.scene, marked after composing, so the mark
           spans the whole frame); else engines.render.frame.fit_to_frame: the square avatar,
@@ -79,8 +80,9 @@ Two ways to make the avatar:
                     visible "AI avatar" badge unless the identity's owner turned it off.
   --server URL      a running avatar server does the work (--token, or $AVATAR_TOKEN):
                     this command sends it your camera over WebRTC and shows what comes
-                    back; the server checks consent, watermarks and audits. The badge is
-                    drawn here (the server does not say the identity's setting).
+                    back; the server checks consent, watermarks and audits. With --fill
+                    scene the server draws the badge too (the identity's setting, under
+                    its mark); otherwise it is drawn here.
 
 The virtual camera:
   Linux    v4l2loopback: sudo apt install v4l2loopback-dkms, then
@@ -426,7 +428,7 @@ class RemoteAvatar:
     def _on_video(self, frame, now: float) -> None:
         t = time.perf_counter()
         rgb = frame.to_ndarray(format="rgb24")
-        if self.label:
+        if self.label and self.frame is None:  # a call frame comes badged by the server, under its mark
             rgb = draw_label(rgb)  # over the server's mark, which the rest of the frame still carries
         self.received += 1
         self._slot.put((rgb, {"convert": (time.perf_counter() - t) * 1e3}))
@@ -658,7 +660,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "grey beside it (default: %(default)s)")
     parser.add_argument("--label", action=argparse.BooleanOptionalAction, default=None,
                         help="draw the visible \"AI avatar\" badge (default: the identity's setting, on unless "
-                        "its owner turned it off; with --server: on)")
+                        "its owner turned it off; with --server: on, and with --fill scene the server's "
+                        "setting)")
     parser.add_argument("--server", default=None, metavar="URL",
                         help="use a running avatar server (http://host:8080/) instead of the local engines")
     parser.add_argument("--token", default=os.environ.get("AVATAR_TOKEN"),

@@ -229,7 +229,9 @@ class Connection:
         if allow is None:
             raise ProtocolError("forbidden", "a viewer token cannot present; use a presenter token", fatal=True)
         self._check_identity(name, allow, fatal=True)
-        make = {"frame": frame}
+        # A call frame is for the call's other people: badged by the server before its mark,
+        # as WHIP's is, so no badge drawn later flips the mark's bits.
+        make = {"frame": frame, "badge_own_video": frame is not None}
         if agent_rate is not None:
             make["make"] = functools.partial(VoiceSession, sample_rate=agent_rate,
                                              notify=lambda m: asyncio.ensure_future(self._notice(m)))
