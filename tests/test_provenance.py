@@ -58,6 +58,23 @@ def test_marked_frame_carries_the_payload_invisibly(portrait, call_frame, demo):
         assert psnr(watermark.Marker(PAYLOAD)(flat), flat) >= 40
 
 
+def test_a_frame_that_fights_the_mark_has_no_bit_left_weak(demo):
+    # The demo pasted into its photo at 640x360 needs more change than 40 dB allows. Scaling
+    # every bit's push alike left the bits its picture fights weak (the weakest at 0.13-0.30 of
+    # STRENGTH for these payloads; over driven frames and VP8 at 300 kbps, one went wrong); the
+    # budget now lifts those first (0.36-0.51).
+    from engines.render.scene import framer
+
+    frame = framer(demo, 640, 360)(demo.reference)
+    for use in ("c0ffee12", "123456aa", "abcdef00", "0f0f0f00", "77777700"):
+        marker = watermark.Marker(watermark.Payload.for_use("test-server", use))
+        assert (watermark.project(watermark.luma(frame)) * marker.signs).min() < -20  # fought hard
+        for _ in range(2):  # the second frame knows what the first cost
+            marked = marker(frame)
+        margins = watermark.project(watermark.luma(marked)) * marker.signs / watermark.STRENGTH
+        assert psnr(marked, frame) >= 40 and margins.min() > 0.3, (use, np.round(np.sort(margins)[:4], 3))
+
+
 def test_marking_i420_luma_is_the_rgb_mark(portrait):
     """Sessions mark the I420 planes they encode (luma rows only, studio range): a viewer
     decoding them to RGB sees the same mark, as strong and as faint, as the RGB path gives."""
