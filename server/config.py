@@ -170,8 +170,9 @@ class ServerConfig:
     enroll_uploads_per_address: int = setting(2, "enrollment uploads one client address may send at once; "
                                                  "more get 429", minimum=1, maximum=100, metavar="N")
     cluster: str | None = setting(None, "join a cluster of avatar servers through this Redis, "
-                                        "redis://[:PASSWORD@]HOST:6379/0 (rediss:// for TLS): presenters are "
-                                        "placed on the least-loaded node and redirected there (docs/CLUSTER.md)",
+                                        "redis://[:PASSWORD@]HOST:6379/0 (rediss://...?ssl_ca_certs=CA.pem for "
+                                        "TLS): presenters are placed on the least-loaded node and redirected "
+                                        "there (docs/CLUSTER.md)",
                                   metavar="REDIS_URL", check=check_redis_url)
     advertise_url: str | None = setting(None, "with --cluster: this node's base URL as clients reach it, "
                                               "e.g. https://node1.example.org:8443/ (redirects point there)",

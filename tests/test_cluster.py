@@ -42,22 +42,26 @@ def free_port() -> int:
 class Redis:
     """A throwaway redis-server with a password, no persistence, on a free port."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, tls: tuple[Path, Path, Path] | None = None):
         self.port = free_port()
         self.workdir = workdir
+        self.tls = tls  # (certificate, key, CA): TLS only, on self.port
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://:{PASSWORD}@127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://:{PASSWORD}@127.0.0.1:{self.port}/0"
 
     def start(self) -> "Redis":
-        self.proc = subprocess.Popen([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+        port = ["--port", str(self.port)] if self.tls is None else [
+            "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls[0]),
+            "--tls-key-file", str(self.tls[1]), "--tls-ca-cert-file", str(self.tls[2]), "--tls-auth-clients", "no"]
+        self.proc = subprocess.Popen([REDIS_SERVER, *port, "--bind", "127.0.0.1",
                                       "--save", "", "--appendonly", "no", "--requirepass", PASSWORD,
                                       "--dir", str(self.workdir)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.proc.poll() is None:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
                     return self
@@ -73,7 +77,8 @@ class Redis:
 class Node:
     """`python -m server.cli serve --cluster ...` as a process of its own, with its own home."""
 
-    def __init__(self, redis: Redis, home: Path, max_sessions: int, port: int | None = None, extra=()):
+    def __init__(self, redis: Redis, home: Path, max_sessions: int, port: int | None = None, extra=(),
+                 cluster_url: str | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
@@ -81,7 +86,7 @@ class Node:
         self.log = home / "serve.log"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "--home", str(home), "serve", "--port", str(self.port),
-             "--cluster", redis.url, "--advertise-url", self.url, "--cluster-allow", "http://127.0.0.1:",
+             "--cluster", cluster_url or redis.url, "--advertise-url", self.url, "--cluster-allow", "http://127.0.0.1:",
              "--max-sessions", str(max_sessions), "--compute", "thread", "--max-pending-per-address", "64",
              "--idle-timeout", "60", *extra],
             cwd=REPO, env={**os.environ, "AVATAR_TOKENS": f"{TOKEN}:*"},
@@ -395,6 +400,61 @@ async def test_a_node_started_before_redis_serves_and_registers_when_redis_comes
         redis.stop()
 
 
+
+def private_ca(folder: Path) -> tuple[Path, Path, Path]:
+    """(certificate, key, CA certificate) for 127.0.0.1, signed by a CA no system trusts."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    span = dict(not_valid_before=now - datetime.timedelta(minutes=5), not_valid_after=now + datetime.timedelta(days=1))
+
+    def issue(subject, key, issuer, issuer_key, ca: bool):
+        builder = x509.CertificateBuilder(subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]),
+                                          issuer_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]),
+                                          public_key=key.public_key(), serial_number=x509.random_serial_number(),
+                                          **span)
+        builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    paths = folder / "redis.pem", folder / "redis.key", folder / "ca.pem"
+    paths[0].write_bytes(issue("redis", key, "test CA", ca_key, False).public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    paths[2].write_bytes(issue("test CA", ca_key, "test CA", ca_key, True).public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
+async def test_nodes_reach_redis_over_tls_with_a_private_ca_and_not_without_it(tmp_path):
+    tls = private_ca(tmp_path)
+    try:
+        redis = Redis(tmp_path, tls).start()
+    except AssertionError:
+        pytest.skip("this redis-server does not serve TLS")
+    trusted = Node(redis, tmp_path / "trusted", 1, cluster_url=f"{redis.url}?ssl_ca_certs={tls[2]}")
+    untrusted = Node(redis, tmp_path / "untrusted", 1)  # the system's CAs only
+    try:
+        trusted.wait_listening(), untrusted.wait_listening()
+
+        async def registered():
+            assert await get_text(trusted.url, "healthz") == "ok\n"
+            assert [n["url"] for n in (await get_json(trusted.url, "nodes"))["nodes"]] == [trusted.url]
+        await eventually(registered, 5, "the node with the CA to register over TLS")
+        assert (await get_text(untrusted.url, "healthz")).splitlines() == ["ok", "cluster: redis unreachable"]
+        assert "certificate verify failed" in untrusted.log.read_text()
+    finally:
+        trusted.stop(), untrusted.stop()
+        redis.stop()
+
 def drive() -> ClipTrack:
     return ClipTrack(read_seconds(clip("drive_expressive.mp4"), 1.0), loop=True)
 
@@ -493,7 +553,13 @@ def test_cluster_settings_are_checked_before_anything_starts():
                             "http(s)://"),
                            ({"advertise_url": "http://n1:8080/"}, "go with --cluster"),
                            ({"cluster": "http://:pw@127.0.0.1:6379/0", "advertise_url": "http://n1:8080/",
-                             "cluster_allow": ["http://n"]}, "--cluster must be redis://")]:
+                             "cluster_allow": ["http://n"]}, "--cluster must be redis://"),
+                           ({"cluster": "rediss://:pw@n:6380/0?ssl_ca_certs=/no/such/ca.pem",
+                             "advertise_url": "http://n1:8080/", "cluster_allow": ["http://n"]}, "cannot read"),
+                           ({"cluster": f"{redis_url}?ssl_ca_certs={__file__}", "advertise_url": "http://n1:8080/",
+                             "cluster_allow": ["http://n"]}, "goes with rediss://"),
+                           ({"cluster": "rediss://:pw@n:6380/0?verify=no", "advertise_url": "http://n1:8080/",
+                             "cluster_allow": ["http://n"]}, "unknown option 'verify'")]:
         with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
             ServerConfig(**kwargs).validate()
     ServerConfig(cluster=redis_url, advertise_url="http://n1:8080", cluster_allow=["http://n"]).validate()

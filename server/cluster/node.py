@@ -34,7 +34,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from typing import Callable
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 log = logging.getLogger("avatar.cluster")
 
@@ -209,9 +209,17 @@ def redacted(url: str) -> str:
     return url.replace(f":{parts.password}@", ":***@", 1)
 
 
+# What a rediss:// URL may add (redis-py passes them to its TLS connection): a private CA's
+# certificates, this node's own certificate and key where Redis asks for one
+# (tls-auth-clients), and whether the host name must match the certificate.
+TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+TLS_OPTIONS = (*TLS_FILES, "ssl_check_hostname")
+
+
 def check_redis_url(url: str) -> str:
     """The cluster's Redis URL as given; ValueError (its password hidden) if it is not
-    redis[s]://[[USER]:PASSWORD@]HOST[:PORT][/DB] or unix://PATH."""
+    redis[s]://[[USER]:PASSWORD@]HOST[:PORT][/DB][?TLS options] or unix://PATH. The TLS
+    options (TLS_OPTIONS) go with rediss:// only, once each, and name readable files."""
     parts = urlsplit(url)
     try:
         parts.port  # noqa: B018 - raises ValueError for a port that is not one
@@ -222,7 +230,22 @@ def check_redis_url(url: str) -> str:
     if not ok:
         raise ValueError(f"--cluster must be redis://[:PASSWORD@]HOST[:PORT][/DB] (rediss:// for TLS), "
                          f"got {redacted(url)!r}")
+    _check_tls_options(parse_qs(parts.query, keep_blank_values=True), parts.scheme)
     return url
+
+
+def _check_tls_options(options: dict[str, list[str]], scheme: str) -> None:
+    for name, values in options.items():
+        if name not in TLS_OPTIONS:
+            raise ValueError(f"--cluster: unknown option {name!r}; a rediss:// URL may add {', '.join(TLS_OPTIONS)}")
+        if scheme != "rediss":
+            raise ValueError(f"--cluster: {name} goes with rediss:// (TLS), not {scheme}://")
+        if len(values) != 1 or not values[0]:
+            raise ValueError(f"--cluster: {name} needs one value")
+        if name in TLS_FILES and not os.access(values[0], os.R_OK):
+            raise ValueError(f"--cluster: {name}: cannot read {values[0]}")
+        if name == "ssl_check_hostname" and values[0] not in ("true", "false"):
+            raise ValueError("--cluster: ssl_check_hostname must be true or false")
 
 
 def redis_client(url: str, *, sync: bool = False, single_connection: bool = False):
