@@ -611,7 +611,7 @@ def _cluster_uses(redis_url: str, filters: dict) -> tuple[list[dict], str]:
     """Every node's uses, from the cluster's stream; ValueError or RuntimeError (one line) if
     it cannot be read."""
     from .cluster.audit import read_stream
-    from .cluster.node import redacted
+    from .cluster.redis_url import redacted
 
     events, live_nodes = read_stream(redis_url)
     return fold_uses(events, live_nodes, **filters), f"the cluster's audit stream at {redacted(redis_url)}"

@@ -22,7 +22,8 @@ from engines.neural.config import PRESETS
 from .security import ConfigError, parse_tokens_env, parse_tokens_json
 from .media.stages import check_kind as check_compute
 from .media.udp_ports import parse_range
-from .cluster.node import check_advertise_url, check_redis_url
+from .cluster.node import check_advertise_url
+from .cluster.redis_url import check_redis_url
 
 # libvpx's realtime speeds (cpu-used) for --vp8-speed (server/media/vp8.py): 16 is its fastest; 6
 # is aiortc's own, denoiser included; 10 measured 0.67x of aiortc's encode time at +0.8 dB.
@@ -171,8 +172,9 @@ class ServerConfig:
                                                  "more get 429", minimum=1, maximum=100, metavar="N")
     cluster: str | None = setting(None, "join a cluster of avatar servers through this Redis, "
                                         "redis://[:PASSWORD@]HOST:6379/0 (rediss://...?ssl_ca_certs=CA.pem for "
-                                        "TLS): presenters are placed on the least-loaded node and redirected "
-                                        "there (docs/CLUSTER.md)",
+                                        "TLS, redis+sentinel://[:PASSWORD@]S1:26379,S2:26379/SERVICE/0 for "
+                                        "Sentinel): presenters are placed on the least-loaded node and "
+                                        "redirected there (docs/CLUSTER.md)",
                                   metavar="REDIS_URL", check=check_redis_url)
     advertise_url: str | None = setting(None, "with --cluster: this node's base URL as clients reach it, "
                                               "e.g. https://node1.example.org:8443/ (redirects point there)",

@@ -42,24 +42,27 @@ def free_port() -> int:
 class Redis:
     """A throwaway redis-server with a password, no persistence, on a free port."""
 
-    def __init__(self, workdir: Path, tls: tuple[Path, Path, Path] | None = None):
+    def __init__(self, workdir: Path, tls: tuple[Path, Path, Path] | None = None, extra=()):
         self.port = free_port()
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.tls = tls  # (certificate, key, CA): TLS only, on self.port
+        self.extra = list(extra)
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"{'rediss' if self.tls else 'redis'}://:{PASSWORD}@127.0.0.1:{self.port}/0"
 
-    def start(self) -> "Redis":
+    def command(self) -> list[str]:
         port = ["--port", str(self.port)] if self.tls is None else [
             "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls[0]),
             "--tls-key-file", str(self.tls[1]), "--tls-ca-cert-file", str(self.tls[2]), "--tls-auth-clients", "no"]
-        self.proc = subprocess.Popen([REDIS_SERVER, *port, "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no", "--requirepass", PASSWORD,
-                                      "--dir", str(self.workdir)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return [REDIS_SERVER, *port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--requirepass", PASSWORD, "--dir", str(self.workdir), *self.extra]
+
+    def start(self) -> "Redis":
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and self.proc.poll() is None:
             with socket.socket() as s:
@@ -455,6 +458,71 @@ async def test_nodes_reach_redis_over_tls_with_a_private_ca_and_not_without_it(t
         trusted.stop(), untrusted.stop()
         redis.stop()
 
+
+class Sentinel(Redis):
+    """One redis-server in Sentinel mode watching `primary` as "avatar" (quorum 1, a primary
+    counts as down after 1 s)."""
+
+    def __init__(self, workdir: Path, primary: Redis):
+        super().__init__(workdir)
+        self.conf = workdir / "sentinel.conf"  # Sentinel rewrites it: a file of its own
+        self.conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {workdir}\n"
+                             f"sentinel monitor avatar 127.0.0.1 {primary.port} 1\n"
+                             f"sentinel auth-pass avatar {PASSWORD}\n"
+                             "sentinel down-after-milliseconds avatar 1000\n"
+                             "sentinel failover-timeout avatar 4000\n")
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://:{PASSWORD}@127.0.0.1:{self.port}/avatar/0"
+
+    def command(self) -> list[str]:
+        return [REDIS_SERVER, str(self.conf), "--sentinel"]
+
+
+def role(redis: Redis) -> dict[str, str]:
+    """INFO replication of one Redis, as a dict."""
+    import redis as redis_py
+
+    with redis_py.Redis(port=redis.port, password=PASSWORD, decode_responses=True, socket_timeout=1) as client:
+        return {k: str(v) for k, v in client.info("replication").items()}
+
+
+@pytest.mark.slow
+async def test_a_node_through_sentinel_follows_a_failed_primary_to_its_replica(tmp_path):
+    primary = Redis(tmp_path / "primary").start()
+    replica = Redis(tmp_path / "replica", extra=["--replicaof", "127.0.0.1", str(primary.port),
+                                                  "--masterauth", PASSWORD]).start()
+    sentinel = Sentinel(tmp_path / "sentinel", primary).start()
+    node = Node(primary, tmp_path / "node", 1, cluster_url=sentinel.url)
+    try:
+        node.wait_listening()
+
+        async def registered(where: Redis):
+            assert await get_text(node.url, "healthz") == "ok\n"
+            import redis as redis_py
+            with redis_py.Redis(port=where.port, password=PASSWORD, decode_responses=True) as client:
+                assert client.exists(f"avatar:node:{(await get_json(node.url, 'nodes'))['nodes'][0]['id']}")
+        await eventually(lambda: registered(primary), 5, "the node to register through Sentinel")
+
+        async def in_sync():
+            assert role(replica).get("master_link_status") == "up"
+        await eventually(in_sync, 10, "the replica to sync")
+        primary.stop()  # killed: Sentinel must notice, promote the replica, and the node follow
+        started = time.monotonic()
+
+        async def promoted():
+            assert role(replica)["role"] == "master"
+            await registered(replica)
+        await eventually(promoted, 30, "the node to re-register on the promoted replica")
+        print(f"sentinel: the node registered on the promoted replica {time.monotonic() - started:.1f} s "
+              "after the primary was killed")
+        assert await cluster_audit(sentinel.url) == {}  # the audit query finds the primary too (no uses yet)
+    finally:
+        node.stop()
+        for r in (sentinel, replica, primary):
+            r.stop()
+
 def drive() -> ClipTrack:
     return ClipTrack(read_seconds(clip("drive_expressive.mp4"), 1.0), loop=True)
 
@@ -559,7 +627,9 @@ def test_cluster_settings_are_checked_before_anything_starts():
                            ({"cluster": f"{redis_url}?ssl_ca_certs={__file__}", "advertise_url": "http://n1:8080/",
                              "cluster_allow": ["http://n"]}, "goes with rediss://"),
                            ({"cluster": "rediss://:pw@n:6380/0?verify=no", "advertise_url": "http://n1:8080/",
-                             "cluster_allow": ["http://n"]}, "unknown option 'verify'")]:
+                             "cluster_allow": ["http://n"]}, "unknown option 'verify'"),
+                           ({"cluster": "redis+sentinel://:pw@s1:26379,s2/", "advertise_url": "http://n1:8080/",
+                             "cluster_allow": ["http://n"]}, "name for the primary is missing")]:
         with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
             ServerConfig(**kwargs).validate()
     ServerConfig(cluster=redis_url, advertise_url="http://n1:8080", cluster_allow=["http://n"]).validate()

@@ -39,7 +39,8 @@ import logging
 import os
 from pathlib import Path
 
-from .node import PREFIX, ClusterNode, redacted, redis_client
+from .node import PREFIX, ClusterNode
+from .redis_url import redacted, redis_client
 
 log = logging.getLogger("avatar.cluster.audit")
 

@@ -34,7 +34,9 @@ import secrets
 import time
 from dataclasses import dataclass
 from typing import Callable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
+
+from .redis_url import redacted, redis_client
 
 log = logging.getLogger("avatar.cluster")
 
@@ -42,7 +44,6 @@ PREFIX = "avatar:"
 REFRESH = 1.0  # seconds between refreshes of this node's registration
 TTL_MS = 3000  # a node (and its rooms) not refreshed for this long is gone
 RESERVATION_MS = 5000  # a redirected presenter has this long to say hello on the target
-TIMEOUT = 1.0  # seconds any Redis call may take before Redis counts as unreachable
 # Redirects one client address may be given per RESERVATION_MS by the whole cluster (counted in
 # Redis by PLACE): each holds a slot elsewhere until it is used or expires, so a client that
 # never follows could hoard them. Past it, the address is placed where it knocked or nowhere.
@@ -199,70 +200,6 @@ def check_advertise_url(url: str) -> str:
 
 def allowed(url: str, prefixes) -> bool:
     return any(url.startswith(p) for p in prefixes)
-
-
-def redacted(url: str) -> str:
-    """A Redis URL fit for a log: no password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return url.replace(f":{parts.password}@", ":***@", 1)
-
-
-# What a rediss:// URL may add (redis-py passes them to its TLS connection): a private CA's
-# certificates, this node's own certificate and key where Redis asks for one
-# (tls-auth-clients), and whether the host name must match the certificate.
-TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
-TLS_OPTIONS = (*TLS_FILES, "ssl_check_hostname")
-
-
-def check_redis_url(url: str) -> str:
-    """The cluster's Redis URL as given; ValueError (its password hidden) if it is not
-    redis[s]://[[USER]:PASSWORD@]HOST[:PORT][/DB][?TLS options] or unix://PATH. The TLS
-    options (TLS_OPTIONS) go with rediss:// only, once each, and name readable files."""
-    parts = urlsplit(url)
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a port that is not one
-        ok = (parts.scheme in ("redis", "rediss") and bool(parts.hostname)
-              and re.fullmatch(r"/?\d*", parts.path) is not None) or (parts.scheme == "unix" and bool(parts.path))
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError(f"--cluster must be redis://[:PASSWORD@]HOST[:PORT][/DB] (rediss:// for TLS), "
-                         f"got {redacted(url)!r}")
-    _check_tls_options(parse_qs(parts.query, keep_blank_values=True), parts.scheme)
-    return url
-
-
-def _check_tls_options(options: dict[str, list[str]], scheme: str) -> None:
-    for name, values in options.items():
-        if name not in TLS_OPTIONS:
-            raise ValueError(f"--cluster: unknown option {name!r}; a rediss:// URL may add {', '.join(TLS_OPTIONS)}")
-        if scheme != "rediss":
-            raise ValueError(f"--cluster: {name} goes with rediss:// (TLS), not {scheme}://")
-        if len(values) != 1 or not values[0]:
-            raise ValueError(f"--cluster: {name} needs one value")
-        if name in TLS_FILES and not os.access(values[0], os.R_OK):
-            raise ValueError(f"--cluster: {name}: cannot read {values[0]}")
-        if name == "ssl_check_hostname" and values[0] not in ("true", "false"):
-            raise ValueError("--cluster: ssl_check_hostname must be true or false")
-
-
-def redis_client(url: str, *, sync: bool = False, single_connection: bool = False):
-    """A client of the cluster's Redis, made as every part of the cluster makes one: a call
-    fails after TIMEOUT, with no retries, and replies are str. ValueError for a bad URL."""
-    check_redis_url(url)
-    if sync:  # a command's client (avatar audit --cluster)
-        import redis
-        from redis.retry import Retry
-    else:
-        import redis.asyncio as redis
-        from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    return redis.Redis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
-                                retry=Retry(NoBackoff(), 0), single_connection_client=single_connection,
-                                decode_responses=True)
 
 
 def cpu_load() -> float:
