@@ -464,9 +464,12 @@ class Sentinel(Redis):
     counts as down after 1 s)."""
 
     def __init__(self, workdir: Path, primary: Redis):
-        super().__init__(workdir)
+        super().__init__(workdir, primary.tls)
         self.conf = workdir / "sentinel.conf"  # Sentinel rewrites it: a file of its own
-        self.conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {workdir}\n"
+        port = f"port {self.port}\n" if self.tls is None else (
+            f"port 0\ntls-port {self.port}\ntls-cert-file {self.tls[0]}\ntls-key-file {self.tls[1]}\n"
+            f"tls-ca-cert-file {self.tls[2]}\ntls-auth-clients no\ntls-replication yes\n")
+        self.conf.write_text(f"{port}bind 127.0.0.1\ndir {workdir}\n"
                              f"sentinel monitor avatar 127.0.0.1 {primary.port} 1\n"
                              f"sentinel auth-pass avatar {PASSWORD}\n"
                              "sentinel down-after-milliseconds avatar 1000\n"
@@ -474,25 +477,38 @@ class Sentinel(Redis):
 
     @property
     def url(self) -> str:
-        return f"redis+sentinel://:{PASSWORD}@127.0.0.1:{self.port}/avatar/0"
+        if self.tls is None:
+            return f"redis+sentinel://:{PASSWORD}@127.0.0.1:{self.port}/avatar/0"
+        return f"rediss+sentinel://:{PASSWORD}@127.0.0.1:{self.port}/avatar/0?ssl_ca_certs={self.tls[2]}"
 
     def command(self) -> list[str]:
         return [REDIS_SERVER, str(self.conf), "--sentinel"]
 
 
-def role(redis: Redis) -> dict[str, str]:
-    """INFO replication of one Redis, as a dict."""
+def direct(redis: Redis):
+    """A client of that one Redis (TLS if it serves TLS)."""
     import redis as redis_py
 
-    with redis_py.Redis(port=redis.port, password=PASSWORD, decode_responses=True, socket_timeout=1) as client:
+    tls = {} if redis.tls is None else {"ssl": True, "ssl_ca_certs": str(redis.tls[2])}
+    password = None if isinstance(redis, Sentinel) else PASSWORD
+    return redis_py.Redis(host="127.0.0.1", port=redis.port, password=password, decode_responses=True,
+                          socket_timeout=1, **tls)
+
+
+def role(redis: Redis) -> dict[str, str]:
+    """INFO replication of one Redis, as a dict."""
+    with direct(redis) as client:
         return {k: str(v) for k, v in client.info("replication").items()}
 
 
 @pytest.mark.slow
-async def test_a_node_through_sentinel_follows_a_failed_primary_to_its_replica(tmp_path):
-    primary = Redis(tmp_path / "primary").start()
-    replica = Redis(tmp_path / "replica", extra=["--replicaof", "127.0.0.1", str(primary.port),
-                                                  "--masterauth", PASSWORD]).start()
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_a_node_through_sentinel_follows_a_failed_primary_to_its_replica(tmp_path, tls):
+    keys = private_ca(tmp_path) if tls else None
+    primary = Redis(tmp_path / "primary", keys).start()
+    replica = Redis(tmp_path / "replica", keys, extra=["--replicaof", "127.0.0.1", str(primary.port),
+                                                        "--masterauth", PASSWORD, "--tls-replication",
+                                                        "yes" if tls else "no"]).start()
     sentinel = Sentinel(tmp_path / "sentinel", primary).start()
     node = Node(primary, tmp_path / "node", 1, cluster_url=sentinel.url)
     try:
@@ -500,28 +516,34 @@ async def test_a_node_through_sentinel_follows_a_failed_primary_to_its_replica(t
 
         async def registered(where: Redis):
             assert await get_text(node.url, "healthz") == "ok\n"
-            import redis as redis_py
-            with redis_py.Redis(port=where.port, password=PASSWORD, decode_responses=True) as client:
+            with direct(where) as client:
                 assert client.exists(f"avatar:node:{(await get_json(node.url, 'nodes'))['nodes'][0]['id']}")
         await eventually(lambda: registered(primary), 5, "the node to register through Sentinel")
 
         async def in_sync():
             assert role(replica).get("master_link_status") == "up"
-        await eventually(in_sync, 10, "the replica to sync")
+            with direct(sentinel) as watcher:
+                assert watcher.execute_command("SENTINEL", "get-master-addr-by-name", "avatar") == [
+                    "127.0.0.1", str(primary.port)]
+        await eventually(in_sync, 10, "the replica to sync and Sentinel to watch the primary")
         primary.stop()  # killed: Sentinel must notice, promote the replica, and the node follow
         started = time.monotonic()
 
         async def promoted():
             assert role(replica)["role"] == "master"
-            await registered(replica)
-        await eventually(promoted, 30, "the node to re-register on the promoted replica")
-        print(f"sentinel: the node registered on the promoted replica {time.monotonic() - started:.1f} s "
-              "after the primary was killed")
+        await eventually(promoted, 30, "Sentinel to promote the replica")
+        node_id = (await get_json(node.url, "nodes"))["nodes"][0]["id"]
+        with direct(replica) as client:
+            client.delete(f"avatar:node:{node_id}")  # the dead primary's copy: only the node can write it again
+        await eventually(lambda: registered(replica), 15, "the node to register on the promoted replica")
+        print(f"sentinel ({'TLS' if tls else 'plain'}): the node registered on the promoted replica "
+              f"{time.monotonic() - started:.1f} s after the primary was killed")
         assert await cluster_audit(sentinel.url) == {}  # the audit query finds the primary too (no uses yet)
     finally:
         node.stop()
         for r in (sentinel, replica, primary):
             r.stop()
+
 
 def drive() -> ClipTrack:
     return ClipTrack(read_seconds(clip("drive_expressive.mp4"), 1.0), loop=True)

@@ -6,6 +6,8 @@ connects to it.
     redis+sentinel://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]/SERVICE[/DB][?sentinel_password=P]
                                                                the primary that these Sentinels
                                                                name SERVICE (default port 26379)
+    rediss+sentinel://...[&ssl_ca_certs=CA.pem&...]            the same, TLS to the Sentinels and
+                                                               to the primary alike
     unix://PATH
 
 With Sentinel, the password is the primary's (and its replicas'); Sentinels that ask for one
@@ -28,10 +30,11 @@ SENTINEL_PORT = 26379
 TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 TLS_OPTIONS = (*TLS_FILES, "ssl_check_hostname")
 SENTINEL_OPTIONS = ("sentinel_password",)
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?")
 SERVICE = re.compile(r"/([A-Za-z0-9._-]{1,64})(?:/(\d{1,2}))?/?")
 FORM = ("--cluster must be redis://[:PASSWORD@]HOST[:PORT][/DB] (rediss:// for TLS, "
-        "redis+sentinel://[:PASSWORD@]HOST[:PORT][,HOST...]/SERVICE[/DB] for Sentinel)")
+        "redis[s]+sentinel://[:PASSWORD@]HOST[:PORT][,HOST...]/SERVICE[/DB] for Sentinel)")
 
 
 def redacted(url: str) -> str:
@@ -49,7 +52,7 @@ def check_redis_url(url: str) -> str:
     if it is not one. Options after `?` are TLS_OPTIONS (rediss:// only; files readable) or
     SENTINEL_OPTIONS (redis+sentinel:// only), once each."""
     parts = urlsplit(url)
-    if parts.scheme == "redis+sentinel":
+    if parts.scheme in SENTINEL_SCHEMES:
         sentinel_parts(url)
     else:
         try:
@@ -65,13 +68,14 @@ def check_redis_url(url: str) -> str:
 
 
 def _check_options(options: dict[str, list[str]], scheme: str) -> None:
-    allowed = {"rediss": TLS_OPTIONS, "redis+sentinel": SENTINEL_OPTIONS}.get(scheme, ())
+    allowed = {"rediss": TLS_OPTIONS, "redis+sentinel": SENTINEL_OPTIONS,
+               "rediss+sentinel": TLS_OPTIONS + SENTINEL_OPTIONS}.get(scheme, ())
     for name, values in options.items():
         if name not in TLS_OPTIONS + SENTINEL_OPTIONS:
             raise ValueError(f"--cluster: unknown option {name!r}; rediss:// may add {', '.join(TLS_OPTIONS)}, "
                              f"redis+sentinel:// {', '.join(SENTINEL_OPTIONS)}")
         if name not in allowed:
-            needs = "rediss:// (TLS)" if name in TLS_OPTIONS else "redis+sentinel://"
+            needs = "rediss:// or rediss+sentinel:// (TLS)" if name in TLS_OPTIONS else "redis[s]+sentinel://"
             raise ValueError(f"--cluster: {name} goes with {needs}, not {scheme}://")
         if len(values) != 1 or not values[0]:
             raise ValueError(f"--cluster: {name} needs one value")
@@ -105,6 +109,8 @@ def redis_client(url: str, *, sync: bool = False, single_connection: bool = Fals
     """A client of the cluster's Redis, made as every part of the cluster makes one: a call
     fails after TIMEOUT, with no retries, and replies are str. ValueError for a bad URL."""
     check_redis_url(url)
+    parts = urlsplit(url)
+    tls = parts.scheme == "rediss+sentinel"
     if sync:  # a command's client (avatar audit --cluster): a fresh connection each time
         import redis
         from redis.retry import Retry
@@ -114,14 +120,19 @@ def redis_client(url: str, *, sync: bool = False, single_connection: bool = Fals
         import redis.asyncio as redis
         from redis.asyncio.retry import Retry
         from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-        connection = {"connection_class": _following_connection()}
+        connection = {"connection_class": _following_connection(tls)}
     from redis.backoff import NoBackoff
 
     common = dict(socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, retry=Retry(NoBackoff(), 0))
-    if not url.startswith("redis+sentinel:"):
+    if parts.scheme not in SENTINEL_SCHEMES:
         return redis.Redis.from_url(url, single_connection_client=single_connection, decode_responses=True, **common)
+    if tls:  # the same TLS options for the Sentinels and the primary
+        options = {k: v[0] for k, v in parse_qs(parts.query).items() if k in TLS_OPTIONS}
+        if "ssl_check_hostname" in options:
+            options["ssl_check_hostname"] = options["ssl_check_hostname"] == "true"
+        common.update(ssl=True, **options)
     sentinels, service, db, user, password, sentinel_password = sentinel_parts(url)
-    watchers = Sentinel(sentinels, sentinel_kwargs={"password": sentinel_password, **common}, **common)
+    watchers = Sentinel(sentinels, sentinel_kwargs={"password": sentinel_password, **common})
     pool = SentinelConnectionPool(service, watchers, is_master=True, db=db, username=user, password=password,
                                   decode_responses=True, **connection, **common)
     client = redis.Redis(connection_pool=pool, single_connection_client=single_connection)
@@ -130,14 +141,14 @@ def redis_client(url: str, *, sync: bool = False, single_connection: bool = Fals
 
 
 @functools.cache
-def _following_connection():
-    """redis-py's asyncio Sentinel connection, asking the Sentinels where the primary is each
-    time it connects again. redis-py 6.4 does so only when a pool hands a connection out; a
-    single-connection client (the node's: commands in the order issued) reconnects in
-    send_packed_command, which went back to the failed primary's address forever."""
-    from redis.asyncio.sentinel import SentinelManagedConnection
+def _following_connection(tls: bool):
+    """redis-py's asyncio Sentinel connection (over TLS or not), asking the Sentinels where the
+    primary is each time it connects again. redis-py 6.4 does so only when a pool hands a
+    connection out; a single-connection client (the node's: commands in the order issued)
+    reconnects in send_packed_command, which went back to the failed primary's address forever."""
+    from redis.asyncio.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 
-    class FollowingConnection(SentinelManagedConnection):
+    class FollowingConnection(SentinelManagedSSLConnection if tls else SentinelManagedConnection):
         async def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True):
             if not self.is_connected and self.connection_pool.is_master:
                 self.host, self.port = await self.connection_pool.get_master_address()
