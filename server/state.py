@@ -14,7 +14,7 @@ import logging
 from engines.identity import DEFAULT_IDENTITY, IdentityStore, identities_dir
 from .audit import AuditLog, AuditThread, audit_path, token_id
 # Redirect (placed on another node, --cluster) is raised by open_session; http/ imports it from here.
-from .cluster.node import ClusterNode, LocalView, NoSlot, Redirect, RoomTaken  # noqa: F401 (Redirect)
+from .cluster.node import ClusterNode, LocalView, NoSlot, Redirect, RoomTaken, client_key  # noqa: F401 (Redirect)
 from .cluster.audit import AuditMirror
 from .config import ServerConfig
 from .rooms.room import RoomBusy, Rooms
@@ -120,7 +120,7 @@ class ServerState:
             raise RoomBusy(f"room {room_name!r} already has a presenter")
         placed = False
         if self.cluster is not None:
-            await self._place(room_name, reservation, address)
+            await self._place(room_name, reservation, client_key(address, who))
             placed = True
         try:
             room = self.rooms.get(room_name) if room_name else None

@@ -715,8 +715,8 @@ async def test_the_viewer_page_follows_a_redirect_to_the_rooms_node(cluster_of, 
 
 
 async def test_one_address_gets_a_bounded_number_of_redirects_across_the_cluster(tmp_path):
-    # Each redirect holds a slot elsewhere for a while: one client address gets at most
-    # REDIRECTS_PER_ADDRESS of them from all the nodes together, then is placed where it
+    # Each redirect holds a slot elsewhere for a while: one client (address and token) gets at
+    # most REDIRECTS_PER_ADDRESS of them from all the nodes together, then is placed where it
     # knocks or nowhere. Counted in Redis, so knocking at another node does not reset it.
     import redis.asyncio as redis
 
@@ -732,16 +732,19 @@ async def test_one_address_gets_a_bounded_number_of_redirects_across_the_cluster
         await r.hset("avatar:node:spare", mapping={"url": "http://127.0.0.1:9100/", "capacity": 100,
                                                    "sessions": 0, "load": 0, "state": "up"})
         await r.sadd("avatar:nodes", "spare")
+        alice, bob = node.client_key("10.0.0.1", "alice"), node.client_key("10.0.0.1", "bob")
         for i in range(node.REDIRECTS_PER_ADDRESS):  # alternating between the two entry nodes
             with pytest.raises(node.Redirect):
-                await full[i % 2].place(address="10.0.0.1")
+                await full[i % 2].place(address=alice)
         for n in full:
             with pytest.raises(node.NoSlot):
-                await n.place(address="10.0.0.1")
+                await n.place(address=alice)
         with pytest.raises(node.Redirect):  # another address is sent on as before
-            await full[0].place(address="10.0.0.2")
-        assert int(await r.get("avatar:redirects:10.0.0.1")) == node.REDIRECTS_PER_ADDRESS
-        assert 0 < await r.pttl("avatar:redirects:10.0.0.1") <= node.RESERVATION_MS  # forgotten after
+            await full[0].place(address=node.client_key("10.0.0.2", "alice"))
+        with pytest.raises(node.Redirect):  # and so is another token behind the same NAT
+            await full[0].place(address=bob)
+        assert int(await r.get(f"avatar:redirects:{alice}")) == node.REDIRECTS_PER_ADDRESS
+        assert 0 < await r.pttl(f"avatar:redirects:{alice}") <= node.RESERVATION_MS  # forgotten after
         await r.aclose()
     finally:
         for n in full:

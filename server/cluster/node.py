@@ -8,8 +8,9 @@ What Redis holds (prefix `avatar:`; one Redis, not Redis Cluster: the scripts bu
     avatar:node:ID:reserved      sorted set: reservation id -> expiry (ms, Redis's clock): slots
                                  promised to presenters redirected to that node
     avatar:room:NAME             hash: node, identity, viewers; expires as the node's key does
-    avatar:redirects:ADDRESS     redirects given to a client address; expires RESERVATION_MS after
-                                 its first (REDIRECTS_PER_ADDRESS, cluster-wide)
+    avatar:redirects:CLIENT      redirects given to a client (its address and token: client_key);
+                                 expires RESERVATION_MS after its first (REDIRECTS_PER_ADDRESS,
+                                 cluster-wide)
     avatar:audit                 stream: every node's audit events (server/cluster/audit.py)
 
 Placement is one EVAL (PLACE): the live nodes' free slots (capacity - sessions - live
@@ -49,6 +50,13 @@ RESERVATION_MS = 5000  # a redirected presenter has this long to say hello on th
 # never follows could hoard them. Past it, the address is placed where it knocked or nowhere.
 REDIRECTS_PER_ADDRESS = 8
 RESERVATION = re.compile(r"^[0-9a-f]{32}$")
+
+
+def client_key(address: str | None, who: str) -> str | None:
+    """What the redirect bound counts: a client address with its token's id (ServerState.who),
+    so presenters behind one NAT who hold tokens of their own do not share one bound, and a
+    token holder knocking from one address is still held to it."""
+    return None if address is None else f"{address}#{who}"
 
 # ARGV: prefix, self id, reservation id, reservation ms, room ('' for none), client address ('':
 # unknown), redirects per address, n, allowed prefixes...
@@ -336,7 +344,7 @@ class ClusterNode:
     # ---- placement --------------------------------------------------------------------------
     async def place(self, reservation: str | None = None, room: str | None = None,
                     address: str | None = None) -> None:
-        """Where a new presenter (from client `address`) goes. Returns (admit here: the caller
+        """Where a new presenter (from `address`: client_key) goes. Returns (admit here: the caller
         admits locally, with no await in between, and then lowers `in_flight`, which the caller
         raised before this call), or raises Redirect, NoSlot or RoomTaken. Redis unreachable:
         returns (local). An address past REDIRECTS_PER_ADDRESS (cluster-wide) is placed here or
