@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from typing import NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 TIMEOUT = 1.0  # seconds any Redis call may take before Redis counts as unreachable
@@ -85,9 +86,17 @@ def _check_options(options: dict[str, list[str]], scheme: str) -> None:
             raise ValueError("--cluster: ssl_check_hostname must be true or false")
 
 
-def sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, str | None, str | None, str | None]:
-    """(sentinels as (host, port), service, db, username, password, sentinel password) of a
-    redis+sentinel:// URL; ValueError if it is not one."""
+class SentinelURL(NamedTuple):
+    sentinels: list[tuple[str, int]]  # (host, port)
+    service: str  # the Sentinels' name for the primary
+    db: int
+    username: str | None
+    password: str | None  # the primary's
+    sentinel_password: str | None
+
+
+def sentinel_parts(url: str) -> SentinelURL:
+    """The parts of a redis[s]+sentinel:// URL; ValueError if it is not one."""
     parts = urlsplit(url)
     credentials, _, hosts = parts.netloc.rpartition("@")
     user, _, password = credentials.partition(":")
@@ -101,8 +110,8 @@ def sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, str | Non
     if service is None:
         raise ValueError(f"{FORM}: the Sentinels' name for the primary is missing, in {redacted(url)!r}")
     option = parse_qs(parts.query).get("sentinel_password", [None])[0]
-    return (sentinels, service.group(1), int(service.group(2) or 0), unquote(user) or None,
-            unquote(password) or None, option)
+    return SentinelURL(sentinels, service.group(1), int(service.group(2) or 0), unquote(user) or None,
+                       unquote(password) or None, option)
 
 
 def redis_client(url: str, *, sync: bool = False, single_connection: bool = False):
@@ -131,10 +140,10 @@ def redis_client(url: str, *, sync: bool = False, single_connection: bool = Fals
         if "ssl_check_hostname" in options:
             options["ssl_check_hostname"] = options["ssl_check_hostname"] == "true"
         common.update(ssl=True, **options)
-    sentinels, service, db, user, password, sentinel_password = sentinel_parts(url)
-    watchers = Sentinel(sentinels, sentinel_kwargs={"password": sentinel_password, **common})
-    pool = SentinelConnectionPool(service, watchers, is_master=True, db=db, username=user, password=password,
-                                  decode_responses=True, **connection, **common)
+    where = sentinel_parts(url)
+    watchers = Sentinel(where.sentinels, sentinel_kwargs={"password": where.sentinel_password, **common})
+    pool = SentinelConnectionPool(where.service, watchers, is_master=True, db=where.db, username=where.username,
+                                  password=where.password, decode_responses=True, **connection, **common)
     client = redis.Redis(connection_pool=pool, single_connection_client=single_connection)
     client.auto_close_connection_pool = True  # the client owns its pool, as from_url's does
     return client
