@@ -17,9 +17,11 @@ What is not learned, and why (measured on selfscan_a, the one shared scan with s
   instead of 78%, and the real voice's r fell from 0.28 to 0.24;
 * closures (silence, p b m): the lips meet whoever speaks.
 With the vowels learned, selfscan_a's own voice drives its avatar at r 0.34 (0.28 with the
-general shapes; learned from the first 80% of that same clip, so not a held-out figure: its
-last fifth has too little speech to measure on); eSpeak sentences follow the identity's
-shapes at r 0.83, and p, b and m close in 83% of cases (`avatar bench lipsync`).
+general shapes; learned from the first 80% of that same clip, so not held out). Held out,
+with the sound's openness heard too (envelope.py): each fifth of the clip spoken with vowels
+learned from the other four, rendered r 0.415 against 0.393 with the general shapes. eSpeak
+sentences follow the identity's shapes at r 0.83, and p, b and m close in 83% of cases
+(`avatar bench lipsync`).
 
 Only the training frames are read (the held-out fifth stays unseen), and a frame's time is
 its index over the video's mean frame rate (recordings from browsers are close to constant).
