@@ -45,9 +45,10 @@ PREFIX = "avatar:"
 REFRESH = 1.0  # seconds between refreshes of this node's registration
 TTL_MS = 3000  # a node (and its rooms) not refreshed for this long is gone
 RESERVATION_MS = 5000  # a redirected presenter has this long to say hello on the target
-# Redirects one client address may be given per RESERVATION_MS by the whole cluster (counted in
-# Redis by PLACE): each holds a slot elsewhere until it is used or expires, so a client that
-# never follows could hoard them. Past it, the address is placed where it knocked or nowhere.
+# Redirects one client (client_key: address and token) may be given per RESERVATION_MS by the
+# whole cluster (counted in Redis by PLACE): each holds a slot elsewhere until it is used or
+# expires, so a client that never follows could hoard them. Past it, the client is placed
+# where it knocked or nowhere.
 REDIRECTS_PER_ADDRESS = 8
 RESERVATION = re.compile(r"^[0-9a-f]{32}$")
 
