@@ -182,18 +182,15 @@ def test_the_sound_parts_the_lips_but_never_opens_a_closure():
 def test_a_real_voice_moves_the_mouth_more_like_its_own_with_the_sound_heard(pocketsphinx):
     """selfscan_a's own speech (over music) drives the general mouth: its lip gap follows the
     clip's own better with the sound's openness than with the phones alone (bench: 0.38 vs 0.24)."""
-    from engines.landmarks import FaceLandmarker
-    from engines.video import read_video
     from engines.voice.audio import load_audio
-    from engines.voice.bench import pearson
+    from engines.voice.bench import clip_lip_gaps, pearson
     from engines.voice.coarticulation import mouth_track
     from engines.voice.recognize import recognize_speech
 
     clip = shared_clip("selfscan_a.mp4")
     speech = recognize_speech(load_audio(clip))
-    with FaceLandmarker(static=False) as landmarker:
-        own = np.array([np.nan if p is None else lip_gap(p) for p in map(landmarker, read_video(clip))])
-    times = np.arange(len(own)) / 30
+    own, fps = clip_lip_gaps(clip)
+    times = np.arange(len(own)) / fps
     heard = pearson(mouth_track(speech.phones, times, openness=speech.openness)[:, 0], own)
     phones_only = pearson(mouth_track(speech.phones, times)[:, 0], own)
     assert heard > 0.32 and heard > phones_only + 0.08, (heard, phones_only)

@@ -161,11 +161,7 @@ def bench(identity, sentences: int = 20, seed: int = 0, voice: str = "en-us", cl
     with FaceLandmarker(static=True) as landmarker:  # each rendered frame measured afresh, not tracked
         report["espeak"] = _espeak_part(identity, renderer, landmarker, make_sentences(sentences, seed), voice,
                                         render_ms, progress)
-        landmarker_clip = FaceLandmarker(static=False)
-        try:
-            report["real_voice"] = _real_voice_part(identity, renderer, landmarker, landmarker_clip, clip, progress)
-        finally:
-            landmarker_clip.close()
+        report["real_voice"] = _real_voice_part(identity, renderer, landmarker, clip, progress)
     report["cpu"] = _cpu_part(identity, clip, repeats)
     report["render_ms"] = percentiles(render_ms)
     report["goals"] = GOALS
@@ -216,16 +212,24 @@ def _espeak_part(identity, renderer, landmarker, sentences, voice, render_ms, pr
             "synthesis_cpu_ms_per_s": percentiles(synth_ms_per_s, (50, 95), 2)}
 
 
-def _real_voice_part(identity, renderer, landmarker, landmarker_clip, clip: Path, progress) -> dict:
+def clip_lip_gaps(clip: Path, progress: bool = False) -> tuple[np.ndarray, float]:
+    """A talking-head clip's own lip gap per frame (NaN where mediapipe finds no face, tracked
+    from frame to frame), and its frame rate."""
+    with open_video(clip) as container:
+        fps = float(container.streams.video[0].average_rate or 30)
+    with FaceLandmarker(static=False) as landmarker:
+        gaps = [np.nan if p is None else lip_gap(p) for p in map(landmarker, tqdm(
+            read_video(clip), desc="clip's own mouth", unit="frame", disable=not progress))]
+    return np.array(gaps), fps
+
+
+def _real_voice_part(identity, renderer, landmarker, clip: Path, progress) -> dict:
     speech = recognize_speech(load_audio(clip))
     animator = VoiceAnimator(identity.neutral, visemes=own_visemes(identity))
     targets = animator.frames(speech.phones, speech.duration, speech.openness)
     phones_only = animator.frames(speech.phones, speech.duration)  # as before the sound's openness was heard
     times = animator.frame_times(speech.duration)
-    with open_video(clip) as container:
-        fps = float(container.streams.video[0].average_rate or 30)
-    own = np.array([np.nan if p is None else lip_gap(p) for p in map(landmarker_clip, tqdm(
-        read_video(clip), desc="clip's own mouth", unit="frame", disable=not progress))])
+    own, fps = clip_lip_gaps(clip, progress)
     own_times = np.arange(len(own)) / fps
     own_at = np.interp(times, own_times, own, left=np.nan, right=np.nan)
     avatar = rendered_gaps(tqdm(targets, desc="avatar", unit="frame", disable=not progress), renderer, landmarker)
