@@ -96,10 +96,10 @@ def learn_from_video(video, frame_index: np.ndarray, points: np.ndarray, neutral
     `frame_index`. None (and why, in the log) when it has no usable speech."""
     from ..video import open_video
     from .audio import load_audio
-    from .recognize import recognize_phones
+    from .recognize import RATE, recognize_phones
 
     try:  # no sound, or no recognizer installed: the general shapes, not a failed enrollment
-        phones = recognize_phones(load_audio(video))
+        phones = recognize_phones(load_audio(video, rate=RATE))  # decoded at the recognizer's rate
     except SpeechError as e:
         log.info("no mouth shapes learned from the scan's voice: %s", e)
         return None

@@ -31,9 +31,11 @@ def _decoder():
 
 def recognize_speech(speech: Speech) -> Speech:
     """`speech` with the phones heard in it and its sound's openness (envelope.py), which on a
-    real voice says how far the mouth opens better than the phones do."""
-    speech.phones = recognize_phones(speech)
-    speech.openness = sound_openness(speech.samples, speech.rate)
+    real voice says how far the mouth opens better than the phones do. Both listen at RATE:
+    the samples are resampled once for the two."""
+    heard = Speech(resample(speech.samples, speech.rate, RATE), RATE)
+    speech.phones = recognize_phones(heard)
+    speech.openness = sound_openness(heard.samples, RATE)
     return speech
 
 
