@@ -50,8 +50,8 @@ def redacted(url: str) -> str:
 
 def check_redis_url(url: str) -> str:
     """The cluster's Redis URL as given (the forms above); ValueError, its password hidden,
-    if it is not one. Options after `?` are TLS_OPTIONS (rediss:// only; files readable) or
-    SENTINEL_OPTIONS (redis+sentinel:// only), once each."""
+    if it is not one. Options after `?`, once each: TLS_OPTIONS (rediss:// and
+    rediss+sentinel://; files readable), SENTINEL_OPTIONS (redis[s]+sentinel://)."""
     parts = urlsplit(url)
     if parts.scheme in SENTINEL_SCHEMES:
         sentinel_parts(url)
@@ -93,6 +93,7 @@ class SentinelURL(NamedTuple):
     username: str | None
     password: str | None  # the primary's
     sentinel_password: str | None
+    tls: dict  # rediss+sentinel: redis-py's TLS arguments, for the Sentinels and the primary alike
 
 
 def sentinel_parts(url: str) -> SentinelURL:
@@ -109,41 +110,39 @@ def sentinel_parts(url: str) -> SentinelURL:
     service = SERVICE.fullmatch(parts.path)
     if service is None:
         raise ValueError(f"{FORM}: the Sentinels' name for the primary is missing, in {redacted(url)!r}")
-    option = parse_qs(parts.query).get("sentinel_password", [None])[0]
+    options = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    tls = {}
+    if parts.scheme == "rediss+sentinel":
+        tls = {"ssl": True, **{k: options[k] for k in TLS_OPTIONS if k in options}}
+    if "ssl_check_hostname" in tls:
+        tls["ssl_check_hostname"] = tls["ssl_check_hostname"] == "true"
     return SentinelURL(sentinels, service.group(1), int(service.group(2) or 0), unquote(user) or None,
-                       unquote(password) or None, option)
+                       unquote(password) or None, options.get("sentinel_password"), tls)
 
 
 def redis_client(url: str, *, sync: bool = False, single_connection: bool = False):
     """A client of the cluster's Redis, made as every part of the cluster makes one: a call
     fails after TIMEOUT, with no retries, and replies are str. ValueError for a bad URL."""
     check_redis_url(url)
-    parts = urlsplit(url)
-    tls = parts.scheme == "rediss+sentinel"
     if sync:  # a command's client (avatar audit --cluster): a fresh connection each time
         import redis
         from redis.retry import Retry
         from redis.sentinel import Sentinel, SentinelConnectionPool
-        connection = {}
     else:
         import redis.asyncio as redis
         from redis.asyncio.retry import Retry
         from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-        connection = {"connection_class": _following_connection(tls)}
     from redis.backoff import NoBackoff
 
     common = dict(socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, retry=Retry(NoBackoff(), 0))
-    if parts.scheme not in SENTINEL_SCHEMES:
+    if urlsplit(url).scheme not in SENTINEL_SCHEMES:
         return redis.Redis.from_url(url, single_connection_client=single_connection, decode_responses=True, **common)
-    if tls:  # the same TLS options for the Sentinels and the primary
-        options = {k: v[0] for k, v in parse_qs(parts.query).items() if k in TLS_OPTIONS}
-        if "ssl_check_hostname" in options:
-            options["ssl_check_hostname"] = options["ssl_check_hostname"] == "true"
-        common.update(ssl=True, **options)
     where = sentinel_parts(url)
+    common.update(where.tls)
+    follow = {} if sync else {"connection_class": _following_connection(bool(where.tls))}
     watchers = Sentinel(where.sentinels, sentinel_kwargs={"password": where.sentinel_password, **common})
     pool = SentinelConnectionPool(where.service, watchers, is_master=True, db=where.db, username=where.username,
-                                  password=where.password, decode_responses=True, **connection, **common)
+                                  password=where.password, decode_responses=True, **follow, **common)
     client = redis.Redis(connection_pool=pool, single_connection_client=single_connection)
     client.auto_close_connection_pool = True  # the client owns its pool, as from_url's does
     return client
